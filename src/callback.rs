@@ -1,0 +1,231 @@
+//! A finished job's document (the callback body, also shown by `GET /v1/jobs/{id}` and
+//! printed by `doparallel run`) and its delivery to the callback URL.
+//!
+//! Deliveries come from the outbox the store writes in the same transaction that finishes a
+//! job. Each attempt leases its record first, so a crash mid-send leaves it due again:
+//! callbacks are delivered at least once, and every attempt of one job carries the same
+//! `webhook-id`, which is what a receiver deduplicates on.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::CONTENT_TYPE;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::call::error_chain;
+use crate::engine::{Engine, Event, IDLE_POLL};
+use crate::job::{JobId, TaskStatus};
+use crate::store::{
+    CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, now_millis,
+    webhook_id,
+};
+
+/// Tasks read from the store per page while a document is built.
+const PAGE: u32 = 1000;
+
+/// Deliveries leased per look at the outbox, and at most in flight at once.
+const DELIVERIES_IN_FLIGHT: usize = 32;
+
+/// One entry of the result map, keyed by the task's 1-based position.
+#[derive(Serialize)]
+struct Entry<'a> {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+}
+
+/// Appends the result map of a job, `{"1":{...},"2":{...}}`, reading its tasks page by page.
+pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) -> StoreResult<()> {
+    out.push(b'{');
+    let mut after = 0;
+    loop {
+        let page = store.tasks_page(job, after, PAGE).await?;
+        for task in &page {
+            if task.index > 1 {
+                out.push(b',');
+            }
+            let entry = Entry {
+                status: task.status.as_str(),
+                result: task.result.as_deref().filter(|_| task.status == TaskStatus::Complete),
+                error: task.error.as_deref().filter(|_| task.status == TaskStatus::Failed),
+                attempts: (task.status == TaskStatus::Failed).then_some(task.attempts),
+            };
+            out.push(b'"');
+            out.extend_from_slice(task.index.to_string().as_bytes());
+            out.extend_from_slice(b"\":");
+            serde_json::to_writer(&mut *out, &entry).expect("writing to a Vec cannot fail");
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE as usize => after = last.index,
+            _ => break,
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// The callback body of a finished job:
+/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`.
+pub async fn document(store: &dyn Store, job: &JobRecord) -> StoreResult<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Head<'a> {
+        job_id: JobId,
+        status: &'a str,
+        msg: &'a str,
+    }
+    let head = Head {
+        job_id: job.id,
+        status: job.status.as_str(),
+        msg: "Job Finished",
+    };
+    let mut out = serde_json::to_vec(&head).expect("the head serializes");
+    out.pop(); // the closing brace: the result map follows
+    out.extend_from_slice(b",\"result\":");
+    write_result_map(store, job.id, &mut out).await?;
+    out.push(b'}');
+    Ok(out)
+}
+
+/// Sends due callbacks until `stop`; then waits for the deliveries under way.
+pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
+    let client = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(engine.config.callback_timeout)
+        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the callback HTTP client; no callback will be sent");
+            return;
+        }
+    };
+    let mut running = JoinSet::new();
+    while !stop.is_cancelled() {
+        while running.try_join_next().is_some() {}
+        let room = DELIVERIES_IN_FLIGHT - running.len();
+        let mut leased = 0;
+        if room > 0 {
+            let now = now_millis();
+            // The lease outlasts the attempt, so nobody else sends it meanwhile and a crash
+            // leaves it due again soon after.
+            let lease = now + (engine.config.callback_timeout + Duration::from_secs(10)).as_millis() as i64;
+            match engine.store.callbacks_due(now, lease, room as u32).await {
+                Ok(due) => {
+                    leased = due.len();
+                    for d in due {
+                        running.spawn(deliver(engine.clone(), client.clone(), d));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reading due callbacks failed"),
+            }
+        }
+        if leased == room && room > 0 {
+            continue;
+        }
+        let wait = match engine.store.callback_next_due().await {
+            Ok(Some(due)) => Duration::from_millis((due - now_millis()).max(0) as u64).min(IDLE_POLL),
+            _ => IDLE_POLL,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = engine.callbacks_due.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            Some(_) = running.join_next(), if room == 0 => {}
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue) {
+    let store = engine.store.as_ref();
+    let job = match store.job_get(due.job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return, // purged meanwhile
+        Err(e) => {
+            tracing::error!(job_id = %due.job_id, error = %e, "cannot read job for its callback; the lease will expire and it is tried again");
+            return;
+        }
+    };
+    let body = match document(store, &job).await {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(job_id = %due.job_id, error = %e, "cannot build callback body; tried again later");
+            return;
+        }
+    };
+    let attempts = due.attempts + 1;
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let sent = client
+        .post(&due.url)
+        .header(CONTENT_TYPE, "application/json")
+        .header("webhook-id", webhook_id(due.job_id))
+        .header("webhook-timestamp", timestamp.to_string())
+        .body(body)
+        .send()
+        .await;
+    let error = match sent {
+        Ok(response) if response.status().is_success() => None,
+        Ok(response) if response.status() == reqwest::StatusCode::GONE => {
+            let outcome = CallbackOutcome::GaveUp {
+                error: "receiver answered 410 Gone: not retried".into(),
+            };
+            record(&engine, due.job_id, attempts, outcome).await;
+            return;
+        }
+        Ok(response) => Some(format!("receiver answered {}", response.status())),
+        Err(e) => Some(error_chain(&e)),
+    };
+    let outcome = match error {
+        None => CallbackOutcome::Delivered,
+        Some(error) => match engine.config.callback_schedule.get(attempts as usize - 1) {
+            Some(delay) => CallbackOutcome::Retry {
+                at: now_millis() + delay.as_millis() as i64,
+                error,
+            },
+            None => CallbackOutcome::GaveUp { error },
+        },
+    };
+    record(&engine, due.job_id, attempts, outcome).await;
+}
+
+async fn record(engine: &Engine, job_id: JobId, attempts: u32, outcome: CallbackOutcome) {
+    match &outcome {
+        CallbackOutcome::Delivered => tracing::info!(%job_id, attempts, "callback delivered"),
+        CallbackOutcome::Retry { error, .. } => {
+            tracing::warn!(%job_id, attempts, %error, "callback attempt failed; will retry")
+        }
+        CallbackOutcome::GaveUp { error } => {
+            tracing::error!(%job_id, attempts, %error, "callback given up")
+        }
+    }
+    let settled = match &outcome {
+        CallbackOutcome::Delivered => Some(true),
+        CallbackOutcome::GaveUp { .. } => Some(false),
+        CallbackOutcome::Retry { .. } => None,
+    };
+    let record = CallbackRecord {
+        job_id,
+        attempts,
+        now: now_millis(),
+        outcome,
+    };
+    if let Err(e) = engine.store.callback_record(&record).await {
+        // The lease expires and the delivery is made again: at least once, never lost.
+        tracing::error!(%job_id, error = %e, "cannot record callback attempt");
+        return;
+    }
+    if let Some(delivered) = settled {
+        engine.emit(Event::CallbackSettled { job_id, delivered });
+    }
+}

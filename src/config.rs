@@ -1,0 +1,194 @@
+//! Command-line options and the typed configuration they become.
+//!
+//! Every option has an environment variable, so a container or a unit file can configure the
+//! service without a command line. The clap structs stay here; the rest of the crate sees
+//! only [`EngineConfig`], whose fields have no defaults of their own: each entry point says
+//! what it wants.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "doparallel",
+    version,
+    about = "Fan-out/fan-in job runner: calls every task's endpoint in parallel, stores each \
+             result durably, and POSTs the collected results to the job's callback."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Run one job in-process (no server), print its final document, exit 0 if Complete.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is logged).
+    #[arg(long, env = "DOPARALLEL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Database URL: sqlite://PATH (created with its schema if missing).
+    #[arg(long, env = "DOPARALLEL_DATABASE_URL", default_value = "sqlite://doparallel.db")]
+    pub database: String,
+
+    /// Seconds that calls in flight get to finish after SIGTERM or Ctrl-C.
+    #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Delays between callback attempts after the first (units ms, s, m, h).
+    #[arg(
+        long,
+        env = "DOPARALLEL_CALLBACK_RETRY_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,10h"
+    )]
+    pub callback_retry_schedule: Schedule,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job file (the body of POST /v1/job); `-` reads standard input.
+    pub job: PathBuf,
+
+    /// Database URL; a temporary SQLite database when not given.
+    #[arg(long, env = "DOPARALLEL_DATABASE_URL")]
+    pub database: Option<String>,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Delays between callback attempts after the first. Shorter than serve's default: the
+    /// command waits for the callback's last attempt before it exits.
+    #[arg(
+        long,
+        env = "DOPARALLEL_CALLBACK_RETRY_SCHEDULE",
+        default_value = "1s,5s,15s"
+    )]
+    pub callback_retry_schedule: Schedule,
+}
+
+/// Options of the engine shared by `serve` and `run`.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Task calls in flight at once across all jobs.
+    #[arg(long, env = "DOPARALLEL_MAX_IN_FLIGHT", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// Largest task response body kept, in bytes; a larger one fails the task.
+    #[arg(long, env = "DOPARALLEL_MAX_RESPONSE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+}
+
+impl EngineArgs {
+    pub fn to_config(&self, callback_schedule: &Schedule) -> EngineConfig {
+        EngineConfig {
+            max_in_flight: self.max_in_flight as usize,
+            max_response_bytes: self.max_response_bytes,
+            callback_schedule: callback_schedule.0.clone(),
+            callback_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What the engine needs to know; built by each entry point.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_in_flight: usize,
+    pub max_response_bytes: usize,
+    /// Delays between callback attempts after the first; its length plus one is the number
+    /// of attempts before a callback is given up.
+    pub callback_schedule: Vec<Duration>,
+    pub callback_timeout: Duration,
+}
+
+/// A comma-separated list of durations such as `5s,5m,30m,2h` (an empty string is no
+/// retry at all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+impl FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(Schedule(Vec::new()));
+        }
+        s.split(',')
+            .enumerate()
+            .map(|(i, part)| parse_duration(part.trim()).map_err(|e| format!("entry {}: {e}", i + 1)))
+            .collect::<Result<_, _>>()
+            .map(Schedule)
+    }
+}
+
+/// One duration with a unit: `250ms`, `5s`, `5m`, `2h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?} has unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<&[u64], &str>) {
+        match (input.parse::<Schedule>(), expected) {
+            (Ok(s), Ok(millis)) => {
+                let got: Vec<u64> = s.0.iter().map(|d| d.as_millis() as u64).collect();
+                assert_eq!(got, millis, "input {input:?}");
+            }
+            (Err(e), Err(text)) => assert!(e.contains(text), "{input:?}: {e:?} lacks {text:?}"),
+            (got, want) => panic!("{input:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn schedules() {
+        check("5s,5m,30m,2h", Ok(&[5_000, 300_000, 1_800_000, 7_200_000]));
+        check("100ms, 1s", Ok(&[100, 1000]));
+        check("", Ok(&[]));
+        check("5", Err("entry 1: \"5\" has no unit"));
+        check("1s,5x", Err("entry 2: \"5x\" has unknown unit"));
+        check("s", Err("does not start with a whole number"));
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,340 @@
+//! One attempt of one task: the HTTP call, and the single place that decides what its
+//! outcome means (complete, retry, or fail for good).
+
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT};
+use crate::store::{ClaimedTask, Millis, SettleOutcome};
+
+/// How much of a failing response's body an error keeps.
+const ERROR_BODY_BYTES: usize = 1024;
+
+/// The longest `Retry-After` honoured; a server asking for more is retried after this.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
+
+/// Why an attempt did not complete, as stored in the task's `error`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TaskError {
+    /// `timeout`, `connect`, `http_status`, `body_too_large` or `request`.
+    pub kind: &'static str,
+    pub http_status: Option<u16>,
+    pub message: String,
+    /// The first KiB of the response body, when there was one.
+    pub body: Option<String>,
+}
+
+impl TaskError {
+    fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        TaskError {
+            kind,
+            http_status: None,
+            message: message.into(),
+            body: None,
+        }
+    }
+
+    pub fn to_json(&self) -> Box<RawValue> {
+        serde_json::value::to_raw_value(self).expect("a TaskError serializes")
+    }
+}
+
+/// What one attempt came to, before retry policy is applied.
+#[derive(Debug)]
+pub enum Attempt {
+    Complete(Box<RawValue>),
+    /// Worth another attempt; the server may have said when.
+    Retryable {
+        error: TaskError,
+        retry_after: Option<Duration>,
+    },
+    Fatal(TaskError),
+}
+
+/// Makes the call for `task`: a POST of its params, or the built-in test task in-process.
+pub async fn attempt(http: &reqwest::Client, task: &ClaimedTask, max_body: usize) -> Attempt {
+    if task.endpoint == TEST_ENDPOINT {
+        return Attempt::Complete(test_result(&task.params));
+    }
+    let timeout = Duration::from_millis(task.options.timeout_ms);
+    let request = http
+        .post(&task.endpoint)
+        .header(CONTENT_TYPE, "application/json")
+        .header("DoParallel-Job-Id", task.job_id.to_string())
+        .header("DoParallel-Task", task.index.to_string())
+        .header("DoParallel-Attempt", task.attempt.to_string())
+        .header("Idempotency-Key", format!("{}:{}", task.job_id, task.index))
+        .body(task.params.get().to_owned());
+    // One deadline covers connecting, sending and reading the whole body, so a server that
+    // drips its answer cannot hold a slot past the timeout.
+    match tokio::time::timeout(timeout, send(request, max_body)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Attempt::Retryable {
+            error: TaskError::new(
+                "timeout",
+                format!("no complete answer within {} ms", task.options.timeout_ms),
+            ),
+            retry_after: None,
+        },
+    }
+}
+
+async fn send(request: reqwest::RequestBuilder, max_body: usize) -> Attempt {
+    let mut response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => return transport_error(&e),
+    };
+    let status = response.status();
+    if response.content_length().is_some_and(|n| n > max_body as u64) {
+        return Attempt::Fatal(too_large(status, max_body));
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max_body {
+                    return Attempt::Fatal(too_large(status, max_body));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return transport_error(&e),
+        }
+    }
+    classify(status, response.headers(), &body, SystemTime::now())
+}
+
+fn too_large(status: StatusCode, max_body: usize) -> TaskError {
+    TaskError {
+        kind: "body_too_large",
+        http_status: Some(status.as_u16()),
+        message: format!("response body is larger than {max_body} bytes"),
+        body: None,
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> Attempt {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "request"
+    };
+    Attempt::Retryable {
+        error: TaskError::new(kind, error_chain(e)),
+        retry_after: None,
+    }
+}
+
+/// An error with its chain of sources, which carries the useful part ("connection
+/// refused", "reset by peer").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// The decision on a complete HTTP answer. 2xx completes; 408, 425, 429 and 5xx are worth
+/// another attempt; anything else (3xx, since redirects are never followed, and other 4xx)
+/// fails at once.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Attempt {
+    if status.is_success() {
+        return Attempt::Complete(result_json(body));
+    }
+    let error = TaskError {
+        kind: "http_status",
+        http_status: Some(status.as_u16()),
+        message: format!("endpoint answered {status}"),
+        body: (!body.is_empty()).then(|| {
+            String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]).into_owned()
+        }),
+    };
+    let retryable = matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error();
+    if retryable {
+        Attempt::Retryable {
+            error,
+            retry_after: retry_after(headers, now),
+        }
+    } else {
+        Attempt::Fatal(error)
+    }
+}
+
+/// A response body as a result: its JSON when it is JSON, else its text as a JSON string,
+/// or `null` when it is empty. JSON is kept as sent, so numbers keep every digit.
+pub fn result_json(body: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(body);
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return RawValue::from_string("null".into()).expect("null is JSON");
+    }
+    if let Ok(raw) = serde_json::from_str::<&RawValue>(trimmed) {
+        return raw.to_owned();
+    }
+    serde_json::value::to_raw_value(&text).expect("a string serializes")
+}
+
+/// The built-in test task's answer, the same as `POST /v1/test` gives.
+pub fn test_result(params: &RawValue) -> Box<RawValue> {
+    RawValue::from_string(format!(r#"{{"result":"true","params":{}}}"#, params.get()))
+        .expect("params are JSON")
+}
+
+/// `Retry-After` as seconds or as an HTTP date, capped at [`RETRY_AFTER_CAP`].
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(delay.min(RETRY_AFTER_CAP))
+}
+
+/// The first retry waits up to `backoff_ms`, each further one up to twice the previous,
+/// capped at a minute; the actual wait is drawn uniformly below that bound ("full jitter"),
+/// so that many tasks failing together do not come back together.
+pub fn backoff(options: &JobOptions, attempt: u32, rng: &mut impl Rng) -> Duration {
+    let exp = attempt.saturating_sub(1).min(32);
+    let bound = options
+        .backoff_ms
+        .saturating_mul(1u64 << exp)
+        .min(BACKOFF_CAP_MS);
+    Duration::from_millis(rng.random_range(0..=bound))
+}
+
+/// Applies the retry policy to an attempt made at `now` (`attempt` counting from 1).
+pub fn settle_outcome(
+    options: &JobOptions,
+    attempt: u32,
+    outcome: Attempt,
+    now: Millis,
+    rng: &mut impl Rng,
+) -> SettleOutcome {
+    match outcome {
+        Attempt::Complete(result) => SettleOutcome::Complete { result },
+        Attempt::Fatal(error) => SettleOutcome::Failed {
+            error: error.to_json(),
+        },
+        Attempt::Retryable { error, .. } if attempt >= options.max_attempts => {
+            SettleOutcome::Failed {
+                error: error.to_json(),
+            }
+        }
+        Attempt::Retryable { error, retry_after } => {
+            let delay = backoff(options, attempt, rng).max(retry_after.unwrap_or_default());
+            SettleOutcome::Retry {
+                run_at: now + delay.as_millis() as Millis,
+                error: error.to_json(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    /// Classifies a response and renders the decision as a short string.
+    fn check(status: u16, hdrs: &[(&'static str, &str)], body: &str, expected: &str) {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let got = match classify(StatusCode::from_u16(status).unwrap(), &headers(hdrs), body.as_bytes(), now) {
+            Attempt::Complete(r) => format!("complete {}", r.get()),
+            Attempt::Retryable { error, retry_after } => {
+                format!("retry {} {:?}", error.kind, retry_after.map(|d| d.as_secs()))
+            }
+            Attempt::Fatal(error) => format!("fatal {} {:?}", error.kind, error.http_status),
+        };
+        assert_eq!(got, expected, "status {status} body {body:?}");
+    }
+
+    #[test]
+    fn classification() {
+        check(200, &[], r#"{"a":1}"#, r#"complete {"a":1}"#);
+        check(200, &[], " 12345678901234567890123.50 ", "complete 12345678901234567890123.50");
+        check(201, &[], "plain text", r#"complete "plain text""#);
+        check(204, &[], "", "complete null");
+        check(500, &[], "", "retry http_status None");
+        check(503, &[("retry-after", "7")], "", "retry http_status Some(7)");
+        check(429, &[("retry-after", "Mon, 12 Jan 1970 13:46:50 GMT")], "", "retry http_status Some(10)");
+        check(429, &[("retry-after", "99999")], "", "retry http_status Some(3600)");
+        check(408, &[], "", "retry http_status None");
+        check(425, &[], "", "retry http_status None");
+        check(404, &[], "nope", "fatal http_status Some(404)");
+        check(302, &[("location", "/x")], "", "fatal http_status Some(302)");
+        check(400, &[], "", "fatal http_status Some(400)");
+    }
+
+    #[test]
+    fn error_bodies_are_cut_at_a_kib() {
+        let long = "x".repeat(5000);
+        let Attempt::Fatal(e) = classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), long.as_bytes(), SystemTime::now()) else {
+            panic!("400 is fatal");
+        };
+        assert_eq!(e.body.unwrap().len(), ERROR_BODY_BYTES);
+    }
+
+    #[test]
+    fn retries_stop_at_max_attempts() {
+        let options = JobOptions { max_attempts: 2, ..JobOptions::defaults() };
+        let mut rng = StdRng::seed_from_u64(1);
+        let retry = || Attempt::Retryable { error: TaskError::new("connect", "refused"), retry_after: None };
+        assert!(matches!(settle_outcome(&options, 1, retry(), 0, &mut rng), SettleOutcome::Retry { .. }));
+        assert!(matches!(settle_outcome(&options, 2, retry(), 0, &mut rng), SettleOutcome::Failed { .. }));
+    }
+
+    #[test]
+    fn retry_after_beats_a_shorter_backoff() {
+        let options = JobOptions { backoff_ms: 10, ..JobOptions::defaults() };
+        let mut rng = StdRng::seed_from_u64(1);
+        let outcome = Attempt::Retryable {
+            error: TaskError::new("http_status", "429"),
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        let SettleOutcome::Retry { run_at, .. } = settle_outcome(&options, 1, outcome, 1000, &mut rng) else {
+            panic!("expected a retry");
+        };
+        assert_eq!(run_at, 3000);
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_its_bound(base in 0u64..=BACKOFF_CAP_MS, attempt in 1u32..200, seed: u64) {
+            let options = JobOptions { backoff_ms: base, ..JobOptions::defaults() };
+            let mut rng = StdRng::seed_from_u64(seed);
+            let d = backoff(&options, attempt, &mut rng).as_millis() as u64;
+            let bound = (base as u128 * (1u128 << (attempt - 1).min(32))).min(BACKOFF_CAP_MS as u128) as u64;
+            prop_assert!(d <= bound);
+        }
+
+        #[test]
+        fn any_body_becomes_valid_json(body: Vec<u8>) {
+            let raw = result_json(&body);
+            prop_assert!(serde_json::from_str::<serde_json::Value>(raw.get()).is_ok());
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The engine: claims due tasks from the store, makes their calls in parallel, and writes
+//! their outcomes back in batches.
+//!
+//! Three loops run side by side:
+//! - the dispatcher holds one semaphore permit per call in flight (`max_in_flight`), claims
+//!   as many tasks as it has free permits, and spawns a call for each;
+//! - each call, when its attempt is over, sends the outcome to the finisher and frees its
+//!   permit;
+//! - the finisher writes the outcomes that have queued up in one store transaction (group
+//!   commit), then wakes the dispatcher and, for jobs that just finished, the callback loop
+//!   (`crate::callback`).
+//!
+//! A task counts as finished only once the finisher's transaction has committed, and no
+//! transaction is ever held open across an outbound call.
+
+pub mod call;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::callback;
+use crate::config::EngineConfig;
+use crate::job::{JobId, JobStatus, NewJob};
+use crate::store::{ClaimParams, ClaimedTask, Store, StoreError, StoreResult, TaskSettle, now_millis};
+
+/// Most outcomes written in one transaction.
+const SETTLE_BATCH: usize = 1024;
+
+/// The longest the dispatcher and the callback loop sleep without looking at the store,
+/// in case something became due that nobody announced.
+pub(crate) const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// What happened, for whoever listens (the `run` command; the events stream later).
+#[derive(Clone, Debug)]
+pub enum Event {
+    JobFinished { job_id: JobId, status: JobStatus },
+    /// The callback of a job was delivered or given up for good.
+    CallbackSettled { job_id: JobId, delivered: bool },
+}
+
+/// The shared part of the engine, handed to the API and to the loops.
+pub struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: EngineConfig,
+    http: reqwest::Client,
+    work: Notify,
+    pub(crate) callbacks_due: Notify,
+    events: broadcast::Sender<Event>,
+}
+
+impl Engine {
+    /// Stores a new job and wakes the dispatcher. The job and all its tasks are committed
+    /// before this returns.
+    pub async fn submit(&self, job: &NewJob) -> StoreResult<()> {
+        self.store.job_insert(job, now_millis()).await?;
+        if job.tasks.is_empty() {
+            if job.callback.is_some() {
+                self.callbacks_due.notify_one();
+            }
+            let _ = self.events.send(Event::JobFinished {
+                job_id: job.id,
+                status: JobStatus::Complete,
+            });
+        } else {
+            self.work.notify_one();
+        }
+        Ok(())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+}
+
+/// A running engine: its shared part and the loops to stop.
+pub struct EngineHandle {
+    pub engine: Arc<Engine>,
+    stop: CancellationToken,
+    in_flight: Arc<Semaphore>,
+    dispatcher: JoinHandle<()>,
+    finisher: JoinHandle<()>,
+    finisher_stop: CancellationToken,
+    callbacks: JoinHandle<()>,
+}
+
+/// Errors that keep the engine from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot recover interrupted tasks: {0}")]
+    Recover(#[source] StoreError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
+/// Recovers what a previous process left in flight, then starts the loops.
+pub async fn start(store: Arc<dyn Store>, config: EngineConfig) -> Result<EngineHandle, EngineError> {
+    let recovered = store.tasks_recover().await.map_err(EngineError::Recover)?;
+    if recovered > 0 {
+        tracing::info!(recovered, "tasks interrupted by the last stop will be called again");
+    }
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(EngineError::Http)?;
+    let (events, _) = broadcast::channel(1024);
+    let engine = Arc::new(Engine {
+        store,
+        http,
+        work: Notify::new(),
+        callbacks_due: Notify::new(),
+        events,
+        config,
+    });
+    let stop = CancellationToken::new();
+    let finisher_stop = CancellationToken::new();
+    let in_flight = Arc::new(Semaphore::new(engine.config.max_in_flight));
+    let (tx, rx) = mpsc::channel(SETTLE_BATCH * 4);
+
+    let dispatcher = tokio::spawn(dispatch(engine.clone(), in_flight.clone(), tx, stop.clone()));
+    let finisher = tokio::spawn(finish(engine.clone(), rx, finisher_stop.clone()));
+    let callbacks = tokio::spawn(callback::deliver_loop(engine.clone(), stop.clone()));
+    Ok(EngineHandle {
+        engine,
+        stop,
+        in_flight,
+        dispatcher,
+        finisher,
+        finisher_stop,
+        callbacks,
+    })
+}
+
+impl EngineHandle {
+    /// Stops claiming, lets calls in flight (and callbacks being sent) finish for up to
+    /// `grace`, and writes every outcome that arrived. Calls still running after that are
+    /// abandoned: their tasks stay running in the store and are called again at next start.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        let _ = self.dispatcher.await;
+        let all = self.engine.config.max_in_flight as u32;
+        let deadline = Instant::now() + grace;
+        if tokio::time::timeout(grace, self.in_flight.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                still_running = all as usize - self.in_flight.available_permits(),
+                "grace period over; calls still in flight will be made again at next start"
+            );
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left, self.callbacks).await;
+        self.finisher_stop.cancel();
+        let _ = self.finisher.await;
+    }
+}
+
+async fn dispatch(
+    engine: Arc<Engine>,
+    in_flight: Arc<Semaphore>,
+    outcomes: mpsc::Sender<TaskSettle>,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut permits = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let more = in_flight.available_permits() as u32;
+        if more > 0
+            && let Ok(extra) = in_flight.clone().try_acquire_many_owned(more)
+        {
+            permits.merge(extra);
+        }
+        let free = permits.num_permits();
+        let claim = match engine
+            .store
+            .tasks_claim(&ClaimParams {
+                limit: free as u32,
+                now: now_millis(),
+            })
+            .await
+        {
+            Ok(claim) => claim,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming tasks failed; trying again shortly");
+                drop(permits);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(IDLE_POLL) => continue,
+                }
+            }
+        };
+        let claimed = claim.tasks.len();
+        for task in claim.tasks {
+            let permit = permits.split(1).expect("one permit per claimed task");
+            tokio::spawn(run_call(engine.clone(), task, permit, outcomes.clone()));
+        }
+        drop(permits);
+        if claimed < free {
+            // Nothing more is due now: wait for a submission, a settled task (which may free
+            // a job's concurrency), or the first retry to come due.
+            let wait = claim
+                .next_due
+                .map(|due| Duration::from_millis((due - now_millis()).max(0) as u64))
+                .unwrap_or(IDLE_POLL)
+                .min(IDLE_POLL);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = engine.work.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+async fn run_call(
+    engine: Arc<Engine>,
+    task: ClaimedTask,
+    permit: OwnedSemaphorePermit,
+    outcomes: mpsc::Sender<TaskSettle>,
+) {
+    let started = Instant::now();
+    let attempt = call::attempt(&engine.http, &task, engine.config.max_response_bytes).await;
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let now = now_millis();
+    let outcome = call::settle_outcome(&task.options, task.attempt, attempt, now, &mut rand::rng());
+    tracing::debug!(job_id = %task.job_id, task = task.index, attempt = task.attempt, latency_ms, ?outcome, "attempt over");
+    let settle = TaskSettle {
+        job_id: task.job_id,
+        index: task.index,
+        attempt: task.attempt,
+        latency_ms,
+        now,
+        outcome,
+    };
+    // The finisher only goes away at shutdown, after the grace period: an outcome that comes
+    // later is dropped and the task is called again at next start.
+    let _ = outcomes.send(settle).await;
+    drop(permit);
+}
+
+async fn finish(engine: Arc<Engine>, mut outcomes: mpsc::Receiver<TaskSettle>, stop: CancellationToken) {
+    let mut batch = Vec::with_capacity(SETTLE_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            o = outcomes.recv() => o,
+            _ = stop.cancelled() => {
+                // Write what has arrived, then stop: later outcomes are left to the next start.
+                outcomes.close();
+                outcomes.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < SETTLE_BATCH {
+            match outcomes.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        settle_batch(&engine, &batch, &stop).await;
+        batch.clear();
+    }
+}
+
+/// Writes one batch, retrying while the store is unavailable (a full disk, a lost
+/// connection): the outcomes are not lost as long as the process lives.
+async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &CancellationToken) {
+    let mut delay = Duration::from_millis(50);
+    let finished = loop {
+        match engine.store.tasks_settle(batch).await {
+            Ok(finished) => break finished,
+            Err(e) => {
+                tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; retrying");
+                if stop.is_cancelled() {
+                    // Shutting down: these tasks stay running in the store and are called
+                    // again at next start.
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(IDLE_POLL * 5);
+            }
+        }
+    };
+    engine.work.notify_one();
+    for job in finished {
+        tracing::info!(job_id = %job.job_id, status = job.status.as_str(), "job finished");
+        if job.has_callback {
+            engine.callbacks_due.notify_one();
+        }
+        engine.emit(Event::JobFinished {
+            job_id: job.job_id,
+            status: job.status,
+        });
+    }
+}

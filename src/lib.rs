@@ -1,0 +1,106 @@
+//! DoParallel: a fan-out/fan-in job runner.
+//!
+//! A job is a list of tasks, each an HTTP endpoint with parameters. The [`engine`] calls
+//! every endpoint in parallel, the [`store`] keeps every task's status and result durably,
+//! and when all tasks are finished [`callback`] POSTs the collected results to the job's
+//! callback URL. [`api`] is the HTTP face; `src/main.rs` only parses the command line and
+//! wires these together through [`serve`] and [`run_job`]. ARCHITECTURE.md has the map.
+
+pub mod api;
+pub mod callback;
+pub mod config;
+pub mod engine;
+pub mod job;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::config::EngineConfig;
+use crate::engine::{EngineError, Event};
+use crate::job::{JobStatus, NewJob};
+use crate::store::{Store, StoreError};
+
+/// What `serve` needs besides its resources.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub engine: EngineConfig,
+    pub shutdown_grace: Duration,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Serves the API on `listener` with the engine running over `store`, until `shutdown`
+/// resolves; then stops accepting, gives calls in flight `shutdown_grace` to finish, and
+/// returns. Whatever is left unfinished is in the store for the next start.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let handle = engine::start(store, options.engine).await?;
+    let app = api::router(handle.engine.clone(), options.max_body_bytes);
+    tracing::info!("listening on {}", listener.local_addr()?);
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    tracing::info!(grace_secs = options.shutdown_grace.as_secs(), "shutting down");
+    handle.shutdown(options.shutdown_grace).await;
+    Ok(served?)
+}
+
+/// How a job run by [`run_job`] ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub status: JobStatus,
+    /// The final document, as the callback receives it.
+    pub document: Vec<u8>,
+    /// `None` when the job has no callback; else whether it was delivered.
+    pub callback_delivered: Option<bool>,
+}
+
+/// Runs one job to its end on an engine of its own: waits for every task and, when the job
+/// has a callback, for its delivery (or its last failed attempt).
+pub async fn run_job(
+    store: Arc<dyn Store>,
+    config: EngineConfig,
+    job: NewJob,
+) -> Result<RunOutcome, ServeError> {
+    let handle = engine::start(store.clone(), config).await?;
+    let mut events = handle.engine.subscribe();
+    handle.engine.submit(&job).await?;
+    let has_callback = job.callback.is_some();
+    let mut status = None;
+    let mut callback_delivered = None;
+    while status.is_none() || (has_callback && callback_delivered.is_none()) {
+        match events.recv().await {
+            Ok(Event::JobFinished { job_id, status: s }) if job_id == job.id => status = Some(s),
+            Ok(Event::CallbackSettled { job_id, delivered }) if job_id == job.id => {
+                callback_delivered = Some(delivered)
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => break,
+        }
+    }
+    handle.shutdown(Duration::ZERO).await;
+    let record = store.job_get(job.id).await?.ok_or(StoreError::NotFound)?;
+    let document = callback::document(store.as_ref(), &record).await?;
+    Ok(RunOutcome {
+        status: record.status,
+        document,
+        callback_delivered,
+    })
+}

@@ -1,0 +1,124 @@
+//! The `doparallel` binary: parses the command line, sets up logging and signals, opens the
+//! store and hands over to the library.
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use doparallel::config::{Cli, Command, RunArgs, ServeArgs};
+use doparallel::job::{JobStatus, parse_submission};
+use doparallel::{ServeOptions, store};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        // `run` prints its document on stdout; only trouble goes to stderr.
+        Command::Run(_) => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Run(args) => run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let store = store::open(&args.database).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let options = ServeOptions {
+        engine: args.engine.to_config(&args.callback_retry_schedule),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        max_body_bytes: args.max_body_bytes,
+    };
+    doparallel::serve(listener, store, options, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (name, body) = if args.job.as_os_str() == "-" {
+        let mut body = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .context("cannot read the job from standard input")?;
+        ("standard input".to_string(), body)
+    } else {
+        let body = std::fs::read(&args.job)
+            .with_context(|| format!("cannot read job file {}", args.job.display()))?;
+        (args.job.display().to_string(), body)
+    };
+    let job = parse_submission(&body).with_context(|| format!("{name} is not a valid job"))?;
+
+    // Without --database the job runs on a fresh database that goes away with the process.
+    let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let url = match &args.database {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", scratch.path().join("run.db").display()),
+    };
+    let store = store::open(&url).await?;
+    let config = args.engine.to_config(&args.callback_retry_schedule);
+    let outcome = doparallel::run_job(Arc::clone(&store), config, job).await?;
+
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&outcome.document)?;
+    stdout.write_all(b"\n")?;
+    stdout.flush()?;
+    if outcome.callback_delivered == Some(false) {
+        eprintln!("warning: the callback could not be delivered (see the log above)");
+    }
+    Ok(match outcome.status {
+        JobStatus::Complete => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,245 @@
+//! The storage seam: one trait in domain terms, one module per backend.
+//!
+//! Nothing outside this module speaks SQL or knows which database is behind the trait; a
+//! key-value backend must be able to implement every method. Methods that change several
+//! records at once (a submission, a claim, a batch of task outcomes) are atomic: either all
+//! of it is stored or none.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+use url::Url;
+
+use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
+
+pub use sqlite::SqliteStore;
+
+/// What can go wrong in a store, in terms its callers can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// Another process or writer holds what was asked for.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database cannot be reached or is out of space; the request may succeed later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch; every time the store keeps is one of these.
+pub type Millis = i64;
+
+/// Opens the backend named by the URL's scheme, creating its schema when missing.
+pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::Other(format!(
+            "unsupported database URL {url:?}: expected sqlite://PATH or sqlite::memory:"
+        )))
+    }
+}
+
+/// A job as stored, without its tasks.
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub status: JobStatus,
+    pub options: JobOptions,
+    pub total: u64,
+    pub running: u64,
+    pub complete: u64,
+    pub failed: u64,
+    pub created_at: Millis,
+    pub finished_at: Option<Millis>,
+    pub callback_url: Option<String>,
+    pub callback: CallbackInfo,
+}
+
+impl JobRecord {
+    pub fn pending(&self) -> u64 {
+        self.total - self.running - self.complete - self.failed
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CallbackInfo {
+    pub state: CallbackState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// One task as stored. `result` and `error` are JSON text.
+#[derive(Clone, Debug)]
+pub struct TaskRecord {
+    pub index: u64,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub endpoint: String,
+    pub result: Option<Box<RawValue>>,
+    pub error: Option<Box<RawValue>>,
+    pub latency_ms: Option<u64>,
+    pub finished_at: Option<Millis>,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobListQuery {
+    pub status: Option<JobStatus>,
+    /// Only jobs created before this one (newest first pagination).
+    pub before: Option<JobId>,
+    pub limit: u32,
+}
+
+/// A claim: up to `limit` tasks whose time has come, shared fairly between jobs.
+#[derive(Clone, Debug)]
+pub struct ClaimParams {
+    pub limit: u32,
+    pub now: Millis,
+}
+
+/// What a claim hands to the engine: everything needed to make the call.
+#[derive(Clone, Debug)]
+pub struct ClaimedTask {
+    pub job_id: JobId,
+    pub index: u64,
+    /// The attempt this call is, counting from 1.
+    pub attempt: u32,
+    pub endpoint: String,
+    pub params: Box<RawValue>,
+    pub options: Arc<JobOptions>,
+}
+
+#[derive(Debug, Default)]
+pub struct Claim {
+    pub tasks: Vec<ClaimedTask>,
+    /// The earliest time at which a waiting task (a retry in backoff) becomes due, when the
+    /// claim left such tasks behind.
+    pub next_due: Option<Millis>,
+}
+
+/// The outcome of one attempt, written by [`Store::tasks_settle`].
+#[derive(Clone, Debug)]
+pub struct TaskSettle {
+    pub job_id: JobId,
+    pub index: u64,
+    /// The attempt that produced this outcome; a settle for any other attempt is ignored.
+    pub attempt: u32,
+    pub latency_ms: u64,
+    pub now: Millis,
+    pub outcome: SettleOutcome,
+}
+
+#[derive(Clone, Debug)]
+pub enum SettleOutcome {
+    Complete { result: Box<RawValue> },
+    Failed { error: Box<RawValue> },
+    /// Back to pending, due again at `run_at`; `error` records why this attempt failed.
+    Retry { run_at: Millis, error: Box<RawValue> },
+}
+
+/// A job that a settle batch brought to its end.
+#[derive(Clone, Debug)]
+pub struct JobFinished {
+    pub job_id: JobId,
+    pub status: JobStatus,
+    pub has_callback: bool,
+}
+
+/// A callback delivery that is due, leased to the caller by [`Store::callbacks_due`].
+#[derive(Clone, Debug)]
+pub struct CallbackDue {
+    pub job_id: JobId,
+    pub url: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct CallbackRecord {
+    pub job_id: JobId,
+    /// The number of attempts made, this one included.
+    pub attempts: u32,
+    pub now: Millis,
+    pub outcome: CallbackOutcome,
+}
+
+#[derive(Clone, Debug)]
+pub enum CallbackOutcome {
+    Delivered,
+    Retry { at: Millis, error: String },
+    GaveUp { error: String },
+}
+
+/// The durable state of DoParallel. See the module docs for the atomicity rules.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a job and all its tasks in one transaction. A job with no task is stored as
+    /// finished (`Complete`) with its callback due at once.
+    async fn job_insert(&self, job: &NewJob, now: Millis) -> StoreResult<()>;
+
+    async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
+
+    /// Jobs newest first.
+    async fn job_list(&self, query: &JobListQuery) -> StoreResult<Vec<JobRecord>>;
+
+    /// Tasks of a job in index order, starting after index `after`.
+    async fn tasks_page(&self, id: JobId, after: u64, limit: u32) -> StoreResult<Vec<TaskRecord>>;
+
+    /// Marks up to `limit` due tasks as running (their attempt counted) and returns them.
+    /// Jobs are served round-robin, least recently served first, each within its
+    /// `concurrency`.
+    async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim>;
+
+    /// Records a batch of attempt outcomes in one transaction, together with the job
+    /// counters they change. A job whose last task this settles gets its final status and
+    /// its callback delivery record in that same transaction; those jobs are returned.
+    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<Vec<JobFinished>>;
+
+    /// Puts every task left running by a previous process back to pending, its interrupted
+    /// attempt not counted. Called once at start by the only node of a single-node backend.
+    async fn tasks_recover(&self) -> StoreResult<u64>;
+
+    /// Leases up to `limit` callback deliveries that are due at `now` until `lease_until`,
+    /// so that no other worker sends them meanwhile.
+    async fn callbacks_due(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<CallbackDue>>;
+
+    /// The earliest time a pending callback delivery is due, if any.
+    async fn callback_next_due(&self) -> StoreResult<Option<Millis>>;
+
+    async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<()>;
+
+    /// Answers when the database does.
+    async fn health(&self) -> StoreResult<()>;
+}
+
+/// The current time as stored.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// The Standard Webhooks message id of a job's callback: stable across every attempt and
+/// restart, because it is derived from the job alone.
+pub fn webhook_id(job: JobId) -> String {
+    format!("msg_{job}")
+}
+
+/// Callback URLs are stored as text; this keeps their spelling the one `Url` gives.
+pub(crate) fn url_text(url: &Option<Url>) -> Option<String> {
+    url.as_ref().map(|u| u.to_string())
+}

@@ -1,0 +1,703 @@
+//! The embedded backend: one SQLite file in WAL mode, written through a single connection.
+//!
+//! SQLite allows one writer at a time, so every write goes through `writer` (a pool of one
+//! connection) and waits its turn in-process instead of failing with `SQLITE_BUSY`; reads use
+//! their own small pool and see the last committed state. A lock file beside the database
+//! keeps a second `doparallel` process off the same file: the engine assumes it is the only
+//! node (see [`Store::tasks_recover`]).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, Claim, ClaimParams, ClaimedTask,
+    JobFinished, JobListQuery, JobRecord, Millis, SettleOutcome, Store, StoreError, StoreResult,
+    TaskRecord, TaskSettle, url_text,
+};
+use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
+
+/// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
+/// SQLite's limit on bound parameters).
+const INSERT_CHUNK: usize = 200;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    /// Held for the life of the store; the OS releases it when the process dies, even by
+    /// SIGKILL, so a crash never leaves a stale lock behind.
+    _lock: Option<File>,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database at a `sqlite://PATH` or `sqlite::memory:`
+    /// URL and brings its schema up to date.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Other(format!("invalid SQLite URL {url:?}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before the service acts on it (an accepted job, a
+            // stored result), even across a power loss, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let path = options.get_filename().to_path_buf();
+        let in_memory = path.as_os_str() == ":memory:" || url.contains(":memory:");
+
+        let lock = if in_memory {
+            None
+        } else {
+            Some(lock_database(&path)?)
+        };
+
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Other(format!("cannot migrate {url}: {e}")))?;
+        // An in-memory database exists once per connection, so there it is read through the
+        // writer too.
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.read_only(true))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?
+        };
+        Ok(SqliteStore {
+            writer,
+            reader,
+            _lock: lock,
+        })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'_, Sqlite>> {
+        self.writer.begin().await.map_err(map_err)
+    }
+}
+
+fn lock_database(path: &Path) -> StoreResult<File> {
+    let mut lock_path = PathBuf::from(path);
+    lock_path.as_mut_os_string().push(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot create lock file {}: {e}", lock_path.display()))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(StoreError::Conflict(format!(
+            "database {} is in use by another doparallel process (it holds {}); \
+             a SQLite database serves one process at a time",
+            path.display(),
+            lock_path.display()
+        ))),
+        Err(TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) => {
+            // SQLITE_FULL (13), SQLITE_BUSY (5), SQLITE_IOERR (10) and SQLITE_CANTOPEN (14)
+            // and their extended codes are conditions that pass; the rest are bugs.
+            let primary = db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff);
+            match primary {
+                Some(13) => StoreError::Unavailable(format!("disk full: {db}")),
+                Some(5 | 10 | 14) => StoreError::Unavailable(db.to_string()),
+                _ => StoreError::Other(e.to_string()),
+            }
+        }
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+fn job_status_code(s: JobStatus) -> i64 {
+    match s {
+        JobStatus::Pending => 0,
+        JobStatus::Running => 1,
+        JobStatus::Complete => 2,
+        JobStatus::Failed => 3,
+        JobStatus::Cancelled => 4,
+    }
+}
+
+fn job_status_from(code: i64) -> StoreResult<JobStatus> {
+    Ok(match code {
+        0 => JobStatus::Pending,
+        1 => JobStatus::Running,
+        2 => JobStatus::Complete,
+        3 => JobStatus::Failed,
+        4 => JobStatus::Cancelled,
+        other => return Err(StoreError::Other(format!("unknown job status code {other}"))),
+    })
+}
+
+fn task_status_from(code: i64) -> StoreResult<TaskStatus> {
+    Ok(match code {
+        0 => TaskStatus::Pending,
+        1 => TaskStatus::Running,
+        2 => TaskStatus::Complete,
+        3 => TaskStatus::Failed,
+        other => return Err(StoreError::Other(format!("unknown task status code {other}"))),
+    })
+}
+
+const CB_PENDING: i64 = 1;
+const CB_DELIVERED: i64 = 2;
+const CB_FAILED: i64 = 3;
+
+fn raw(text: Option<String>) -> StoreResult<Option<Box<RawValue>>> {
+    text.map(|t| {
+        RawValue::from_string(t).map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
+    })
+    .transpose()
+}
+
+fn parse_options(text: &str) -> StoreResult<JobOptions> {
+    serde_json::from_str(text).map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
+}
+
+fn parse_id(text: &str) -> StoreResult<JobId> {
+    text.parse()
+        .map_err(|e| StoreError::Other(format!("stored job id {text:?} is invalid: {e}")))
+}
+
+const JOB_COLUMNS: &str = "j.id, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
+     j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
+
+fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
+    let status = job_status_from(row.get("status"))?;
+    let callback_url: Option<String> = row.get("callback_url");
+    let cb_state: Option<i64> = row.get("state");
+    let state = match (callback_url.is_some(), cb_state) {
+        (false, _) => CallbackState::None,
+        (true, None | Some(CB_PENDING)) => CallbackState::Pending,
+        (true, Some(CB_DELIVERED)) => CallbackState::Delivered,
+        (true, Some(_)) => CallbackState::Failed,
+    };
+    Ok(JobRecord {
+        id: parse_id(row.get("id"))?,
+        status,
+        options: parse_options(row.get("options"))?,
+        total: row.get::<i64, _>("total") as u64,
+        running: row.get::<i64, _>("n_running") as u64,
+        complete: row.get::<i64, _>("n_complete") as u64,
+        failed: row.get::<i64, _>("n_failed") as u64,
+        created_at: row.get("created_at"),
+        finished_at: row.get("finished_at"),
+        callback_url,
+        callback: CallbackInfo {
+            state,
+            attempts: row.get::<Option<i64>, _>("attempts").unwrap_or(0) as u32,
+            last_error: row.get("last_error"),
+        },
+    })
+}
+
+/// The internal sequence number of a job, looked up once per job within a transaction.
+async fn job_seq(tx: &mut Transaction<'_, Sqlite>, id: JobId) -> StoreResult<Option<i64>> {
+    sqlx::query_scalar("SELECT seq FROM jobs WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn job_insert(&self, job: &NewJob, now: Millis) -> StoreResult<()> {
+        let options = serde_json::to_string(&job.options)
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let empty = job.tasks.is_empty();
+        let status = if empty { JobStatus::Complete } else { JobStatus::Pending };
+        let callback_url = url_text(&job.callback);
+
+        let mut tx = self.begin().await?;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
+             created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(job.id.to_string())
+        .bind(job_status_code(status))
+        .bind(options)
+        .bind(job.options.concurrency.map(i64::from))
+        .bind(job.options.tolerated_failures as i64)
+        .bind(job.tasks.len() as i64)
+        .bind(&callback_url)
+        .bind(now)
+        .bind(empty.then_some(now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_err)?;
+
+        let mut index: i64 = 0;
+        for chunk in job.tasks.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(?,?,?,?,?)" } else { ",(?,?,?,?,?)" });
+            }
+            let mut query = sqlx::query(&sql);
+            for task in chunk {
+                index += 1;
+                query = query
+                    .bind(seq)
+                    .bind(index)
+                    .bind(now)
+                    .bind(task.endpoint.as_str())
+                    .bind(task.params.get());
+            }
+            query.execute(&mut *tx).await.map_err(map_err)?;
+        }
+
+        if empty && callback_url.is_some() {
+            insert_callback(&mut tx, seq, now).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn job_list(&self, query: &JobListQuery) -> StoreResult<Vec<JobRecord>> {
+        // Jobs are numbered in creation order, so "newest first, before X" is by seq.
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
+             WHERE (?1 IS NULL OR j.status = ?1) \
+               AND (?2 IS NULL OR j.seq < (SELECT seq FROM jobs WHERE id = ?2)) \
+             ORDER BY j.seq DESC LIMIT ?3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(query.status.map(job_status_code))
+            .bind(query.before.map(|id| id.to_string()))
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn tasks_page(&self, id: JobId, after: u64, limit: u32) -> StoreResult<Vec<TaskRecord>> {
+        let rows = sqlx::query(
+            "SELECT t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, t.latency_ms, \
+             t.finished_at FROM tasks t WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?) \
+             AND t.idx > ? ORDER BY t.idx LIMIT ?",
+        )
+        .bind(id.to_string())
+        .bind(after as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(TaskRecord {
+                    index: row.get::<i64, _>("idx") as u64,
+                    status: task_status_from(row.get("status"))?,
+                    attempts: row.get::<i64, _>("attempts") as u32,
+                    endpoint: row.get("endpoint"),
+                    result: raw(row.get("result"))?,
+                    error: raw(row.get("error"))?,
+                    latency_ms: row.get::<Option<i64>, _>("latency_ms").map(|v| v as u64),
+                    finished_at: row.get("finished_at"),
+                })
+            })
+            .collect()
+    }
+
+    async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim> {
+        let mut claim = Claim::default();
+        if params.limit == 0 {
+            return Ok(claim);
+        }
+        let mut tx = self.begin().await?;
+        // Unfinished jobs with pending tasks and room under their concurrency, least
+        // recently served first. Their number is small next to their tasks', so reading them
+        // all is cheap, and it lets a job whose tasks all wait in backoff be passed over
+        // without starving the jobs behind it.
+        let jobs = sqlx::query(
+            "SELECT seq, id, options, concurrency, n_running FROM jobs \
+             WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
+               AND (concurrency IS NULL OR n_running < concurrency) \
+             ORDER BY last_claim_at, seq",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+
+        struct Candidate {
+            seq: i64,
+            id: JobId,
+            options: Arc<JobOptions>,
+            headroom: u64,
+            claimed: u64,
+            exhausted: bool,
+        }
+        let mut candidates = Vec::with_capacity(jobs.len());
+        for row in &jobs {
+            let concurrency: Option<i64> = row.get("concurrency");
+            let running: i64 = row.get("n_running");
+            candidates.push(Candidate {
+                seq: row.get("seq"),
+                id: parse_id(row.get("id"))?,
+                options: Arc::new(parse_options(row.get("options"))?),
+                headroom: concurrency.map_or(u64::MAX, |c| (c - running).max(0) as u64),
+                claimed: 0,
+                exhausted: false,
+            });
+        }
+
+        // Fair share: each round offers every job an equal part of the free slots; what a job
+        // cannot use goes to the others in the next round.
+        let mut left = u64::from(params.limit);
+        while left > 0 {
+            let open: Vec<usize> = (0..candidates.len())
+                .filter(|&i| !candidates[i].exhausted && candidates[i].headroom > 0)
+                .collect();
+            if open.is_empty() {
+                break;
+            }
+            let share = (left / open.len() as u64).max(1);
+            for i in open {
+                if left == 0 {
+                    break;
+                }
+                let c = &mut candidates[i];
+                let want = share.min(c.headroom).min(left);
+                let rows = sqlx::query(
+                    "UPDATE tasks SET status = 1, attempts = attempts + 1 \
+                     WHERE job_seq = ?1 AND idx IN (SELECT idx FROM tasks \
+                       WHERE job_seq = ?1 AND status = 0 AND run_at <= ?2 \
+                       ORDER BY run_at, idx LIMIT ?3) \
+                     RETURNING idx, attempts, endpoint, params",
+                )
+                .bind(c.seq)
+                .bind(params.now)
+                .bind(want as i64)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                let got = rows.len() as u64;
+                for row in rows {
+                    claim.tasks.push(ClaimedTask {
+                        job_id: c.id,
+                        index: row.get::<i64, _>("idx") as u64,
+                        attempt: row.get::<i64, _>("attempts") as u32,
+                        endpoint: row.get("endpoint"),
+                        params: raw(Some(row.get("params")))?.expect("some"),
+                        options: c.options.clone(),
+                    });
+                }
+                c.claimed += got;
+                c.headroom -= got;
+                left -= got;
+                if got < want {
+                    c.exhausted = true;
+                }
+            }
+        }
+
+        for c in &candidates {
+            if c.claimed > 0 {
+                sqlx::query(
+                    "UPDATE jobs SET n_running = n_running + ?, status = 1, last_claim_at = ? \
+                     WHERE seq = ?",
+                )
+                .bind(c.claimed as i64)
+                .bind(params.now)
+                .bind(c.seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+            if c.exhausted {
+                // Whatever is left of this job waits in backoff: when is the first due?
+                let due: Option<i64> = sqlx::query_scalar(
+                    "SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = 0",
+                )
+                .bind(c.seq)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                if let Some(due) = due {
+                    claim.next_due = Some(claim.next_due.map_or(due, |d: i64| d.min(due)));
+                }
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(claim)
+    }
+
+    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<Vec<JobFinished>> {
+        #[derive(Default)]
+        struct Delta {
+            settled: i64,
+            complete: i64,
+            failed: i64,
+            now: Millis,
+        }
+        let mut tx = self.begin().await?;
+        let mut seqs: HashMap<JobId, Option<i64>> = HashMap::new();
+        let mut deltas: Vec<(JobId, i64, Delta)> = Vec::new();
+
+        for s in batch {
+            let seq = match seqs.get(&s.job_id) {
+                Some(seq) => *seq,
+                None => {
+                    let seq = job_seq(&mut tx, s.job_id).await?;
+                    seqs.insert(s.job_id, seq);
+                    seq
+                }
+            };
+            // The job may have been purged meanwhile; its outcome has nowhere to go.
+            let Some(seq) = seq else { continue };
+            let (status, run_at, result, error) = match &s.outcome {
+                SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
+                SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
+                SettleOutcome::Retry { run_at, error } => (0, Some(*run_at), None, Some(error.get())),
+            };
+            // Only the attempt that is running may settle it: a stale outcome (from before a
+            // restart) changes nothing, so each result is stored once.
+            let updated = sqlx::query(
+                "UPDATE tasks SET status = ?, run_at = COALESCE(?, run_at), result = ?, \
+                 error = ?, latency_ms = ?, finished_at = ? \
+                 WHERE job_seq = ? AND idx = ? AND status = 1 AND attempts = ?",
+            )
+            .bind(status)
+            .bind(run_at)
+            .bind(result)
+            .bind(error)
+            .bind(s.latency_ms as i64)
+            .bind((status != 0).then_some(s.now))
+            .bind(seq)
+            .bind(s.index as i64)
+            .bind(i64::from(s.attempt))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+            if updated == 0 {
+                continue;
+            }
+            let position = match deltas.iter().position(|(_, q, _)| *q == seq) {
+                Some(p) => p,
+                None => {
+                    deltas.push((s.job_id, seq, Delta::default()));
+                    deltas.len() - 1
+                }
+            };
+            let d = &mut deltas[position].2;
+            d.settled += 1;
+            d.complete += i64::from(status == 2);
+            d.failed += i64::from(status == 3);
+            d.now = d.now.max(s.now);
+        }
+
+        let mut finished = Vec::new();
+        for (job_id, seq, d) in deltas {
+            let row = sqlx::query(
+                "UPDATE jobs SET n_running = n_running - ?, n_complete = n_complete + ?, \
+                 n_failed = n_failed + ? WHERE seq = ? \
+                 RETURNING status, total, n_complete, n_failed, tolerated, callback_url",
+            )
+            .bind(d.settled)
+            .bind(d.complete)
+            .bind(d.failed)
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            let status = job_status_from(row.get("status"))?;
+            let total: i64 = row.get("total");
+            let n_failed: i64 = row.get("n_failed");
+            let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
+            if status.is_finished() || done < total {
+                continue;
+            }
+            // This batch settled the job's last task: its final status and its callback
+            // record are written in the same transaction, so the callback is owed exactly
+            // when the job is finished.
+            let tolerated: i64 = row.get("tolerated");
+            let final_status = if n_failed <= tolerated {
+                JobStatus::Complete
+            } else {
+                JobStatus::Failed
+            };
+            sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
+                .bind(job_status_code(final_status))
+                .bind(d.now)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
+            if has_callback {
+                insert_callback(&mut tx, seq, d.now).await?;
+            }
+            finished.push(JobFinished {
+                job_id,
+                status: final_status,
+                has_callback,
+            });
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(finished)
+    }
+
+    async fn tasks_recover(&self) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut recovered = 0;
+        for seq in seqs {
+            recovered += sqlx::query(
+                "UPDATE tasks SET status = 0, attempts = attempts - 1 \
+                 WHERE job_seq = ? AND status = 1",
+            )
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+            sqlx::query("UPDATE jobs SET n_running = 0 WHERE seq = ?")
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(recovered)
+    }
+
+    async fn callbacks_due(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<CallbackDue>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT c.job_seq, c.attempts, j.id, j.callback_url FROM callbacks c \
+             JOIN jobs j ON j.seq = c.job_seq \
+             WHERE c.state = 1 AND c.next_attempt_at <= ? ORDER BY c.next_attempt_at LIMIT ?",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: i64 = row.get("job_seq");
+            sqlx::query("UPDATE callbacks SET next_attempt_at = ? WHERE job_seq = ?")
+                .bind(lease_until)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            due.push(CallbackDue {
+                job_id: parse_id(row.get("id"))?,
+                url: row.get("callback_url"),
+                attempts: row.get::<i64, _>("attempts") as u32,
+            });
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(due)
+    }
+
+    async fn callback_next_due(&self) -> StoreResult<Option<Millis>> {
+        sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM callbacks WHERE state = 1")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<()> {
+        let (state, next, error, delivered) = match &record.outcome {
+            CallbackOutcome::Delivered => (CB_DELIVERED, None, None, Some(record.now)),
+            CallbackOutcome::Retry { at, error } => (CB_PENDING, Some(*at), Some(error.as_str()), None),
+            CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
+        };
+        sqlx::query(
+            "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
+             last_error = COALESCE(?, last_error), delivered_at = ? \
+             WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?)",
+        )
+        .bind(state)
+        .bind(i64::from(record.attempts))
+        .bind(next)
+        .bind(error)
+        .bind(delivered)
+        .bind(record.job_id.to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+async fn insert_callback(tx: &mut Transaction<'_, Sqlite>, seq: i64, now: Millis) -> StoreResult<()> {
+    sqlx::query("INSERT INTO callbacks (job_seq, state, next_attempt_at) VALUES (?, 1, ?)")
+        .bind(seq)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
