@@ -64,7 +64,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"status": "Error", "msg": self.msg}))).into_response()
+        (
+            self.status,
+            Json(json!({"status": "Error", "msg": self.msg})),
+        )
+            .into_response()
     }
 }
 
@@ -101,9 +105,15 @@ impl From<SubmissionError> for ApiError {
 fn body_error(e: BytesRejection) -> ApiError {
     let status = e.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(status, "request body is larger than the server accepts (--max-body-bytes)")
+        ApiError::new(
+            status,
+            "request body is larger than the server accepts (--max-body-bytes)",
+        )
     } else {
-        ApiError::new(status, format!("cannot read request body: {}", e.body_text()))
+        ApiError::new(
+            status,
+            format!("cannot read request body: {}", e.body_text()),
+        )
     }
 }
 
@@ -111,8 +121,14 @@ fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 async fn submit(
@@ -210,7 +226,10 @@ impl JobView {
     }
 }
 
-async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_job_id(&id)?;
     let store = state.engine.store().as_ref();
     let job = store
@@ -276,7 +295,10 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 }
 
 fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query string: {}", e.body_text()))
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        format!("invalid query string: {}", e.body_text()),
+    )
 }
 
 async fn list_tasks(
@@ -289,10 +311,15 @@ async fn list_tasks(
     let limit = page_limit(query.limit)?;
     let store = state.engine.store();
     if store.job_get(id).await?.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job with id {id}")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job with id {id}"),
+        ));
     }
     let tasks = store.tasks_page(id, query.after, limit).await?;
-    let next_after = (tasks.len() == limit as usize).then(|| tasks.last().map(|t| t.index)).flatten();
+    let next_after = (tasks.len() == limit as usize)
+        .then(|| tasks.last().map(|t| t.index))
+        .flatten();
     let tasks: Vec<TaskView> = tasks.into_iter().map(TaskView::from).collect();
     Ok(Json(json!({"job_id": id, "tasks": tasks, "next_after": next_after})).into_response())
 }
@@ -324,9 +351,15 @@ async fn list_jobs(
     let jobs = state
         .engine
         .store()
-        .job_list(&JobListQuery { status, before, limit })
+        .job_list(&JobListQuery {
+            status,
+            before,
+            limit,
+        })
         .await?;
-    let next_after = (jobs.len() == limit as usize).then(|| jobs.last().map(|j| j.id)).flatten();
+    let next_after = (jobs.len() == limit as usize)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
     let jobs: Vec<JobView> = jobs.into_iter().map(|j| JobView::new(j, None)).collect();
     Ok(Json(json!({"jobs": jobs, "next_after": next_after})).into_response())
 }
@@ -336,7 +369,11 @@ async fn test_task(body: Result<Bytes, BytesRejection>) -> Result<Response, ApiE
     let body = body.map_err(body_error)?;
     let params = crate::engine::call::result_json(&body);
     let answer = crate::engine::call::test_result(&params);
-    Ok(([(CONTENT_TYPE, "application/json")], answer.get().to_owned()).into_response())
+    Ok((
+        [(CONTENT_TYPE, "application/json")],
+        answer.get().to_owned(),
+    )
+        .into_response())
 }
 
 async fn health(State(state): State<AppState>) -> Result<Response, ApiError> {

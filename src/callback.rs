@@ -53,8 +53,14 @@ pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) 
             }
             let entry = Entry {
                 status: task.status.as_str(),
-                result: task.result.as_deref().filter(|_| task.status == TaskStatus::Complete),
-                error: task.error.as_deref().filter(|_| task.status == TaskStatus::Failed),
+                result: task
+                    .result
+                    .as_deref()
+                    .filter(|_| task.status == TaskStatus::Complete),
+                error: task
+                    .error
+                    .as_deref()
+                    .filter(|_| task.status == TaskStatus::Failed),
                 attempts: (task.status == TaskStatus::Failed).then_some(task.attempts),
             };
             out.push(b'"');
@@ -116,7 +122,8 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
             let now = now_millis();
             // The lease outlasts the attempt, so nobody else sends it meanwhile and a crash
             // leaves it due again soon after.
-            let lease = now + (engine.config.callback_timeout + Duration::from_secs(10)).as_millis() as i64;
+            let lease =
+                now + (engine.config.callback_timeout + Duration::from_secs(10)).as_millis() as i64;
             match engine.store.callbacks_due(now, lease, room as u32).await {
                 Ok(due) => {
                     leased = due.len();
@@ -131,7 +138,9 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
             continue;
         }
         let wait = match engine.store.callback_next_due().await {
-            Ok(Some(due)) => Duration::from_millis((due - now_millis()).max(0) as u64).min(IDLE_POLL),
+            Ok(Some(due)) => {
+                Duration::from_millis((due - now_millis()).max(0) as u64).min(IDLE_POLL)
+            }
             _ => IDLE_POLL,
         };
         tokio::select! {

@@ -39,7 +39,11 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Database URL: sqlite://PATH (created with its schema if missing).
-    #[arg(long, env = "DOPARALLEL_DATABASE_URL", default_value = "sqlite://doparallel.db")]
+    #[arg(
+        long,
+        env = "DOPARALLEL_DATABASE_URL",
+        default_value = "sqlite://doparallel.db"
+    )]
     pub database: String,
 
     /// Seconds that calls in flight get to finish after SIGTERM or Ctrl-C.
@@ -134,7 +138,9 @@ impl FromStr for Schedule {
         }
         s.split(',')
             .enumerate()
-            .map(|(i, part)| parse_duration(part.trim()).map_err(|e| format!("entry {}: {e}", i + 1)))
+            .map(|(i, part)| {
+                parse_duration(part.trim()).map_err(|e| format!("entry {}: {e}", i + 1))
+            })
             .collect::<Result<_, _>>()
             .map(Schedule)
     }
@@ -154,7 +160,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("{text:?} has unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
     };
     millis
         .map(Duration::from_millis)

@@ -62,7 +62,10 @@ pub enum JobStatus {
 
 impl JobStatus {
     pub fn is_finished(self) -> bool {
-        matches!(self, JobStatus::Complete | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Complete | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -256,16 +259,14 @@ pub fn parse_submission(body: &[u8]) -> Result<NewJob, SubmissionError> {
     // Syntax first, so that a body which is not JSON is told apart from a wrong shape.
     serde_json::from_slice::<&RawValue>(body)
         .map_err(|e| SubmissionError::Malformed(e.to_string()))?;
-    let wire: WireJob<'_> = serde_json::from_slice(body).map_err(|e| {
-        SubmissionError::Invalid(format!("job: {}", serde_message(&e)))
-    })?;
+    let wire: WireJob<'_> = serde_json::from_slice(body)
+        .map_err(|e| SubmissionError::Invalid(format!("job: {}", serde_message(&e))))?;
 
     let callback = match wire.callback {
         None => None,
-        Some(text) => Some(
-            parse_http_url(&text)
-                .ok_or_else(|| invalid(format!("callback: {text:?} is not an absolute http(s) URL")))?,
-        ),
+        Some(text) => Some(parse_http_url(&text).ok_or_else(|| {
+            invalid(format!("callback: {text:?} is not an absolute http(s) URL"))
+        })?),
     };
 
     let options = match wire.options {
@@ -354,7 +355,10 @@ mod tests {
     fn rejections_name_the_field_and_task() {
         check("{", Err("malformed JSON"));
         check("", Err("malformed JSON"));
-        check(r#"{"calback":"http://x/","tasks":[]}"#, Err("unknown field `calback`"));
+        check(
+            r#"{"calback":"http://x/","tasks":[]}"#,
+            Err("unknown field `calback`"),
+        );
         check(r#"{"callback":"http://x/"}"#, Err("missing field `tasks`"));
         check(r#"{"tasks":{}}"#, Err("job: invalid type"));
         check(
@@ -365,7 +369,10 @@ mod tests {
             r#"{"tasks":[{"endpoint":"/v1/test","parms":1}]}"#,
             Err("task 1: unknown field `parms`"),
         );
-        check(r#"{"tasks":[{"params":1}]}"#, Err("task 1: missing field `endpoint`"));
+        check(
+            r#"{"tasks":[{"params":1}]}"#,
+            Err("task 1: missing field `endpoint`"),
+        );
         check(r#"{"tasks":[7]}"#, Err("task 1: invalid type"));
         check(
             r#"{"callback":"not a url","tasks":[]}"#,
@@ -383,14 +390,20 @@ mod tests {
             r#"{"tasks":[],"options":{"concurrency":0}}"#,
             Err("options.concurrency"),
         );
-        check(r#"{"tasks":[],"options":{"timeout_ms":-1}}"#, Err("options: invalid value"));
+        check(
+            r#"{"tasks":[],"options":{"timeout_ms":-1}}"#,
+            Err("options: invalid value"),
+        );
     }
 
     #[test]
     fn params_keep_their_exact_text() {
         let body = r#"{"tasks":[{"endpoint":"/v1/test","params":{"n":12345678901234567890123,"f":1.10}}]}"#;
         let job = parse_submission(body.as_bytes()).unwrap();
-        assert_eq!(job.tasks[0].params.get(), r#"{"n":12345678901234567890123,"f":1.10}"#);
+        assert_eq!(
+            job.tasks[0].params.get(),
+            r#"{"n":12345678901234567890123,"f":1.10}"#
+        );
         let none = parse_submission(br#"{"tasks":[{"endpoint":"/v1/test"}]}"#).unwrap();
         assert_eq!(none.tasks[0].params.get(), "null");
     }

@@ -55,8 +55,13 @@ pub async fn serve(
     let handle = engine::start(store, options.engine).await?;
     let app = api::router(handle.engine.clone(), options.max_body_bytes);
     tracing::info!("listening on {}", listener.local_addr()?);
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    tracing::info!(grace_secs = options.shutdown_grace.as_secs(), "shutting down");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    tracing::info!(
+        grace_secs = options.shutdown_grace.as_secs(),
+        "shutting down"
+    );
     handle.shutdown(options.shutdown_grace).await;
     Ok(served?)
 }

@@ -90,7 +90,10 @@ async fn send(request: reqwest::RequestBuilder, max_body: usize) -> Attempt {
         Err(e) => return transport_error(&e),
     };
     let status = response.status();
-    if response.content_length().is_some_and(|n| n > max_body as u64) {
+    if response
+        .content_length()
+        .is_some_and(|n| n > max_body as u64)
+    {
         return Attempt::Fatal(too_large(status, max_body));
     }
     let mut body = Vec::new();
@@ -262,10 +265,19 @@ mod tests {
     /// Classifies a response and renders the decision as a short string.
     fn check(status: u16, hdrs: &[(&'static str, &str)], body: &str, expected: &str) {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let got = match classify(StatusCode::from_u16(status).unwrap(), &headers(hdrs), body.as_bytes(), now) {
+        let got = match classify(
+            StatusCode::from_u16(status).unwrap(),
+            &headers(hdrs),
+            body.as_bytes(),
+            now,
+        ) {
             Attempt::Complete(r) => format!("complete {}", r.get()),
             Attempt::Retryable { error, retry_after } => {
-                format!("retry {} {:?}", error.kind, retry_after.map(|d| d.as_secs()))
+                format!(
+                    "retry {} {:?}",
+                    error.kind,
+                    retry_after.map(|d| d.as_secs())
+                )
             }
             Attempt::Fatal(error) => format!("fatal {} {:?}", error.kind, error.http_status),
         };
@@ -275,24 +287,54 @@ mod tests {
     #[test]
     fn classification() {
         check(200, &[], r#"{"a":1}"#, r#"complete {"a":1}"#);
-        check(200, &[], " 12345678901234567890123.50 ", "complete 12345678901234567890123.50");
+        check(
+            200,
+            &[],
+            " 12345678901234567890123.50 ",
+            "complete 12345678901234567890123.50",
+        );
         check(201, &[], "plain text", r#"complete "plain text""#);
         check(204, &[], "", "complete null");
         check(500, &[], "", "retry http_status None");
-        check(503, &[("retry-after", "7")], "", "retry http_status Some(7)");
-        check(429, &[("retry-after", "Mon, 12 Jan 1970 13:46:50 GMT")], "", "retry http_status Some(10)");
-        check(429, &[("retry-after", "99999")], "", "retry http_status Some(3600)");
+        check(
+            503,
+            &[("retry-after", "7")],
+            "",
+            "retry http_status Some(7)",
+        );
+        check(
+            429,
+            &[("retry-after", "Mon, 12 Jan 1970 13:46:50 GMT")],
+            "",
+            "retry http_status Some(10)",
+        );
+        check(
+            429,
+            &[("retry-after", "99999")],
+            "",
+            "retry http_status Some(3600)",
+        );
         check(408, &[], "", "retry http_status None");
         check(425, &[], "", "retry http_status None");
         check(404, &[], "nope", "fatal http_status Some(404)");
-        check(302, &[("location", "/x")], "", "fatal http_status Some(302)");
+        check(
+            302,
+            &[("location", "/x")],
+            "",
+            "fatal http_status Some(302)",
+        );
         check(400, &[], "", "fatal http_status Some(400)");
     }
 
     #[test]
     fn error_bodies_are_cut_at_a_kib() {
         let long = "x".repeat(5000);
-        let Attempt::Fatal(e) = classify(StatusCode::BAD_REQUEST, &HeaderMap::new(), long.as_bytes(), SystemTime::now()) else {
+        let Attempt::Fatal(e) = classify(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            long.as_bytes(),
+            SystemTime::now(),
+        ) else {
             panic!("400 is fatal");
         };
         assert_eq!(e.body.unwrap().len(), ERROR_BODY_BYTES);
@@ -300,22 +342,39 @@ mod tests {
 
     #[test]
     fn retries_stop_at_max_attempts() {
-        let options = JobOptions { max_attempts: 2, ..JobOptions::defaults() };
+        let options = JobOptions {
+            max_attempts: 2,
+            ..JobOptions::defaults()
+        };
         let mut rng = StdRng::seed_from_u64(1);
-        let retry = || Attempt::Retryable { error: TaskError::new("connect", "refused"), retry_after: None };
-        assert!(matches!(settle_outcome(&options, 1, retry(), 0, &mut rng), SettleOutcome::Retry { .. }));
-        assert!(matches!(settle_outcome(&options, 2, retry(), 0, &mut rng), SettleOutcome::Failed { .. }));
+        let retry = || Attempt::Retryable {
+            error: TaskError::new("connect", "refused"),
+            retry_after: None,
+        };
+        assert!(matches!(
+            settle_outcome(&options, 1, retry(), 0, &mut rng),
+            SettleOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            settle_outcome(&options, 2, retry(), 0, &mut rng),
+            SettleOutcome::Failed { .. }
+        ));
     }
 
     #[test]
     fn retry_after_beats_a_shorter_backoff() {
-        let options = JobOptions { backoff_ms: 10, ..JobOptions::defaults() };
+        let options = JobOptions {
+            backoff_ms: 10,
+            ..JobOptions::defaults()
+        };
         let mut rng = StdRng::seed_from_u64(1);
         let outcome = Attempt::Retryable {
             error: TaskError::new("http_status", "429"),
             retry_after: Some(Duration::from_secs(2)),
         };
-        let SettleOutcome::Retry { run_at, .. } = settle_outcome(&options, 1, outcome, 1000, &mut rng) else {
+        let SettleOutcome::Retry { run_at, .. } =
+            settle_outcome(&options, 1, outcome, 1000, &mut rng)
+        else {
             panic!("expected a retry");
         };
         assert_eq!(run_at, 3000);

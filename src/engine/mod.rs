@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::callback;
 use crate::config::EngineConfig;
 use crate::job::{JobId, JobStatus, NewJob};
-use crate::store::{ClaimParams, ClaimedTask, Store, StoreError, StoreResult, TaskSettle, now_millis};
+use crate::store::{
+    ClaimParams, ClaimedTask, Store, StoreError, StoreResult, TaskSettle, now_millis,
+};
 
 /// Most outcomes written in one transaction.
 const SETTLE_BATCH: usize = 1024;
@@ -37,9 +39,15 @@ pub(crate) const IDLE_POLL: Duration = Duration::from_secs(1);
 /// What happened, for whoever listens (the `run` command; the events stream later).
 #[derive(Clone, Debug)]
 pub enum Event {
-    JobFinished { job_id: JobId, status: JobStatus },
+    JobFinished {
+        job_id: JobId,
+        status: JobStatus,
+    },
     /// The callback of a job was delivered or given up for good.
-    CallbackSettled { job_id: JobId, delivered: bool },
+    CallbackSettled {
+        job_id: JobId,
+        delivered: bool,
+    },
 }
 
 /// The shared part of the engine, handed to the API and to the loops.
@@ -106,10 +114,16 @@ pub enum EngineError {
 }
 
 /// Recovers what a previous process left in flight, then starts the loops.
-pub async fn start(store: Arc<dyn Store>, config: EngineConfig) -> Result<EngineHandle, EngineError> {
+pub async fn start(
+    store: Arc<dyn Store>,
+    config: EngineConfig,
+) -> Result<EngineHandle, EngineError> {
     let recovered = store.tasks_recover().await.map_err(EngineError::Recover)?;
     if recovered > 0 {
-        tracing::info!(recovered, "tasks interrupted by the last stop will be called again");
+        tracing::info!(
+            recovered,
+            "tasks interrupted by the last stop will be called again"
+        );
     }
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -131,7 +145,12 @@ pub async fn start(store: Arc<dyn Store>, config: EngineConfig) -> Result<Engine
     let in_flight = Arc::new(Semaphore::new(engine.config.max_in_flight));
     let (tx, rx) = mpsc::channel(SETTLE_BATCH * 4);
 
-    let dispatcher = tokio::spawn(dispatch(engine.clone(), in_flight.clone(), tx, stop.clone()));
+    let dispatcher = tokio::spawn(dispatch(
+        engine.clone(),
+        in_flight.clone(),
+        tx,
+        stop.clone(),
+    ));
     let finisher = tokio::spawn(finish(engine.clone(), rx, finisher_stop.clone()));
     let callbacks = tokio::spawn(callback::deliver_loop(engine.clone(), stop.clone()));
     Ok(EngineHandle {
@@ -255,7 +274,11 @@ async fn run_call(
     drop(permit);
 }
 
-async fn finish(engine: Arc<Engine>, mut outcomes: mpsc::Receiver<TaskSettle>, stop: CancellationToken) {
+async fn finish(
+    engine: Arc<Engine>,
+    mut outcomes: mpsc::Receiver<TaskSettle>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH);
     loop {
         let first = tokio::select! {

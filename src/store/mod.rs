@@ -139,10 +139,17 @@ pub struct TaskSettle {
 
 #[derive(Clone, Debug)]
 pub enum SettleOutcome {
-    Complete { result: Box<RawValue> },
-    Failed { error: Box<RawValue> },
+    Complete {
+        result: Box<RawValue>,
+    },
+    Failed {
+        error: Box<RawValue>,
+    },
     /// Back to pending, due again at `run_at`; `error` records why this attempt failed.
-    Retry { run_at: Millis, error: Box<RawValue> },
+    Retry {
+        run_at: Millis,
+        error: Box<RawValue>,
+    },
 }
 
 /// A job that a settle batch brought to its end.

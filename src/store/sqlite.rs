@@ -105,7 +105,10 @@ fn lock_database(path: &Path) -> StoreResult<File> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| {
-            StoreError::Unavailable(format!("cannot create lock file {}: {e}", lock_path.display()))
+            StoreError::Unavailable(format!(
+                "cannot create lock file {}: {e}",
+                lock_path.display()
+            ))
         })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -162,7 +165,11 @@ fn job_status_from(code: i64) -> StoreResult<JobStatus> {
         2 => JobStatus::Complete,
         3 => JobStatus::Failed,
         4 => JobStatus::Cancelled,
-        other => return Err(StoreError::Other(format!("unknown job status code {other}"))),
+        other => {
+            return Err(StoreError::Other(format!(
+                "unknown job status code {other}"
+            )));
+        }
     })
 }
 
@@ -172,7 +179,11 @@ fn task_status_from(code: i64) -> StoreResult<TaskStatus> {
         1 => TaskStatus::Running,
         2 => TaskStatus::Complete,
         3 => TaskStatus::Failed,
-        other => return Err(StoreError::Other(format!("unknown task status code {other}"))),
+        other => {
+            return Err(StoreError::Other(format!(
+                "unknown task status code {other}"
+            )));
+        }
     })
 }
 
@@ -182,13 +193,15 @@ const CB_FAILED: i64 = 3;
 
 fn raw(text: Option<String>) -> StoreResult<Option<Box<RawValue>>> {
     text.map(|t| {
-        RawValue::from_string(t).map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
+        RawValue::from_string(t)
+            .map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
     })
     .transpose()
 }
 
 fn parse_options(text: &str) -> StoreResult<JobOptions> {
-    serde_json::from_str(text).map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
 }
 
 fn parse_id(text: &str) -> StoreResult<JobId> {
@@ -240,10 +253,14 @@ async fn job_seq(tx: &mut Transaction<'_, Sqlite>, id: JobId) -> StoreResult<Opt
 #[async_trait]
 impl Store for SqliteStore {
     async fn job_insert(&self, job: &NewJob, now: Millis) -> StoreResult<()> {
-        let options = serde_json::to_string(&job.options)
-            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let options =
+            serde_json::to_string(&job.options).map_err(|e| StoreError::Other(e.to_string()))?;
         let empty = job.tasks.is_empty();
-        let status = if empty { JobStatus::Complete } else { JobStatus::Pending };
+        let status = if empty {
+            JobStatus::Complete
+        } else {
+            JobStatus::Pending
+        };
         let callback_url = url_text(&job.callback);
 
         let mut tx = self.begin().await?;
@@ -266,11 +283,14 @@ impl Store for SqliteStore {
 
         let mut index: i64 = 0;
         for chunk in job.tasks.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ",
-            );
+            let mut sql =
+                String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ");
             for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "(?,?,?,?,?)" } else { ",(?,?,?,?,?)" });
+                sql.push_str(if i == 0 {
+                    "(?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?)"
+                });
             }
             let mut query = sqlx::query(&sql);
             for task in chunk {
@@ -498,7 +518,9 @@ impl Store for SqliteStore {
             let (status, run_at, result, error) = match &s.outcome {
                 SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
                 SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
-                SettleOutcome::Retry { run_at, error } => (0, Some(*run_at), None, Some(error.get())),
+                SettleOutcome::Retry { run_at, error } => {
+                    (0, Some(*run_at), None, Some(error.get()))
+                }
             };
             // Only the attempt that is running may settle it: a stale outcome (from before a
             // restart) changes nothing, so each result is stored once.
@@ -590,12 +612,11 @@ impl Store for SqliteStore {
 
     async fn tasks_recover(&self) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
         let mut recovered = 0;
         for seq in seqs {
             recovered += sqlx::query(
@@ -663,7 +684,9 @@ impl Store for SqliteStore {
     async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<()> {
         let (state, next, error, delivered) = match &record.outcome {
             CallbackOutcome::Delivered => (CB_DELIVERED, None, None, Some(record.now)),
-            CallbackOutcome::Retry { at, error } => (CB_PENDING, Some(*at), Some(error.as_str()), None),
+            CallbackOutcome::Retry { at, error } => {
+                (CB_PENDING, Some(*at), Some(error.as_str()), None)
+            }
             CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
         };
         sqlx::query(
@@ -692,7 +715,11 @@ impl Store for SqliteStore {
     }
 }
 
-async fn insert_callback(tx: &mut Transaction<'_, Sqlite>, seq: i64, now: Millis) -> StoreResult<()> {
+async fn insert_callback(
+    tx: &mut Transaction<'_, Sqlite>,
+    seq: i64,
+    now: Millis,
+) -> StoreResult<()> {
     sqlx::query("INSERT INTO callbacks (job_seq, state, next_attempt_at) VALUES (?, 1, ?)")
         .bind(seq)
         .bind(now)

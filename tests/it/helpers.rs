@@ -1,0 +1,499 @@
+//! What every integration test needs: the real server on port 0 with a fresh database
+//! (in-process, or as a child process for crash tests), a local task endpoint with
+//! misbehaving routes, and a callback receiver that records what it is sent.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use doparallel::ServeOptions;
+use doparallel::config::EngineConfig;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long any wait in these tests may take before it counts as a failure.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    "doparallel=debug,it=debug",
+                ))
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// Polls `probe` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn engine_config() -> EngineConfig {
+    EngineConfig {
+        max_in_flight: 64,
+        max_response_bytes: 1024 * 1024,
+        callback_schedule: vec![Duration::from_millis(50); 3],
+        callback_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A client of the API of one server.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Self {
+        Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Posts raw bytes with a content type; returns the status and the JSON body.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: &str,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(body.to_owned());
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.expect("server answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Submits a job that must be accepted; returns its id.
+    pub async fn submit(&self, job: &Value) -> String {
+        let (status, body) = self
+            .post_raw("/v1/job", Some("application/json"), &job.to_string())
+            .await;
+        assert_eq!(status, 202, "submit refused: {body}");
+        body["job_id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("server answers");
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, 200, "GET job {id}: {body}");
+        body
+    }
+
+    /// Waits until the job is finished and its callback is no longer pending.
+    pub async fn wait_settled(&self, id: &str) -> Value {
+        eventually(&format!("job {id} to settle"), || async {
+            let job = self.job(id).await;
+            let finished = ["Complete", "Failed", "Cancelled"].contains(&job["status"].as_str()?);
+            (finished && job["callback"]["state"] != "pending").then_some(job)
+        })
+        .await
+    }
+
+    /// Every task of a job, read through the paginated route.
+    pub async fn tasks(&self, id: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let (status, page) = self
+                .get(&format!("/v1/jobs/{id}/tasks?after={after}&limit=7"))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            all.extend(page["tasks"].as_array().unwrap().iter().cloned());
+            match page["next_after"].as_u64() {
+                Some(n) => after = n,
+                None => return all,
+            }
+        }
+    }
+}
+
+/// The server running in this process on a fresh database.
+pub struct TestApp {
+    pub api: Api,
+    /// Holds the database until the test ends.
+    _dir: tempfile::TempDir,
+    /// Dropping it shuts the server down.
+    _shutdown: oneshot::Sender<()>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(engine_config()).await
+}
+
+pub async fn spawn_app_with(config: EngineConfig) -> TestApp {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let store = doparallel::store::open(&url).await.expect("store opens");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let options = ServeOptions {
+        engine: config,
+        shutdown_grace: Duration::from_secs(5),
+        max_body_bytes: 4 * 1024 * 1024,
+    };
+    tokio::spawn(async move {
+        doparallel::serve(listener, store, options, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    TestApp {
+        api: Api::new(addr),
+        _dir: dir,
+        _shutdown: tx,
+    }
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// One call an endpoint received.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub headers: HeaderMap,
+    pub body: String,
+    pub at: Instant,
+}
+
+impl Call {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct EndpointState {
+    calls: Vec<Call>,
+    /// Calls per Idempotency-Key per route, for the "fail first" routes.
+    seen: HashMap<(String, String), u32>,
+    in_flight: u32,
+    max_in_flight: u32,
+}
+
+/// A local task endpoint. Routes:
+/// `/echo` answers the params; `/text` plain text; `/empty` 204; `/numbers` a JSON of
+/// awkward numbers; `/flaky` 500 on a task's first call then 200; `/fail` always 500;
+/// `/missing` 404; `/hang` never answers; `/limited` 429 with `Retry-After: 1` on a task's
+/// first call, then 200; `/slow?ms=N` answers the params after N ms (and tracks how many
+/// calls are in flight).
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<EndpointState>>,
+}
+
+impl Endpoint {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(EndpointState::default()));
+        let app = Router::new()
+            .route("/{route}", post(endpoint_handler))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Endpoint { addr, state }
+    }
+
+    pub fn url(&self, route: &str) -> String {
+        format!("http://{}/{route}", self.addr)
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.state.lock().unwrap().calls.len()
+    }
+
+    pub fn max_in_flight(&self) -> u32 {
+        self.state.lock().unwrap().max_in_flight
+    }
+
+    /// Calls per Idempotency-Key.
+    pub fn calls_per_key(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for call in self.calls() {
+            *counts.entry(call.header("idempotency-key")).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SlowQuery {
+    ms: Option<u64>,
+}
+
+async fn endpoint_handler(
+    State(state): State<Arc<Mutex<EndpointState>>>,
+    axum::extract::Path(route): axum::extract::Path<String>,
+    Query(query): Query<SlowQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let nth = {
+        let mut s = state.lock().unwrap();
+        s.calls.push(Call {
+            headers: headers.clone(),
+            body: body.clone(),
+            at: Instant::now(),
+        });
+        let n = s.seen.entry((route.clone(), key)).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let json = |text: String| ([("content-type", "application/json")], text).into_response();
+    match route.as_str() {
+        "echo" => json(body),
+        "text" => "plain text".into_response(),
+        "empty" => StatusCode::NO_CONTENT.into_response(),
+        "numbers" => json(r#"{"big":12345678901234567890123,"f":1.10,"e":-0.0e-7}"#.into()),
+        "flaky" if nth == 1 => (StatusCode::INTERNAL_SERVER_ERROR, "try again").into_response(),
+        "flaky" => json(r#"{"ok":true}"#.into()),
+        "fail" => (StatusCode::INTERNAL_SERVER_ERROR, "x".repeat(3000)).into_response(),
+        "missing" => (StatusCode::NOT_FOUND, "no such thing").into_response(),
+        "hang" => std::future::pending().await,
+        "limited" if nth == 1 => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response(),
+        "limited" => json(r#"{"ok":true}"#.into()),
+        "slow" => {
+            {
+                let mut s = state.lock().unwrap();
+                s.in_flight += 1;
+                s.max_in_flight = s.max_in_flight.max(s.in_flight);
+            }
+            tokio::time::sleep(Duration::from_millis(query.ms.unwrap_or(50))).await;
+            state.lock().unwrap().in_flight -= 1;
+            json(body)
+        }
+        _ => StatusCode::IM_A_TEAPOT.into_response(),
+    }
+}
+
+/// One callback delivery attempt as received.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub webhook_id: String,
+    pub answered: u16,
+    pub body: Value,
+}
+
+/// A callback receiver that answers `fail_first` attempts with `fail_status`, then 200.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    log: Arc<Mutex<Vec<Delivery>>>,
+}
+
+impl Receiver {
+    pub async fn start(fail_first: usize, fail_status: u16) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let counter = Arc::new(Mutex::new(0usize));
+        let handler_log = log.clone();
+        let app = Router::new().route(
+            "/cb",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let tx = tx.clone();
+                let counter = counter.clone();
+                let log = handler_log.clone();
+                async move {
+                    let n = {
+                        let mut c = counter.lock().unwrap();
+                        *c += 1;
+                        *c
+                    };
+                    let answered = if n <= fail_first { fail_status } else { 200 };
+                    let delivery = Delivery {
+                        webhook_id: headers
+                            .get("webhook-id")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default(),
+                        answered,
+                        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    };
+                    log.lock().unwrap().push(delivery.clone());
+                    let _ = tx.send(delivery);
+                    StatusCode::from_u16(answered).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver {
+            addr,
+            deliveries: rx,
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/cb", self.addr)
+    }
+
+    /// The next delivery attempt, failing the test after [`DEADLINE`].
+    pub async fn next(&mut self) -> Delivery {
+        tokio::time::timeout(DEADLINE, self.deliveries.recv())
+            .await
+            .expect("a callback arrives in time")
+            .expect("receiver is running")
+    }
+
+    pub fn all(&self) -> Vec<Delivery> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// A `doparallel serve` child process, for the tests that kill it.
+pub struct ServerProcess {
+    pub child: Child,
+    pub api: Api,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_doparallel")
+}
+
+impl ServerProcess {
+    /// Starts `doparallel serve` on `db` with extra arguments and waits for its
+    /// `listening on ADDR` line.
+    pub fn start(db: &Path, extra: &[&str]) -> Self {
+        let mut child = std::process::Command::new(binary())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--database")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Drains stderr for the life of the process, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let echo = std::env::var_os("TEST_LOG").is_some();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[server] {line}");
+                }
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(DEADLINE)
+            .expect("the server logs its address");
+        ServerProcess {
+            child,
+            api: Api::new(addr),
+        }
+    }
+
+    pub fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("doparallel.db")
+}
+
+/// A job of `n` tasks to `url`, task i carrying params `{"i": i}`.
+pub fn job_of(n: usize, url: &str, callback: Option<&str>, options: Value) -> Value {
+    let tasks: Vec<Value> = (1..=n)
+        .map(|i| json!({"endpoint": url, "params": {"i": i}}))
+        .collect();
+    let mut job = json!({"tasks": tasks, "options": options});
+    if let Some(cb) = callback {
+        job["callback"] = json!(cb);
+    }
+    job
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real server on port 0 with a fresh database, against local
+//! endpoints and callback receivers. One binary, so the build links once.
+
+mod callbacks;
+mod cli;
+mod crash;
+mod helpers;
+mod submit;
+mod tasks;
