@@ -2,13 +2,15 @@
 //! their outcomes back in batches.
 //!
 //! Three loops run side by side:
-//! - the dispatcher holds one semaphore permit per call in flight (`max_in_flight`), claims
-//!   as many tasks as it has free permits, and spawns a call for each;
-//! - each call, when its attempt is over, sends the outcome to the finisher and frees its
-//!   permit;
+//! - the dispatcher holds one semaphore permit per task it has running (`max_in_flight`),
+//!   claims as many tasks as it has free permits, and spawns a call for each;
+//! - each call, when its attempt is over, hands its outcome and its permit to the finisher;
 //! - the finisher writes the outcomes that have queued up in one store transaction (group
-//!   commit), then wakes the dispatcher and, for jobs that just finished, the callback loop
-//!   (`crate::callback`).
+//!   commit), frees their permits, then wakes the dispatcher and, for jobs that just
+//!   finished, the callback loop (`crate::callback`).
+//!
+//! A permit is freed only once its outcome is committed, so at most `max_in_flight` tasks
+//! are running in the store at any time: a crash makes at most that many calls again.
 //!
 //! A task counts as finished only once the finisher's transaction has committed, and no
 //! transaction is ever held open across an outbound call.
@@ -143,7 +145,7 @@ pub async fn start(
     let stop = CancellationToken::new();
     let finisher_stop = CancellationToken::new();
     let in_flight = Arc::new(Semaphore::new(engine.config.max_in_flight));
-    let (tx, rx) = mpsc::channel(SETTLE_BATCH * 4);
+    let (tx, rx) = mpsc::channel(engine.config.max_in_flight);
 
     let dispatcher = tokio::spawn(dispatch(
         engine.clone(),
@@ -192,7 +194,7 @@ impl EngineHandle {
 async fn dispatch(
     engine: Arc<Engine>,
     in_flight: Arc<Semaphore>,
-    outcomes: mpsc::Sender<TaskSettle>,
+    outcomes: mpsc::Sender<Settled>,
     stop: CancellationToken,
 ) {
     loop {
@@ -252,7 +254,7 @@ async fn run_call(
     engine: Arc<Engine>,
     task: ClaimedTask,
     permit: OwnedSemaphorePermit,
-    outcomes: mpsc::Sender<TaskSettle>,
+    outcomes: mpsc::Sender<Settled>,
 ) {
     let started = Instant::now();
     let attempt = call::attempt(&engine.http, &task, engine.config.max_response_bytes).await;
@@ -270,16 +272,19 @@ async fn run_call(
     };
     // The finisher only goes away at shutdown, after the grace period: an outcome that comes
     // later is dropped and the task is called again at next start.
-    let _ = outcomes.send(settle).await;
-    drop(permit);
+    let _ = outcomes.send((settle, permit)).await;
 }
+
+/// An outcome on its way to the store, with the permit it frees once written.
+type Settled = (TaskSettle, OwnedSemaphorePermit);
 
 async fn finish(
     engine: Arc<Engine>,
-    mut outcomes: mpsc::Receiver<TaskSettle>,
+    mut outcomes: mpsc::Receiver<Settled>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH);
+    let mut permits = Vec::with_capacity(SETTLE_BATCH);
     loop {
         let first = tokio::select! {
             biased;
@@ -290,16 +295,24 @@ async fn finish(
                 outcomes.recv().await
             }
         };
-        let Some(first) = first else { return };
-        batch.push(first);
+        let Some((settle, permit)) = first else {
+            return;
+        };
+        batch.push(settle);
+        permits.push(permit);
         while batch.len() < SETTLE_BATCH {
             match outcomes.try_recv() {
-                Ok(o) => batch.push(o),
+                Ok((settle, permit)) => {
+                    batch.push(settle);
+                    permits.push(permit);
+                }
                 Err(_) => break,
             }
         }
         settle_batch(&engine, &batch, &stop).await;
         batch.clear();
+        // Only now may these tasks' slots be claimed again.
+        permits.clear();
     }
 }
 
