@@ -289,7 +289,7 @@ pub fn parse_submission(body: &[u8]) -> Result<NewJob, SubmissionError> {
             )));
         }
         let params = match task.params {
-            Some(raw) => raw.to_owned(),
+            Some(raw) => compact_json(raw),
             None => RawValue::from_string("null".into()).expect("null is JSON"),
         };
         tasks.push(NewTask {
@@ -304,6 +304,30 @@ pub fn parse_submission(body: &[u8]) -> Result<NewJob, SubmissionError> {
         options,
         tasks,
     })
+}
+
+/// The same JSON without the whitespace between tokens. Unlike a round trip through
+/// `serde_json::Value`, it keeps every number's digits and every key's order.
+pub fn compact_json(raw: &RawValue) -> Box<RawValue> {
+    let text = raw.get();
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            in_string = c == '"';
+            out.push(c);
+        }
+    }
+    RawValue::from_string(out).expect("removing whitespace between tokens keeps JSON valid")
 }
 
 fn invalid(msg: String) -> SubmissionError {
@@ -397,8 +421,18 @@ mod tests {
     }
 
     #[test]
+    fn compacting_keeps_strings_and_numbers() {
+        let raw: Box<RawValue> =
+            serde_json::from_str(r#" { "a b" : [ 1.50 , "x \" y\\" ] , "c":{ } } "#).unwrap();
+        assert_eq!(
+            compact_json(&raw).get(),
+            r#"{"a b":[1.50,"x \" y\\"],"c":{}}"#
+        );
+    }
+
+    #[test]
     fn params_keep_their_exact_text() {
-        let body = r#"{"tasks":[{"endpoint":"/v1/test","params":{"n":12345678901234567890123,"f":1.10}}]}"#;
+        let body = r#"{"tasks":[{"endpoint":"/v1/test","params":{"n": 12345678901234567890123, "f":1.10}}]}"#;
         let job = parse_submission(body.as_bytes()).unwrap();
         assert_eq!(
             job.tasks[0].params.get(),

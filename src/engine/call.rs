@@ -9,7 +9,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT};
+use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, compact_json};
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 
 /// How much of a failing response's body an error keeps.
@@ -183,7 +183,7 @@ pub fn result_json(body: &[u8]) -> Box<RawValue> {
         return RawValue::from_string("null".into()).expect("null is JSON");
     }
     if let Ok(raw) = serde_json::from_str::<&RawValue>(trimmed) {
-        return raw.to_owned();
+        return compact_json(raw);
     }
     serde_json::value::to_raw_value(&text).expect("a string serializes")
 }

@@ -46,7 +46,11 @@ async fn the_call_carries_params_and_headers() {
     let calls = endpoint.calls();
     assert_eq!(calls.len(), 1, "the /v1/test task makes no network call");
     let call = &calls[0];
-    assert_eq!(call.body, params, "the body is exactly the params as sent");
+    let compact = r#"{"big":12345678901234567890123,"f":1.10,"s":"é"}"#;
+    assert_eq!(
+        call.body, compact,
+        "the body is the params as sent, without the blanks"
+    );
     assert_eq!(call.header("content-type"), "application/json");
     assert_eq!(call.header("doparallel-job-id"), id);
     assert_eq!(call.header("doparallel-task"), "2");
