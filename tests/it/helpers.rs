@@ -24,6 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 /// How long any wait in these tests may take before it counts as a failure.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// How often [`eventually`] looks again.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
 fn init_logs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -50,7 +53,7 @@ where
             return v;
         }
         assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 
