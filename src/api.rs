@@ -41,6 +41,7 @@ pub fn router(engine: Arc<Engine>, max_body_bytes: usize) -> Router {
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
         .route("/v1/test", post(test_task))
         .route("/healthz", get(health))
+        .merge(crate::dashboard::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(AppState { engine })

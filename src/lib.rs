@@ -9,6 +9,7 @@
 pub mod api;
 pub mod callback;
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod job;
 pub mod store;

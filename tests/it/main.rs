@@ -4,6 +4,7 @@
 mod callbacks;
 mod cli;
 mod crash;
+mod dashboard;
 mod helpers;
 mod submit;
 mod tasks;

@@ -1,0 +1,719 @@
+// The DoParallel dashboard: a jobs list (#/) and a job page (#/jobs/ID) over the public JSON
+// API, in plain JavaScript with no build step and nothing loaded from elsewhere.
+//
+// Rule of this file: whatever comes from the server is put in the page as text (element
+// constructors, `append` of strings, `setAttribute`), never parsed as markup. Task results
+// and errors come from arbitrary endpoints.
+'use strict';
+
+(() => {
+  const JOBS_POLL_MS = 2000;
+  const JOB_POLL_MS = 1000;
+  // While the events stream is open the job is still read at this slow pace, so that a lost
+  // event, or one of a kind this page does not know, delays an update rather than losing it.
+  const JOB_BACKSTOP_MS = 5000;
+  const JOBS_PAGE = 25;
+  const TASKS_PAGE = 50;
+  // The tasks route has no status filter: a filtered view reads pages this big and keeps the
+  // matching tasks.
+  const SCAN_PAGE = 1000;
+  const PREVIEW_CHARS = 100;
+  const TOOLTIP_CHARS = 2000;
+  const TOKEN_KEY = 'doparallel.apiToken';
+  const JOB_STATUSES = ['Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
+  const TASK_STATUSES = ['Pending', 'Running', 'Complete', 'Failed'];
+  const FINISHED = new Set(['Complete', 'Failed', 'Cancelled']);
+
+  const view = document.getElementById('view');
+  const banner = document.getElementById('banner');
+
+  // ---- DOM, as text only ------------------------------------------------------------------
+
+  /** An element with attributes (`on...` are listeners) and children (strings become text). */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
+      // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+      else if (key === 'style') Object.assign(node.style, value);
+      else node.setAttribute(key, value === true ? '' : String(value));
+    }
+    for (const child of children.flat(Infinity)) {
+      if (child === undefined || child === null || child === false) continue;
+      node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  function jobHref(id, status) {
+    return '#/jobs/' + encodeURIComponent(id) + (status ? '?status=' + encodeURIComponent(status) : '');
+  }
+
+  // ---- Formatting ---------------------------------------------------------------------------
+
+  function ago(iso) {
+    if (!iso) return '—';
+    const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+    if (s < 5) return 'just now';
+    if (s < 60) return s + 's ago';
+    if (s < 3600) return Math.floor(s / 60) + 'm ago';
+    if (s < 86400) return Math.floor(s / 3600) + 'h ago';
+    return Math.floor(s / 86400) + 'd ago';
+  }
+
+  function duration(ms) {
+    if (ms === null || ms === undefined || Number.isNaN(ms)) return '—';
+    if (ms < 1000) return Math.round(ms) + ' ms';
+    const s = ms / 1000;
+    if (s < 60) return s.toFixed(s < 10 ? 2 : 1) + ' s';
+    if (s < 3600) return Math.floor(s / 60) + 'm ' + Math.floor(s % 60) + 's';
+    return Math.floor(s / 3600) + 'h ' + Math.floor((s % 3600) / 60) + 'm';
+  }
+
+  /**
+   * Brings the relative times under `root` up to date without rebuilding anything, so that a
+   * poll that brought no change keeps hovers, selections and open details as they are.
+   */
+  function retime(root) {
+    for (const node of root.querySelectorAll('time[datetime]')) node.textContent = ago(node.getAttribute('datetime'));
+    for (const node of root.querySelectorAll('[data-since]')) node.textContent = duration(Date.now() - Number(node.dataset.since));
+  }
+
+  function localTime(iso) {
+    return iso ? new Date(iso).toLocaleString() : '';
+  }
+
+  /** A relative time that shows the absolute one on hover, as Sidekiq and Flower do. */
+  function timeCell(iso) {
+    return el('time', { datetime: iso || undefined, title: localTime(iso) || undefined }, ago(iso));
+  }
+
+  function badge(status) {
+    return el('span', { class: 'badge badge-' + String(status).toLowerCase() }, status);
+  }
+
+  function done(job) {
+    return job.counts.complete + job.counts.failed;
+  }
+
+  /** A bar in three parts (complete, failed, running) over the job's total. */
+  function progressBar(job, withLabel) {
+    const total = job.total || 0;
+    const pct = (n) => (total ? (100 * n) / total : 0).toFixed(2) + '%';
+    const whole = total ? Math.floor((100 * done(job)) / total) : 100;
+    const bar = el('div', {
+      class: 'progress',
+      role: 'progressbar',
+      'aria-valuemin': 0,
+      'aria-valuemax': total,
+      'aria-valuenow': done(job),
+      title: `${job.counts.complete} complete, ${job.counts.failed} failed, ` +
+        `${job.counts.running} running, ${job.counts.pending} pending of ${total}`,
+    },
+    el('span', { class: 'seg seg-complete', style: { width: pct(job.counts.complete) } }),
+    el('span', { class: 'seg seg-failed', style: { width: pct(job.counts.failed) } }),
+    el('span', { class: 'seg seg-running', style: { width: pct(job.counts.running) } }));
+    return withLabel ? el('div', { class: 'progress-wrap' }, bar, el('span', { class: 'pct' }, whole + '%')) : bar;
+  }
+
+  // Results keep their numbers digit for digit on the server; parse so that the page does too
+  // (where the browser can: JSON.rawJSON), rather than rounding 2^53 + 1 for display.
+  function parseJson(text) {
+    if (typeof JSON.rawJSON !== 'function') return JSON.parse(text);
+    return JSON.parse(text, (key, value, context) =>
+      typeof value === 'number' && context && context.source !== undefined && String(value) !== context.source
+        ? JSON.rawJSON(context.source)
+        : value);
+  }
+
+  function clip(text, n) {
+    return text.length > n ? text.slice(0, n) + '…' : text;
+  }
+
+  /**
+   * A value as compact JSON; a long one is cut, with the full text on hover and, once
+   * expanded, pretty-printed. `key` names it so that it stays expanded across refreshes.
+   */
+  function jsonCell(value, kind, key, expanded) {
+    const compact = value === undefined ? '' : JSON.stringify(value);
+    if (compact.length <= PREVIEW_CHARS) return el('code', { class: 'json json-' + kind }, compact);
+    const details = el('details', { class: 'json json-' + kind, open: expanded.has(key) },
+      el('summary', { title: clip(compact, TOOLTIP_CHARS) }, clip(compact, PREVIEW_CHARS)),
+      el('pre', {}, JSON.stringify(value, null, 2)));
+    details.addEventListener('toggle', () => {
+      if (details.open) expanded.add(key); else expanded.delete(key);
+    });
+    return details;
+  }
+
+  // ---- API ----------------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  function token() {
+    try {
+      return localStorage.getItem(TOKEN_KEY) || '';
+    } catch {
+      return '';
+    }
+  }
+
+  async function api(path, options) {
+    const headers = { Accept: 'application/json' };
+    const t = token();
+    if (t) headers.Authorization = 'Bearer ' + t;
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers, cache: 'no-store' });
+    } catch {
+      throw new ApiError(0, 'cannot reach the server');
+    }
+    const text = await response.text();
+    let body = text;
+    try {
+      body = text ? parseJson(text) : null;
+    } catch {
+      // Not JSON: keep the text for the message.
+    }
+    if (!response.ok) {
+      const msg = body && typeof body.msg === 'string' ? body.msg
+        : typeof body === 'string' && body ? clip(body, 200) : response.statusText;
+      throw new ApiError(response.status, msg);
+    }
+    return body;
+  }
+
+  function showBanner(error) {
+    let text = error.status ? `The server answered ${error.status}: ${error.message}` : `Cannot reach the server (${error.message}); retrying.`;
+    if (error.status === 401 || error.status === 403) text += ' Set an API token at the top right.';
+    banner.replaceChildren(text);
+    banner.hidden = false;
+  }
+
+  function clearBanner() {
+    banner.hidden = true;
+    banner.replaceChildren();
+  }
+
+  // ---- Timing -------------------------------------------------------------------------------
+
+  /**
+   * Runs `fn` now and then again `interval()` ms after each run ends, so runs never overlap.
+   * `now()` runs it at once (or right after the run in progress).
+   */
+  function repeat(fn, interval) {
+    let timer = null;
+    let running = false;
+    let again = false;
+    let stopped = false;
+    async function tick() {
+      timer = null;
+      running = true;
+      try {
+        await fn();
+      } finally {
+        running = false;
+        if (!stopped) {
+          if (again) {
+            again = false;
+            tick();
+          } else {
+            const ms = interval();
+            if (ms !== null) timer = setTimeout(tick, ms);
+          }
+        }
+      }
+    }
+    tick();
+    return {
+      now() {
+        if (stopped) return;
+        if (running) {
+          again = true;
+        } else {
+          clearTimeout(timer);
+          tick();
+        }
+      },
+      stop() {
+        stopped = true;
+        clearTimeout(timer);
+      },
+    };
+  }
+
+  function setHash(hash) {
+    // Replaces the address without a hashchange, so the view is kept (and its stream open).
+    history.replaceState(null, '', hash);
+  }
+
+  /** Filter buttons, Sidekiq-style; `counts` (optional) labels each with its number. */
+  function pills(id, choices, current, counts, onPick) {
+    return el('div', { class: 'pills', id, role: 'group', 'aria-label': 'Filter by status' },
+      choices.map((choice) => el('button', {
+        type: 'button',
+        class: 'pill' + (choice === current ? ' active' : '') + (choice ? ' pill-' + choice.toLowerCase() : ''),
+        'aria-pressed': String(choice === current),
+        'data-status': choice || 'All',
+        onclick: () => onPick(choice),
+      }, choice || 'All', counts ? el('span', { class: 'count' }, counts(choice)) : null)));
+  }
+
+  // ---- Jobs list ----------------------------------------------------------------------------
+
+  function jobsView(query) {
+    const state = {
+      status: JOB_STATUSES.includes(query.get('status')) ? query.get('status') : '',
+      after: null, // cursor of the page shown; null for the newest
+      previous: [], // cursors of the pages before it
+      next: null,
+    };
+    document.title = 'Jobs · DoParallel';
+
+    const filterSlot = el('div');
+    const tbody = el('tbody');
+    const updated = el('span', { class: 'live', id: 'jobs-updated' }, 'loading…');
+    const newer = el('button', { type: 'button', class: 'btn', onclick: () => page(-1) }, '‹ Newer');
+    const older = el('button', { type: 'button', class: 'btn', onclick: () => page(1) }, 'Older ›');
+    view.replaceChildren(el('section', { class: 'jobs' },
+      el('div', { class: 'title-row' }, el('h1', {}, 'Jobs'), updated),
+      filterSlot,
+      el('table', { class: 'table', id: 'jobs-table' },
+        el('thead', {}, el('tr', {},
+          el('th', {}, 'Job'),
+          el('th', {}, 'Status'),
+          el('th', { class: 'col-progress' }, 'Progress'),
+          el('th', { class: 'num', title: 'Finished tasks, complete or failed' }, 'Done'),
+          el('th', { class: 'num' }, 'Failed'),
+          el('th', { class: 'num' }, 'Total'),
+          el('th', {}, 'Callback'),
+          el('th', {}, 'Created'),
+          el('th', { class: 'num' }, 'Duration'))),
+        tbody),
+      el('div', { class: 'pager' }, newer, older)));
+
+    function renderFilter() {
+      filterSlot.replaceChildren(pills('jobs-filter', ['', ...JOB_STATUSES], state.status, null, (s) => {
+        state.status = s;
+        state.after = null;
+        state.previous = [];
+        setHash(s ? '#/?status=' + encodeURIComponent(s) : '#/');
+        renderFilter();
+        poller.now();
+      }));
+    }
+
+    function page(direction) {
+      if (direction > 0 && state.next) {
+        state.previous.push(state.after);
+        state.after = state.next;
+      } else if (direction < 0 && state.previous.length) {
+        state.after = state.previous.pop();
+      } else {
+        return;
+      }
+      poller.now();
+    }
+
+    let shown = null;
+
+    function render(jobs) {
+      const key = JSON.stringify([jobs, state.status, state.previous.length, state.next]);
+      if (key === shown) {
+        retime(tbody);
+        return;
+      }
+      shown = key;
+      if (!jobs.length) {
+        tbody.replaceChildren(el('tr', {}, el('td', { colspan: 9, class: 'empty' },
+          state.status ? `No ${state.status.toLowerCase()} jobs.` : 'No jobs yet. Submit one with POST /v1/job.')));
+      } else {
+        tbody.replaceChildren(...jobs.map((job) => {
+          const start = Date.parse(job.created_at);
+          const end = job.finished_at ? Date.parse(job.finished_at) : Date.now();
+          return el('tr', { class: 'job-row', 'data-job-id': job.job_id, 'data-status': job.status },
+            el('td', {}, el('a', { class: 'mono', href: jobHref(job.job_id) }, job.job_id)),
+            el('td', {}, badge(job.status)),
+            el('td', { class: 'col-progress' }, progressBar(job, true)),
+            el('td', { class: 'num' }, done(job)),
+            el('td', { class: 'num' + (job.counts.failed ? ' failed-count' : '') }, job.counts.failed),
+            el('td', { class: 'num' }, job.total),
+            el('td', {}, job.callback.state === 'none' ? el('span', { class: 'muted' }, '—') : badge(job.callback.state)),
+            el('td', {}, timeCell(job.created_at)),
+            el('td', { class: 'num', 'data-since': job.finished_at ? undefined : start }, duration(end - start)));
+        }));
+      }
+      newer.disabled = !state.previous.length;
+      older.disabled = !state.next;
+    }
+
+    async function load() {
+      const params = new URLSearchParams({ limit: String(JOBS_PAGE) });
+      if (state.status) params.set('status', state.status);
+      if (state.after) params.set('after', state.after);
+      try {
+        const answer = await api('/v1/jobs?' + params);
+        state.next = answer.next_after;
+        render(answer.jobs);
+        updated.replaceChildren(el('span', { class: 'dot dot-live' }), `updated ${new Date().toLocaleTimeString()} · every ${JOBS_POLL_MS / 1000} s`);
+        clearBanner();
+      } catch (e) {
+        updated.replaceChildren(el('span', { class: 'dot dot-error' }), 'not updated');
+        showBanner(e);
+      }
+    }
+
+    renderFilter();
+    const poller = repeat(load, () => JOBS_POLL_MS);
+    return { stop: () => poller.stop() };
+  }
+
+  // ---- Job page -----------------------------------------------------------------------------
+
+  function jobView(id, query) {
+    const state = {
+      filter: TASK_STATUSES.includes(query.get('status')) ? query.get('status') : '',
+      job: null,
+      after: 0, // tasks shown start after this index
+      previous: [],
+      next: null,
+      shownAt: null, // counts the table was loaded at, to reload only on change
+      streaming: false,
+      stream: null,
+      gone: false,
+    };
+    const expanded = new Set();
+    document.title = 'Job · DoParallel';
+
+    const badgeSlot = el('span');
+    const live = el('span', { class: 'live', id: 'job-live' });
+    const cancel = el('button', { type: 'button', class: 'btn btn-danger', id: 'cancel', hidden: true, onclick: onCancel }, 'Cancel job');
+    const note = el('div', { class: 'note', id: 'job-note', role: 'status', hidden: true });
+    const summary = el('div', { class: 'summary', id: 'job-summary' });
+    const filterSlot = el('div');
+    const tbody = el('tbody');
+    const pageInfo = el('span', { class: 'muted', id: 'tasks-page' });
+    const prev = el('button', { type: 'button', class: 'btn', onclick: () => page(-1) }, '‹ Previous');
+    const next = el('button', { type: 'button', class: 'btn', onclick: () => page(1) }, 'Next ›');
+
+    view.replaceChildren(el('section', { class: 'job' },
+      el('nav', { class: 'crumbs' }, el('a', { href: '#/' }, 'Jobs'), ' › ', el('span', { class: 'mono' }, id)),
+      el('div', { class: 'title-row' },
+        el('h1', {}, 'Job ', el('span', { class: 'mono job-id' }, id)),
+        badgeSlot, live, el('span', { class: 'spacer' }), cancel),
+      note,
+      summary,
+      el('div', { class: 'title-row' }, el('h2', {}, 'Tasks'), filterSlot),
+      el('table', { class: 'table tasks', id: 'tasks-table' },
+        el('thead', {}, el('tr', {},
+          el('th', { class: 'num' }, '#'),
+          el('th', {}, 'Status'),
+          el('th', { class: 'num' }, 'Attempts'),
+          el('th', { class: 'num' }, 'Latency'),
+          el('th', {}, 'Endpoint'),
+          el('th', { class: 'col-result' }, 'Result or error'),
+          el('th', {}, 'Finished'))),
+        tbody),
+      el('div', { class: 'pager' }, pageInfo, el('span', { class: 'spacer' }), prev, next)));
+
+    function countOf(status) {
+      if (!state.job) return '';
+      return status ? state.job.counts[status.toLowerCase()] : state.job.total;
+    }
+
+    function renderFilter() {
+      filterSlot.replaceChildren(pills('tasks-filter', ['', ...TASK_STATUSES], state.filter, countOf, (s) => {
+        state.filter = s;
+        state.after = 0;
+        state.previous = [];
+        setHash(jobHref(id, s));
+        renderFilter();
+        tasks.now();
+      }));
+    }
+
+    function page(direction) {
+      if (direction > 0 && state.next !== null) {
+        state.previous.push(state.after);
+        state.after = state.next;
+      } else if (direction < 0 && state.previous.length) {
+        state.after = state.previous.pop();
+      } else {
+        return;
+      }
+      tasks.now();
+    }
+
+    function field(label, ...value) {
+      return el('div', { class: 'field' }, el('div', { class: 'label' }, label), el('div', { class: 'value' }, value));
+    }
+
+    function renderJob(job) {
+      document.title = `Job ${job.job_id.slice(0, 8)}… ${job.status} · DoParallel`;
+      badgeSlot.replaceChildren(el('span', { id: 'job-status', 'data-status': job.status }, badge(job.status)));
+      cancel.hidden = FINISHED.has(job.status);
+      const end = job.finished_at ? Date.parse(job.finished_at) : Date.now();
+      const cb = job.callback;
+      const o = job.options || {};
+      summary.replaceChildren(
+        el('div', { class: 'card wide' },
+          el('div', { class: 'counts' },
+            el('div', { class: 'count-box' }, el('b', { id: 'count-total' }, job.total), el('span', {}, 'total')),
+            el('div', { class: 'count-box c-complete' }, el('b', { id: 'count-complete' }, job.counts.complete), el('span', {}, 'complete')),
+            el('div', { class: 'count-box c-failed' }, el('b', { id: 'count-failed' }, job.counts.failed), el('span', {}, 'failed')),
+            el('div', { class: 'count-box c-running' }, el('b', { id: 'count-running' }, job.counts.running), el('span', {}, 'running')),
+            el('div', { class: 'count-box c-pending' }, el('b', { id: 'count-pending' }, job.counts.pending), el('span', {}, 'pending'))),
+          progressBar(job, true)),
+        el('div', { class: 'card' },
+          field('Created', timeCell(job.created_at), el('span', { class: 'muted' }, ' ' + localTime(job.created_at))),
+          field('Finished', job.finished_at ? [timeCell(job.finished_at), el('span', { class: 'muted' }, ' ' + localTime(job.finished_at))] : '—'),
+          field(job.finished_at ? 'Took' : 'Running for', duration(end - Date.parse(job.created_at)))),
+        el('div', { class: 'card' },
+          field('Callback', cb.url ? el('span', { class: 'mono url', title: cb.url }, cb.url) : el('span', { class: 'muted' }, 'none')),
+          cb.url ? field('Delivery', el('span', { id: 'callback-state' }, badge(cb.state)), ` ${cb.attempts} attempt${cb.attempts === 1 ? '' : 's'}`) : null,
+          cb.last_error ? field('Last error', el('span', { class: 'error-text' }, cb.last_error)) : null),
+        el('div', { class: 'card' },
+          field('Concurrency', o.concurrency ?? 'unlimited'),
+          field('Timeout', duration(o.timeout_ms)),
+          field('Attempts', o.max_attempts ?? '—', el('span', { class: 'muted' }, ` · backoff ${duration(o.backoff_ms)}`)),
+          field('Tolerated failures', o.tolerated_failures ?? 0)));
+      renderFilter();
+    }
+
+    function renderLive() {
+      if (state.gone) live.replaceChildren();
+      else if (state.job && FINISHED.has(state.job.status)) live.replaceChildren(el('span', { class: 'dot' }), 'finished');
+      else if (state.streaming) live.replaceChildren(el('span', { class: 'dot dot-live' }), 'live');
+      else live.replaceChildren(el('span', { class: 'dot dot-poll' }), `polling every ${JOB_POLL_MS / 1000} s`);
+    }
+
+    async function loadJob() {
+      let job;
+      try {
+        job = await api('/v1/jobs/' + encodeURIComponent(id));
+        clearBanner();
+      } catch (e) {
+        if (e.status === 404) {
+          state.gone = true;
+          stopLive();
+          summary.replaceChildren(el('div', { class: 'card wide empty' }, `No job with id ${id}.`));
+          renderLive();
+          return;
+        }
+        showBanner(e);
+        return;
+      }
+      const first = !state.job;
+      state.job = job;
+      renderJob(job);
+      if (FINISHED.has(job.status)) stopLive();
+      else if (first) startStream();
+      renderLive();
+      const key = JSON.stringify([job.status, job.counts]);
+      if (key !== state.shownAt) tasks.now();
+    }
+
+    async function loadTasks() {
+      if (!state.job) return;
+      const job = state.job;
+      const shownAt = JSON.stringify([job.status, job.counts]);
+      const base = '/v1/jobs/' + encodeURIComponent(id) + '/tasks';
+      const rows = [];
+      let next = null;
+      try {
+        if (!state.filter) {
+          // One more than shown tells whether there is a next page.
+          const answer = await api(`${base}?after=${state.after}&limit=${TASKS_PAGE + 1}`);
+          rows.push(...answer.tasks.slice(0, TASKS_PAGE));
+          if (answer.tasks.length > TASKS_PAGE) next = rows[rows.length - 1].index;
+        } else if (countOf(state.filter) > 0) {
+          let after = state.after;
+          scan: for (;;) {
+            const answer = await api(`${base}?after=${after}&limit=${SCAN_PAGE}`);
+            for (const task of answer.tasks) {
+              if (task.status !== state.filter) continue;
+              if (rows.length === TASKS_PAGE) {
+                next = rows[rows.length - 1].index;
+                break scan;
+              }
+              rows.push(task);
+            }
+            if (answer.next_after === null || answer.next_after === undefined) break;
+            after = answer.next_after;
+          }
+        }
+      } catch (e) {
+        showBanner(e);
+        return;
+      }
+      state.next = next;
+      state.shownAt = shownAt;
+      renderTasks(rows);
+    }
+
+    function renderTasks(rows) {
+      if (!rows.length) {
+        tbody.replaceChildren(el('tr', {}, el('td', { colspan: 7, class: 'empty' },
+          state.filter ? `No ${state.filter.toLowerCase()} tasks.` : 'This job has no tasks.')));
+      } else {
+        tbody.replaceChildren(...rows.map((t) => el('tr', { class: 'task-row', 'data-index': t.index, 'data-status': t.status },
+          el('td', { class: 'num' }, t.index),
+          el('td', {}, badge(t.status)),
+          el('td', { class: 'num' }, t.attempts),
+          el('td', { class: 'num' }, duration(t.latency_ms)),
+          el('td', {}, el('span', { class: 'mono url', title: t.endpoint }, t.endpoint)),
+          el('td', { class: 'col-result' }, outcome(t)),
+          el('td', {}, t.finished_at ? timeCell(t.finished_at) : el('span', { class: 'muted' }, '—')))));
+      }
+      const skipped = state.previous.length * TASKS_PAGE;
+      const of = countOf(state.filter);
+      const what = state.filter ? state.filter.toLowerCase() + ' tasks' : 'tasks';
+      pageInfo.replaceChildren(rows.length ? `${what} ${skipped + 1}–${skipped + rows.length} of ${of}` : '');
+      prev.disabled = !state.previous.length;
+      next.disabled = state.next === null;
+    }
+
+    function outcome(t) {
+      if (t.error !== undefined) {
+        const e = t.error || {};
+        const head = [e.kind, e.http_status].filter((x) => x !== undefined && x !== null).join(' ');
+        return el('div', { class: 'outcome' },
+          head ? el('span', { class: 'error-kind' }, head) : null,
+          jsonCell(t.error, 'error', 'e' + t.index, expanded));
+      }
+      if (t.result !== undefined) return jsonCell(t.result, 'result', 'r' + t.index, expanded);
+      return el('span', { class: 'muted' }, '—');
+    }
+
+    // The events stream only says that something changed: the page then reads the job (and,
+    // when its counts moved, the task page). So it keeps working whatever the events carry.
+    function startStream() {
+      if (typeof EventSource !== 'function') return;
+      let url = '/v1/jobs/' + encodeURIComponent(id) + '/events';
+      // EventSource cannot send headers: the token goes in the query instead.
+      const t = token();
+      if (t) url += '?access_token=' + encodeURIComponent(t);
+      const stream = new EventSource(url);
+      state.stream = stream;
+      const changed = () => jobPoller.now();
+      stream.onopen = () => {
+        state.streaming = true;
+        renderLive();
+      };
+      stream.onmessage = changed;
+      for (const name of ['job', 'task', 'progress', 'status', 'finished', 'cancelled', 'callback']) {
+        stream.addEventListener(name, changed);
+      }
+      stream.onerror = () => {
+        // Not there (an older server), refused, or ended: read the job every second instead.
+        stream.close();
+        state.stream = null;
+        state.streaming = false;
+        renderLive();
+        jobPoller.now();
+      };
+    }
+
+    function stopLive() {
+      if (state.stream) state.stream.close();
+      state.stream = null;
+      state.streaming = false;
+    }
+
+    async function onCancel() {
+      if (!window.confirm(`Cancel job ${id}? Its tasks that have not finished will not run.`)) return;
+      cancel.disabled = true;
+      try {
+        await api('/v1/jobs/' + encodeURIComponent(id) + '/cancel', { method: 'POST' });
+        showNote('Cancel requested.', false);
+      } catch (e) {
+        if (e.status === 409) showNote(`Cannot cancel: ${e.message}`, true);
+        else if (e.status === 405) showNote('This server cannot cancel jobs (no cancel route).', true);
+        else showNote(`Cancel failed${e.status ? ' (' + e.status + ')' : ''}: ${e.message}`, true);
+      } finally {
+        cancel.disabled = false;
+        jobPoller.now();
+      }
+    }
+
+    function showNote(text, isError) {
+      note.className = 'note' + (isError ? ' note-error' : '');
+      note.replaceChildren(text);
+      note.hidden = false;
+    }
+
+    // The task table is read on demand only: when the job's counts move, or on paging.
+    const tasks = repeat(loadTasks, () => null);
+    const jobPoller = repeat(loadJob, () => {
+      if (state.gone || (state.job && FINISHED.has(state.job.status))) return null;
+      return state.streaming ? JOB_BACKSTOP_MS : JOB_POLL_MS;
+    });
+    renderLive();
+    return {
+      stop() {
+        jobPoller.stop();
+        tasks.stop();
+        stopLive();
+      },
+    };
+  }
+
+  // ---- Token and routing --------------------------------------------------------------------
+
+  const tokenInput = document.getElementById('token-input');
+  const tokenClear = document.getElementById('token-clear');
+  const tokenState = document.getElementById('token-state');
+
+  function renderToken() {
+    const set = !!token();
+    tokenInput.value = '';
+    tokenInput.placeholder = set ? 'set (hidden)' : 'optional';
+    tokenClear.hidden = !set;
+    tokenState.replaceChildren(set ? '✓' : '');
+  }
+
+  function saveToken(value) {
+    try {
+      if (value) localStorage.setItem(TOKEN_KEY, value);
+      else localStorage.removeItem(TOKEN_KEY);
+    } catch {
+      // Storage off (private mode): the token cannot be kept.
+    }
+    renderToken();
+    route(); // reopen the view, so that its stream carries the new token
+  }
+
+  document.getElementById('token-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    saveToken(tokenInput.value.trim());
+  });
+  tokenClear.addEventListener('click', () => saveToken(''));
+
+  let current = null;
+
+  function route() {
+    if (current) current.stop();
+    clearBanner();
+    const hash = location.hash.replace(/^#/, '') || '/';
+    const [path, search] = hash.split('?', 2);
+    const query = new URLSearchParams(search || '');
+    const job = path.match(/^\/jobs\/([^/]+)$/);
+    let id = null;
+    try {
+      id = job && decodeURIComponent(job[1]);
+    } catch {
+      // A malformed address: show the list.
+    }
+    current = id ? jobView(id, query) : jobsView(query);
+  }
+
+  window.addEventListener('hashchange', route);
+  renderToken();
+  route();
+})();
