@@ -5,5 +5,7 @@ mod callbacks;
 mod cli;
 mod crash;
 mod helpers;
+mod lifecycle;
+mod observe;
 mod submit;
 mod tasks;
