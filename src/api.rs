@@ -230,7 +230,7 @@ struct TaskRequest {
     /// An absolute http(s) URL, or `/v1/test` for the built-in test task.
     endpoint: String,
     /// Sent as the body of each call; `null` when absent.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     params: Option<serde_json::Value>,
 }
 
@@ -389,10 +389,10 @@ struct CallbackView {
 struct ResultEntry {
     status: TaskStatus,
     /// What the endpoint answered (Complete tasks).
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     result: Option<serde_json::Value>,
     /// Why it failed (Failed tasks).
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     error: Option<serde_json::Value>,
     /// Attempts made (Failed tasks).
     attempts: Option<u32>,
@@ -504,10 +504,10 @@ struct TaskView {
     attempts: u32,
     endpoint: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     result: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     error: Option<Box<RawValue>>,
     /// Duration of the last attempt.
     latency_ms: Option<u64>,
@@ -720,7 +720,7 @@ struct Progress {
 struct TaskFailed {
     index: u64,
     attempts: u32,
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     error: Option<Box<RawValue>>,
 }
 
@@ -794,6 +794,18 @@ impl Watch {
     }
 }
 
+/// One event of the stream as the wire carries it; `data` is the event's JSON document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+struct SseFrame {
+    /// `progress`, `task_failed` or `finished`.
+    event: String,
+    /// Failures sent so far: the `Last-Event-ID` to resume from.
+    id: String,
+    /// A `Progress`, `TaskFailed` or `JobView` document.
+    data: String,
+}
+
 fn sse(name: &str, id: u64, data: &impl Serialize) -> SseEvent {
     SseEvent::default()
         .event(name)
@@ -815,7 +827,7 @@ fn sse(name: &str, id: u64, data: &impl Serialize) -> SseEvent {
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event"),
     ),
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseFrame),
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     )
@@ -857,7 +869,7 @@ struct TestAnswer {
     /// Always `"true"`, as the seed answered.
     result: String,
     /// The request body.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     params: serde_json::Value,
 }
 
