@@ -6,5 +6,7 @@ mod cli;
 mod crash;
 mod dashboard;
 mod helpers;
+mod lifecycle;
+mod observe;
 mod submit;
 mod tasks;
