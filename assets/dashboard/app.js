@@ -9,19 +9,20 @@
 (() => {
   const JOBS_POLL_MS = 2000;
   const JOB_POLL_MS = 1000;
-  // While the events stream is open the job is still read at this slow pace, so that a lost
-  // event, or one of a kind this page does not know, delays an update rather than losing it.
+  // While the events stream is open the job is still read at this slow pace: the stream
+  // carries counts, not the callback's delivery, and a lost event then costs a delay only.
   const JOB_BACKSTOP_MS = 5000;
+  // After the job finished, how often its callback is looked at until it settles.
+  const CALLBACK_POLL_MS = 2000;
+  // Progress events come up to four times a second; the task table follows at most once.
+  const TASKS_MIN_GAP_MS = 1000;
   const JOBS_PAGE = 25;
   const TASKS_PAGE = 50;
-  // The tasks route has no status filter: a filtered view reads pages this big and keeps the
-  // matching tasks.
-  const SCAN_PAGE = 1000;
   const PREVIEW_CHARS = 100;
   const TOOLTIP_CHARS = 2000;
   const TOKEN_KEY = 'doparallel.apiToken';
   const JOB_STATUSES = ['Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
-  const TASK_STATUSES = ['Pending', 'Running', 'Complete', 'Failed'];
+  const TASK_STATUSES = ['Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
   const FINISHED = new Set(['Complete', 'Failed', 'Cancelled']);
 
   const view = document.getElementById('view');
@@ -93,8 +94,9 @@
     return el('span', { class: 'badge badge-' + String(status).toLowerCase() }, status);
   }
 
+  /** Tasks that will not change any more. */
   function done(job) {
-    return job.counts.complete + job.counts.failed;
+    return job.counts.complete + job.counts.failed + (job.counts.cancelled || 0);
   }
 
   /** A bar in three parts (complete, failed, running) over the job's total. */
@@ -109,10 +111,12 @@
       'aria-valuemax': total,
       'aria-valuenow': done(job),
       title: `${job.counts.complete} complete, ${job.counts.failed} failed, ` +
-        `${job.counts.running} running, ${job.counts.pending} pending of ${total}`,
+        `${job.counts.cancelled || 0} cancelled, ${job.counts.running} running, ` +
+        `${job.counts.pending} pending of ${total}`,
     },
     el('span', { class: 'seg seg-complete', style: { width: pct(job.counts.complete) } }),
     el('span', { class: 'seg seg-failed', style: { width: pct(job.counts.failed) } }),
+    el('span', { class: 'seg seg-cancelled', style: { width: pct(job.counts.cancelled || 0) } }),
     el('span', { class: 'seg seg-running', style: { width: pct(job.counts.running) } }));
     return withLabel ? el('div', { class: 'progress-wrap' }, bar, el('span', { class: 'pct' }, whole + '%')) : bar;
   }
@@ -289,7 +293,7 @@
           el('th', {}, 'Job'),
           el('th', {}, 'Status'),
           el('th', { class: 'col-progress' }, 'Progress'),
-          el('th', { class: 'num', title: 'Finished tasks, complete or failed' }, 'Done'),
+          el('th', { class: 'num', title: 'Finished tasks: complete, failed or cancelled' }, 'Done'),
           el('th', { class: 'num' }, 'Failed'),
           el('th', { class: 'num' }, 'Total'),
           el('th', {}, 'Callback'),
@@ -383,12 +387,15 @@
       after: 0, // tasks shown start after this index
       previous: [],
       next: null,
-      shownAt: null, // counts the table was loaded at, to reload only on change
+      shownAt: null, // the job's counts when the table was read, to read it again on change
+      tasksAt: 0, // when the table was last read
+      tasksTimer: null,
       streaming: false,
       stream: null,
       gone: false,
     };
     const expanded = new Set();
+    const base = '/v1/jobs/' + encodeURIComponent(id);
     document.title = 'Job · DoParallel';
 
     const badgeSlot = el('span');
@@ -424,7 +431,7 @@
 
     function countOf(status) {
       if (!state.job) return '';
-      return status ? state.job.counts[status.toLowerCase()] : state.job.total;
+      return status ? state.job.counts[status.toLowerCase()] ?? 0 : state.job.total;
     }
 
     function renderFilter() {
@@ -454,7 +461,12 @@
       return el('div', { class: 'field' }, el('div', { class: 'label' }, label), el('div', { class: 'value' }, value));
     }
 
-    function renderJob(job) {
+    function countBox(name, value) {
+      return el('div', { class: 'count-box c-' + name }, el('b', { id: 'count-' + name }, value), el('span', {}, name));
+    }
+
+    function renderJob() {
+      const job = state.job;
       document.title = `Job ${job.job_id.slice(0, 8)}… ${job.status} · DoParallel`;
       badgeSlot.replaceChildren(el('span', { id: 'job-status', 'data-status': job.status }, badge(job.status)));
       cancel.hidden = FINISHED.has(job.status);
@@ -464,11 +476,12 @@
       summary.replaceChildren(
         el('div', { class: 'card wide' },
           el('div', { class: 'counts' },
-            el('div', { class: 'count-box' }, el('b', { id: 'count-total' }, job.total), el('span', {}, 'total')),
-            el('div', { class: 'count-box c-complete' }, el('b', { id: 'count-complete' }, job.counts.complete), el('span', {}, 'complete')),
-            el('div', { class: 'count-box c-failed' }, el('b', { id: 'count-failed' }, job.counts.failed), el('span', {}, 'failed')),
-            el('div', { class: 'count-box c-running' }, el('b', { id: 'count-running' }, job.counts.running), el('span', {}, 'running')),
-            el('div', { class: 'count-box c-pending' }, el('b', { id: 'count-pending' }, job.counts.pending), el('span', {}, 'pending'))),
+            countBox('total', job.total),
+            countBox('complete', job.counts.complete),
+            countBox('failed', job.counts.failed),
+            job.counts.cancelled ? countBox('cancelled', job.counts.cancelled) : null,
+            countBox('running', job.counts.running),
+            countBox('pending', job.counts.pending)),
           progressBar(job, true)),
         el('div', { class: 'card' },
           field('Created', timeCell(job.created_at), el('span', { class: 'muted' }, ' ' + localTime(job.created_at))),
@@ -484,6 +497,7 @@
           field('Attempts', o.max_attempts ?? '—', el('span', { class: 'muted' }, ` · backoff ${duration(o.backoff_ms)}`)),
           field('Tolerated failures', o.tolerated_failures ?? 0)));
       renderFilter();
+      renderLive();
     }
 
     function renderLive() {
@@ -493,66 +507,59 @@
       else live.replaceChildren(el('span', { class: 'dot dot-poll' }), `polling every ${JOB_POLL_MS / 1000} s`);
     }
 
+    /** Takes in what the server says of the job, from a read, an event or the cancel answer. */
+    function update(job) {
+      const first = !state.job;
+      state.job = { ...state.job, ...job };
+      renderJob();
+      if (FINISHED.has(state.job.status)) stopStream();
+      else if (first) startStream();
+      if (JSON.stringify([state.job.status, state.job.counts]) !== state.shownAt) tasksSoon();
+    }
+
     async function loadJob() {
-      let job;
       try {
-        job = await api('/v1/jobs/' + encodeURIComponent(id));
+        update(await api(base));
         clearBanner();
       } catch (e) {
         if (e.status === 404) {
           state.gone = true;
-          stopLive();
+          stopStream();
           summary.replaceChildren(el('div', { class: 'card wide empty' }, `No job with id ${id}.`));
+          tbody.replaceChildren();
           renderLive();
-          return;
+        } else {
+          showBanner(e);
         }
-        showBanner(e);
-        return;
       }
-      const first = !state.job;
-      state.job = job;
-      renderJob(job);
-      if (FINISHED.has(job.status)) stopLive();
-      else if (first) startStream();
-      renderLive();
-      const key = JSON.stringify([job.status, job.counts]);
-      if (key !== state.shownAt) tasks.now();
+    }
+
+    /** Reads the task page again soon, at most once per TASKS_MIN_GAP_MS. */
+    function tasksSoon() {
+      if (state.tasksTimer !== null) return;
+      const wait = Math.max(0, state.tasksAt + TASKS_MIN_GAP_MS - Date.now());
+      state.tasksTimer = setTimeout(() => {
+        state.tasksTimer = null;
+        tasks.now();
+      }, wait);
     }
 
     async function loadTasks() {
       if (!state.job) return;
-      const job = state.job;
-      const shownAt = JSON.stringify([job.status, job.counts]);
-      const base = '/v1/jobs/' + encodeURIComponent(id) + '/tasks';
-      const rows = [];
-      let next = null;
+      state.tasksAt = Date.now();
+      const shownAt = JSON.stringify([state.job.status, state.job.counts]);
+      // One more than shown tells whether there is a next page.
+      const params = new URLSearchParams({ after: String(state.after), limit: String(TASKS_PAGE + 1) });
+      if (state.filter) params.set('status', state.filter);
+      let answer;
       try {
-        if (!state.filter) {
-          // One more than shown tells whether there is a next page.
-          const answer = await api(`${base}?after=${state.after}&limit=${TASKS_PAGE + 1}`);
-          rows.push(...answer.tasks.slice(0, TASKS_PAGE));
-          if (answer.tasks.length > TASKS_PAGE) next = rows[rows.length - 1].index;
-        } else if (countOf(state.filter) > 0) {
-          let after = state.after;
-          scan: for (;;) {
-            const answer = await api(`${base}?after=${after}&limit=${SCAN_PAGE}`);
-            for (const task of answer.tasks) {
-              if (task.status !== state.filter) continue;
-              if (rows.length === TASKS_PAGE) {
-                next = rows[rows.length - 1].index;
-                break scan;
-              }
-              rows.push(task);
-            }
-            if (answer.next_after === null || answer.next_after === undefined) break;
-            after = answer.next_after;
-          }
-        }
+        answer = await api(`${base}/tasks?${params}`);
       } catch (e) {
         showBanner(e);
         return;
       }
-      state.next = next;
+      const rows = answer.tasks.slice(0, TASKS_PAGE);
+      state.next = answer.tasks.length > TASKS_PAGE ? rows[rows.length - 1].index : null;
       state.shownAt = shownAt;
       renderTasks(rows);
     }
@@ -572,16 +579,15 @@
           el('td', {}, t.finished_at ? timeCell(t.finished_at) : el('span', { class: 'muted' }, '—')))));
       }
       const skipped = state.previous.length * TASKS_PAGE;
-      const of = countOf(state.filter);
       const what = state.filter ? state.filter.toLowerCase() + ' tasks' : 'tasks';
-      pageInfo.replaceChildren(rows.length ? `${what} ${skipped + 1}–${skipped + rows.length} of ${of}` : '');
+      pageInfo.replaceChildren(rows.length ? `${what} ${skipped + 1}–${skipped + rows.length} of ${countOf(state.filter)}` : '');
       prev.disabled = !state.previous.length;
       next.disabled = state.next === null;
     }
 
     function outcome(t) {
-      if (t.error !== undefined) {
-        const e = t.error || {};
+      if (t.error !== undefined && t.error !== null) {
+        const e = t.error;
         const head = [e.kind, e.http_status].filter((x) => x !== undefined && x !== null).join(' ');
         return el('div', { class: 'outcome' },
           head ? el('span', { class: 'error-kind' }, head) : null,
@@ -591,36 +597,48 @@
       return el('span', { class: 'muted' }, '—');
     }
 
-    // The events stream only says that something changed: the page then reads the job (and,
-    // when its counts moved, the task page). So it keeps working whatever the events carry.
+    // The events stream: `progress` (status and counts) while they change, `task_failed` per
+    // failure, `finished` (the job) last. A failure also moves the counts, which reread the
+    // task page, so `task_failed` needs no handling of its own here.
     function startStream() {
       if (typeof EventSource !== 'function') return;
-      let url = '/v1/jobs/' + encodeURIComponent(id) + '/events';
+      let url = base + '/events';
       // EventSource cannot send headers: the token goes in the query instead.
       const t = token();
       if (t) url += '?access_token=' + encodeURIComponent(t);
       const stream = new EventSource(url);
       state.stream = stream;
-      const changed = () => jobPoller.now();
+      const data = (event) => {
+        try {
+          return parseJson(event.data);
+        } catch {
+          return null;
+        }
+      };
       stream.onopen = () => {
         state.streaming = true;
         renderLive();
       };
-      stream.onmessage = changed;
-      for (const name of ['job', 'task', 'progress', 'status', 'finished', 'cancelled', 'callback']) {
-        stream.addEventListener(name, changed);
-      }
+      stream.addEventListener('progress', (event) => {
+        const progress = data(event);
+        if (progress) update({ status: progress.status, total: progress.total, counts: progress.counts });
+      });
+      stream.addEventListener('finished', (event) => {
+        // The stream ends here; closing first keeps EventSource from reconnecting.
+        stopStream();
+        const job = data(event);
+        if (job) update(job);
+        jobPoller.now(); // the callback's delivery comes after
+      });
       stream.onerror = () => {
-        // Not there (an older server), refused, or ended: read the job every second instead.
-        stream.close();
-        state.stream = null;
-        state.streaming = false;
+        // Refused, lost, or an older server: read the job every second instead.
+        stopStream();
         renderLive();
         jobPoller.now();
       };
     }
 
-    function stopLive() {
+    function stopStream() {
       if (state.stream) state.stream.close();
       state.stream = null;
       state.streaming = false;
@@ -630,11 +648,10 @@
       if (!window.confirm(`Cancel job ${id}? Its tasks that have not finished will not run.`)) return;
       cancel.disabled = true;
       try {
-        await api('/v1/jobs/' + encodeURIComponent(id) + '/cancel', { method: 'POST' });
-        showNote('Cancel requested.', false);
+        update(await api(base + '/cancel', { method: 'POST' }));
+        showNote('Job cancelled.', false);
       } catch (e) {
         if (e.status === 409) showNote(`Cannot cancel: ${e.message}`, true);
-        else if (e.status === 405) showNote('This server cannot cancel jobs (no cancel route).', true);
         else showNote(`Cancel failed${e.status ? ' (' + e.status + ')' : ''}: ${e.message}`, true);
       } finally {
         cancel.disabled = false;
@@ -651,7 +668,9 @@
     // The task table is read on demand only: when the job's counts move, or on paging.
     const tasks = repeat(loadTasks, () => null);
     const jobPoller = repeat(loadJob, () => {
-      if (state.gone || (state.job && FINISHED.has(state.job.status))) return null;
+      const job = state.job;
+      if (state.gone) return null;
+      if (job && FINISHED.has(job.status)) return job.callback.state === 'pending' ? CALLBACK_POLL_MS : null;
       return state.streaming ? JOB_BACKSTOP_MS : JOB_POLL_MS;
     });
     renderLive();
@@ -659,7 +678,8 @@
       stop() {
         jobPoller.stop();
         tasks.stop();
-        stopLive();
+        clearTimeout(state.tasksTimer);
+        stopStream();
       },
     };
   }
