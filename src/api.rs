@@ -289,7 +289,8 @@ async fn submit(
         ));
     }
     let idempotency = idempotency_key(&headers, &body)?;
-    let job = parse_submission(&body)?;
+    let config = &state.engine.config;
+    let job = parse_submission(&body, &config.limits, &config.egress)?;
     match state.engine.submit(&job, idempotency.as_ref()).await? {
         InsertOutcome::Inserted => {
             tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "job accepted");

@@ -9,10 +9,12 @@
 pub mod api;
 pub mod callback;
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod job;
 pub mod metrics;
 pub mod store;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;

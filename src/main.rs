@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use doparallel::config::{Cli, Command, LogFormat, RunArgs, ServeArgs};
+use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
 use doparallel::{ServeOptions, store};
 use tracing_subscriber::EnvFilter;
@@ -58,9 +59,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let options = ServeOptions {
-        engine: args
-            .engine
-            .to_config(&args.callback_retry_schedule, Some(args.retention)),
+        engine: args.engine.to_config(
+            &args.callback_retry_schedule,
+            Some(args.retention),
+            EgressPolicy::guarded(args.allow_net.clone()),
+        ),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
     };
@@ -80,7 +83,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot read job file {}", args.job.display()))?;
         (args.job.display().to_string(), body)
     };
-    let job = parse_submission(&body).with_context(|| format!("{name} is not a valid job"))?;
+
+    let egress = if args.deny_private {
+        EgressPolicy::guarded(args.allow_net.clone())
+    } else {
+        EgressPolicy::open()
+    };
+    let config = args
+        .engine
+        .to_config(&args.callback_retry_schedule, None, egress);
+    let job = parse_submission(&body, &config.limits, &config.egress)
+        .with_context(|| format!("{name} is not a valid job"))?;
 
     // Without --database the job runs on a fresh database that goes away with the process.
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
@@ -89,7 +102,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("sqlite://{}", scratch.path().join("run.db").display()),
     };
     let store = store::open(&url).await?;
-    let config = args.engine.to_config(&args.callback_retry_schedule, None);
     let outcome = doparallel::run_job(Arc::clone(&store), config, job).await?;
 
     let mut stdout = std::io::stdout().lock();

@@ -64,6 +64,13 @@ pub fn engine_config() -> EngineConfig {
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),
         retention: None,
+        // The tests' endpoints and receivers listen on loopback.
+        egress: std::sync::Arc::new(doparallel::egress::EgressPolicy::guarded(vec![
+            "127.0.0.0/8".parse().unwrap(),
+        ])),
+        signer: Default::default(),
+        limits: doparallel::job::Limits::defaults(),
+        max_callback_bytes: 10 * 1024 * 1024,
     }
 }
 
@@ -447,6 +454,7 @@ impl ServerProcess {
             .arg("--database")
             .arg(format!("sqlite://{}", db.display()))
             .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
+            .args(["--allow-net", "127.0.0.0/8"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
