@@ -52,6 +52,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one job in-process (no server), print its final document, exit 0 if Complete.
     Run(RunArgs),
+    /// Print a new webhook signing secret (for --webhook-secret).
+    Secret,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +94,25 @@ pub struct ServeArgs {
         value_name = "CIDR"
     )]
     pub allow_net: Vec<IpNet>,
+
+    /// API token that clients must send (`Authorization: Bearer TOKEN`). Repeatable, or
+    /// comma-separated in the environment; each token sees only the jobs it created.
+    #[arg(
+        long = "api-token",
+        env = "DOPARALLEL_API_TOKENS",
+        value_delimiter = ',',
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Vec<Secret>,
+
+    /// File of API tokens, one per line (blank lines and lines starting with # are skipped).
+    #[arg(long, env = "DOPARALLEL_API_TOKEN_FILE", value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without any API token.
+    #[arg(long, env = "DOPARALLEL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 
     /// How long finished jobs are kept before they are purged (units ms, s, m, h, d).
     #[arg(long, env = "DOPARALLEL_RETENTION", default_value = "7d", value_parser = parse_duration)]
@@ -232,6 +253,29 @@ pub struct EngineConfig {
     pub max_callback_bytes: usize,
 }
 
+/// A secret given on the command line or in the environment: its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// A comma-separated list of durations such as `5s,5m,30m,2h` (an empty string is no
 /// retry at all).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -304,6 +348,25 @@ mod tests {
         check("5", Err("entry 1: \"5\" has no unit"));
         check("1s,5x", Err("entry 2: \"5x\" has unknown unit"));
         check("s", Err("does not start with a whole number"));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let cli = Cli::try_parse_from([
+            "doparallel",
+            "serve",
+            "--api-token",
+            "token-that-must-not-show",
+            "--webhook-secret",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("token-that-must-not-show"), "{shown}");
+        assert!(
+            !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            "{shown}"
+        );
     }
 
     #[test]

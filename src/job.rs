@@ -278,6 +278,8 @@ fn json_depth(body: &[u8]) -> usize {
 #[derive(Debug)]
 pub struct NewJob {
     pub id: JobId,
+    /// Who submitted it (see `auth::Owner`); set by the API after parsing.
+    pub owner: Option<String>,
     pub callback: Option<Url>,
     pub options: JobOptions,
     pub tasks: Vec<NewTask>,
@@ -403,6 +405,7 @@ pub fn parse_submission(
 
     Ok(NewJob {
         id: JobId::generate(),
+        owner: None,
         callback,
         options,
         tasks,

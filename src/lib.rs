@@ -7,6 +7,7 @@
 //! wires these together through [`serve`] and [`run_job`]. ARCHITECTURE.md has the map.
 
 pub mod api;
+pub mod auth;
 pub mod callback;
 pub mod config;
 pub mod egress;
@@ -34,6 +35,8 @@ pub struct ServeOptions {
     pub engine: EngineConfig,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
+    /// Empty: no authentication.
+    pub tokens: auth::ApiTokens,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +59,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let handle = engine::start(store, options.engine).await?;
-    let app = api::router(handle.engine.clone(), options.max_body_bytes);
+    let app = api::router(
+        handle.engine.clone(),
+        Arc::new(options.tokens),
+        options.max_body_bytes,
+    );
     tracing::info!("listening on {}", listener.local_addr()?);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use doparallel::auth::ApiTokens;
 use doparallel::config::{Cli, Command, LogFormat, RunArgs, ServeArgs};
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
+use doparallel::webhook::WebhookSecret;
 use doparallel::{ServeOptions, store};
 use tracing_subscriber::EnvFilter;
 
@@ -19,7 +21,7 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         // `run` prints its document on stdout; only trouble goes to stderr.
-        Command::Run(_) => "warn",
+        Command::Run(_) | Command::Secret => "warn",
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -42,6 +44,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Run(args) => run(args).await,
+            Command::Secret => {
+                println!("{}", WebhookSecret::generate());
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
@@ -54,6 +60,14 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let tokens = api_tokens(&args)?;
+    if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+        anyhow::bail!(
+            "refusing to listen on {} without an API token: set --api-token (or \
+             DOPARALLEL_API_TOKENS), or pass --insecure-no-auth to serve anyone who can reach it",
+            args.listen
+        );
+    }
     let store = store::open(&args.database).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -66,9 +80,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
+        tokens,
     };
     doparallel::serve(listener, store, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The tokens of --api-token and --api-token-file together.
+fn api_tokens(args: &ServeArgs) -> anyhow::Result<ApiTokens> {
+    let file_text = match &args.api_token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read API token file {}", path.display()))?,
+        None => String::new(),
+    };
+    let from_file = file_text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'));
+    let given = args.api_token.iter().map(|t| t.expose());
+    ApiTokens::new(given.chain(from_file)).map_err(anyhow::Error::msg)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

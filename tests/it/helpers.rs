@@ -192,6 +192,7 @@ pub async fn spawn_app_with(config: EngineConfig) -> TestApp {
         engine: config,
         shutdown_grace: Duration::from_secs(5),
         max_body_bytes: 4 * 1024 * 1024,
+        tokens: Default::default(),
     };
     tokio::spawn(async move {
         doparallel::serve(listener, store, options, async {
