@@ -7,13 +7,14 @@
 //! `webhook-id`, which is what a receiver deduplicates on.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use reqwest::header::CONTENT_TYPE;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use url::Url;
 
 use crate::engine::call::error_chain;
 use crate::engine::{Engine, Event, IDLE_POLL};
@@ -22,6 +23,7 @@ use crate::store::{
     CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, TaskPageQuery,
     now_millis, webhook_id,
 };
+use crate::webhook::timestamp_now;
 
 /// Tasks read from the store per page while a document is built.
 const PAGE: u32 = 1000;
@@ -106,10 +108,8 @@ pub async fn document(store: &dyn Store, job: &JobRecord) -> StoreResult<Vec<u8>
 
 /// Sends due callbacks until `stop`; then waits for the deliveries under way.
 pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
-    let client = match reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
+    let client = match crate::engine::http_client(&engine.config)
         .timeout(engine.config.callback_timeout)
-        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
         .build()
     {
         Ok(c) => c,
@@ -176,18 +176,25 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
         }
     };
     let attempts = due.attempts + 1;
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let sent = client
+    let blocked = Url::parse(&due.url)
+        .map_err(|e| format!("invalid callback URL: {e}"))
+        .and_then(|url| engine.config.egress.check_url(&url));
+    if let Err(why) = blocked {
+        let outcome = CallbackOutcome::GaveUp { error: why };
+        record(&engine, due.job_id, attempts, outcome).await;
+        return;
+    }
+    let id = webhook_id(due.job_id);
+    let timestamp = timestamp_now();
+    let mut request = client
         .post(&due.url)
         .header(CONTENT_TYPE, "application/json")
-        .header("webhook-id", webhook_id(due.job_id))
-        .header("webhook-timestamp", timestamp.to_string())
-        .body(body)
-        .send()
-        .await;
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(signature) = engine.config.signer.signature(&id, timestamp, &body) {
+        request = request.header("webhook-signature", signature);
+    }
+    let sent = request.body(body).send().await;
     let error = match sent {
         Ok(response) if response.status().is_success() => None,
         Ok(response) if response.status() == reqwest::StatusCode::GONE => {
@@ -198,6 +205,13 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
         Ok(response) => Some(format!("receiver answered {}", response.status())),
+        Err(e) if crate::egress::is_blocked(&e) => {
+            let outcome = CallbackOutcome::GaveUp {
+                error: error_chain(&e),
+            };
+            record(&engine, due.job_id, attempts, outcome).await;
+            return;
+        }
         Err(e) => Some(error_chain(&e)),
     };
     let outcome = match error {

@@ -7,13 +7,16 @@
 //! wires these together through [`serve`] and [`run_job`]. ARCHITECTURE.md has the map.
 
 pub mod api;
+pub mod auth;
 pub mod callback;
 pub mod config;
 pub mod dashboard;
+pub mod egress;
 pub mod engine;
 pub mod job;
 pub mod metrics;
 pub mod store;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +36,8 @@ pub struct ServeOptions {
     pub engine: EngineConfig,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
+    /// Empty: no authentication.
+    pub tokens: auth::ApiTokens,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +60,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let handle = engine::start(store, options.engine).await?;
-    let app = api::router(handle.engine.clone(), options.max_body_bytes);
+    let app = api::router(
+        handle.engine.clone(),
+        Arc::new(options.tokens),
+        options.max_body_bytes,
+    );
     tracing::info!("listening on {}", listener.local_addr()?);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -64,6 +64,13 @@ pub fn engine_config() -> EngineConfig {
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),
         retention: None,
+        // The tests' endpoints and receivers listen on loopback.
+        egress: std::sync::Arc::new(doparallel::egress::EgressPolicy::guarded(vec![
+            "127.0.0.0/8".parse().unwrap(),
+        ])),
+        signer: Default::default(),
+        limits: doparallel::job::Limits::defaults(),
+        max_callback_bytes: 10 * 1024 * 1024,
     }
 }
 
@@ -185,6 +192,7 @@ pub async fn spawn_app_with(config: EngineConfig) -> TestApp {
         engine: config,
         shutdown_grace: Duration::from_secs(5),
         max_body_bytes: 4 * 1024 * 1024,
+        tokens: Default::default(),
     };
     tokio::spawn(async move {
         doparallel::serve(listener, store, options, async {
@@ -447,6 +455,7 @@ impl ServerProcess {
             .arg("--database")
             .arg(format!("sqlite://{}", db.display()))
             .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
+            .args(["--allow-net", "127.0.0.0/8"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
