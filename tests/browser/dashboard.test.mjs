@@ -40,23 +40,34 @@ let context;
 let page;
 /** Uncaught errors in the page and Content-Security-Policy refusals, for the last check. */
 const pageProblems = [];
+/** The server of the token case, which needs this token. */
+let guarded;
+const TOKEN = 'dashboard-test-token-0123456789';
 
 // ---- The server under test ----------------------------------------------------------------
 
 /**
  * Starts `doparallel serve` on port 0 with a fresh database and waits for the line that says
- * where it listens. Its stderr is kept (the last lines) to explain a failure.
+ * where it listens. Its stderr is kept (the last lines) to explain a failure. `extra` are more
+ * options (an API token).
  */
-function startServer() {
+function startServer(name, extra = []) {
   const args = [
     'serve',
     '--listen', '127.0.0.1:0',
-    '--database', `sqlite://${path.join(tmp, 'db')}`,
+    '--database', `sqlite://${path.join(tmp, name + '.db')}`,
     '--shutdown-grace', '1',
+    // The task endpoint and the callback receiver of these tests are on loopback, which the
+    // outbound address guard denies by default.
+    '--allow-net', '127.0.0.1/32',
+    ...extra,
   ];
+  // Only the options above: a DOPARALLEL_* variable of the caller's (a token, a listen
+  // address) must not change the server under test.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('DOPARALLEL_')));
   const child = spawn(BINARY, args, {
     stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, RUST_LOG: 'info' },
+    env: { ...env, RUST_LOG: 'info' },
   });
   const log = [];
   let pending = '';
@@ -102,12 +113,10 @@ async function stopServer(s) {
   clearTimeout(timer);
 }
 
-async function submit(job) {
-  const response = await fetch(`${server.base}/v1/job`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(job),
-  });
+async function submit(job, to = server, token = null) {
+  const headers = { 'content-type': 'application/json' };
+  if (token) headers.authorization = `Bearer ${token}`;
+  const response = await fetch(`${to.base}/v1/job`, { method: 'POST', headers, body: JSON.stringify(job) });
   const body = await response.json();
   assert.equal(response.status, 202, `job refused: ${JSON.stringify(body)}`);
   return body.job_id;
@@ -166,7 +175,7 @@ function startEndpoint() {
 
 before(async () => {
   fs.mkdirSync(TARGET, { recursive: true });
-  server = await startServer();
+  server = await startServer('open');
   endpoint = await startEndpoint();
   // A persistent context is how playwright takes a profile directory of our choosing.
   context = await chromium.launchPersistentContext(path.join(tmp, 'profile'), {
@@ -188,6 +197,7 @@ before(async () => {
 after(async () => {
   await context?.close().catch(() => {});
   await stopServer(server);
+  await stopServer(guarded);
   if (endpoint) {
     endpoint.server.closeAllConnections();
     await new Promise((resolve) => endpoint.server.close(resolve));
@@ -298,25 +308,33 @@ test('Cancel on the live page of a running job makes it Cancelled', { timeout: 1
   await page.screenshot({ path: path.join(TARGET, 'dashboard-cancelled.png') });
 });
 
-test('an API token is kept and sent as a Bearer header', { timeout: 60_000 }, async () => {
-  await page.goto(`${server.base}/#/`);
-  await page.locator('#jobs-table tr.job-row').first().waitFor();
-  await page.locator('#token-input').fill('s3cret token');
+test('with a server that needs a token, the page asks for it, then sends it, live stream included', { timeout: 60_000 }, async () => {
+  guarded = await startServer('guarded', ['--api-token', TOKEN]);
+  const id = await submit({ tasks: [{ endpoint: `${endpoint.base}/work?delay_ms=3000` }] }, guarded, TOKEN);
+  // No token yet: the server's 401 is shown, with where to set one. (The server also offers
+  // Basic authentication, which a person's browser would prompt for; playwright declines it.)
+  await page.goto(`${guarded.base}/`);
+  await page.locator('#banner', { hasText: /401.*Set an API token/ }).waitFor();
+
+  await page.locator('#token-input').fill(TOKEN);
   const request = page.waitForRequest((r) => r.url().includes('/v1/jobs?'));
   await page.locator('#token-save').click();
-  assert.equal((await (await request).allHeaders()).authorization, 'Bearer s3cret token');
-  assert.equal(await page.evaluate(() => localStorage.getItem('doparallel.apiToken')), 's3cret token');
+  assert.equal((await (await request).allHeaders()).authorization, `Bearer ${TOKEN}`);
+  await page.locator(`tr.job-row[data-job-id="${id}"]`).waitFor();
+  assert.equal(await page.locator('#banner').isVisible(), false);
+  assert.equal(await page.evaluate(() => localStorage.getItem('doparallel.apiToken')), TOKEN);
 
-  // EventSource cannot send headers: the stream of a running job gets the token in its query.
-  const id = await submit({ tasks: [{ endpoint: `${endpoint.base}/work?delay_ms=2000` }] });
+  // EventSource cannot send headers: the job's stream gets the token in its query, and the
+  // server lets it in (the page says "live" only once the stream is open).
   const stream = page.waitForRequest((r) => r.url().includes(`/v1/jobs/${id}/events`));
-  await page.goto(`${server.base}/#/jobs/${id}`);
-  assert.equal(new URL((await stream).url()).searchParams.get('access_token'), 's3cret token');
+  await page.locator(`tr.job-row[data-job-id="${id}"] a`).click();
+  assert.equal(new URL((await stream).url()).searchParams.get('access_token'), TOKEN);
+  await page.locator('#job-live', { hasText: 'live' }).waitFor();
+  await page.locator('#job-status[data-status="Complete"]').waitFor();
 
   await page.locator('#token-clear').click();
-  const plain = await page.waitForRequest((r) => r.url().includes(`/v1/jobs/${id}`));
-  assert.equal((await plain.allHeaders()).authorization, undefined);
-  await page.locator('#job-status[data-status="Complete"]').waitFor();
+  await page.locator('#banner', { hasText: /401/ }).waitFor();
+  assert.equal(await page.evaluate(() => localStorage.getItem('doparallel.apiToken')), null);
 });
 
 test('the page raised no error and the Content-Security-Policy refused nothing', () => {
