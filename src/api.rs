@@ -472,7 +472,7 @@ async fn find_job(store: &dyn Store, id: JobId, owner: &Owner) -> Result<JobReco
 async fn job_view(store: &dyn Store, job: JobRecord) -> Result<JobView, ApiError> {
     let result = if job.status.is_finished() {
         let mut map = Vec::new();
-        callback::write_result_map(store, job.id, &mut map).await?;
+        callback::write_result_map(store, job.id, &mut map, usize::MAX).await?;
         let text = String::from_utf8(map).map_err(|e| StoreError::Other(e.to_string()))?;
         Some(RawValue::from_string(text).map_err(|e| StoreError::Other(e.to_string()))?)
     } else {

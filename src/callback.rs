@@ -44,7 +44,13 @@ struct Entry<'a> {
 }
 
 /// Appends the result map of a job, `{"1":{...},"2":{...}}`, reading its tasks page by page.
-pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) -> StoreResult<()> {
+/// Stops and returns `false` as soon as `out` grows past `max_bytes`.
+pub async fn write_result_map(
+    store: &dyn Store,
+    job: JobId,
+    out: &mut Vec<u8>,
+    max_bytes: usize,
+) -> StoreResult<bool> {
     out.push(b'{');
     let mut after = 0;
     loop {
@@ -75,35 +81,50 @@ pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) 
             out.extend_from_slice(b"\":");
             serde_json::to_writer(&mut *out, &entry).expect("writing to a Vec cannot fail");
         }
+        if out.len() > max_bytes {
+            return Ok(false);
+        }
         match page.last() {
             Some(last) if page.len() == PAGE as usize => after = last.index,
             _ => break,
         }
     }
     out.push(b'}');
-    Ok(())
+    Ok(out.len() <= max_bytes)
 }
 
 /// The callback body of a finished job:
-/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`.
-pub async fn document(store: &dyn Store, job: &JobRecord) -> StoreResult<Vec<u8>> {
+/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`. When that would be larger
+/// than `max_bytes`, the document goes without `result` and with `result_url`, the
+/// paginated tasks route, so that a receiver is never sent more than it can take.
+pub async fn document(
+    store: &dyn Store,
+    job: &JobRecord,
+    max_bytes: usize,
+) -> StoreResult<Vec<u8>> {
     #[derive(Serialize)]
     struct Head<'a> {
         job_id: JobId,
         status: &'a str,
         msg: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result_url: Option<String>,
     }
-    let head = Head {
+    let mut head = Head {
         job_id: job.id,
         status: job.status.as_str(),
         msg: "Job Finished",
+        result_url: None,
     };
     let mut out = serde_json::to_vec(&head).expect("the head serializes");
     out.pop(); // the closing brace: the result map follows
     out.extend_from_slice(b",\"result\":");
-    write_result_map(store, job.id, &mut out).await?;
-    out.push(b'}');
-    Ok(out)
+    if write_result_map(store, job.id, &mut out, max_bytes.saturating_sub(1)).await? {
+        out.push(b'}');
+        return Ok(out);
+    }
+    head.result_url = Some(format!("/v1/jobs/{}/tasks", job.id));
+    Ok(serde_json::to_vec(&head).expect("the head serializes"))
 }
 
 /// Sends due callbacks until `stop`; then waits for the deliveries under way.
@@ -168,7 +189,7 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
     };
-    let body = match document(store, &job).await {
+    let body = match document(store, &job, engine.config.max_callback_bytes).await {
         Ok(body) => body,
         Err(e) => {
             tracing::error!(job_id = %due.job_id, error = %e, "cannot build callback body; tried again later");

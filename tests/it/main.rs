@@ -8,5 +8,6 @@ mod dashboard;
 mod helpers;
 mod lifecycle;
 mod observe;
+mod security;
 mod submit;
 mod tasks;
