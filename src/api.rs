@@ -69,7 +69,8 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         .route("/v1/test", post(test_task))
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))
-        // The page itself holds no data: it asks for a token before reading any.
+        // The dashboard's files are the same for everyone and hold no data; the page reads
+        // the guarded routes with the token it is given (or the browser's Basic prompt).
         .merge(crate::dashboard::router());
     guarded
         .merge(open)

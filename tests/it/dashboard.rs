@@ -1,7 +1,7 @@
 //! The dashboard through the real server: the page and its assets are served beside the API,
 //! whose answer for an unknown route stays its JSON 404.
 
-use crate::helpers::spawn_app;
+use crate::helpers::{engine_config, spawn_app, spawn_app_full};
 
 #[tokio::test]
 async fn the_page_and_its_assets_are_served_beside_the_api() {
@@ -27,4 +27,18 @@ async fn the_page_and_its_assets_are_served_beside_the_api() {
     assert_eq!(body["msg"], "no such route");
     let (status, _) = app.get("/assets/no-such-file.js").await;
     assert_eq!(status, 404);
+}
+
+/// With tokens, the page's files stay open (the same for everyone, no data) so that a browser
+/// can show the page and ask for a token; the data it reads is guarded.
+#[tokio::test]
+async fn with_tokens_the_page_is_open_and_its_data_guarded() {
+    let tokens = doparallel::auth::ApiTokens::new(["dashboard-token-0123456789"]).unwrap();
+    let app = spawn_app_full(engine_config(), tokens, 1024 * 1024).await;
+    for path in ["/", "/assets/app.js"] {
+        let (status, _) = app.get(path).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    let (status, _) = app.get("/v1/jobs").await;
+    assert_eq!(status, 401);
 }
