@@ -11,6 +11,7 @@ pub mod callback;
 pub mod config;
 pub mod engine;
 pub mod job;
+pub mod progress;
 pub mod store;
 
 use std::future::Future;

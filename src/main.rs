@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use doparallel::config::{Cli, Command, RunArgs, ServeArgs};
 use doparallel::job::{JobStatus, parse_submission};
-use doparallel::{ServeOptions, store};
+use doparallel::{ServeOptions, progress, store};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -86,7 +86,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let store = store::open(&url).await?;
     let config = args.engine.to_config(&args.callback_retry_schedule);
-    let outcome = doparallel::run_job(Arc::clone(&store), config, job).await?;
+    let watch = progress::watch_store(Arc::clone(&store), job.id);
+    let outcome = doparallel::run_job(Arc::clone(&store), config, job).await;
+    watch.stop().await;
+    let outcome = outcome?;
 
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(&outcome.document)?;
