@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod callback;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod job;

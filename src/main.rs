@@ -10,15 +10,15 @@ use anyhow::Context;
 use clap::Parser;
 use doparallel::config::{Cli, Command, RunArgs, ServeArgs};
 use doparallel::job::{JobStatus, parse_submission};
-use doparallel::{ServeOptions, progress, store};
+use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        // `run` prints its document on stdout; only trouble goes to stderr.
-        Command::Run(_) => "warn",
+        // The other commands print their answer on stdout; only trouble goes to stderr.
+        _ => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -39,6 +39,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Run(args) => run(args).await,
+            Command::Submit(args) => client_command(client::submit(args).await),
+            Command::Status(args) => client_command(client::status(args).await),
+            Command::Tasks(args) => client_command(client::tasks(args).await),
+            Command::Jobs(args) => client_command(client::jobs(args).await),
+            Command::Cancel(args) => client_command(client::cancel(args).await),
         }
     });
     match result {
@@ -102,6 +107,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         JobStatus::Complete => ExitCode::SUCCESS,
         _ => ExitCode::from(1),
     })
+}
+
+/// A client command's exit code, or its error (printed by `main` as one line, exit 2).
+fn client_command(result: Result<u8, client::ClientError>) -> anyhow::Result<ExitCode> {
+    Ok(ExitCode::from(result?))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
