@@ -1,31 +1,50 @@
-//! The HTTP API: the seed's routes (`POST /v1/job`, `POST /v1/test`) and the ones that read
-//! a job back.
+//! The HTTP API: the seed's routes (`POST /v1/job`, `POST /v1/test`), the routes that read,
+//! cancel and delete jobs, the events stream, `/metrics` and `/openapi.json`.
 //!
 //! Handlers validate, call the engine or the store, and shape JSON; they hold no state of
-//! their own. Every error leaves as `{"status":"Error","msg":...}` through [`ApiError`].
+//! their own. Every error leaves as `{"status":"Error","msg":...}` through [`ApiError`]. The
+//! OpenAPI document is generated from the `#[utoipa::path]` annotations on the handlers and
+//! the `ToSchema` types below, so it cannot drift from the code.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures_util::Stream;
+use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::callback;
 use crate::engine::Engine;
-use crate::job::{CallbackState, JobId, JobStatus, SubmissionError, parse_submission};
-use crate::store::{JobListQuery, JobRecord, Millis, StoreError, TaskRecord};
+use crate::job::{
+    CallbackState, JobId, JobOptions, JobStatus, SubmissionError, TaskStatus, parse_submission,
+};
+use crate::store::{
+    CancelOutcome, DeleteOutcome, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis,
+    Store, StoreError, TaskPageQuery, TaskRecord,
+};
 
 /// Most tasks or jobs one page returns.
 const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
+
+/// How often the events stream looks at its job.
+const EVENTS_EVERY: Duration = Duration::from_millis(250);
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 #[derive(Clone)]
 struct AppState {
@@ -36,20 +55,59 @@ struct AppState {
 pub fn router(engine: Arc<Engine>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/job", post(submit))
-        .route("/v1/jobs", post(submit).get(list_jobs))
-        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs", post(submit_alias).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/test", post(test_task))
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(AppState { engine })
 }
 
+/// The OpenAPI 3.1 document of every route.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "DoParallel",
+        description = "Fan-out/fan-in job runner: calls every task's endpoint in parallel, \
+                       stores each result durably, and POSTs the collected results to the \
+                       job's callback."
+    ),
+    paths(
+        submit,
+        submit_alias,
+        list_jobs,
+        get_job,
+        delete_job,
+        list_tasks,
+        cancel_job,
+        job_events,
+        test_task,
+        health,
+        metrics,
+        openapi
+    )
+)]
+pub struct ApiDoc;
+
 /// An error response: a status and a message that says what was wrong and where.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
+    msg: String,
+}
+
+/// Every error's body.
+#[derive(Serialize, ToSchema)]
+struct ErrorBody {
+    /// Always `Error`.
+    status: String,
+    /// What was wrong, and where (field, task position).
     msg: String,
 }
 
@@ -60,15 +118,19 @@ impl ApiError {
             msg: msg.into(),
         }
     }
+
+    fn no_job(id: impl std::fmt::Display) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no job with id {id}"))
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"status": "Error", "msg": self.msg})),
-        )
-            .into_response()
+        let body = ErrorBody {
+            status: "Error".into(),
+            msg: self.msg,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -117,6 +179,13 @@ fn body_error(e: BytesRejection) -> ApiError {
     }
 }
 
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        format!("invalid query string: {}", e.body_text()),
+    )
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
@@ -131,6 +200,82 @@ fn is_json(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+fn parse_job_id(text: &str) -> Result<JobId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::no_job(format!("{text:?}")))
+}
+
+fn rfc3339(millis: Millis) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+// ---- Submission ---------------------------------------------------------------------------
+
+/// The body of `POST /v1/job`, as documented; `job::parse_submission` is what reads it.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // a schema only
+struct JobRequest {
+    /// Where the final document is POSTed (an absolute http(s) URL); optional.
+    callback: Option<String>,
+    tasks: Vec<TaskRequest>,
+    options: Option<JobOptions>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // a schema only
+struct TaskRequest {
+    /// An absolute http(s) URL, or `/v1/test` for the built-in test task.
+    endpoint: String,
+    /// Sent as the body of each call; `null` when absent.
+    #[schema(value_type = serde_json::Value)]
+    params: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct SubmitAnswer {
+    /// Always `Success`.
+    status: &'static str,
+    /// Always `Job Executed` (the seed's wording).
+    msg: &'static str,
+    job_id: JobId,
+    status_url: String,
+}
+
+impl SubmitAnswer {
+    fn new(job_id: JobId) -> Self {
+        SubmitAnswer {
+            status: "Success",
+            msg: "Job Executed",
+            job_id,
+            status_url: format!("/v1/jobs/{job_id}"),
+        }
+    }
+}
+
+/// Submit a job.
+///
+/// The job and all its tasks are stored in one transaction before the answer. With an
+/// `Idempotency-Key` used before with the same body, the first job is answered (200) and
+/// nothing new is stored; with another body, 409.
+#[utoipa::path(
+    post, path = "/v1/job", tag = "jobs",
+    request_body(content = JobRequest, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submission safe")),
+    responses(
+        (status = 202, description = "Accepted", body = SubmitAnswer,
+         headers(("Location" = String, description = "The job's status URL"))),
+        (status = 200, description = "The job this Idempotency-Key created before", body = SubmitAnswer),
+        (status = 400, description = "Malformed JSON or bad header", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Not a valid job", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -143,61 +288,141 @@ async fn submit(
             "expected a JSON body with Content-Type: application/json",
         ));
     }
+    let idempotency = idempotency_key(&headers, &body)?;
     let job = parse_submission(&body)?;
-    state.engine.submit(&job).await?;
-    tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "job accepted");
-    let status_url = format!("/v1/jobs/{}", job.id);
-    Ok((
-        StatusCode::ACCEPTED,
-        [(LOCATION, status_url.clone())],
-        Json(json!({
-            "status": "Success",
-            "msg": "Job Executed",
-            "job_id": job.id,
-            "status_url": status_url,
-        })),
+    match state.engine.submit(&job, idempotency.as_ref()).await? {
+        InsertOutcome::Inserted => {
+            tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "job accepted");
+            let answer = SubmitAnswer::new(job.id);
+            Ok((
+                StatusCode::ACCEPTED,
+                [(LOCATION, answer.status_url.clone())],
+                Json(answer),
+            )
+                .into_response())
+        }
+        InsertOutcome::Existing {
+            job_id,
+            same_request: true,
+        } => Ok((StatusCode::OK, Json(SubmitAnswer::new(job_id))).into_response()),
+        InsertOutcome::Existing { job_id, .. } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "Idempotency-Key was already used for job {job_id} with another body; \
+                 use a new key for a new job"
+            ),
+        )),
+    }
+}
+
+/// Submit a job (the plural alias of `POST /v1/job`).
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body(content = JobRequest, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submission safe")),
+    responses(
+        (status = 202, description = "Accepted", body = SubmitAnswer,
+         headers(("Location" = String, description = "The job's status URL"))),
+        (status = 200, description = "The job this Idempotency-Key created before", body = SubmitAnswer),
+        (status = 400, description = "Malformed JSON or bad header", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Not a valid job", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
     )
-        .into_response())
+)]
+async fn submit_alias(
+    state: State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    submit(state, headers, body).await
 }
 
-fn parse_job_id(text: &str) -> Result<JobId, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no job with id {text:?}")))
+/// The `Idempotency-Key` header with a digest of the body it came with.
+fn idempotency_key(headers: &HeaderMap, body: &[u8]) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                ),
+            )
+        })?;
+    Ok(Some(IdempotencyKey {
+        key: key.to_string(),
+        request_hash: format!("{:x}", Sha256::digest(body)),
+    }))
 }
 
-fn rfc3339(millis: Millis) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
-}
+// ---- Reading jobs -------------------------------------------------------------------------
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema, PartialEq, Eq, Clone)]
 struct Counts {
     pending: u64,
     running: u64,
     complete: u64,
     failed: u64,
+    cancelled: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CallbackView {
     url: Option<String>,
     state: CallbackState,
+    /// Delivery attempts made so far.
     attempts: u32,
     last_error: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One entry of a finished job's result map.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+struct ResultEntry {
+    status: TaskStatus,
+    /// What the endpoint answered (Complete tasks).
+    #[schema(value_type = serde_json::Value)]
+    result: Option<serde_json::Value>,
+    /// Why it failed (Failed tasks).
+    #[schema(value_type = serde_json::Value)]
+    error: Option<serde_json::Value>,
+    /// Attempts made (Failed tasks).
+    attempts: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
 struct JobView {
     job_id: JobId,
     status: JobStatus,
     total: u64,
     counts: Counts,
+    /// RFC 3339.
     created_at: String,
     finished_at: Option<String>,
     callback: CallbackView,
-    options: crate::job::JobOptions,
+    options: JobOptions,
+    /// Once finished: the callback's result map, keyed by 1-based task position.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<std::collections::HashMap<String, ResultEntry>>)]
     result: Option<Box<RawValue>>,
+}
+
+fn counts(job: &JobRecord) -> Counts {
+    Counts {
+        pending: job.pending(),
+        running: job.running,
+        complete: job.complete,
+        failed: job.failed,
+        cancelled: job.cancelled,
+    }
 }
 
 impl JobView {
@@ -206,12 +431,7 @@ impl JobView {
             job_id: job.id,
             status: job.status,
             total: job.total,
-            counts: Counts {
-                pending: job.pending(),
-                running: job.running,
-                complete: job.complete,
-                failed: job.failed,
-            },
+            counts: counts(&job),
             created_at: rfc3339(job.created_at),
             finished_at: job.finished_at.map(rfc3339),
             callback: CallbackView {
@@ -226,45 +446,70 @@ impl JobView {
     }
 }
 
-async fn get_job(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_job_id(&id)?;
-    let store = state.engine.store().as_ref();
-    let job = store
-        .job_get(id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job with id {id}")))?;
+async fn find_job(store: &dyn Store, id: JobId) -> Result<JobRecord, ApiError> {
+    store.job_get(id).await?.ok_or_else(|| ApiError::no_job(id))
+}
+
+/// A job with its result map once finished.
+async fn job_view(store: &dyn Store, job: JobRecord) -> Result<JobView, ApiError> {
     let result = if job.status.is_finished() {
         let mut map = Vec::new();
-        callback::write_result_map(store, id, &mut map).await?;
+        callback::write_result_map(store, job.id, &mut map).await?;
         let text = String::from_utf8(map).map_err(|e| StoreError::Other(e.to_string()))?;
         Some(RawValue::from_string(text).map_err(|e| StoreError::Other(e.to_string()))?)
     } else {
         None
     };
-    Ok(Json(JobView::new(job, result)).into_response())
+    Ok(JobView::new(job, result))
 }
 
-#[derive(Deserialize)]
+/// A job: its status, counts, callback state and, once finished, its results.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = parse_job_id(&id)?;
+    let store = state.engine.store().as_ref();
+    let job = find_job(store, id).await?;
+    Ok(Json(job_view(store, job).await?))
+}
+
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct TasksQuery {
+    /// Only tasks with a larger index (the `next_after` of the previous page).
     #[serde(default)]
     after: u64,
+    /// Page size, 1 to 1000 (default 100).
     limit: Option<u32>,
+    /// Only tasks with this status.
+    status: Option<TaskStatus>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TaskView {
+    /// 1-based position in the job.
     index: u64,
-    status: &'static str,
+    status: TaskStatus,
     attempts: u32,
     endpoint: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = serde_json::Value)]
     result: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = serde_json::Value)]
     error: Option<Box<RawValue>>,
+    /// Duration of the last attempt.
     latency_ms: Option<u64>,
     finished_at: Option<String>,
 }
@@ -273,15 +518,23 @@ impl From<TaskRecord> for TaskView {
     fn from(t: TaskRecord) -> Self {
         TaskView {
             index: t.index,
-            status: t.status.as_str(),
+            status: t.status,
             attempts: t.attempts,
             endpoint: t.endpoint,
-            result: t.result,
+            result: t.result.filter(|_| t.status == TaskStatus::Complete),
             error: t.error,
             latency_ms: t.latency_ms,
             finished_at: t.finished_at.map(rfc3339),
         }
     }
+}
+
+#[derive(Serialize, ToSchema)]
+struct TaskPage {
+    job_id: JobId,
+    tasks: Vec<TaskView>,
+    /// The `after` of the next page; null on the last.
+    next_after: Option<u64>,
 }
 
 fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
@@ -294,77 +547,341 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
-fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        format!("invalid query string: {}", e.body_text()),
+/// A job's tasks in order, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/tasks", tag = "jobs",
+    params(("id" = String, Path, description = "Job id"), TasksQuery),
+    responses(
+        (status = 200, body = TaskPage),
+        (status = 400, description = "Bad query string", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 422, description = "limit out of range", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
     )
-}
-
+)]
 async fn list_tasks(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<TasksQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(query_error)?;
+    query: Result<Query<TasksQuery>, QueryRejection>,
+) -> Result<Json<TaskPage>, ApiError> {
     let id = parse_job_id(&id)?;
+    let Query(query) = query.map_err(query_error)?;
     let limit = page_limit(query.limit)?;
     let store = state.engine.store();
-    if store.job_get(id).await?.is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no job with id {id}"),
-        ));
-    }
-    let tasks = store.tasks_page(id, query.after, limit).await?;
+    find_job(store.as_ref(), id).await?;
+    let page = TaskPageQuery {
+        after: query.after,
+        limit,
+        status: query.status,
+    };
+    let tasks = store.tasks_page(id, &page).await?;
     let next_after = (tasks.len() == limit as usize)
         .then(|| tasks.last().map(|t| t.index))
         .flatten();
-    let tasks: Vec<TaskView> = tasks.into_iter().map(TaskView::from).collect();
-    Ok(Json(json!({"job_id": id, "tasks": tasks, "next_after": next_after})).into_response())
+    Ok(Json(TaskPage {
+        job_id: id,
+        tasks: tasks.into_iter().map(TaskView::from).collect(),
+        next_after,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct JobsQuery {
-    status: Option<String>,
-    after: Option<String>,
+    /// Only jobs with this status.
+    status: Option<JobStatus>,
+    /// Only jobs older than this one (the `next_after` of the previous page).
+    after: Option<JobId>,
+    /// Page size, 1 to 1000 (default 100).
     limit: Option<u32>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct JobPage {
+    /// Newest first, without results.
+    jobs: Vec<JobView>,
+    next_after: Option<JobId>,
+}
+
+/// Jobs, newest first, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(JobsQuery),
+    responses(
+        (status = 200, body = JobPage),
+        (status = 400, description = "Bad query string", body = ErrorBody),
+        (status = 422, description = "limit out of range", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn list_jobs(
     State(state): State<AppState>,
-    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
+    query: Result<Query<JobsQuery>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
-    let status = query
-        .status
-        .map(|s| s.parse::<JobStatus>())
-        .transpose()
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("status: {e}")))?;
-    let before = query
-        .after
-        .map(|s| s.parse::<JobId>())
-        .transpose()
-        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "after: not a job id"))?;
     let limit = page_limit(query.limit)?;
     let jobs = state
         .engine
         .store()
         .job_list(&JobListQuery {
-            status,
-            before,
+            status: query.status,
+            before: query.after,
             limit,
         })
         .await?;
     let next_after = (jobs.len() == limit as usize)
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
-    let jobs: Vec<JobView> = jobs.into_iter().map(|j| JobView::new(j, None)).collect();
-    Ok(Json(json!({"jobs": jobs, "next_after": next_after})).into_response())
+    Ok(Json(JobPage {
+        jobs: jobs.into_iter().map(|j| JobView::new(j, None)).collect(),
+        next_after,
+    }))
+}
+
+// ---- Changing jobs ------------------------------------------------------------------------
+
+/// Cancel a job: tasks not started are cancelled, calls in flight are aborted, and the
+/// callback is sent with status Cancelled. Cancelling a cancelled job changes nothing.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, now Cancelled", body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job already finished", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = parse_job_id(&id)?;
+    match state.engine.cancel(id).await? {
+        CancelOutcome::NotFound => Err(ApiError::no_job(id)),
+        CancelOutcome::AlreadyFinished(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "job {id} is already {}; only a Pending or Running job can be cancelled",
+                status.as_str()
+            ),
+        )),
+        CancelOutcome::Cancelled { .. } => {
+            let store = state.engine.store().as_ref();
+            let job = find_job(store, id).await?;
+            Ok(Json(job_view(store, job).await?))
+        }
+    }
+}
+
+/// Delete a finished job and its results at once (retention does it later anyway).
+#[utoipa::path(
+    delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is not finished", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn delete_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_job_id(&id)?;
+    match state.engine.store().job_delete(id).await? {
+        DeleteOutcome::Deleted => {
+            tracing::info!(job_id = %id, "job deleted");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        DeleteOutcome::NotFound => Err(ApiError::no_job(id)),
+        DeleteOutcome::NotFinished => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("job {id} is not finished; cancel it first, or wait"),
+        )),
+    }
+}
+
+// ---- Events -------------------------------------------------------------------------------
+
+/// The data of a `progress` event.
+#[derive(Serialize, ToSchema, PartialEq, Eq, Clone)]
+struct Progress {
+    job_id: JobId,
+    status: JobStatus,
+    total: u64,
+    counts: Counts,
+}
+
+/// The data of a `task_failed` event.
+#[derive(Serialize, ToSchema)]
+struct TaskFailed {
+    index: u64,
+    attempts: u32,
+    #[schema(value_type = serde_json::Value)]
+    error: Option<Box<RawValue>>,
+}
+
+/// Where an events stream stands.
+struct Watch {
+    store: Arc<dyn Store>,
+    id: JobId,
+    /// How many of the job's failures were sent: the `id` of every event.
+    cursor: u64,
+    last: Option<Progress>,
+    first: bool,
+    done: bool,
+}
+
+/// Failed tasks sent per look at the job.
+const FAILURES_PER_LOOK: u32 = 100;
+
+impl Watch {
+    /// One look at the job: the events it gives, or `None` when the stream is over.
+    async fn look(&mut self) -> Option<Vec<SseEvent>> {
+        if self.done {
+            return None;
+        }
+        if !self.first {
+            tokio::time::sleep(EVENTS_EVERY).await;
+        }
+        self.first = false;
+        let job = match self.store.job_get(self.id).await {
+            Ok(Some(job)) => job,
+            // Deleted meanwhile, or the database failed: the client reconnects if it wants.
+            Ok(None) | Err(_) => return None,
+        };
+        let mut events = Vec::new();
+        let failures = match self
+            .store
+            .tasks_failed_since(self.id, self.cursor, FAILURES_PER_LOOK)
+            .await
+        {
+            Ok(f) => f,
+            Err(_) => return None,
+        };
+        let more_failures = failures.len() == FAILURES_PER_LOOK as usize;
+        for failed in failures {
+            self.cursor = failed.fail_seq;
+            let data = TaskFailed {
+                index: failed.task.index,
+                attempts: failed.task.attempts,
+                error: failed.task.error,
+            };
+            events.push(sse("task_failed", self.cursor, &data));
+        }
+        let progress = Progress {
+            job_id: job.id,
+            status: job.status,
+            total: job.total,
+            counts: counts(&job),
+        };
+        if self.last.as_ref() != Some(&progress) {
+            events.push(sse("progress", self.cursor, &progress));
+            self.last = Some(progress);
+        }
+        if job.status.is_finished() && !more_failures {
+            events.push(sse("finished", self.cursor, &JobView::new(job, None)));
+            self.done = true;
+        }
+        if more_failures {
+            // Catching up: look again at once.
+            self.first = true;
+        }
+        Some(events)
+    }
+}
+
+/// One event of the stream as the wire carries it; `data` is the event's JSON document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+struct SseFrame {
+    /// `progress`, `task_failed` or `finished`.
+    event: String,
+    /// Failures sent so far: the `Last-Event-ID` to resume from.
+    id: String,
+    /// A `Progress`, `TaskFailed` or `JobView` document.
+    data: String,
+}
+
+fn sse(name: &str, id: u64, data: &impl Serialize) -> SseEvent {
+    SseEvent::default()
+        .event(name)
+        .id(id.to_string())
+        .json_data(data)
+        .expect("event data serializes")
+}
+
+/// Live progress of a job as Server-Sent Events.
+///
+/// `progress` (counts) on connect and at most every 250 ms while they change; `task_failed`
+/// for each failed task; `finished` (the job, without results) last, then the stream ends.
+/// Every event's id counts the failures sent so far: reconnecting with `Last-Event-ID`
+/// resumes without repeating a `task_failed`.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event"),
+    ),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseFrame),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let id = parse_job_id(&id)?;
+    let store = state.engine.store().clone();
+    find_job(store.as_ref(), id).await?;
+    let cursor = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let watch = Watch {
+        store,
+        id,
+        cursor,
+        last: None,
+        first: true,
+        done: false,
+    };
+    let events = stream::unfold(watch, |mut watch| async move {
+        let events = watch.look().await?;
+        Some((stream::iter(events.into_iter().map(Ok)), watch))
+    })
+    .flatten();
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+// ---- Service routes -----------------------------------------------------------------------
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only
+struct TestAnswer {
+    /// Always `"true"`, as the seed answered.
+    result: String,
+    /// The request body.
+    #[schema(value_type = serde_json::Value)]
+    params: serde_json::Value,
 }
 
 /// The seed's test task: answers `{"result":"true","params":BODY}`.
+#[utoipa::path(
+    post, path = "/v1/test", tag = "service",
+    request_body(content = Object, content_type = "application/json", description = "Any JSON"),
+    responses(
+        (status = 200, body = TestAnswer),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    )
+)]
 async fn test_task(body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let params = crate::engine::call::result_json(&body);
@@ -376,11 +893,86 @@ async fn test_task(body: Result<Bytes, BytesRejection>) -> Result<Response, ApiE
         .into_response())
 }
 
-async fn health(State(state): State<AppState>) -> Result<Response, ApiError> {
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok`.
+    status: &'static str,
+}
+
+/// Answers 200 when the database does.
+#[utoipa::path(
+    get, path = "/healthz", tag = "service",
+    responses(
+        (status = 200, body = Health),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     state.engine.store().health().await?;
-    Ok(Json(json!({"status": "ok"})).into_response())
+    Ok(Json(Health { status: "ok" }))
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(
+    get, path = "/metrics", tag = "service",
+    responses(
+        (status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String),
+    )
+)]
+async fn metrics(State(state): State<AppState>) -> Response {
+    let engine = &state.engine;
+    // Queue depth is read when asked, not kept up to date on every change.
+    match engine.store().queue_depth().await {
+        Ok(depth) => {
+            engine.metrics.queue_depth.set(depth as i64);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read queue depth for metrics"),
+    }
+    ([(CONTENT_TYPE, OPENMETRICS)], engine.metrics.encode()).into_response()
+}
+
+/// This document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object))
+)]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such route")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_covers_every_route() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, method) in [
+            ("/v1/job", "post"),
+            ("/v1/jobs", "post"),
+            ("/v1/jobs", "get"),
+            ("/v1/jobs/{id}", "get"),
+            ("/v1/jobs/{id}", "delete"),
+            ("/v1/jobs/{id}/tasks", "get"),
+            ("/v1/jobs/{id}/cancel", "post"),
+            ("/v1/jobs/{id}/events", "get"),
+            ("/v1/test", "post"),
+            ("/healthz", "get"),
+            ("/metrics", "get"),
+            ("/openapi.json", "get"),
+        ] {
+            assert!(
+                paths[path][method].is_object(),
+                "{method} {path} is missing"
+            );
+        }
+    }
 }

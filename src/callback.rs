@@ -19,8 +19,8 @@ use crate::engine::call::error_chain;
 use crate::engine::{Engine, Event, IDLE_POLL};
 use crate::job::{JobId, TaskStatus};
 use crate::store::{
-    CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, now_millis,
-    webhook_id,
+    CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, TaskPageQuery,
+    now_millis, webhook_id,
 };
 
 /// Tasks read from the store per page while a document is built.
@@ -46,7 +46,12 @@ pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) 
     out.push(b'{');
     let mut after = 0;
     loop {
-        let page = store.tasks_page(job, after, PAGE).await?;
+        let query = TaskPageQuery {
+            after,
+            limit: PAGE,
+            status: None,
+        };
+        let page = store.tasks_page(job, &query).await?;
         for task in &page {
             if task.index > 1 {
                 out.push(b',');
@@ -218,6 +223,11 @@ async fn record(engine: &Engine, job_id: JobId, attempts: u32, outcome: Callback
             tracing::error!(%job_id, attempts, %error, "callback given up")
         }
     }
+    engine.metrics.callback_attempt(match &outcome {
+        CallbackOutcome::Delivered => "delivered",
+        CallbackOutcome::Retry { .. } => "retry",
+        CallbackOutcome::GaveUp { .. } => "gave_up",
+    });
     let settled = match &outcome {
         CallbackOutcome::Delivered => Some(true),
         CallbackOutcome::GaveUp { .. } => Some(false),

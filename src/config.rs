@@ -24,8 +24,24 @@ use crate::job::JobStatus;
              result durably, and POSTs the collected results to the job's callback."
 )]
 pub struct Cli {
+    /// Log format on stderr: `pretty` for people, `json` (one object per line) for machines.
+    #[arg(
+        long,
+        global = true,
+        env = "DOPARALLEL_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +92,10 @@ pub struct ServeArgs {
     )]
     pub callback_retry_schedule: Schedule,
 
+    /// How long finished jobs are kept before they are purged (units ms, s, m, h, d).
+    #[arg(long, env = "DOPARALLEL_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -117,12 +137,17 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    pub fn to_config(&self, callback_schedule: &Schedule) -> EngineConfig {
+    pub fn to_config(
+        &self,
+        callback_schedule: &Schedule,
+        retention: Option<Duration>,
+    ) -> EngineConfig {
         EngineConfig {
             max_in_flight: self.max_in_flight as usize,
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),
             callback_timeout: Duration::from_secs(15),
+            retention,
         }
     }
 }
@@ -136,6 +161,8 @@ pub struct EngineConfig {
     /// of attempts before a callback is given up.
     pub callback_schedule: Vec<Duration>,
     pub callback_timeout: Duration,
+    /// How long finished jobs are kept; `None` keeps them until deleted.
+    pub retention: Option<Duration>,
 }
 
 /// A comma-separated list of durations such as `5s,5m,30m,2h` (an empty string is no
@@ -161,11 +188,11 @@ impl FromStr for Schedule {
     }
 }
 
-/// One duration with a unit: `250ms`, `5s`, `5m`, `2h`.
+/// One duration with a unit: `250ms`, `5s`, `5m`, `2h`, `7d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m, h or d)"))?;
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
@@ -175,9 +202,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
         _ => {
             return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+                "{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
             ));
         }
     };

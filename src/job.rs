@@ -18,7 +18,9 @@ use uuid::Uuid;
 pub const TEST_ENDPOINT: &str = "/v1/test";
 
 /// A job's public identifier: a UUIDv7, so ids sort by creation time.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct JobId(Uuid);
 
@@ -51,7 +53,7 @@ impl FromStr for JobId {
 ///
 /// `Pending` until the first task is claimed, `Running` until every task is finished, then
 /// `Complete` when at most `tolerated_failures` tasks failed and `Failed` otherwise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum JobStatus {
     Pending,
     Running,
@@ -98,13 +100,15 @@ impl FromStr for JobStatus {
 }
 
 /// A task's lifecycle: `Pending` (waiting, possibly for a retry's backoff) → `Running` (a call
-/// is in flight) → back to `Pending` for a retry, or to `Complete` / `Failed` for good.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// is in flight) → back to `Pending` for a retry, or to `Complete` / `Failed` for good;
+/// `Cancelled` when its job is cancelled before it finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum TaskStatus {
     Pending,
     Running,
     Complete,
     Failed,
+    Cancelled,
 }
 
 impl TaskStatus {
@@ -114,12 +118,31 @@ impl TaskStatus {
             TaskStatus::Running => "Running",
             TaskStatus::Complete => "Complete",
             TaskStatus::Failed => "Failed",
+            TaskStatus::Cancelled => "Cancelled",
         }
     }
 }
 
+impl FromStr for TaskStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "Pending" => TaskStatus::Pending,
+            "Running" => TaskStatus::Running,
+            "Complete" => TaskStatus::Complete,
+            "Failed" => TaskStatus::Failed,
+            "Cancelled" => TaskStatus::Cancelled,
+            other => {
+                return Err(format!(
+                    "unknown task status {other:?}; expected Pending, Running, Complete, Failed or Cancelled"
+                ));
+            }
+        })
+    }
+}
+
 /// Where a job's callback delivery stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CallbackState {
     /// The job has no callback URL.
@@ -132,7 +155,7 @@ pub enum CallbackState {
 }
 
 /// Per-job options, all optional in the request; defaults are the documented ones.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobOptions {
     /// Most calls of this job in flight at once; `None` is limited only by the server.

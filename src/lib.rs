@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod job;
+pub mod metrics;
 pub mod progress;
 pub mod store;
 
@@ -87,7 +88,7 @@ pub async fn run_job(
 ) -> Result<RunOutcome, ServeError> {
     let handle = engine::start(store.clone(), config).await?;
     let mut events = handle.engine.subscribe();
-    handle.engine.submit(&job).await?;
+    handle.engine.submit(&job, None).await?;
     let has_callback = job.callback.is_some();
     let mut status = None;
     let mut callback_delivered = None;

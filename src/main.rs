@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use doparallel::config::{Cli, Command, RunArgs, ServeArgs};
+use doparallel::config::{Cli, Command, LogFormat, RunArgs, ServeArgs};
 use doparallel::job::{JobStatus, parse_submission};
 use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
@@ -20,13 +20,15 @@ fn main() -> ExitCode {
         // The other commands print their answer on stdout; only trouble goes to stderr.
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Pretty => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -61,7 +63,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let options = ServeOptions {
-        engine: args.engine.to_config(&args.callback_retry_schedule),
+        engine: args
+            .engine
+            .to_config(&args.callback_retry_schedule, Some(args.retention)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
     };
@@ -90,7 +94,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("sqlite://{}", scratch.path().join("run.db").display()),
     };
     let store = store::open(&url).await?;
-    let config = args.engine.to_config(&args.callback_retry_schedule);
+    let config = args.engine.to_config(&args.callback_retry_schedule, None);
     let watch = progress::watch_store(Arc::clone(&store), job.id);
     let outcome = doparallel::run_job(Arc::clone(&store), config, job).await;
     watch.stop().await;

@@ -1,6 +1,6 @@
 -- Jobs, their tasks and the callback outbox. Times are milliseconds since the Unix epoch.
 -- Status codes: jobs 0 Pending, 1 Running, 2 Complete, 3 Failed, 4 Cancelled;
--- tasks 0 Pending, 1 Running, 2 Complete, 3 Failed.
+-- tasks 0 Pending, 1 Running, 2 Complete, 3 Failed, 4 Cancelled.
 
 CREATE TABLE jobs (
     seq            INTEGER PRIMARY KEY,
@@ -13,7 +13,11 @@ CREATE TABLE jobs (
     n_running      INTEGER NOT NULL DEFAULT 0,
     n_complete     INTEGER NOT NULL DEFAULT 0,
     n_failed       INTEGER NOT NULL DEFAULT 0,
+    n_cancelled    INTEGER NOT NULL DEFAULT 0,
     callback_url   TEXT,
+    -- The client's Idempotency-Key and a hash of the body it came with.
+    idempotency_key  TEXT UNIQUE,
+    request_hash     TEXT,
     created_at     INTEGER NOT NULL,
     finished_at    INTEGER,
     -- When a claim last served this job: the round-robin order between jobs.
@@ -23,6 +27,8 @@ CREATE TABLE jobs (
 -- The claim reads only unfinished jobs.
 CREATE INDEX jobs_active ON jobs (last_claim_at, seq) WHERE status IN (0, 1);
 CREATE INDEX jobs_status ON jobs (status, seq);
+-- Retention: finished jobs by age.
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 
 CREATE TABLE tasks (
     job_seq      INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
@@ -36,11 +42,14 @@ CREATE TABLE tasks (
     error        TEXT,
     latency_ms   INTEGER,
     finished_at  INTEGER,
+    -- 1, 2, 3, ... in the order this job's tasks failed: the events stream's cursor.
+    fail_seq     INTEGER,
     PRIMARY KEY (job_seq, idx)
 );
 
 -- The claim: a job's due pending tasks, oldest due first, then by position.
 CREATE INDEX tasks_due ON tasks (job_seq, status, run_at, idx);
+CREATE INDEX tasks_failed ON tasks (job_seq, fail_seq) WHERE fail_seq IS NOT NULL;
 
 -- One row per finished job that has a callback URL: the outbox.
 CREATE TABLE callbacks (

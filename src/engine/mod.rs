@@ -17,7 +17,8 @@
 
 pub mod call;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
@@ -27,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::callback;
 use crate::config::EngineConfig;
 use crate::job::{JobId, JobStatus, NewJob};
+use crate::metrics::Metrics;
 use crate::store::{
-    ClaimParams, ClaimedTask, Store, StoreError, StoreResult, TaskSettle, now_millis,
+    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, SettleOutcome, Store,
+    StoreError, StoreResult, TaskSettle, now_millis,
 };
 
 /// Most outcomes written in one transaction.
@@ -38,7 +41,10 @@ const SETTLE_BATCH: usize = 1024;
 /// in case something became due that nobody announced.
 pub(crate) const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// What happened, for whoever listens (the `run` command; the events stream later).
+/// Jobs purged per transaction by the retention loop.
+const PURGE_BATCH: u32 = 100;
+
+/// What happened, for whoever listens (the `run` command).
 #[derive(Clone, Debug)]
 pub enum Event {
     JobFinished {
@@ -60,14 +66,30 @@ pub struct Engine {
     work: Notify,
     pub(crate) callbacks_due: Notify,
     events: broadcast::Sender<Event>,
+    pub metrics: Metrics,
+    /// One token per job with calls in flight on this node, and how many calls hold it:
+    /// cancelling a job cancels its token, which aborts those calls.
+    running_jobs: Mutex<HashMap<JobId, (CancellationToken, usize)>>,
 }
 
 impl Engine {
     /// Stores a new job and wakes the dispatcher. The job and all its tasks are committed
-    /// before this returns.
-    pub async fn submit(&self, job: &NewJob) -> StoreResult<()> {
-        self.store.job_insert(job, now_millis()).await?;
+    /// before this returns. With an idempotency key used before, nothing is stored.
+    pub async fn submit(
+        &self,
+        job: &NewJob,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> StoreResult<InsertOutcome> {
+        let outcome = self
+            .store
+            .job_insert(job, idempotency, now_millis())
+            .await?;
+        if outcome != InsertOutcome::Inserted {
+            return Ok(outcome);
+        }
+        self.metrics.jobs_submitted.inc();
         if job.tasks.is_empty() {
+            self.metrics.job_finished(JobStatus::Complete);
             if job.callback.is_some() {
                 self.callbacks_due.notify_one();
             }
@@ -78,7 +100,55 @@ impl Engine {
         } else {
             self.work.notify_one();
         }
-        Ok(())
+        Ok(outcome)
+    }
+
+    /// Cancels a job: its unfinished tasks become Cancelled, calls in flight on this node are
+    /// aborted, and its callback (status Cancelled) is due.
+    pub async fn cancel(&self, id: JobId) -> StoreResult<CancelOutcome> {
+        let outcome = self.store.job_cancel(id, now_millis()).await?;
+        if let CancelOutcome::Cancelled {
+            has_callback,
+            newly: true,
+            tasks,
+        } = outcome
+        {
+            self.metrics.tasks_finished("cancelled", tasks);
+            if let Some((token, _)) = self.running_jobs.lock().expect("not poisoned").get(&id) {
+                token.cancel();
+            }
+            tracing::info!(job_id = %id, "job cancelled");
+            self.metrics.job_finished(JobStatus::Cancelled);
+            if has_callback {
+                self.callbacks_due.notify_one();
+            }
+            self.work.notify_one();
+            self.emit(Event::JobFinished {
+                job_id: id,
+                status: JobStatus::Cancelled,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// The token that aborts this job's calls on cancel; held until [`Engine::call_done`].
+    fn call_started(&self, job: JobId) -> CancellationToken {
+        let mut running = self.running_jobs.lock().expect("not poisoned");
+        let entry = running
+            .entry(job)
+            .or_insert_with(|| (CancellationToken::new(), 0));
+        entry.1 += 1;
+        entry.0.clone()
+    }
+
+    fn call_done(&self, job: JobId) {
+        let mut running = self.running_jobs.lock().expect("not poisoned");
+        if let Some(entry) = running.get_mut(&job) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                running.remove(&job);
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -104,6 +174,7 @@ pub struct EngineHandle {
     finisher: JoinHandle<()>,
     finisher_stop: CancellationToken,
     callbacks: JoinHandle<()>,
+    retention: Option<JoinHandle<()>>,
 }
 
 /// Errors that keep the engine from starting.
@@ -141,6 +212,8 @@ pub async fn start(
         callbacks_due: Notify::new(),
         events,
         config,
+        metrics: Metrics::new(),
+        running_jobs: Mutex::new(HashMap::new()),
     });
     let stop = CancellationToken::new();
     let finisher_stop = CancellationToken::new();
@@ -155,6 +228,10 @@ pub async fn start(
     ));
     let finisher = tokio::spawn(finish(engine.clone(), rx, finisher_stop.clone()));
     let callbacks = tokio::spawn(callback::deliver_loop(engine.clone(), stop.clone()));
+    let retention = engine
+        .config
+        .retention
+        .map(|keep| tokio::spawn(purge_loop(engine.clone(), keep, stop.clone())));
     Ok(EngineHandle {
         engine,
         stop,
@@ -163,6 +240,7 @@ pub async fn start(
         finisher,
         finisher_stop,
         callbacks,
+        retention,
     })
 }
 
@@ -173,6 +251,9 @@ impl EngineHandle {
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
         let _ = self.dispatcher.await;
+        if let Some(retention) = self.retention {
+            let _ = retention.await;
+        }
         let all = self.engine.config.max_in_flight as u32;
         let deadline = Instant::now() + grace;
         if tokio::time::timeout(grace, self.in_flight.acquire_many(all))
@@ -257,8 +338,25 @@ async fn run_call(
     outcomes: mpsc::Sender<Settled>,
 ) {
     let started = Instant::now();
-    let attempt = call::attempt(&engine.http, &task, engine.config.max_response_bytes).await;
+    let cancelled = engine.call_started(task.job_id);
+    engine.metrics.calls_in_flight.inc();
+    let attempt = tokio::select! {
+        a = call::attempt(&engine.http, &task, engine.config.max_response_bytes) => Some(a),
+        _ = cancelled.cancelled() => None,
+    };
+    engine.metrics.calls_in_flight.dec();
+    engine.call_done(task.job_id);
+    let Some(attempt) = attempt else {
+        // The job was cancelled: the store no longer counts this task as running, so its
+        // slot is free at once and there is no outcome to write.
+        tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel");
+        return;
+    };
     let latency_ms = started.elapsed().as_millis() as u64;
+    engine
+        .metrics
+        .call_seconds
+        .observe(started.elapsed().as_secs_f64());
     let now = now_millis();
     let outcome = call::settle_outcome(&task.options, task.attempt, attempt, now, &mut rand::rng());
     tracing::debug!(job_id = %task.job_id, task = task.index, attempt = task.attempt, latency_ms, ?outcome, "attempt over");
@@ -336,7 +434,17 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
         }
     };
     engine.work.notify_one();
+    for settle in batch {
+        match settle.outcome {
+            SettleOutcome::Complete { .. } => engine.metrics.tasks_finished("complete", 1),
+            SettleOutcome::Failed { .. } => engine.metrics.tasks_finished("failed", 1),
+            SettleOutcome::Retry { .. } => {
+                engine.metrics.task_retries.inc();
+            }
+        }
+    }
     for job in finished {
+        engine.metrics.job_finished(job.status);
         tracing::info!(job_id = %job.job_id, status = job.status.as_str(), "job finished");
         if job.has_callback {
             engine.callbacks_due.notify_one();
@@ -345,5 +453,32 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             job_id: job.job_id,
             status: job.status,
         });
+    }
+}
+
+/// Removes finished jobs older than `keep`, a batch at a time, every minute or so.
+async fn purge_loop(engine: Arc<Engine>, keep: Duration, stop: CancellationToken) {
+    let every = (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let cutoff = now_millis() - keep.as_millis() as i64;
+        loop {
+            match engine.store.jobs_purge(cutoff, PURGE_BATCH).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(purged = n, "finished jobs past retention removed")
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "purging old jobs failed");
+                    break;
+                }
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }

@@ -58,6 +58,7 @@ pub struct JobRecord {
     pub running: u64,
     pub complete: u64,
     pub failed: u64,
+    pub cancelled: u64,
     pub created_at: Millis,
     pub finished_at: Option<Millis>,
     pub callback_url: Option<String>,
@@ -66,7 +67,7 @@ pub struct JobRecord {
 
 impl JobRecord {
     pub fn pending(&self) -> u64 {
-        self.total - self.running - self.complete - self.failed
+        self.total - self.running - self.complete - self.failed - self.cancelled
     }
 }
 
@@ -88,6 +89,65 @@ pub struct TaskRecord {
     pub error: Option<Box<RawValue>>,
     pub latency_ms: Option<u64>,
     pub finished_at: Option<Millis>,
+}
+
+/// A client's `Idempotency-Key` and a digest of the body it came with.
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// What [`Store::job_insert`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// The idempotency key was used before, by this job; `same_request` tells whether with the
+    /// same body. Nothing was stored.
+    Existing {
+        job_id: JobId,
+        same_request: bool,
+    },
+}
+
+/// What [`Store::job_cancel`] did.
+#[derive(Clone, Debug)]
+pub enum CancelOutcome {
+    /// The job is now Cancelled (or already was: cancelling is idempotent).
+    Cancelled {
+        has_callback: bool,
+        /// False when the job was Cancelled already.
+        newly: bool,
+        /// Tasks this cancel stopped.
+        tasks: u64,
+    },
+    /// The job had already finished otherwise; nothing changed.
+    AlreadyFinished(JobStatus),
+    NotFound,
+}
+
+/// What [`Store::job_delete`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFinished,
+    NotFound,
+}
+
+/// A page of a job's tasks.
+#[derive(Clone, Debug)]
+pub struct TaskPageQuery {
+    /// Only tasks with a larger index.
+    pub after: u64,
+    pub limit: u32,
+    pub status: Option<TaskStatus>,
+}
+
+/// A failed task and its place in the order the job's tasks failed (1, 2, 3, ...).
+#[derive(Clone, Debug)]
+pub struct FailedTask {
+    pub fail_seq: u64,
+    pub task: TaskRecord,
 }
 
 #[derive(Clone, Debug)]
@@ -189,16 +249,45 @@ pub enum CallbackOutcome {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a job and all its tasks in one transaction. A job with no task is stored as
-    /// finished (`Complete`) with its callback due at once.
-    async fn job_insert(&self, job: &NewJob, now: Millis) -> StoreResult<()>;
+    /// finished (`Complete`) with its callback due at once. With an idempotency key that was
+    /// used before, stores nothing and names the job it was used for.
+    async fn job_insert(
+        &self,
+        job: &NewJob,
+        idempotency: Option<&IdempotencyKey>,
+        now: Millis,
+    ) -> StoreResult<InsertOutcome>;
 
     async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
 
     /// Jobs newest first.
     async fn job_list(&self, query: &JobListQuery) -> StoreResult<Vec<JobRecord>>;
 
-    /// Tasks of a job in index order, starting after index `after`.
-    async fn tasks_page(&self, id: JobId, after: u64, limit: u32) -> StoreResult<Vec<TaskRecord>>;
+    /// Tasks of a job in index order, after `query.after`, of one status if asked.
+    async fn tasks_page(&self, id: JobId, query: &TaskPageQuery) -> StoreResult<Vec<TaskRecord>>;
+
+    /// Failed tasks of a job in the order they failed, after the `after`-th failure.
+    async fn tasks_failed_since(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<FailedTask>>;
+
+    /// Cancels an unfinished job in one transaction: its pending and running tasks become
+    /// Cancelled (a late outcome of a running one is then ignored), the job Cancelled, and
+    /// its callback is due.
+    async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome>;
+
+    /// Removes a finished job with its tasks and callback record.
+    async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome>;
+
+    /// Removes up to `limit` jobs that finished before `finished_before` and whose callback
+    /// is not still owed; returns how many.
+    async fn jobs_purge(&self, finished_before: Millis, limit: u32) -> StoreResult<u64>;
+
+    /// Tasks waiting to be called across all unfinished jobs.
+    async fn queue_depth(&self) -> StoreResult<u64>;
 
     /// Marks up to `limit` due tasks as running (their attempt counted) and returns them.
     /// Jobs are served round-robin, least recently served first, each within its

@@ -22,8 +22,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, Claim, ClaimParams, ClaimedTask,
-    JobFinished, JobListQuery, JobRecord, Millis, SettleOutcome, Store, StoreError, StoreResult,
+    CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
+    ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
+    JobListQuery, JobRecord, Millis, SettleOutcome, Store, StoreError, StoreResult, TaskPageQuery,
     TaskRecord, TaskSettle, url_text,
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
@@ -173,12 +174,23 @@ fn job_status_from(code: i64) -> StoreResult<JobStatus> {
     })
 }
 
+fn task_status_code(s: TaskStatus) -> i64 {
+    match s {
+        TaskStatus::Pending => 0,
+        TaskStatus::Running => 1,
+        TaskStatus::Complete => 2,
+        TaskStatus::Failed => 3,
+        TaskStatus::Cancelled => 4,
+    }
+}
+
 fn task_status_from(code: i64) -> StoreResult<TaskStatus> {
     Ok(match code {
         0 => TaskStatus::Pending,
         1 => TaskStatus::Running,
         2 => TaskStatus::Complete,
         3 => TaskStatus::Failed,
+        4 => TaskStatus::Cancelled,
         other => {
             return Err(StoreError::Other(format!(
                 "unknown task status code {other}"
@@ -210,7 +222,7 @@ fn parse_id(text: &str) -> StoreResult<JobId> {
 }
 
 const JOB_COLUMNS: &str = "j.id, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
-     j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
+     j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
 
 fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
     let status = job_status_from(row.get("status"))?;
@@ -230,6 +242,7 @@ fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
         running: row.get::<i64, _>("n_running") as u64,
         complete: row.get::<i64, _>("n_complete") as u64,
         failed: row.get::<i64, _>("n_failed") as u64,
+        cancelled: row.get::<i64, _>("n_cancelled") as u64,
         created_at: row.get("created_at"),
         finished_at: row.get("finished_at"),
         callback_url,
@@ -241,18 +254,40 @@ fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
     })
 }
 
-/// The internal sequence number of a job, looked up once per job within a transaction.
-async fn job_seq(tx: &mut Transaction<'_, Sqlite>, id: JobId) -> StoreResult<Option<i64>> {
-    sqlx::query_scalar("SELECT seq FROM jobs WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
+const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
+     t.latency_ms, t.finished_at";
+
+fn task_from_row(row: &SqliteRow) -> StoreResult<TaskRecord> {
+    Ok(TaskRecord {
+        index: row.get::<i64, _>("idx") as u64,
+        status: task_status_from(row.get("status"))?,
+        attempts: row.get::<i64, _>("attempts") as u32,
+        endpoint: row.get("endpoint"),
+        result: raw(row.get("result"))?,
+        error: raw(row.get("error"))?,
+        latency_ms: row.get::<Option<i64>, _>("latency_ms").map(|v| v as u64),
+        finished_at: row.get("finished_at"),
+    })
+}
+
+/// Deletes a job; its tasks and callback record go with it (ON DELETE CASCADE).
+async fn delete_job(tx: &mut Transaction<'_, Sqlite>, seq: i64) -> StoreResult<()> {
+    sqlx::query("DELETE FROM jobs WHERE seq = ?")
+        .bind(seq)
+        .execute(&mut **tx)
         .await
-        .map_err(map_err)
+        .map_err(map_err)?;
+    Ok(())
 }
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn job_insert(&self, job: &NewJob, now: Millis) -> StoreResult<()> {
+    async fn job_insert(
+        &self,
+        job: &NewJob,
+        idempotency: Option<&IdempotencyKey>,
+        now: Millis,
+    ) -> StoreResult<InsertOutcome> {
         let options =
             serde_json::to_string(&job.options).map_err(|e| StoreError::Other(e.to_string()))?;
         let empty = job.tasks.is_empty();
@@ -264,9 +299,27 @@ impl Store for SqliteStore {
         let callback_url = url_text(&job.callback);
 
         let mut tx = self.begin().await?;
+        if let Some(idem) = idempotency {
+            // Checked inside the write transaction: two requests with one key cannot both
+            // pass, since there is one writer.
+            let earlier =
+                sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?")
+                    .bind(&idem.key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            if let Some(row) = earlier {
+                let hash: Option<String> = row.get("request_hash");
+                return Ok(InsertOutcome::Existing {
+                    job_id: parse_id(row.get("id"))?,
+                    same_request: hash.as_deref() == Some(idem.request_hash.as_str()),
+                });
+            }
+        }
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
-             created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+             created_at, finished_at, idempotency_key, request_hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
         )
         .bind(job.id.to_string())
         .bind(job_status_code(status))
@@ -277,6 +330,8 @@ impl Store for SqliteStore {
         .bind(&callback_url)
         .bind(now)
         .bind(empty.then_some(now))
+        .bind(idempotency.map(|i| i.key.as_str()))
+        .bind(idempotency.map(|i| i.request_hash.as_str()))
         .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -308,7 +363,8 @@ impl Store for SqliteStore {
         if empty && callback_url.is_some() {
             insert_callback(&mut tx, seq, now).await?;
         }
-        tx.commit().await.map_err(map_err)
+        tx.commit().await.map_err(map_err)?;
+        Ok(InsertOutcome::Inserted)
     }
 
     async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
@@ -341,12 +397,32 @@ impl Store for SqliteStore {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn tasks_page(&self, id: JobId, after: u64, limit: u32) -> StoreResult<Vec<TaskRecord>> {
-        let rows = sqlx::query(
-            "SELECT t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, t.latency_ms, \
-             t.finished_at FROM tasks t WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?) \
-             AND t.idx > ? ORDER BY t.idx LIMIT ?",
-        )
+    async fn tasks_page(&self, id: JobId, query: &TaskPageQuery) -> StoreResult<Vec<TaskRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?1) \
+             AND t.idx > ?2 AND (?3 IS NULL OR t.status = ?3) ORDER BY t.idx LIMIT ?4"
+        ))
+        .bind(id.to_string())
+        .bind(query.after as i64)
+        .bind(query.status.map(task_status_code))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(task_from_row).collect()
+    }
+
+    async fn tasks_failed_since(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<FailedTask>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS}, t.fail_seq FROM tasks t \
+             WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?) AND t.fail_seq > ? \
+             ORDER BY t.fail_seq LIMIT ?"
+        ))
         .bind(id.to_string())
         .bind(after as i64)
         .bind(i64::from(limit))
@@ -355,18 +431,114 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         rows.iter()
             .map(|row| {
-                Ok(TaskRecord {
-                    index: row.get::<i64, _>("idx") as u64,
-                    status: task_status_from(row.get("status"))?,
-                    attempts: row.get::<i64, _>("attempts") as u32,
-                    endpoint: row.get("endpoint"),
-                    result: raw(row.get("result"))?,
-                    error: raw(row.get("error"))?,
-                    latency_ms: row.get::<Option<i64>, _>("latency_ms").map(|v| v as u64),
-                    finished_at: row.get("finished_at"),
+                Ok(FailedTask {
+                    fail_seq: row.get::<i64, _>("fail_seq") as u64,
+                    task: task_from_row(row)?,
                 })
             })
             .collect()
+    }
+
+    async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
+        let mut tx = self.begin().await?;
+        let Some(row) = sqlx::query("SELECT seq, status, callback_url FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+        else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let seq: i64 = row.get("seq");
+        let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
+        match job_status_from(row.get("status"))? {
+            JobStatus::Cancelled => {
+                return Ok(CancelOutcome::Cancelled {
+                    has_callback,
+                    newly: false,
+                    tasks: 0,
+                });
+            }
+            done if done.is_finished() => return Ok(CancelOutcome::AlreadyFinished(done)),
+            _ => {}
+        }
+        let cancelled = sqlx::query(
+            "UPDATE tasks SET status = 4, finished_at = ? WHERE job_seq = ? AND status IN (0, 1)",
+        )
+        .bind(now)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE jobs SET status = 4, n_running = 0, n_cancelled = n_cancelled + ?, \
+             finished_at = ? WHERE seq = ?",
+        )
+        .bind(cancelled as i64)
+        .bind(now)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if has_callback {
+            insert_callback(&mut tx, seq, now).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(CancelOutcome::Cancelled {
+            has_callback,
+            newly: true,
+            tasks: cancelled,
+        })
+    }
+
+    async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome> {
+        let mut tx = self.begin().await?;
+        let Some(row) = sqlx::query("SELECT seq, status FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+        else {
+            return Ok(DeleteOutcome::NotFound);
+        };
+        if !job_status_from(row.get("status"))?.is_finished() {
+            return Ok(DeleteOutcome::NotFinished);
+        }
+        delete_job(&mut tx, row.get("seq")).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(DeleteOutcome::Deleted)
+    }
+
+    async fn jobs_purge(&self, finished_before: Millis, limit: u32) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
+             WHERE j.finished_at < ? AND j.status IN (2, 3, 4) \
+               AND (c.state IS NULL OR c.state != 1) \
+             ORDER BY j.finished_at LIMIT ?",
+        )
+        .bind(finished_before)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        for &seq in &seqs {
+            delete_job(&mut tx, seq).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(seqs.len() as u64)
+    }
+
+    async fn queue_depth(&self) -> StoreResult<u64> {
+        let depth: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(total - n_running - n_complete - n_failed - n_cancelled) FROM jobs \
+             WHERE status IN (0, 1)",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(depth.unwrap_or(0).max(0) as u64)
     }
 
     async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim> {
@@ -493,28 +665,49 @@ impl Store for SqliteStore {
     }
 
     async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<Vec<JobFinished>> {
-        #[derive(Default)]
+        /// What a batch changes of one job.
         struct Delta {
+            job_id: JobId,
+            seq: i64,
+            /// The job's failures before this batch: fail_seq numbering goes on from here.
+            failed_before: i64,
             settled: i64,
             complete: i64,
             failed: i64,
             now: Millis,
         }
         let mut tx = self.begin().await?;
-        let mut seqs: HashMap<JobId, Option<i64>> = HashMap::new();
-        let mut deltas: Vec<(JobId, i64, Delta)> = Vec::new();
+        let mut jobs: HashMap<JobId, Option<usize>> = HashMap::new();
+        let mut deltas: Vec<Delta> = Vec::new();
 
         for s in batch {
-            let seq = match seqs.get(&s.job_id) {
-                Some(seq) => *seq,
+            let slot = match jobs.get(&s.job_id) {
+                Some(slot) => *slot,
                 None => {
-                    let seq = job_seq(&mut tx, s.job_id).await?;
-                    seqs.insert(s.job_id, seq);
-                    seq
+                    let row = sqlx::query("SELECT seq, n_failed FROM jobs WHERE id = ?")
+                        .bind(s.job_id.to_string())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                    let slot = row.map(|row| {
+                        deltas.push(Delta {
+                            job_id: s.job_id,
+                            seq: row.get("seq"),
+                            failed_before: row.get("n_failed"),
+                            settled: 0,
+                            complete: 0,
+                            failed: 0,
+                            now: 0,
+                        });
+                        deltas.len() - 1
+                    });
+                    jobs.insert(s.job_id, slot);
+                    slot
                 }
             };
             // The job may have been purged meanwhile; its outcome has nowhere to go.
-            let Some(seq) = seq else { continue };
+            let Some(slot) = slot else { continue };
+            let d = &mut deltas[slot];
             let (status, run_at, result, error) = match &s.outcome {
                 SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
                 SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
@@ -524,9 +717,10 @@ impl Store for SqliteStore {
             };
             // Only the attempt that is running may settle it: a stale outcome (from before a
             // restart) changes nothing, so each result is stored once.
+            let fail_seq = (status == 3).then_some(d.failed_before + d.failed + 1);
             let updated = sqlx::query(
                 "UPDATE tasks SET status = ?, run_at = COALESCE(?, run_at), result = ?, \
-                 error = ?, latency_ms = ?, finished_at = ? \
+                 error = ?, latency_ms = ?, finished_at = ?, fail_seq = ? \
                  WHERE job_seq = ? AND idx = ? AND status = 1 AND attempts = ?",
             )
             .bind(status)
@@ -535,7 +729,8 @@ impl Store for SqliteStore {
             .bind(error)
             .bind(s.latency_ms as i64)
             .bind((status != 0).then_some(s.now))
-            .bind(seq)
+            .bind(fail_seq)
+            .bind(d.seq)
             .bind(s.index as i64)
             .bind(i64::from(s.attempt))
             .execute(&mut *tx)
@@ -545,14 +740,6 @@ impl Store for SqliteStore {
             if updated == 0 {
                 continue;
             }
-            let position = match deltas.iter().position(|(_, q, _)| *q == seq) {
-                Some(p) => p,
-                None => {
-                    deltas.push((s.job_id, seq, Delta::default()));
-                    deltas.len() - 1
-                }
-            };
-            let d = &mut deltas[position].2;
             d.settled += 1;
             d.complete += i64::from(status == 2);
             d.failed += i64::from(status == 3);
@@ -560,7 +747,8 @@ impl Store for SqliteStore {
         }
 
         let mut finished = Vec::new();
-        for (job_id, seq, d) in deltas {
+        for d in deltas.into_iter().filter(|d| d.settled > 0) {
+            let (job_id, seq) = (d.job_id, d.seq);
             let row = sqlx::query(
                 "UPDATE jobs SET n_running = n_running - ?, n_complete = n_complete + ?, \
                  n_failed = n_failed + ? WHERE seq = ? \

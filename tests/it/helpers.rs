@@ -63,6 +63,7 @@ pub fn engine_config() -> EngineConfig {
         max_response_bytes: 1024 * 1024,
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),
+        retention: None,
     }
 }
 
@@ -431,6 +432,15 @@ impl ServerProcess {
     /// Starts `doparallel serve` on `db` with extra arguments and waits for its
     /// `listening on ADDR` line.
     pub fn start(db: &Path, extra: &[&str]) -> Self {
+        Self::spawn(db, extra, None)
+    }
+
+    /// Like [`ServerProcess::start`], also copying every stderr line to `log`.
+    pub fn start_logging(db: &Path, extra: &[&str], log: &Path) -> Self {
+        Self::spawn(db, extra, Some(log.to_path_buf()))
+    }
+
+    fn spawn(db: &Path, extra: &[&str], log: Option<PathBuf>) -> Self {
         let mut child = std::process::Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -448,12 +458,21 @@ impl ServerProcess {
         // Drains stderr for the life of the process, so it never blocks on a full pipe.
         std::thread::spawn(move || {
             let echo = std::env::var_os("TEST_LOG").is_some();
+            let mut copy = log.map(|path| std::fs::File::create(path).unwrap());
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo {
                     eprintln!("[server] {line}");
                 }
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                if let Some(file) = copy.as_mut() {
+                    use std::io::Write;
+                    writeln!(file, "{line}").unwrap();
+                }
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    // The address ends where its characters do (a JSON log line goes on).
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c)))
+                        .unwrap_or(rest.len());
+                    let _ = tx.send(rest[..end].parse::<SocketAddr>().unwrap());
                 }
             }
         });

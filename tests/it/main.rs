@@ -6,5 +6,7 @@ mod cli;
 mod client;
 mod crash;
 mod helpers;
+mod lifecycle;
+mod observe;
 mod submit;
 mod tasks;

@@ -129,7 +129,7 @@ async fn an_accepted_job_answers_as_the_seed_did() {
     assert_eq!(job["total"], 1);
     assert_eq!(
         job["counts"],
-        json!({"pending":0,"running":0,"complete":1,"failed":0})
+        json!({"pending":0,"running":0,"complete":1,"failed":0,"cancelled":0})
     );
     assert_eq!(job["callback"]["state"], "none");
     assert!(job["finished_at"].is_string());
@@ -156,8 +156,15 @@ async fn the_plural_alias_and_the_job_list_work() {
     assert_eq!(list["jobs"][0]["job_id"], second.as_str(), "newest first");
     let (_, rest) = app.get(&format!("/v1/jobs?after={second}")).await;
     assert_eq!(rest["jobs"][0]["job_id"], first.as_str());
-    let (status, _) = app.get("/v1/jobs?status=Bogus").await;
-    assert_eq!(status, 422);
+    let (status, body) = app.get("/v1/jobs?status=Bogus").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `Bogus`"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

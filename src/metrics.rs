@@ -1,0 +1,129 @@
+//! Prometheus metrics: what `/metrics` shows, recorded where things happen.
+//!
+//! One registry per engine, not a process-wide one, so tests that run several servers in one
+//! process see their own figures.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs_submitted: Counter,
+    pub jobs_finished: Family<StatusLabel, Counter>,
+    pub tasks_finished: Family<OutcomeLabel, Counter>,
+    pub task_retries: Counter,
+    pub call_seconds: Histogram,
+    pub calls_in_flight: Gauge,
+    pub callback_deliveries: Family<OutcomeLabel, Counter>,
+    pub queue_depth: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("doparallel");
+        let jobs_submitted = Counter::default();
+        registry.register("jobs_submitted", "Jobs accepted", jobs_submitted.clone());
+        let jobs_finished = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs finished, by final status",
+            jobs_finished.clone(),
+        );
+        let tasks_finished = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "tasks_finished",
+            "Tasks finished, by outcome (complete, failed, cancelled)",
+            tasks_finished.clone(),
+        );
+        let task_retries = Counter::default();
+        registry.register(
+            "task_retries",
+            "Attempts that failed and were scheduled again",
+            task_retries.clone(),
+        );
+        // 1 ms to about 65 s.
+        let call_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "task_call_seconds",
+            "Duration of task calls, each attempt counted",
+            call_seconds.clone(),
+        );
+        let calls_in_flight = Gauge::default();
+        registry.register(
+            "calls_in_flight",
+            "Task calls in flight on this node",
+            calls_in_flight.clone(),
+        );
+        let callback_deliveries = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "callback_deliveries",
+            "Callback attempts, by outcome (delivered, retry, gave_up)",
+            callback_deliveries.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Tasks of unfinished jobs waiting to be called",
+            queue_depth.clone(),
+        );
+        Metrics {
+            registry,
+            jobs_submitted,
+            jobs_finished,
+            tasks_finished,
+            task_retries,
+            call_seconds,
+            calls_in_flight,
+            callback_deliveries,
+            queue_depth,
+        }
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn job_finished(&self, status: crate::job::JobStatus) {
+        self.jobs_finished
+            .get_or_create(&StatusLabel {
+                status: status.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn tasks_finished(&self, outcome: &'static str, n: u64) {
+        self.tasks_finished
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc_by(n);
+    }
+
+    pub fn callback_attempt(&self, outcome: &'static str) {
+        self.callback_deliveries
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
