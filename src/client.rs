@@ -43,6 +43,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// every job, so it is worth waiting through one).
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
+/// Longest an event stream may stay silent. The server sends a keep-alive comment every
+/// 15 s, so this much silence means the connection is gone without a word (a dropped NAT
+/// entry, a suspended laptop).
+const EVENTS_IDLE: Duration = Duration::from_secs(45);
+
 /// Widest a result or error is shown in the tasks table.
 const CELL_WIDTH: usize = 60;
 
@@ -149,14 +154,31 @@ pub struct CallbackView {
 
 impl JobView {
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            status: self.status,
-            total: self.total,
-            done: self
-                .total
-                .saturating_sub(self.counts.pending + self.counts.running),
-            failed: self.counts.failed,
-        }
+        snapshot(self.status, self.total, &self.counts)
+    }
+}
+
+fn snapshot(status: JobStatus, total: u64, counts: &Counts) -> Snapshot {
+    Snapshot {
+        status,
+        total,
+        // Whatever is neither pending nor running is done, in any final state.
+        done: total.saturating_sub(counts.pending + counts.running),
+        failed: counts.failed,
+    }
+}
+
+/// The data of the `progress` and `finished` events: what a progress display needs.
+#[derive(Debug, Deserialize)]
+pub struct ProgressView {
+    pub status: JobStatus,
+    pub total: u64,
+    pub counts: Counts,
+}
+
+impl ProgressView {
+    pub fn snapshot(&self) -> Snapshot {
+        snapshot(self.status, self.total, &self.counts)
     }
 }
 
@@ -432,6 +454,139 @@ impl Client {
             .await?;
         self.decode(raw, &action)
     }
+
+    /// `GET /v1/jobs/{id}/events`: the job's event stream, resuming after
+    /// `last_event_id` when given.
+    pub async fn events(
+        &self,
+        id: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<EventStream, ClientError> {
+        let action = format!("follow job {id}");
+        // No overall timeout, which would cut a long stream; only the answer's head has to
+        // come in time, and then each chunk within EVENTS_IDLE.
+        let mut request = self
+            .http
+            .get(self.url(&["v1", "jobs", id, "events"], &[]))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.expose());
+        }
+        if let Some(last) = last_event_id {
+            request = request.header("last-event-id", last);
+        }
+        let response = match tokio::time::timeout(REQUEST_TIMEOUT, request.send()).await {
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    server: self.shown.clone(),
+                    secs: REQUEST_TIMEOUT.as_secs(),
+                });
+            }
+            Ok(sent) => sent.map_err(|e| self.transport(e, REQUEST_TIMEOUT))?,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(self.refused(&action, status, &text));
+        }
+        Ok(EventStream {
+            response,
+            parser: SseParser::default(),
+            ready: Vec::new().into_iter(),
+        })
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerEvent {
+    pub event: String,
+    pub data: String,
+    /// The stream's last event id once this event is dispatched.
+    pub id: Option<String>,
+}
+
+/// An open event stream.
+pub struct EventStream {
+    response: reqwest::Response,
+    parser: SseParser,
+    ready: std::vec::IntoIter<ServerEvent>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the stream ended, was cut, or stayed silent longer than
+    /// [`EVENTS_IDLE`] (the caller reconnects if the job is not finished).
+    pub async fn next(&mut self) -> Option<ServerEvent> {
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Some(event);
+            }
+            match tokio::time::timeout(EVENTS_IDLE, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.ready = self.parser.push(&chunk).into_iter(),
+                Ok(Ok(None) | Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// The event-stream format (the `text/event-stream` of the HTML standard), fed in chunks
+/// that may split a line anywhere. A few lines of parsing are not worth a crate.
+#[derive(Default)]
+struct SseParser {
+    /// An incomplete line from the previous chunk.
+    line: Vec<u8>,
+    event: String,
+    data: String,
+    last_id: Option<String>,
+}
+
+impl SseParser {
+    fn push(&mut self, chunk: &[u8]) -> Vec<ServerEvent> {
+        let mut events = Vec::new();
+        for &byte in chunk {
+            if byte != b'\n' {
+                self.line.push(byte);
+                continue;
+            }
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8_lossy(&line);
+            if line.is_empty() {
+                // A blank line dispatches what was gathered; an event without data is none.
+                let event = std::mem::take(&mut self.event);
+                let data = std::mem::take(&mut self.data);
+                if !data.is_empty() {
+                    events.push(ServerEvent {
+                        event: if event.is_empty() {
+                            "message".into()
+                        } else {
+                            event
+                        },
+                        data: data.strip_suffix('\n').unwrap_or(&data).to_string(),
+                        id: self.last_id.clone(),
+                    });
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                continue; // a comment: the server's keep-alive
+            }
+            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => self.event = value.to_string(),
+                "data" => {
+                    self.data.push_str(value);
+                    self.data.push('\n');
+                }
+                "id" => self.last_id = Some(value.to_string()),
+                _ => {} // `retry` and unknown fields
+            }
+        }
+        events
+    }
 }
 
 /// The `msg` of the server's `{"status":"Error","msg":...}`, else the first line of a short
@@ -701,31 +856,115 @@ pub async fn submit(args: SubmitArgs) -> Result<u8, ClientError> {
     Ok(exit_code(job.status))
 }
 
-/// Polls the job every [`POLL_EVERY`] until it is finished, showing its progress. A server
-/// that goes away (restarts, answers 5xx) is waited for up to [`RECONNECT_FOR`].
+/// Waits until the job is finished, showing its progress, and returns it with its result.
+///
+/// Progress comes from the job's event stream; a server without one (older than this
+/// client) is polled instead. Either way the job is read once more at the end, since the
+/// `finished` event carries no results.
 async fn wait(client: &Client, id: &str, progress: &mut Progress) -> Result<JobView, ClientError> {
-    let mut trouble_since: Option<Instant> = None;
+    follow_events(client, id, progress).await?;
+    poll(client, id, progress).await
+}
+
+/// Whether an error may pass once the server is back (it restarts, or its database is
+/// briefly unavailable): a restart keeps every job, so it is worth waiting through.
+fn is_transient(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Unreachable { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::ServerFailed { .. }
+    )
+}
+
+/// Counts how long the server has been in trouble and says when to give up.
+#[derive(Default)]
+struct Trouble {
+    since: Option<Instant>,
+}
+
+impl Trouble {
+    /// `Err(e)` once the server has been in trouble for [`RECONNECT_FOR`]; until then the
+    /// caller tries again.
+    fn on_error(&mut self, e: ClientError, progress: &mut Progress) -> Result<(), ClientError> {
+        if !is_transient(&e)
+            || self.since.get_or_insert_with(Instant::now).elapsed() >= RECONNECT_FOR
+        {
+            return Err(e);
+        }
+        progress.note("the server does not answer; still trying");
+        Ok(())
+    }
+
+    fn ok(&mut self) {
+        self.since = None;
+    }
+}
+
+/// Follows the job's events until `finished`. Returns at once, without error, when the
+/// server has no event route; reconnects with `Last-Event-ID` when the stream is cut.
+async fn follow_events(
+    client: &Client,
+    id: &str,
+    progress: &mut Progress,
+) -> Result<(), ClientError> {
+    let mut trouble = Trouble::default();
+    let mut last_id: Option<String> = None;
+    loop {
+        let mut stream = match client.events(id, last_id.as_deref()).await {
+            Ok(stream) => stream,
+            // A server older than the route (or a proxy that does not pass it): polling
+            // works everywhere, and reports an unknown job properly.
+            Err(
+                ClientError::MissingRoute { .. }
+                | ClientError::Refused {
+                    status: 404 | 405, ..
+                },
+            ) => return Ok(()),
+            Err(e) => {
+                trouble.on_error(e, progress)?;
+                tokio::time::sleep(POLL_EVERY).await;
+                continue;
+            }
+        };
+        trouble.ok();
+        while let Some(event) = stream.next().await {
+            last_id = event.id.clone().or(last_id);
+            match event.event.as_str() {
+                "progress" | "finished" => {
+                    let view: ProgressView =
+                        serde_json::from_str(&event.data).map_err(|e| ClientError::Protocol {
+                            action: format!("follow job {id}"),
+                            server: client.shown.clone(),
+                            detail: format!("{} event: {e}", event.event),
+                        })?;
+                    progress.update(view.snapshot());
+                    if event.event == "finished" {
+                        return Ok(());
+                    }
+                }
+                // Failures are counted in `progress`; `doparallel tasks ID --failed` lists them.
+                _ => {}
+            }
+        }
+        // Cut before `finished`: look again shortly, from where the stream stopped.
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls the job every [`POLL_EVERY`] until it is finished, showing its progress.
+async fn poll(client: &Client, id: &str, progress: &mut Progress) -> Result<JobView, ClientError> {
+    let mut trouble = Trouble::default();
     loop {
         match client.job(id).await {
             Ok(answer) => {
-                trouble_since = None;
+                trouble.ok();
                 progress.update(answer.value.snapshot());
                 if answer.value.status.is_finished() {
                     return Ok(answer.value);
                 }
             }
-            Err(
-                e @ (ClientError::Unreachable { .. }
-                | ClientError::Timeout { .. }
-                | ClientError::ServerFailed { .. }),
-            ) => {
-                let since = *trouble_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= RECONNECT_FOR {
-                    return Err(e);
-                }
-                progress.note("the server does not answer; still trying");
-            }
-            Err(e) => return Err(e),
+            Err(e) => trouble.on_error(e, progress)?,
         }
         tokio::time::sleep(POLL_EVERY).await;
     }
@@ -908,6 +1147,35 @@ mod tests {
             final_document(&view).unwrap(),
             r#"{"job_id":"J","status":"Failed","msg":"Job Finished","result":{"1":{"status":"Complete","result":1.10}}}"#
         );
+    }
+
+    #[test]
+    fn event_streams_parse_across_chunk_boundaries() {
+        let stream = b": keep-alive\n\nevent: progress\nid: 0\ndata: {\"a\":1}\n\n\
+                       event:task_failed\r\nid:1\r\ndata: x\r\ndata: y\r\n\r\n\
+                       data: plain\n\nevent: finished\n\n";
+        let want = vec![
+            ServerEvent {
+                event: "progress".into(),
+                data: r#"{"a":1}"#.into(),
+                id: Some("0".into()),
+            },
+            ServerEvent {
+                event: "task_failed".into(),
+                data: "x\ny".into(),
+                id: Some("1".into()),
+            },
+            ServerEvent {
+                event: "message".into(),
+                data: "plain".into(),
+                id: Some("1".into()),
+            },
+        ];
+        for size in [1, 2, 7, stream.len()] {
+            let mut parser = SseParser::default();
+            let got: Vec<ServerEvent> = stream.chunks(size).flat_map(|c| parser.push(c)).collect();
+            assert_eq!(got, want, "chunks of {size}");
+        }
     }
 
     #[test]

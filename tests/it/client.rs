@@ -2,10 +2,12 @@
 //! run against the real server in this process, as a user would run it.
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -417,4 +419,147 @@ async fn the_token_is_sent_as_bearer_and_never_printed() {
     assert_eq!(help.code, 0);
     assert!(help.stdout.contains("DOPARALLEL_TOKEN"), "{help:?}");
     assert!(!help.stdout.contains("s3cret"), "{help:?}");
+}
+
+/// A stand-in server with one job, `J`, for the paths of `submit --wait` that the real
+/// server does not take on its own: a cut event stream, and a server without events.
+#[derive(Clone, Default)]
+struct Stub {
+    /// Once set, `GET /v1/jobs/J` answers the finished job with its result.
+    finished: Arc<AtomicBool>,
+    job_reads: Arc<AtomicUsize>,
+    /// The `Last-Event-ID` of each connection to the event stream.
+    event_connections: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl Stub {
+    /// Serves the stub; with `events`, the event stream is cut after its first events
+    /// and only finishes on the second connection.
+    async fn start(&self, events: bool) -> String {
+        let accept = || async {
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(
+                    json!({"status": "Success", "msg": "Job Executed", "job_id": "J", "status_url": "/v1/jobs/J"}),
+                ),
+            )
+        };
+        let stub = self.clone();
+        let mut app = Router::new().route("/v1/job", post(accept)).route(
+            "/v1/jobs/J",
+            get(move || {
+                let stub = stub.clone();
+                async move {
+                    let reads = stub.job_reads.fetch_add(1, Ordering::SeqCst) + 1;
+                    // Without events, the job finishes on the third look.
+                    if stub.finished.load(Ordering::SeqCst) || (!events && reads >= 3) {
+                        stub_job(
+                            "Complete",
+                            0,
+                            Some(r#"{"1":{"status":"Complete","result":1.10}}"#),
+                        )
+                    } else {
+                        stub_job("Running", 1, None)
+                    }
+                }
+            }),
+        );
+        if events {
+            let stub = self.clone();
+            app = app.route(
+                "/v1/jobs/J/events",
+                get(move |headers: HeaderMap| {
+                    let stub = stub.clone();
+                    async move {
+                        let last = headers
+                            .get("last-event-id")
+                            .map(|v| v.to_str().unwrap().to_string());
+                        let mut seen = stub.event_connections.lock().unwrap();
+                        seen.push(last);
+                        let progress = stub_job("Running", 1, None);
+                        let body = if seen.len() == 1 {
+                            format!(
+                                ": hello\n\nevent: progress\nid: 0\ndata: {progress}\n\n\
+                                 event: task_failed\nid: 1\ndata: {{\"index\":1}}\n\n"
+                            )
+                        } else {
+                            stub.finished.store(true, Ordering::SeqCst);
+                            let done = stub_job("Complete", 0, None);
+                            format!("event: finished\nid: 1\ndata: {done}\n\n")
+                        };
+                        ([("content-type", "text/event-stream")], body)
+                    }
+                }),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        server
+    }
+}
+
+/// The job `J` as the server shows it; `result` is raw JSON text, passed through as is, as
+/// the real server does (a `Value` would turn `1.10` into `1.1`).
+fn stub_job(status: &str, running: u64, result: Option<&str>) -> String {
+    let job = json!({
+        "job_id": "J", "status": status, "total": 1,
+        "counts": {"pending": 0, "running": running, "complete": 1 - running, "failed": 0, "cancelled": 0},
+        "created_at": "2026-01-01T00:00:00.000Z", "finished_at": null,
+        "callback": {"url": null, "state": "none", "attempts": 0, "last_error": null},
+        "options": {},
+    })
+    .to_string();
+    match result {
+        Some(raw) => format!("{},\"result\":{raw}}}", job.strip_suffix('}').unwrap()),
+        None => job,
+    }
+}
+
+const STUB_DOCUMENT: &str = r#"{"job_id":"J","status":"Complete","msg":"Job Finished","result":{"1":{"status":"Complete","result":1.10}}}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_wait_resumes_a_cut_event_stream_from_its_last_event() {
+    let stub = Stub::default();
+    let server = stub.start(true).await;
+    let out = doparallel(
+        &["submit", "-", "--wait", "--server", &server],
+        Some("{}"),
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, format!("{STUB_DOCUMENT}\n"));
+    assert_eq!(
+        *stub.event_connections.lock().unwrap(),
+        [None, Some("1".to_string())],
+        "reconnected after the last event it saw"
+    );
+    assert!(
+        out.stderr.contains("job J: 1/1 done, 0 failed, "),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_wait_polls_a_server_without_events() {
+    let stub = Stub::default();
+    let server = stub.start(false).await;
+    let out = doparallel(
+        &["submit", "-", "--wait", "--server", &server],
+        Some("{}"),
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, format!("{STUB_DOCUMENT}\n"));
+    assert!(
+        stub.job_reads.load(Ordering::SeqCst) >= 3,
+        "polled until finished"
+    );
+    assert!(
+        out.stderr.contains("job J: 0/1 done, 0 failed, "),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("; Complete after "), "{out:?}");
 }
