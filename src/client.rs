@@ -162,8 +162,7 @@ fn snapshot(status: JobStatus, total: u64, counts: &Counts) -> Snapshot {
     Snapshot {
         status,
         total,
-        // Whatever is neither pending nor running is done, in any final state.
-        done: total.saturating_sub(counts.pending + counts.running),
+        done: counts.complete + counts.failed,
         failed: counts.failed,
     }
 }
@@ -1097,6 +1096,11 @@ mod tests {
         let now = humantime::parse_rfc3339("2026-01-02T03:04:05Z").unwrap();
         let row = job_row(&job("Running", "2026-01-02T02:59:05.123Z"), now);
         assert_eq!(row, ["J", "Running", "5/10", "1", "-", "4m"]);
+        // Cancelled tasks never ran: they do not count as done.
+        let mut cancelled = job("Cancelled", "2026-01-02T02:59:05.123Z");
+        (cancelled.counts.pending, cancelled.counts.running) = (0, 0);
+        cancelled.counts.cancelled = 5;
+        assert_eq!(job_row(&cancelled, now)[..3], ["J", "Cancelled", "5/10"]);
         let check = |created: &str, want: &str| {
             assert_eq!(age(created, now), want, "{created}");
         };

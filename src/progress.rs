@@ -31,7 +31,8 @@ const LINE_EVERY: Duration = Duration::from_secs(5);
 pub struct Snapshot {
     pub status: JobStatus,
     pub total: u64,
-    /// Tasks finished for good, whatever their outcome.
+    /// Tasks that ran to an outcome, Complete or Failed. Cancelled tasks never ran, so a
+    /// cancelled job shows how far it got rather than a full bar.
     pub done: u64,
     pub failed: u64,
 }
@@ -41,9 +42,7 @@ impl Snapshot {
         Snapshot {
             status: job.status,
             total: job.total,
-            // Counted as "not pending and not running" so that any final task state the
-            // store grows (cancelled) is counted as done without a change here.
-            done: job.total - job.pending() - job.running,
+            done: job.complete + job.failed,
             failed: job.failed,
         }
     }
