@@ -1007,8 +1007,8 @@ pub async fn tasks(args: TasksArgs) -> Result<u8, ClientError> {
     if let Some(next) = page.value.next_after {
         let failed = if args.failed { " --failed" } else { "" };
         tell(&format!(
-            "more tasks: doparallel tasks {}{failed} --after {next}",
-            args.id
+            "more tasks: doparallel tasks {}{failed} --limit {} --after {next}",
+            args.id, args.limit
         ));
     }
     Ok(EXIT_COMPLETE)
@@ -1037,7 +1037,8 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, ClientError> {
             .map(|s| format!(" --status {}", s.as_str()))
             .unwrap_or_default();
         tell(&format!(
-            "more jobs: doparallel jobs{status} --after {next}"
+            "more jobs: doparallel jobs{status} --limit {} --after {next}",
+            args.limit
         ));
     }
     Ok(EXIT_COMPLETE)
