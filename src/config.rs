@@ -214,6 +214,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+// The client commands' options. Where to reach the server and the token have environment
+// variables, as every service option does; the flags that say what one command does
+// (--json, --wait, --failed, --status, --limit, --after) have none on purpose: a variable left
+// set in a shell would silently change the output a script parses.
+
 /// How the client commands reach the server; flattened into each of them.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
