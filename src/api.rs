@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +27,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::auth::{ApiTokens, Owner, require_token};
 use crate::callback;
 use crate::engine::Engine;
 use crate::job::{
@@ -51,19 +53,24 @@ struct AppState {
     engine: Arc<Engine>,
 }
 
-/// The API's routes over a running engine.
-pub fn router(engine: Arc<Engine>, max_body_bytes: usize) -> Router {
-    Router::new()
+/// The API's routes over a running engine. With `tokens`, every route but `POST /v1/test`,
+/// `/healthz` and `/openapi.json` needs one (see `crate::auth`).
+pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize) -> Router {
+    let guarded = Router::new()
         .route("/v1/job", post(submit))
         .route("/v1/jobs", post(submit_alias).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(tokens, require_token));
+    let open = Router::new()
         .route("/v1/test", post(test_task))
         .route("/healthz", get(health))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi));
+    guarded
+        .merge(open)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(AppState { engine })
@@ -278,6 +285,7 @@ impl SubmitAnswer {
 )]
 async fn submit(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -289,7 +297,9 @@ async fn submit(
         ));
     }
     let idempotency = idempotency_key(&headers, &body)?;
-    let job = parse_submission(&body)?;
+    let config = &state.engine.config;
+    let mut job = parse_submission(&body, &config.limits, &config.egress)?;
+    job.owner = owner.0;
     match state.engine.submit(&job, idempotency.as_ref()).await? {
         InsertOutcome::Inserted => {
             tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "job accepted");
@@ -334,10 +344,11 @@ async fn submit(
 )]
 async fn submit_alias(
     state: State<AppState>,
+    owner: Extension<Owner>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    submit(state, headers, body).await
+    submit(state, owner, headers, body).await
 }
 
 /// The `Idempotency-Key` header with a digest of the body it came with.
@@ -446,15 +457,20 @@ impl JobView {
     }
 }
 
-async fn find_job(store: &dyn Store, id: JobId) -> Result<JobRecord, ApiError> {
-    store.job_get(id).await?.ok_or_else(|| ApiError::no_job(id))
+/// The job, if it exists and belongs to the caller: another owner's job is not found.
+async fn find_job(store: &dyn Store, id: JobId, owner: &Owner) -> Result<JobRecord, ApiError> {
+    store
+        .job_get(id)
+        .await?
+        .filter(|job| owner.0.is_none() || job.owner == owner.0)
+        .ok_or_else(|| ApiError::no_job(id))
 }
 
 /// A job with its result map once finished.
 async fn job_view(store: &dyn Store, job: JobRecord) -> Result<JobView, ApiError> {
     let result = if job.status.is_finished() {
         let mut map = Vec::new();
-        callback::write_result_map(store, job.id, &mut map).await?;
+        callback::write_result_map(store, job.id, &mut map, usize::MAX).await?;
         let text = String::from_utf8(map).map_err(|e| StoreError::Other(e.to_string()))?;
         Some(RawValue::from_string(text).map_err(|e| StoreError::Other(e.to_string()))?)
     } else {
@@ -475,11 +491,12 @@ async fn job_view(store: &dyn Store, job: JobRecord) -> Result<JobView, ApiError
 )]
 async fn get_job(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
     let store = state.engine.store().as_ref();
-    let job = find_job(store, id).await?;
+    let job = find_job(store, id, &owner).await?;
     Ok(Json(job_view(store, job).await?))
 }
 
@@ -561,6 +578,7 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 )]
 async fn list_tasks(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
     query: Result<Query<TasksQuery>, QueryRejection>,
 ) -> Result<Json<TaskPage>, ApiError> {
@@ -568,7 +586,7 @@ async fn list_tasks(
     let Query(query) = query.map_err(query_error)?;
     let limit = page_limit(query.limit)?;
     let store = state.engine.store();
-    find_job(store.as_ref(), id).await?;
+    find_job(store.as_ref(), id, &owner).await?;
     let page = TaskPageQuery {
         after: query.after,
         limit,
@@ -617,6 +635,7 @@ struct JobPage {
 )]
 async fn list_jobs(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     query: Result<Query<JobsQuery>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
@@ -625,6 +644,7 @@ async fn list_jobs(
         .engine
         .store()
         .job_list(&JobListQuery {
+            owner: owner.0,
             status: query.status,
             before: query.after,
             limit,
@@ -655,9 +675,11 @@ async fn list_jobs(
 )]
 async fn cancel_job(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
+    find_job(state.engine.store().as_ref(), id, &owner).await?;
     match state.engine.cancel(id).await? {
         CancelOutcome::NotFound => Err(ApiError::no_job(id)),
         CancelOutcome::AlreadyFinished(status) => Err(ApiError::new(
@@ -669,7 +691,7 @@ async fn cancel_job(
         )),
         CancelOutcome::Cancelled { .. } => {
             let store = state.engine.store().as_ref();
-            let job = find_job(store, id).await?;
+            let job = find_job(store, id, &owner).await?;
             Ok(Json(job_view(store, job).await?))
         }
     }
@@ -688,9 +710,11 @@ async fn cancel_job(
 )]
 async fn delete_job(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_job_id(&id)?;
+    find_job(state.engine.store().as_ref(), id, &owner).await?;
     match state.engine.store().job_delete(id).await? {
         DeleteOutcome::Deleted => {
             tracing::info!(job_id = %id, "job deleted");
@@ -834,12 +858,13 @@ fn sse(name: &str, id: u64, data: &impl Serialize) -> SseEvent {
 )]
 async fn job_events(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let id = parse_job_id(&id)?;
     let store = state.engine.store().clone();
-    find_job(store.as_ref(), id).await?;
+    find_job(store.as_ref(), id, &owner).await?;
     let cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -7,13 +7,14 @@
 //! `webhook-id`, which is what a receiver deduplicates on.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use reqwest::header::CONTENT_TYPE;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use url::Url;
 
 use crate::engine::call::error_chain;
 use crate::engine::{Engine, Event, IDLE_POLL};
@@ -22,6 +23,7 @@ use crate::store::{
     CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, TaskPageQuery,
     now_millis, webhook_id,
 };
+use crate::webhook::timestamp_now;
 
 /// Tasks read from the store per page while a document is built.
 const PAGE: u32 = 1000;
@@ -42,7 +44,13 @@ struct Entry<'a> {
 }
 
 /// Appends the result map of a job, `{"1":{...},"2":{...}}`, reading its tasks page by page.
-pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) -> StoreResult<()> {
+/// Stops and returns `false` as soon as `out` grows past `max_bytes`.
+pub async fn write_result_map(
+    store: &dyn Store,
+    job: JobId,
+    out: &mut Vec<u8>,
+    max_bytes: usize,
+) -> StoreResult<bool> {
     out.push(b'{');
     let mut after = 0;
     loop {
@@ -73,43 +81,56 @@ pub async fn write_result_map(store: &dyn Store, job: JobId, out: &mut Vec<u8>) 
             out.extend_from_slice(b"\":");
             serde_json::to_writer(&mut *out, &entry).expect("writing to a Vec cannot fail");
         }
+        if out.len() > max_bytes {
+            return Ok(false);
+        }
         match page.last() {
             Some(last) if page.len() == PAGE as usize => after = last.index,
             _ => break,
         }
     }
     out.push(b'}');
-    Ok(())
+    Ok(out.len() <= max_bytes)
 }
 
 /// The callback body of a finished job:
-/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`.
-pub async fn document(store: &dyn Store, job: &JobRecord) -> StoreResult<Vec<u8>> {
+/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`. When that would be larger
+/// than `max_bytes`, the document goes without `result` and with `result_url`, the
+/// paginated tasks route, so that a receiver is never sent more than it can take.
+pub async fn document(
+    store: &dyn Store,
+    job: &JobRecord,
+    max_bytes: usize,
+) -> StoreResult<Vec<u8>> {
     #[derive(Serialize)]
     struct Head<'a> {
         job_id: JobId,
         status: &'a str,
         msg: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result_url: Option<String>,
     }
-    let head = Head {
+    let mut head = Head {
         job_id: job.id,
         status: job.status.as_str(),
         msg: "Job Finished",
+        result_url: None,
     };
     let mut out = serde_json::to_vec(&head).expect("the head serializes");
     out.pop(); // the closing brace: the result map follows
     out.extend_from_slice(b",\"result\":");
-    write_result_map(store, job.id, &mut out).await?;
-    out.push(b'}');
-    Ok(out)
+    if write_result_map(store, job.id, &mut out, max_bytes.saturating_sub(1)).await? {
+        out.push(b'}');
+        return Ok(out);
+    }
+    head.result_url = Some(format!("/v1/jobs/{}/tasks", job.id));
+    Ok(serde_json::to_vec(&head).expect("the head serializes"))
 }
 
 /// Sends due callbacks until `stop`; then waits for the deliveries under way.
 pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
-    let client = match reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
+    let client = match crate::engine::http_client(&engine.config)
         .timeout(engine.config.callback_timeout)
-        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
         .build()
     {
         Ok(c) => c,
@@ -168,7 +189,7 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
     };
-    let body = match document(store, &job).await {
+    let body = match document(store, &job, engine.config.max_callback_bytes).await {
         Ok(body) => body,
         Err(e) => {
             tracing::error!(job_id = %due.job_id, error = %e, "cannot build callback body; tried again later");
@@ -176,18 +197,25 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
         }
     };
     let attempts = due.attempts + 1;
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let sent = client
+    let blocked = Url::parse(&due.url)
+        .map_err(|e| format!("invalid callback URL: {e}"))
+        .and_then(|url| engine.config.egress.check_url(&url));
+    if let Err(why) = blocked {
+        let outcome = CallbackOutcome::GaveUp { error: why };
+        record(&engine, due.job_id, attempts, outcome).await;
+        return;
+    }
+    let id = webhook_id(due.job_id);
+    let timestamp = timestamp_now();
+    let mut request = client
         .post(&due.url)
         .header(CONTENT_TYPE, "application/json")
-        .header("webhook-id", webhook_id(due.job_id))
-        .header("webhook-timestamp", timestamp.to_string())
-        .body(body)
-        .send()
-        .await;
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(signature) = engine.config.signer.signature(&id, timestamp, &body) {
+        request = request.header("webhook-signature", signature);
+    }
+    let sent = request.body(body).send().await;
     let error = match sent {
         Ok(response) if response.status().is_success() => None,
         Ok(response) if response.status() == reqwest::StatusCode::GONE => {
@@ -198,6 +226,13 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
         Ok(response) => Some(format!("receiver answered {}", response.status())),
+        Err(e) if crate::egress::is_blocked(&e) => {
+            let outcome = CallbackOutcome::GaveUp {
+                error: error_chain(&e),
+            };
+            record(&engine, due.job_id, attempts, outcome).await;
+            return;
+        }
         Err(e) => Some(error_chain(&e)),
     };
     let outcome = match error {

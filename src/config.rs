@@ -5,16 +5,19 @@
 //! only [`EngineConfig`], whose fields have no defaults of their own: each entry point says
 //! what it wants.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use url::Url;
 
-use crate::job::JobStatus;
+use crate::egress::EgressPolicy;
+use crate::job::{JobStatus, Limits};
+use crate::webhook::{Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +53,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one job in-process (no server), print its final document, exit 0 if Complete.
     Run(RunArgs),
+    /// Print a new webhook signing secret (for --webhook-secret).
+    Secret,
     /// Submit a job to a running server and print its id (or, with --wait, its final
     /// document).
     Submit(SubmitArgs),
@@ -92,12 +97,41 @@ pub struct ServeArgs {
     )]
     pub callback_retry_schedule: Schedule,
 
+    /// Allows task calls and callbacks to reach this range, which the guard denies by default
+    /// (loopback, private, link-local, ...). Repeatable; e.g. 127.0.0.0/8 for local development.
+    #[arg(
+        long = "allow-net",
+        env = "DOPARALLEL_ALLOW_NETS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub allow_net: Vec<IpNet>,
+
+    /// API token that clients must send (`Authorization: Bearer TOKEN`). Repeatable, or
+    /// comma-separated in the environment; each token sees only the jobs it created.
+    #[arg(
+        long = "api-token",
+        env = "DOPARALLEL_API_TOKENS",
+        value_delimiter = ',',
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Vec<Secret>,
+
+    /// File of API tokens, one per line (blank lines and lines starting with # are skipped).
+    #[arg(long, env = "DOPARALLEL_API_TOKEN_FILE", value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without any API token.
+    #[arg(long, env = "DOPARALLEL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
     /// How long finished jobs are kept before they are purged (units ms, s, m, h, d).
     #[arg(long, env = "DOPARALLEL_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
 
     /// Largest request body accepted, in bytes.
-    #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: usize,
 }
 
@@ -112,6 +146,20 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub engine: EngineArgs,
+
+    /// Guard outbound calls as `serve` does (deny loopback, private, link-local, ... ranges).
+    /// Without it `run` may reach any address: the person running it chose the job.
+    #[arg(long, env = "DOPARALLEL_DENY_PRIVATE")]
+    pub deny_private: bool,
+
+    /// With --deny-private: ranges to allow all the same. Repeatable.
+    #[arg(
+        long = "allow-net",
+        env = "DOPARALLEL_ALLOW_NETS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub allow_net: Vec<IpNet>,
 
     /// Delays between callback attempts after the first. Shorter than serve's default: the
     /// command waits for the callback's last attempt before it exits.
@@ -131,9 +179,43 @@ pub struct EngineArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
 
-    /// Largest task response body kept, in bytes; a larger one fails the task.
-    #[arg(long, env = "DOPARALLEL_MAX_RESPONSE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    /// Largest task response body read, in bytes; a larger one fails the task
+    /// (`response_too_large`).
+    #[arg(long, env = "DOPARALLEL_MAX_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
     pub max_response_bytes: usize,
+
+    /// Secret that signs callbacks and task calls (Standard Webhooks `whsec_...`; make one
+    /// with `doparallel secret`). Repeatable, or comma-separated, to rotate: every call is
+    /// signed with each.
+    #[arg(
+        long,
+        env = "DOPARALLEL_WEBHOOK_SECRET",
+        value_delimiter = ',',
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Vec<WebhookSecret>,
+
+    /// Most tasks in one job.
+    #[arg(long, env = "DOPARALLEL_MAX_TASKS_PER_JOB", default_value_t = Limits::defaults().max_tasks)]
+    pub max_tasks_per_job: usize,
+
+    /// Largest `params` of one task, in bytes as sent.
+    #[arg(long, env = "DOPARALLEL_MAX_PARAMS_BYTES", default_value_t = Limits::defaults().max_params_bytes)]
+    pub max_params_bytes: usize,
+
+    /// Longest endpoint or callback URL, in characters.
+    #[arg(long, env = "DOPARALLEL_MAX_URL_LENGTH", default_value_t = Limits::defaults().max_url_len)]
+    pub max_url_length: usize,
+
+    /// Deepest nesting of arrays and objects in a job body.
+    #[arg(long, env = "DOPARALLEL_MAX_JSON_DEPTH", default_value_t = Limits::defaults().max_depth)]
+    pub max_json_depth: usize,
+
+    /// Largest callback body sent whole; a larger one goes without `result`, with
+    /// `result_url` pointing at the paginated tasks route instead.
+    #[arg(long, env = "DOPARALLEL_MAX_CALLBACK_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_callback_bytes: usize,
 }
 
 impl EngineArgs {
@@ -141,8 +223,18 @@ impl EngineArgs {
         &self,
         callback_schedule: &Schedule,
         retention: Option<Duration>,
+        egress: EgressPolicy,
     ) -> EngineConfig {
         EngineConfig {
+            egress: Arc::new(egress),
+            signer: Arc::new(Signer::new(self.webhook_secret.clone())),
+            limits: Limits {
+                max_tasks: self.max_tasks_per_job,
+                max_params_bytes: self.max_params_bytes,
+                max_url_len: self.max_url_length,
+                max_depth: self.max_json_depth,
+            },
+            max_callback_bytes: self.max_callback_bytes,
             max_in_flight: self.max_in_flight as usize,
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),
@@ -163,6 +255,37 @@ pub struct EngineConfig {
     pub callback_timeout: Duration,
     /// How long finished jobs are kept; `None` keeps them until deleted.
     pub retention: Option<Duration>,
+    /// Which addresses task calls and callbacks may reach.
+    pub egress: Arc<EgressPolicy>,
+    /// Signs callbacks and task calls (Standard Webhooks); signs nothing without secrets.
+    pub signer: Arc<Signer>,
+    /// Bounds on a submission.
+    pub limits: Limits,
+    /// A callback body larger than this is sent without `result` (see `callback::document`).
+    pub max_callback_bytes: usize,
+}
+
+/// A secret given on the command line or in the environment: its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
 }
 
 /// A comma-separated list of durations such as `5s,5m,30m,2h` (an empty string is no
@@ -311,30 +434,6 @@ pub struct CancelArgs {
     pub client: ClientArgs,
 }
 
-/// A secret such as the API token: its `Debug` never shows the value, so it cannot leak
-/// through a debug dump of the options or a log line.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_string()))
-    }
-}
-
 /// An absolute http(s) URL; the client joins `v1/...` to it, so a path prefix (a server
 /// behind a reverse proxy) is kept.
 fn parse_server_url(text: &str) -> Result<Url, String> {
@@ -390,6 +489,25 @@ mod tests {
 
     #[test]
     fn secrets_stay_out_of_debug_output() {
+        let cli = Cli::try_parse_from([
+            "doparallel",
+            "serve",
+            "--api-token",
+            "token-that-must-not-show",
+            "--webhook-secret",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("token-that-must-not-show"), "{shown}");
+        assert!(
+            !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_client_token_stays_out_of_debug_output() {
         let cli = Cli::try_parse_from(["doparallel", "jobs", "--token", "hunter2"]).unwrap();
         let dump = format!("{cli:?}");
         assert!(!dump.contains("hunter2"), "{dump}");

@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 use url::Url;
 use uuid::Uuid;
 
+use crate::egress::EgressPolicy;
+
 /// The relative endpoint of the built-in test task, run in-process without a network hop.
 pub const TEST_ENDPOINT: &str = "/v1/test";
 
@@ -221,10 +223,63 @@ impl JobOptions {
     }
 }
 
+/// Bounds on what one submission may hold; each is a command-line option.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_tasks: usize,
+    /// Bytes of one task's `params`, as sent.
+    pub max_params_bytes: usize,
+    /// Characters of an endpoint or callback URL.
+    pub max_url_len: usize,
+    /// Nesting of arrays and objects in the whole body.
+    pub max_depth: usize,
+}
+
+impl Limits {
+    /// The documented defaults.
+    pub fn defaults() -> Self {
+        Limits {
+            max_tasks: 100_000,
+            max_params_bytes: 256 * 1024,
+            max_url_len: 2048,
+            max_depth: 64,
+        }
+    }
+}
+
+/// The deepest nesting of arrays and objects in a JSON text (strings are skipped).
+fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// A validated job, ready to be stored.
 #[derive(Debug)]
 pub struct NewJob {
     pub id: JobId,
+    /// Who submitted it (see `auth::Owner`); set by the API after parsing.
+    pub owner: Option<String>,
     pub callback: Option<Url>,
     pub options: JobOptions,
     pub tasks: Vec<NewTask>,
@@ -277,19 +332,39 @@ fn serde_message(e: &serde_json::Error) -> String {
     text.strip_suffix(&suffix).unwrap_or(&text).to_string()
 }
 
-/// Parses and validates a submitted job body (the seed's shape plus optional `options`).
-pub fn parse_submission(body: &[u8]) -> Result<NewJob, SubmissionError> {
+/// Parses and validates a submitted job body (the seed's shape plus optional `options`),
+/// within `limits`, refusing URLs whose host is an IP literal that `egress` denies.
+pub fn parse_submission(
+    body: &[u8],
+    limits: &Limits,
+    egress: &EgressPolicy,
+) -> Result<NewJob, SubmissionError> {
     // Syntax first, so that a body which is not JSON is told apart from a wrong shape.
     serde_json::from_slice::<&RawValue>(body)
         .map_err(|e| SubmissionError::Malformed(e.to_string()))?;
+    let depth = json_depth(body);
+    if depth > limits.max_depth {
+        return Err(invalid(format!(
+            "job: JSON is nested {depth} levels deep; at most {} are accepted",
+            limits.max_depth
+        )));
+    }
     let wire: WireJob<'_> = serde_json::from_slice(body)
         .map_err(|e| SubmissionError::Invalid(format!("job: {}", serde_message(&e))))?;
+    if wire.tasks.len() > limits.max_tasks {
+        return Err(invalid(format!(
+            "tasks: {} tasks; at most {} are accepted in one job",
+            wire.tasks.len(),
+            limits.max_tasks
+        )));
+    }
 
     let callback = match wire.callback {
         None => None,
-        Some(text) => Some(parse_http_url(&text).ok_or_else(|| {
-            invalid(format!("callback: {text:?} is not an absolute http(s) URL"))
-        })?),
+        Some(text) => Some(
+            checked_url(&text, limits, egress)
+                .map_err(|why| invalid(format!("callback: {why}")))?,
+        ),
     };
 
     let options = match wire.options {
@@ -305,10 +380,17 @@ pub fn parse_submission(body: &[u8]) -> Result<NewJob, SubmissionError> {
         let n = i + 1;
         let task: WireTask<'_> = serde_json::from_str(raw.get())
             .map_err(|e| invalid(format!("task {n}: {}", serde_message(&e))))?;
-        if task.endpoint != TEST_ENDPOINT && parse_http_url(&task.endpoint).is_none() {
+        if task.endpoint != TEST_ENDPOINT {
+            checked_url(&task.endpoint, limits, egress)
+                .map_err(|why| invalid(format!("task {n}: endpoint {why}")))?;
+        }
+        if let Some(params) = task.params
+            && params.get().len() > limits.max_params_bytes
+        {
             return Err(invalid(format!(
-                "task {n}: endpoint {:?} is not an absolute http(s) URL (or {TEST_ENDPOINT})",
-                task.endpoint
+                "task {n}: params are {} bytes; at most {} are accepted",
+                params.get().len(),
+                limits.max_params_bytes
             )));
         }
         let params = match task.params {
@@ -323,6 +405,7 @@ pub fn parse_submission(body: &[u8]) -> Result<NewJob, SubmissionError> {
 
     Ok(NewJob {
         id: JobId::generate(),
+        owner: None,
         callback,
         options,
         tasks,
@@ -357,11 +440,23 @@ fn invalid(msg: String) -> SubmissionError {
     SubmissionError::Invalid(msg)
 }
 
-/// An absolute URL with an http or https scheme and a host, or `None`.
-fn parse_http_url(text: &str) -> Option<Url> {
-    let url = Url::parse(text).ok()?;
-    let web = matches!(url.scheme(), "http" | "https");
-    (web && url.host_str().is_some_and(|h| !h.is_empty())).then_some(url)
+/// An absolute http(s) URL with a host, within the length limit and not aimed at a denied
+/// address; else why not (to follow "endpoint " or "callback: ").
+fn checked_url(text: &str, limits: &Limits, egress: &EgressPolicy) -> Result<Url, String> {
+    if text.len() > limits.max_url_len {
+        return Err(format!(
+            "URL is {} characters long; at most {} are accepted",
+            text.len(),
+            limits.max_url_len
+        ));
+    }
+    let url = Url::parse(text)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https"))
+        .filter(|url| url.host_str().is_some_and(|h| !h.is_empty()))
+        .ok_or_else(|| format!("{text:?} is not an absolute http(s) URL"))?;
+    egress.check_url(&url)?;
+    Ok(url)
 }
 
 #[cfg(test)]
@@ -371,7 +466,10 @@ mod tests {
     /// Parses `body` and compares the outcome: `Ok(n)` is a valid job of `n` tasks,
     /// `Err(text)` a rejection whose message contains `text`.
     fn check(body: &str, expected: Result<usize, &str>) {
-        match (parse_submission(body.as_bytes()), expected) {
+        match (
+            parse_submission(body.as_bytes(), &Limits::defaults(), &EgressPolicy::open()),
+            expected,
+        ) {
             (Ok(job), Ok(n)) => assert_eq!(job.tasks.len(), n, "body {body}"),
             (Err(e), Err(text)) => assert!(
                 e.to_string().contains(text),
@@ -456,19 +554,100 @@ mod tests {
     #[test]
     fn params_keep_their_exact_text() {
         let body = r#"{"tasks":[{"endpoint":"/v1/test","params":{"n": 12345678901234567890123, "f":1.10}}]}"#;
-        let job = parse_submission(body.as_bytes()).unwrap();
+        let job =
+            parse_submission(body.as_bytes(), &Limits::defaults(), &EgressPolicy::open()).unwrap();
         assert_eq!(
             job.tasks[0].params.get(),
             r#"{"n":12345678901234567890123,"f":1.10}"#
         );
-        let none = parse_submission(br#"{"tasks":[{"endpoint":"/v1/test"}]}"#).unwrap();
+        let none = parse_submission(
+            br#"{"tasks":[{"endpoint":"/v1/test"}]}"#,
+            &Limits::defaults(),
+            &EgressPolicy::open(),
+        )
+        .unwrap();
         assert_eq!(none.tasks[0].params.get(), "null");
+    }
+
+    /// Parses with small limits and the default guard; `Ok(n)` / `Err(text)` as in `check`.
+    fn check_limited(body: &str, expected: Result<usize, &str>) {
+        let limits = Limits {
+            max_tasks: 3,
+            max_params_bytes: 10,
+            max_url_len: 30,
+            max_depth: 5,
+        };
+        let guard = EgressPolicy::guarded(Vec::new());
+        match (parse_submission(body.as_bytes(), &limits, &guard), expected) {
+            (Ok(job), Ok(n)) => assert_eq!(job.tasks.len(), n, "body {body}"),
+            (Err(e), Err(text)) => assert!(
+                e.to_string().contains(text),
+                "body {body}: error {e:?} does not contain {text:?}"
+            ),
+            (got, want) => panic!("body {body}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn limits_hold_at_the_limit_and_refuse_one_past_it() {
+        let t = r#"{"endpoint":"/v1/test"}"#;
+        check_limited(&format!(r#"{{"tasks":[{t},{t},{t}]}}"#), Ok(3));
+        check_limited(
+            &format!(r#"{{"tasks":[{t},{t},{t},{t}]}}"#),
+            Err("tasks: 4 tasks; at most 3"),
+        );
+        // "1234567890" is 12 bytes with its quotes; 10 digits are 10.
+        check_limited(
+            r#"{"tasks":[{"endpoint":"/v1/test","params":1234567890}]}"#,
+            Ok(1),
+        );
+        check_limited(
+            r#"{"tasks":[{"endpoint":"/v1/test","params":12345678901}]}"#,
+            Err("task 1: params are 11 bytes; at most 10"),
+        );
+        // A URL of exactly 30 characters, then 31.
+        let at = "https://example.com/abcdefghij";
+        assert_eq!(at.len(), 30);
+        check_limited(&format!(r#"{{"tasks":[{{"endpoint":"{at}"}}]}}"#), Ok(1));
+        check_limited(
+            &format!(r#"{{"tasks":[{{"endpoint":"{at}k"}}]}}"#),
+            Err("task 1: endpoint URL is 31 characters long; at most 30"),
+        );
+        check_limited(
+            &format!(r#"{{"callback":"{at}k","tasks":[]}}"#),
+            Err("callback: URL is 31 characters long"),
+        );
+        // Depth: the body's object, tasks' array, the task, then params' nesting.
+        check_limited(
+            r#"{"tasks":[{"endpoint":"/v1/test","params":[[]]}]}"#,
+            Ok(1),
+        );
+        check_limited(
+            r#"{"tasks":[{"endpoint":"/v1/test","params":[[[]]]}]}"#,
+            Err("job: JSON is nested 6 levels deep; at most 5"),
+        );
+        check_limited(
+            r#"{"tasks":[{"endpoint":"/v1/test","params":"[[[[[[[["}]}"#,
+            Ok(1),
+        );
+    }
+
+    #[test]
+    fn denied_literals_are_refused_at_submission() {
+        check_limited(
+            r#"{"tasks":[{"endpoint":"/v1/test"},{"endpoint":"http://0x7f.1/"}]}"#,
+            Err("task 2: endpoint host 127.0.0.1 is a denied address (loopback)"),
+        );
+        check_limited(
+            r#"{"callback":"http://[::ffff:a9fe:a9fe]/","tasks":[]}"#,
+            Err("callback: host ::ffff:169.254.169.254 is a denied address (link-local)"),
+        );
     }
 
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
-            let _ = parse_submission(&bytes);
+            let _ = parse_submission(&bytes, &Limits::defaults(), &EgressPolicy::open());
         }
     }
 }

@@ -7,14 +7,17 @@
 //! wires these together through [`serve`] and [`run_job`]. ARCHITECTURE.md has the map.
 
 pub mod api;
+pub mod auth;
 pub mod callback;
 pub mod client;
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod job;
 pub mod metrics;
 pub mod progress;
 pub mod store;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +37,8 @@ pub struct ServeOptions {
     pub engine: EngineConfig,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
+    /// Empty: no authentication.
+    pub tokens: auth::ApiTokens,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +61,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let handle = engine::start(store, options.engine).await?;
-    let app = api::router(handle.engine.clone(), options.max_body_bytes);
+    let app = api::router(
+        handle.engine.clone(),
+        Arc::new(options.tokens),
+        options.max_body_bytes,
+    );
     tracing::info!("listening on {}", listener.local_addr()?);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -105,7 +114,7 @@ pub async fn run_job(
     }
     handle.shutdown(Duration::ZERO).await;
     let record = store.job_get(job.id).await?.ok_or(StoreError::NotFound)?;
-    let document = callback::document(store.as_ref(), &record).await?;
+    let document = callback::document(store.as_ref(), &record, usize::MAX).await?;
     Ok(RunOutcome {
         status: record.status,
         document,

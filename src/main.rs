@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use doparallel::auth::ApiTokens;
 use doparallel::config::{Cli, Command, LogFormat, RunArgs, ServeArgs};
+use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
+use doparallel::webhook::WebhookSecret;
 use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
 
@@ -41,6 +44,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Run(args) => run(args).await,
+            Command::Secret => {
+                println!("{}", WebhookSecret::generate());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Submit(args) => client_command(client::submit(args).await),
             Command::Status(args) => client_command(client::status(args).await),
             Command::Tasks(args) => client_command(client::tasks(args).await),
@@ -58,19 +65,45 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let tokens = api_tokens(&args)?;
+    if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+        anyhow::bail!(
+            "refusing to listen on {} without an API token: set --api-token (or \
+             DOPARALLEL_API_TOKENS), or pass --insecure-no-auth to serve anyone who can reach it",
+            args.listen
+        );
+    }
     let store = store::open(&args.database).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let options = ServeOptions {
-        engine: args
-            .engine
-            .to_config(&args.callback_retry_schedule, Some(args.retention)),
+        engine: args.engine.to_config(
+            &args.callback_retry_schedule,
+            Some(args.retention),
+            EgressPolicy::guarded(args.allow_net.clone()),
+        ),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
+        tokens,
     };
     doparallel::serve(listener, store, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The tokens of --api-token and --api-token-file together.
+fn api_tokens(args: &ServeArgs) -> anyhow::Result<ApiTokens> {
+    let file_text = match &args.api_token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read API token file {}", path.display()))?,
+        None => String::new(),
+    };
+    let from_file = file_text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'));
+    let given = args.api_token.iter().map(|t| t.expose());
+    ApiTokens::new(given.chain(from_file)).map_err(anyhow::Error::msg)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -85,7 +118,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot read job file {}", args.job.display()))?;
         (args.job.display().to_string(), body)
     };
-    let job = parse_submission(&body).with_context(|| format!("{name} is not a valid job"))?;
+
+    let egress = if args.deny_private {
+        EgressPolicy::guarded(args.allow_net.clone())
+    } else {
+        EgressPolicy::open()
+    };
+    let config = args
+        .engine
+        .to_config(&args.callback_retry_schedule, None, egress);
+    let job = parse_submission(&body, &config.limits, &config.egress)
+        .with_context(|| format!("{name} is not a valid job"))?;
 
     // Without --database the job runs on a fresh database that goes away with the process.
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
@@ -94,7 +137,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("sqlite://{}", scratch.path().join("run.db").display()),
     };
     let store = store::open(&url).await?;
-    let config = args.engine.to_config(&args.callback_retry_schedule, None);
     let watch = progress::watch_store(Arc::clone(&store), job.id);
     let outcome = doparallel::run_job(Arc::clone(&store), config, job).await;
     watch.stop().await;

@@ -15,8 +15,10 @@ CREATE TABLE jobs (
     n_failed       INTEGER NOT NULL DEFAULT 0,
     n_cancelled    INTEGER NOT NULL DEFAULT 0,
     callback_url   TEXT,
+    -- A digest of the API token that created the job (NULL without tokens).
+    owner          TEXT,
     -- The client's Idempotency-Key and a hash of the body it came with.
-    idempotency_key  TEXT UNIQUE,
+    idempotency_key  TEXT,
     request_hash     TEXT,
     created_at     INTEGER NOT NULL,
     finished_at    INTEGER,
@@ -27,6 +29,10 @@ CREATE TABLE jobs (
 -- The claim reads only unfinished jobs.
 CREATE INDEX jobs_active ON jobs (last_claim_at, seq) WHERE status IN (0, 1);
 CREATE INDEX jobs_status ON jobs (status, seq);
+CREATE INDEX jobs_owner ON jobs (owner, seq);
+-- A key is unique per owner.
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (COALESCE(owner, ''), idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 -- Retention: finished jobs by age.
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 

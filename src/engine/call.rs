@@ -9,8 +9,12 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use url::Url;
+
+use crate::config::EngineConfig;
 use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, compact_json};
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
+use crate::webhook::timestamp_now;
 
 /// How much of a failing response's body an error keeps.
 const ERROR_BODY_BYTES: usize = 1024;
@@ -21,7 +25,7 @@ const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
 /// Why an attempt did not complete, as stored in the task's `error`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct TaskError {
-    /// `timeout`, `connect`, `http_status`, `body_too_large` or `request`.
+    /// `timeout`, `connect`, `http_status`, `response_too_large`, `blocked` or `request`.
     pub kind: &'static str,
     pub http_status: Option<u16>,
     pub message: String,
@@ -57,19 +61,37 @@ pub enum Attempt {
 }
 
 /// Makes the call for `task`: a POST of its params, or the built-in test task in-process.
-pub async fn attempt(http: &reqwest::Client, task: &ClaimedTask, max_body: usize) -> Attempt {
+pub async fn attempt(http: &reqwest::Client, task: &ClaimedTask, config: &EngineConfig) -> Attempt {
     if task.endpoint == TEST_ENDPOINT {
         return Attempt::Complete(test_result(&task.params));
     }
+    // Names are checked by the client's resolver; an IP literal never reaches it.
+    let url = match Url::parse(&task.endpoint) {
+        Ok(url) => url,
+        Err(e) => return Attempt::Fatal(TaskError::new("request", format!("invalid URL: {e}"))),
+    };
+    if let Err(why) = config.egress.check_url(&url) {
+        return Attempt::Fatal(TaskError::new("blocked", why));
+    }
     let timeout = Duration::from_millis(task.options.timeout_ms);
-    let request = http
-        .post(&task.endpoint)
+    let body = task.params.get().as_bytes();
+    // Stable across attempts and restarts, like the callback's.
+    let message_id = format!("msg_{}_{}", task.job_id, task.index);
+    let timestamp = timestamp_now();
+    let mut request = http
+        .post(url)
         .header(CONTENT_TYPE, "application/json")
         .header("DoParallel-Job-Id", task.job_id.to_string())
         .header("DoParallel-Task", task.index.to_string())
         .header("DoParallel-Attempt", task.attempt.to_string())
         .header("Idempotency-Key", format!("{}:{}", task.job_id, task.index))
-        .body(task.params.get().to_owned());
+        .header("webhook-id", &message_id)
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(signature) = config.signer.signature(&message_id, timestamp, body) {
+        request = request.header("webhook-signature", signature);
+    }
+    let request = request.body(body.to_vec());
+    let max_body = config.max_response_bytes;
     // One deadline covers connecting, sending and reading the whole body, so a server that
     // drips its answer cannot hold a slot past the timeout.
     match tokio::time::timeout(timeout, send(request, max_body)).await {
@@ -114,7 +136,7 @@ async fn send(request: reqwest::RequestBuilder, max_body: usize) -> Attempt {
 
 fn too_large(status: StatusCode, max_body: usize) -> TaskError {
     TaskError {
-        kind: "body_too_large",
+        kind: "response_too_large",
         http_status: Some(status.as_u16()),
         message: format!("response body is larger than {max_body} bytes"),
         body: None,
@@ -122,6 +144,11 @@ fn too_large(status: StatusCode, max_body: usize) -> TaskError {
 }
 
 fn transport_error(e: &reqwest::Error) -> Attempt {
+    if crate::egress::is_blocked(e) {
+        // A name that resolves to a denied address: no connection was made, and another
+        // attempt would be refused the same way.
+        return Attempt::Fatal(TaskError::new("blocked", error_chain(e)));
+    }
     let kind = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {

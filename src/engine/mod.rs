@@ -198,9 +198,7 @@ pub async fn start(
             "tasks interrupted by the last stop will be called again"
         );
     }
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
+    let http = http_client(&config)
         .tcp_nodelay(true)
         .build()
         .map_err(EngineError::Http)?;
@@ -341,7 +339,7 @@ async fn run_call(
     let cancelled = engine.call_started(task.job_id);
     engine.metrics.calls_in_flight.inc();
     let attempt = tokio::select! {
-        a = call::attempt(&engine.http, &task, engine.config.max_response_bytes) => Some(a),
+        a = call::attempt(&engine.http, &task, &engine.config) => Some(a),
         _ = cancelled.cancelled() => None,
     };
     engine.metrics.calls_in_flight.dec();
@@ -481,4 +479,15 @@ async fn purge_loop(engine: Arc<Engine>, keep: Duration, stop: CancellationToken
             _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// The settings every outbound client shares: no redirects, and the address guard in its
+/// resolver (so the connection goes to the address that was checked).
+pub(crate) fn http_client(config: &EngineConfig) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
+        .dns_resolver(Arc::new(crate::egress::GuardedResolver::new(
+            config.egress.clone(),
+        )))
 }

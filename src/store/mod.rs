@@ -52,6 +52,7 @@ pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
 #[derive(Clone, Debug)]
 pub struct JobRecord {
     pub id: JobId,
+    pub owner: Option<String>,
     pub status: JobStatus,
     pub options: JobOptions,
     pub total: u64,
@@ -152,6 +153,8 @@ pub struct FailedTask {
 
 #[derive(Clone, Debug)]
 pub struct JobListQuery {
+    /// Only this owner's jobs, when given.
+    pub owner: Option<String>,
     pub status: Option<JobStatus>,
     /// Only jobs created before this one (newest first pagination).
     pub before: Option<JobId>,

@@ -221,7 +221,7 @@ fn parse_id(text: &str) -> StoreResult<JobId> {
         .map_err(|e| StoreError::Other(format!("stored job id {text:?} is invalid: {e}")))
 }
 
-const JOB_COLUMNS: &str = "j.id, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
+const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
      j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
 
 fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
@@ -236,6 +236,7 @@ fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
     };
     Ok(JobRecord {
         id: parse_id(row.get("id"))?,
+        owner: row.get("owner"),
         status,
         options: parse_options(row.get("options"))?,
         total: row.get::<i64, _>("total") as u64,
@@ -302,12 +303,14 @@ impl Store for SqliteStore {
         if let Some(idem) = idempotency {
             // Checked inside the write transaction: two requests with one key cannot both
             // pass, since there is one writer.
-            let earlier =
-                sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?")
-                    .bind(&idem.key)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
+            let earlier = sqlx::query(
+                "SELECT id, request_hash FROM jobs WHERE idempotency_key = ? AND owner IS ?",
+            )
+            .bind(&idem.key)
+            .bind(job.owner.as_deref())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
             if let Some(row) = earlier {
                 let hash: Option<String> = row.get("request_hash");
                 return Ok(InsertOutcome::Existing {
@@ -318,8 +321,8 @@ impl Store for SqliteStore {
         }
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
-             created_at, finished_at, idempotency_key, request_hash) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+             created_at, finished_at, idempotency_key, request_hash, owner) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
         )
         .bind(job.id.to_string())
         .bind(job_status_code(status))
@@ -332,6 +335,7 @@ impl Store for SqliteStore {
         .bind(empty.then_some(now))
         .bind(idempotency.map(|i| i.key.as_str()))
         .bind(idempotency.map(|i| i.request_hash.as_str()))
+        .bind(job.owner.as_deref())
         .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -385,12 +389,14 @@ impl Store for SqliteStore {
             "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
              WHERE (?1 IS NULL OR j.status = ?1) \
                AND (?2 IS NULL OR j.seq < (SELECT seq FROM jobs WHERE id = ?2)) \
+               AND (?4 IS NULL OR j.owner = ?4) \
              ORDER BY j.seq DESC LIMIT ?3"
         );
         let rows = sqlx::query(&sql)
             .bind(query.status.map(job_status_code))
             .bind(query.before.map(|id| id.to_string()))
             .bind(i64::from(query.limit))
+            .bind(query.owner.as_deref())
             .fetch_all(&self.reader)
             .await
             .map_err(map_err)?;

@@ -64,6 +64,13 @@ pub fn engine_config() -> EngineConfig {
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),
         retention: None,
+        // The tests' endpoints and receivers listen on loopback.
+        egress: std::sync::Arc::new(doparallel::egress::EgressPolicy::guarded(vec![
+            "127.0.0.0/8".parse().unwrap(),
+        ])),
+        signer: Default::default(),
+        limits: doparallel::job::Limits::defaults(),
+        max_callback_bytes: 10 * 1024 * 1024,
     }
 }
 
@@ -174,6 +181,15 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(config: EngineConfig) -> TestApp {
+    spawn_app_full(config, Default::default(), 4 * 1024 * 1024).await
+}
+
+/// The server with API tokens and a request body limit of its own.
+pub async fn spawn_app_full(
+    config: EngineConfig,
+    tokens: doparallel::auth::ApiTokens,
+    max_body_bytes: usize,
+) -> TestApp {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
@@ -184,7 +200,8 @@ pub async fn spawn_app_with(config: EngineConfig) -> TestApp {
     let options = ServeOptions {
         engine: config,
         shutdown_grace: Duration::from_secs(5),
-        max_body_bytes: 4 * 1024 * 1024,
+        max_body_bytes,
+        tokens,
     };
     tokio::spawn(async move {
         doparallel::serve(listener, store, options, async {
@@ -236,7 +253,7 @@ struct EndpointState {
 /// A local task endpoint. Routes:
 /// `/echo` answers the params; `/text` plain text; `/empty` 204; `/numbers` a JSON of
 /// awkward numbers; `/flaky` 500 on a task's first call then 200; `/fail` always 500;
-/// `/missing` 404; `/hang` never answers; `/limited` 429 with `Retry-After: 1` on a task's
+/// `/missing` 404; `/big?n=N` N bytes of text; `/hang` never answers; `/limited` 429 with `Retry-After: 1` on a task's
 /// first call, then 200; `/slow?ms=N` answers the params after N ms (and tracks how many
 /// calls are in flight).
 #[derive(Clone)]
@@ -286,6 +303,8 @@ impl Endpoint {
 #[derive(serde::Deserialize)]
 struct SlowQuery {
     ms: Option<u64>,
+    /// Size of the `/big` answer.
+    n: Option<usize>,
 }
 
 async fn endpoint_handler(
@@ -321,6 +340,7 @@ async fn endpoint_handler(
         "flaky" => json(r#"{"ok":true}"#.into()),
         "fail" => (StatusCode::INTERNAL_SERVER_ERROR, "x".repeat(3000)).into_response(),
         "missing" => (StatusCode::NOT_FOUND, "no such thing").into_response(),
+        "big" => "x".repeat(query.n.unwrap_or(0)).into_response(),
         "hang" => std::future::pending().await,
         "limited" if nth == 1 => (
             StatusCode::TOO_MANY_REQUESTS,
@@ -447,6 +467,7 @@ impl ServerProcess {
             .arg("--database")
             .arg(format!("sqlite://{}", db.display()))
             .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
+            .args(["--allow-net", "127.0.0.0/8"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())

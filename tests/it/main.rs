@@ -8,5 +8,6 @@ mod crash;
 mod helpers;
 mod lifecycle;
 mod observe;
+mod security;
 mod submit;
 mod tasks;
