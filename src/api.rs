@@ -688,7 +688,7 @@ async fn cancel_job(
         CancelOutcome::AlreadyFinished(status) => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "job {id} is already {}; only a Pending or Running job can be cancelled",
+                "the job is already {}; only a Pending or Running job can be cancelled",
                 status.as_str()
             ),
         )),

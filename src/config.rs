@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use url::Url;
 
 use crate::egress::EgressPolicy;
-use crate::job::Limits;
+use crate::job::{JobStatus, Limits};
 use crate::webhook::{Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]
@@ -54,6 +55,17 @@ pub enum Command {
     Run(RunArgs),
     /// Print a new webhook signing secret (for --webhook-secret).
     Secret,
+    /// Submit a job to a running server and print its id (or, with --wait, its final
+    /// document).
+    Submit(SubmitArgs),
+    /// Show one job: status, progress, failures, age.
+    Status(StatusArgs),
+    /// List the tasks of a job.
+    Tasks(TasksArgs),
+    /// List jobs, newest first.
+    Jobs(JobsArgs),
+    /// Cancel an unfinished job.
+    Cancel(CancelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -325,6 +337,131 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+// The client commands' options. Where to reach the server and the token have environment
+// variables, as every service option does; the flags that say what one command does
+// (--json, --wait, --failed, --status, --limit, --after) have none on purpose: a variable left
+// set in a shell would silently change the output a script parses.
+
+/// How the client commands reach the server; flattened into each of them.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Base URL of the DoParallel server.
+    #[arg(
+        long,
+        env = "DOPARALLEL_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        value_parser = parse_server_url
+    )]
+    pub server: Url,
+
+    /// Bearer token sent with every request (never printed).
+    #[arg(long, env = "DOPARALLEL_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+
+    /// Print the server's JSON answer as is, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job file (the body of POST /v1/job); `-` reads standard input.
+    pub job: PathBuf,
+
+    /// Wait for the job to finish, showing its progress on stderr, then print its final
+    /// document; the exit code is the job's (0 Complete, 1 Failed, 3 Cancelled).
+    #[arg(long)]
+    pub wait: bool,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The job's id.
+    pub id: String,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// The job's id.
+    pub id: String,
+
+    /// Only the failed tasks.
+    #[arg(long)]
+    pub failed: bool,
+
+    /// Most tasks to show (one page of the API).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+
+    /// Start after this task index (the next page is printed as a hint).
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in this status: Pending, Running, Complete, Failed or Cancelled.
+    #[arg(long, value_parser = parse_job_status)]
+    pub status: Option<JobStatus>,
+
+    /// Most jobs to show (one page of the API).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+
+    /// Only jobs older than this job id (the next page is printed as a hint).
+    #[arg(long)]
+    pub after: Option<String>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The job's id.
+    pub id: String,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// An absolute http(s) URL; the client joins `v1/...` to it, so a path prefix (a server
+/// behind a reverse proxy) is kept.
+fn parse_server_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+        return Err(format!(
+            "{text:?} is not an http(s) URL such as http://127.0.0.1:8080"
+        ));
+    }
+    Ok(url)
+}
+
+/// A job status, in any letter case (`complete` is `Complete`).
+fn parse_job_status(text: &str) -> Result<JobStatus, String> {
+    const ALL: [JobStatus; 5] = [
+        JobStatus::Pending,
+        JobStatus::Running,
+        JobStatus::Complete,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+    ALL.into_iter()
+        .find(|s| s.as_str().eq_ignore_ascii_case(text))
+        .ok_or_else(|| {
+            format!("unknown job status {text:?}; expected Pending, Running, Complete, Failed or Cancelled")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +504,30 @@ mod tests {
             !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_client_token_stays_out_of_debug_output() {
+        let cli = Cli::try_parse_from(["doparallel", "jobs", "--token", "hunter2"]).unwrap();
+        let dump = format!("{cli:?}");
+        assert!(!dump.contains("hunter2"), "{dump}");
+        assert!(dump.contains("redacted"), "{dump}");
+    }
+
+    #[test]
+    fn client_options_are_checked_before_any_request() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parse(&["doparallel", "jobs", "--status", "complete"]).is_ok());
+        let e = parse(&["doparallel", "jobs", "--status", "Done"]).unwrap_err();
+        assert!(e.contains("unknown job status \"Done\""), "{e}");
+        let e = parse(&["doparallel", "status", "x", "--server", "localhost:8080"]).unwrap_err();
+        assert!(e.contains("is not an http(s) URL"), "{e}");
+        let e = parse(&["doparallel", "tasks", "x", "--limit", "0"]).unwrap_err();
+        assert!(e.contains("--limit"), "{e}");
     }
 
     #[test]

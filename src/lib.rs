@@ -9,12 +9,14 @@
 pub mod api;
 pub mod auth;
 pub mod callback;
+pub mod client;
 pub mod config;
 pub mod dashboard;
 pub mod egress;
 pub mod engine;
 pub mod job;
 pub mod metrics;
+pub mod progress;
 pub mod store;
 pub mod webhook;
 

@@ -13,15 +13,15 @@ use doparallel::config::{Cli, Command, LogFormat, RunArgs, ServeArgs};
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
 use doparallel::webhook::WebhookSecret;
-use doparallel::{ServeOptions, store};
+use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        // `run` prints its document on stdout; only trouble goes to stderr.
-        Command::Run(_) | Command::Secret => "warn",
+        // The other commands print their answer on stdout; only trouble goes to stderr.
+        _ => "warn",
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -48,6 +48,11 @@ fn main() -> ExitCode {
                 println!("{}", WebhookSecret::generate());
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Submit(args) => client_command(client::submit(args).await),
+            Command::Status(args) => client_command(client::status(args).await),
+            Command::Tasks(args) => client_command(client::tasks(args).await),
+            Command::Jobs(args) => client_command(client::jobs(args).await),
+            Command::Cancel(args) => client_command(client::cancel(args).await),
         }
     });
     match result {
@@ -132,7 +137,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("sqlite://{}", scratch.path().join("run.db").display()),
     };
     let store = store::open(&url).await?;
-    let outcome = doparallel::run_job(Arc::clone(&store), config, job).await?;
+    let watch = progress::watch_store(Arc::clone(&store), job.id);
+    let outcome = doparallel::run_job(Arc::clone(&store), config, job).await;
+    watch.stop().await;
+    let outcome = outcome?;
 
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(&outcome.document)?;
@@ -145,6 +153,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         JobStatus::Complete => ExitCode::SUCCESS,
         _ => ExitCode::from(1),
     })
+}
+
+/// A client command's exit code, or its error (printed by `main` as one line, exit 2).
+fn client_command(result: Result<u8, client::ClientError>) -> anyhow::Result<ExitCode> {
+    Ok(ExitCode::from(result?))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -3,6 +3,7 @@
 
 mod callbacks;
 mod cli;
+mod client;
 mod crash;
 mod dashboard;
 mod helpers;
