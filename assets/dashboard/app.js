@@ -94,9 +94,12 @@
     return el('span', { class: 'badge badge-' + String(status).toLowerCase() }, status);
   }
 
-  /** Tasks that will not change any more. */
+  /**
+   * Tasks that ran to an outcome, Complete or Failed. Cancelled tasks never ran, so a
+   * cancelled job shows how far it got rather than a full bar (as the command-line client).
+   */
   function done(job) {
-    return job.counts.complete + job.counts.failed + (job.counts.cancelled || 0);
+    return job.counts.complete + job.counts.failed;
   }
 
   /** A bar in three parts (complete, failed, running) over the job's total. */
@@ -116,7 +119,6 @@
     },
     el('span', { class: 'seg seg-complete', style: { width: pct(job.counts.complete) } }),
     el('span', { class: 'seg seg-failed', style: { width: pct(job.counts.failed) } }),
-    el('span', { class: 'seg seg-cancelled', style: { width: pct(job.counts.cancelled || 0) } }),
     el('span', { class: 'seg seg-running', style: { width: pct(job.counts.running) } }));
     return withLabel ? el('div', { class: 'progress-wrap' }, bar, el('span', { class: 'pct' }, whole + '%')) : bar;
   }
@@ -293,7 +295,7 @@
           el('th', {}, 'Job'),
           el('th', {}, 'Status'),
           el('th', { class: 'col-progress' }, 'Progress'),
-          el('th', { class: 'num', title: 'Finished tasks: complete, failed or cancelled' }, 'Done'),
+          el('th', { class: 'num', title: 'Tasks that ran to an outcome: complete or failed' }, 'Done'),
           el('th', { class: 'num' }, 'Failed'),
           el('th', { class: 'num' }, 'Total'),
           el('th', {}, 'Callback'),
