@@ -33,6 +33,9 @@ use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus
 /// SQLite's limit on bound parameters).
 const INSERT_CHUNK: usize = 200;
 
+/// Outcomes per UPDATE when settling (9 parameters each).
+const SETTLE_CHUNK: usize = 256;
+
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
@@ -675,81 +678,112 @@ impl Store for SqliteStore {
         struct Delta {
             job_id: JobId,
             seq: i64,
-            /// The job's failures before this batch: fail_seq numbering goes on from here.
-            failed_before: i64,
             settled: i64,
             complete: i64,
             failed: i64,
             now: Millis,
         }
-        let mut tx = self.begin().await?;
-        let mut jobs: HashMap<JobId, Option<usize>> = HashMap::new();
-        let mut deltas: Vec<Delta> = Vec::new();
-
+        // Group by job, keeping each job's outcomes in arrival order.
+        let mut order: Vec<JobId> = Vec::new();
+        let mut groups: HashMap<JobId, Vec<&TaskSettle>> = HashMap::new();
         for s in batch {
-            let slot = match jobs.get(&s.job_id) {
-                Some(slot) => *slot,
-                None => {
-                    let row = sqlx::query("SELECT seq, n_failed FROM jobs WHERE id = ?")
-                        .bind(s.job_id.to_string())
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(map_err)?;
-                    let slot = row.map(|row| {
-                        deltas.push(Delta {
-                            job_id: s.job_id,
-                            seq: row.get("seq"),
-                            failed_before: row.get("n_failed"),
-                            settled: 0,
-                            complete: 0,
-                            failed: 0,
-                            now: 0,
-                        });
-                        deltas.len() - 1
-                    });
-                    jobs.insert(s.job_id, slot);
-                    slot
-                }
-            };
-            // The job may have been purged meanwhile; its outcome has nowhere to go.
-            let Some(slot) = slot else { continue };
-            let d = &mut deltas[slot];
-            let (status, run_at, result, error) = match &s.outcome {
-                SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
-                SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
-                SettleOutcome::Retry { run_at, error } => {
-                    (0, Some(*run_at), None, Some(error.get()))
-                }
-            };
-            // Only the attempt that is running may settle it: a stale outcome (from before a
-            // restart) changes nothing, so each result is stored once.
-            let fail_seq = (status == 3).then_some(d.failed_before + d.failed + 1);
-            let updated = sqlx::query(
-                "UPDATE tasks SET status = ?, run_at = COALESCE(?, run_at), result = ?, \
-                 error = ?, latency_ms = ?, finished_at = ?, fail_seq = ? \
-                 WHERE job_seq = ? AND idx = ? AND status = 1 AND attempts = ?",
+            groups
+                .entry(s.job_id)
+                .or_insert_with(|| {
+                    order.push(s.job_id);
+                    Vec::new()
+                })
+                .push(s);
+        }
+
+        let mut tx = self.begin().await?;
+        let mut deltas: Vec<Delta> = Vec::with_capacity(order.len());
+        for job_id in order {
+            let items = &groups[&job_id];
+            // Failures are numbered after the highest number given so far (not after the
+            // count: a stale failure may have taken a number it never stored).
+            let Some(row) = sqlx::query(
+                "SELECT seq, (SELECT COALESCE(MAX(t.fail_seq), 0) FROM tasks t \
+                 WHERE t.job_seq = jobs.seq AND t.fail_seq IS NOT NULL) AS last_fail \
+                 FROM jobs WHERE id = ?",
             )
-            .bind(status)
-            .bind(run_at)
-            .bind(result)
-            .bind(error)
-            .bind(s.latency_ms as i64)
-            .bind((status != 0).then_some(s.now))
-            .bind(fail_seq)
-            .bind(d.seq)
-            .bind(s.index as i64)
-            .bind(i64::from(s.attempt))
-            .execute(&mut *tx)
+            .bind(job_id.to_string())
+            .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?
-            .rows_affected();
-            if updated == 0 {
+            else {
+                // Purged meanwhile: its outcomes have nowhere to go.
                 continue;
+            };
+            let seq: i64 = row.get("seq");
+            let mut next_fail_seq: i64 = row.get::<i64, _>("last_fail") + 1;
+            let mut d = Delta {
+                job_id,
+                seq,
+                settled: 0,
+                complete: 0,
+                failed: 0,
+                now: items.iter().map(|s| s.now).max().unwrap_or(0),
+            };
+            for chunk in items.chunks(SETTLE_CHUNK) {
+                // One statement per chunk: the outcomes as a VALUES table joined to their
+                // tasks. Only the attempt that is running may settle a task: a stale outcome
+                // (from before a restart, or after a cancel) matches no row and changes
+                // nothing, so each result is stored once.
+                let mut sql = String::from(
+                    "WITH v(idx, attempt, status, run_at, result, error, latency_ms, finished_at, \
+                     fail_seq) AS (VALUES ",
+                );
+                for i in 0..chunk.len() {
+                    sql.push_str(if i == 0 {
+                        "(?,?,?,?,?,?,?,?,?)"
+                    } else {
+                        ",(?,?,?,?,?,?,?,?,?)"
+                    });
+                }
+                sql.push_str(
+                    ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
+                     result = v.result, error = v.error, latency_ms = v.latency_ms, \
+                     finished_at = v.finished_at, fail_seq = v.fail_seq \
+                     FROM v WHERE tasks.job_seq = ? AND tasks.idx = v.idx \
+                     AND tasks.status = 1 AND tasks.attempts = v.attempt \
+                     RETURNING tasks.status",
+                );
+                let mut query = sqlx::query(&sql);
+                for s in chunk {
+                    let (status, run_at, result, error) = match &s.outcome {
+                        SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
+                        SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
+                        SettleOutcome::Retry { run_at, error } => {
+                            (0, Some(*run_at), None, Some(error.get()))
+                        }
+                    };
+                    // Failures are numbered in the order they are written (the events
+                    // stream's cursor); a stale one leaves a gap, never a repeat.
+                    let fail_seq = (status == 3).then(|| {
+                        next_fail_seq += 1;
+                        next_fail_seq - 1
+                    });
+                    query = query
+                        .bind(s.index as i64)
+                        .bind(i64::from(s.attempt))
+                        .bind(status)
+                        .bind(run_at)
+                        .bind(result)
+                        .bind(error)
+                        .bind(s.latency_ms as i64)
+                        .bind((status != 0).then_some(s.now))
+                        .bind(fail_seq);
+                }
+                let updated = query.bind(seq).fetch_all(&mut *tx).await.map_err(map_err)?;
+                for row in updated {
+                    let status: i64 = row.get(0);
+                    d.settled += 1;
+                    d.complete += i64::from(status == 2);
+                    d.failed += i64::from(status == 3);
+                }
             }
-            d.settled += 1;
-            d.complete += i64::from(status == 2);
-            d.failed += i64::from(status == 3);
-            d.now = d.now.max(s.now);
+            deltas.push(d);
         }
 
         let mut finished = Vec::new();
