@@ -64,14 +64,14 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/metrics", get(metrics))
+        .merge(crate::dashboard::page_router())
         .route_layer(middleware::from_fn_with_state(tokens, require_token));
     let open = Router::new()
         .route("/v1/test", post(test_task))
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))
-        // The dashboard's files are the same for everyone and hold no data; the page reads
-        // the guarded routes with the token it is given (or the browser's Basic prompt).
-        .merge(crate::dashboard::router());
+        // The dashboard's scripts and styles are the same for everyone and hold no data.
+        .merge(crate::dashboard::assets_router());
     guarded
         .merge(open)
         .fallback(not_found)

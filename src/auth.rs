@@ -1,7 +1,7 @@
 //! API tokens: who may call the API, and whose jobs each caller sees.
 //!
-//! With tokens configured, every `/v1` route but `POST /v1/test`, the dashboard and
-//! `/metrics` need one, as `Authorization: Bearer TOKEN` or as the password of HTTP Basic
+//! With tokens configured, every `/v1` route but `POST /v1/test`, the dashboard's page and
+//! `/metrics` need one (its static scripts and styles, which hold no data, do not), as `Authorization: Bearer TOKEN` or as the password of HTTP Basic
 //! authentication (which lets a browser open the dashboard and its event streams without any
 //! script holding the token). Tokens are kept only as SHA-256 digests and compared in
 //! constant time. A job belongs to the token that created it ([`Owner`]): another token's
@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use sha2::{Digest, Sha256};
@@ -94,9 +94,9 @@ fn presented_token(request: &Request) -> Option<String> {
     }
     if request.uri().path().ends_with("/events") {
         return request.uri().query().and_then(|q| {
-            q.split('&')
-                .find_map(|pair| pair.strip_prefix("access_token="))
-                .map(|t| t.to_string())
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(name, _)| name == "access_token")
+                .map(|(_, token)| token.into_owned())
         });
     }
     None
@@ -124,11 +124,12 @@ pub async fn require_token(
             });
             (
                 StatusCode::UNAUTHORIZED,
-                // Basic lets a browser ask for the token when opening the dashboard.
-                [(
-                    WWW_AUTHENTICATE,
-                    r#"Bearer realm="doparallel", Basic realm="doparallel""#,
-                )],
+                // One challenge per header: browsers read only a header's first scheme, and
+                // Basic is what makes them ask for the token when opening the dashboard.
+                AppendHeaders([
+                    (WWW_AUTHENTICATE, r#"Bearer realm="doparallel""#),
+                    (WWW_AUTHENTICATE, r#"Basic realm="doparallel""#),
+                ]),
                 axum::Json(body),
             )
                 .into_response()

@@ -86,12 +86,17 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// The dashboard's routes: `GET /` and `GET /assets/{name}`. Over any state, so that it can be
-/// merged into the API's router.
-pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new()
-        .route("/", get(index))
-        .route("/assets/{name}", get(asset))
+/// The dashboard's page, `GET /`: behind the API tokens when there are any (a browser asks
+/// for one through its Basic prompt). Over any state, so that it can be merged into the API's
+/// router.
+pub fn page_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route("/", get(index))
+}
+
+/// The dashboard's scripts, styles and icon, `GET /assets/{name}`: the same for everyone and
+/// without data, so served without a token.
+pub fn assets_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route("/assets/{name}", get(asset))
 }
 
 async fn index(headers: HeaderMap) -> Response {

@@ -29,16 +29,40 @@ async fn the_page_and_its_assets_are_served_beside_the_api() {
     assert_eq!(status, 404);
 }
 
-/// With tokens, the page's files stay open (the same for everyone, no data) so that a browser
-/// can show the page and ask for a token; the data it reads is guarded.
+/// With tokens, the page needs one too, and asks a browser for it with a Basic challenge of
+/// its own; the static scripts and styles, the same for everyone, stay open.
 #[tokio::test]
-async fn with_tokens_the_page_is_open_and_its_data_guarded() {
-    let tokens = doparallel::auth::ApiTokens::new(["dashboard-token-0123456789"]).unwrap();
+async fn with_tokens_the_page_asks_for_one() {
+    let token = "dashboard-token-0123456789";
+    let tokens = doparallel::auth::ApiTokens::new([token]).unwrap();
     let app = spawn_app_full(engine_config(), tokens, 1024 * 1024).await;
-    for path in ["/", "/assets/app.js"] {
-        let (status, _) = app.get(path).await;
-        assert_eq!(status, 200, "{path}");
+    for path in ["/", "/v1/jobs"] {
+        let resp = app
+            .http
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        let challenges: Vec<&str> = resp
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert!(
+            challenges.iter().any(|c| c.starts_with("Basic ")),
+            "{challenges:?}"
+        );
     }
-    let (status, _) = app.get("/v1/jobs").await;
-    assert_eq!(status, 401);
+    let (status, _) = app.get("/assets/app.js").await;
+    assert_eq!(status, 200);
+    let page = app
+        .http
+        .get(format!("{}/", app.base))
+        .basic_auth("me", Some(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
 }

@@ -165,7 +165,8 @@ async fn hostile_urls_never_reach_the_canary() {
 async fn tokens_guard_the_api_and_each_sees_its_own_jobs() {
     let alice = "alice-token-0123456789";
     let bob = "bob-token-0123456789ab";
-    let tokens = ApiTokens::new([alice, bob]).unwrap();
+    let carol = "carol+token/with=odd chars";
+    let tokens = ApiTokens::new([alice, bob, carol]).unwrap();
     let app = spawn_app_full(engine_config(), tokens, 1024 * 1024).await;
     let url = |path: &str| format!("{}{path}", app.base);
     let job = json!({"tasks": [{"endpoint": "/v1/test"}]});
@@ -306,6 +307,28 @@ async fn tokens_guard_the_api_and_each_sees_its_own_jobs() {
         .await
         .unwrap();
     assert_eq!(events.status().as_u16(), 200);
+    // A token with characters that a query string must escape.
+    let resp = app
+        .http
+        .post(url("/v1/job"))
+        .bearer_auth(carol)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    let carols = resp.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let escaped = app
+        .http
+        .get(url(&format!(
+            "/v1/jobs/{carols}/events?access_token=carol%2Btoken%2Fwith%3Dodd+chars"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(escaped.status().as_u16(), 200);
     let elsewhere = app
         .http
         .get(url(&format!("/v1/jobs?access_token={alice}")))
