@@ -100,7 +100,9 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         test_task,
         health,
         metrics,
-        openapi
+        openapi,
+        crate::dashboard::index,
+        crate::dashboard::asset
     )
 )]
 pub struct ApiDoc;
@@ -996,6 +998,8 @@ mod tests {
             ("/healthz", "get"),
             ("/metrics", "get"),
             ("/openapi.json", "get"),
+            ("/", "get"),
+            ("/assets/{name}", "get"),
         ] {
             assert!(
                 paths[path][method].is_object(),

@@ -99,7 +99,15 @@ pub fn assets_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route("/assets/{name}", get(asset))
 }
 
-async fn index(headers: HeaderMap) -> Response {
+/// The dashboard's page.
+#[utoipa::path(
+    get, path = "/", tag = "dashboard",
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+    )
+)]
+pub(crate) async fn index(headers: HeaderMap) -> Response {
     let mut response = serve(&INDEX, &headers);
     let h = response.headers_mut();
     h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
@@ -109,7 +117,17 @@ async fn index(headers: HeaderMap) -> Response {
     response
 }
 
-async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
+/// One of the dashboard's scripts, styles or icons.
+#[utoipa::path(
+    get, path = "/assets/{name}", tag = "dashboard",
+    params(("name" = String, Path, description = "File name, e.g. app.js")),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = String),
+        (status = 304, description = "Unchanged since the ETag given in If-None-Match"),
+        (status = 404, description = "No such file", content_type = "text/plain", body = String),
+    )
+)]
+pub(crate) async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
     match ASSETS.iter().find(|a| a.name == name) {
         Some(asset) => serve(asset, &headers),
         None => (
