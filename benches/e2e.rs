@@ -189,6 +189,23 @@ impl Server {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// CPU time the server has used so far (user and system), in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     fn database_bytes(&self) -> u64 {
         std::fs::read_dir(self.dir.path())
             .unwrap()
@@ -214,6 +231,7 @@ struct Run {
     last_task_to_callback: Duration,
     peak_rss: u64,
     db_bytes_per_task: f64,
+    server_cpu: f64,
 }
 
 fn job_body(n: usize, url: &str, callback: &str, concurrency: usize) -> String {
@@ -290,6 +308,7 @@ async fn doparallel(
         submit: submit_time,
         last_task_to_callback: done.saturating_duration_since(last_task),
         peak_rss: server.peak_rss(),
+        server_cpu: server.cpu_seconds(),
         db_bytes_per_task: server.database_bytes() as f64 / (jobs * n) as f64,
     }
 }
@@ -391,12 +410,13 @@ async fn main() {
             let c = ceiling(&url, total, w.concurrency).await;
             let run = doparallel(&endpoint, w.route, w.jobs, w.tasks, w.concurrency).await;
             eprintln!(
-                "{} run {}: ceiling {:.3} s, doparallel {:.3} s (submit {:.3} s)",
+                "{} run {}: ceiling {:.3} s, doparallel {:.3} s (submit {:.3} s, server CPU {:.2} s)",
                 w.name,
                 r + 1,
                 c.as_secs_f64(),
                 run.wall.as_secs_f64(),
-                run.submit.as_secs_f64()
+                run.submit.as_secs_f64(),
+                run.server_cpu
             );
             ceilings.push(c.as_secs_f64());
             runs.push(run);
@@ -405,7 +425,7 @@ async fn main() {
         let wall = median(runs.iter().map(|r| r.wall.as_secs_f64()).collect());
         per_task.insert(w.name, wall / total as f64);
         let row = format!(
-            "| {} | {} | {:.3} s | {:.0} | {:.0} | **{:.2}** | {:.3} s | {:.0} ms | {:.0} MB | {:.0} |",
+            "| {} | {} | {:.3} s | {:.0} | {:.0} | **{:.2}** | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
             w.name,
             w.what,
             wall,
@@ -420,6 +440,7 @@ async fn main() {
             ),
             median(runs.iter().map(|r| r.peak_rss as f64 / 1e6).collect()),
             median(runs.iter().map(|r| r.db_bytes_per_task).collect()),
+            median(runs.iter().map(|r| r.server_cpu).collect()),
         );
         println!("{row}");
         rows.push(row);
@@ -461,8 +482,8 @@ async fn main() {
              measured in the same run. DoParallel is `doparallel serve` on a file-backed SQLite \
              database (WAL, synchronous=FULL), the job submitted over HTTP and timed from submit \
              to callback received.\n\n\
-             | workload | what | wall | tasks/s | ceiling tasks/s | ratio to ceiling | submit | last task to callback | peak RSS | DB bytes/task |\n\
-             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
+             | workload | what | wall | tasks/s | ceiling tasks/s | ratio to ceiling | submit | last task to callback | peak RSS | DB bytes/task | server CPU |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
              {}\n\n{}\n",
             machine(),
             command.trim(),

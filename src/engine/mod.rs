@@ -288,6 +288,7 @@ async fn dispatch(
             permits.merge(extra);
         }
         let free = permits.num_permits();
+        let started = Instant::now();
         let claim = match engine
             .store
             .tasks_claim(&ClaimParams {
@@ -307,6 +308,12 @@ async fn dispatch(
             }
         };
         let claimed = claim.tasks.len();
+        tracing::trace!(
+            free,
+            claimed,
+            micros = started.elapsed().as_micros() as u64,
+            "claim"
+        );
         for task in claim.tasks {
             let permit = permits.split(1).expect("one permit per claimed task");
             tokio::spawn(run_call(engine.clone(), task, permit, outcomes.clone()));
@@ -416,9 +423,17 @@ async fn finish(
 /// connection): the outcomes are not lost as long as the process lives.
 async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &CancellationToken) {
     let mut delay = Duration::from_millis(50);
+    let started = Instant::now();
     let finished = loop {
         match engine.store.tasks_settle(batch).await {
-            Ok(finished) => break finished,
+            Ok(finished) => {
+                tracing::trace!(
+                    outcomes = batch.len(),
+                    micros = started.elapsed().as_micros() as u64,
+                    "settle"
+                );
+                break finished;
+            }
             Err(e) => {
                 tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; retrying");
                 if stop.is_cancelled() {

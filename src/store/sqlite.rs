@@ -557,15 +557,16 @@ impl Store for SqliteStore {
         }
         let mut tx = self.begin().await?;
         // Unfinished jobs with pending tasks and room under their concurrency, least
-        // recently served first. Their number is small next to their tasks', so reading them
-        // all is cheap, and it lets a job whose tasks all wait in backoff be passed over
-        // without starving the jobs behind it.
+        // recently served first. No more than twice the free slots can be served, since each
+        // gets at least one; a job found with nothing due (its tasks all in backoff) is
+        // marked served too, so it moves to the back and cannot starve the jobs behind it.
         let jobs = sqlx::query(
             "SELECT seq, id, options, concurrency, n_running FROM jobs \
              WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
                AND (concurrency IS NULL OR n_running < concurrency) \
-             ORDER BY last_claim_at, seq",
+             ORDER BY last_claim_at, seq LIMIT ?",
         )
+        .bind(i64::from(params.limit) * 2 + 8)
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -573,7 +574,9 @@ impl Store for SqliteStore {
         struct Candidate {
             seq: i64,
             id: JobId,
-            options: Arc<JobOptions>,
+            options_text: String,
+            /// Parsed once, for the jobs this claim serves.
+            options: Option<Arc<JobOptions>>,
             headroom: u64,
             claimed: u64,
             exhausted: bool,
@@ -585,7 +588,8 @@ impl Store for SqliteStore {
             candidates.push(Candidate {
                 seq: row.get("seq"),
                 id: parse_id(row.get("id"))?,
-                options: Arc::new(parse_options(row.get("options"))?),
+                options_text: row.get("options"),
+                options: None,
                 headroom: concurrency.map_or(u64::MAX, |c| (c - running).max(0) as u64),
                 claimed: 0,
                 exhausted: false,
@@ -623,6 +627,15 @@ impl Store for SqliteStore {
                 .await
                 .map_err(map_err)?;
                 let got = rows.len() as u64;
+                let options = match &c.options {
+                    Some(options) => options.clone(),
+                    None if got == 0 => Arc::new(JobOptions::defaults()),
+                    None => {
+                        let options = Arc::new(parse_options(&c.options_text)?);
+                        c.options = Some(options.clone());
+                        options
+                    }
+                };
                 for row in rows {
                     claim.tasks.push(ClaimedTask {
                         job_id: c.id,
@@ -630,7 +643,7 @@ impl Store for SqliteStore {
                         attempt: row.get::<i64, _>("attempts") as u32,
                         endpoint: row.get("endpoint"),
                         params: raw(Some(row.get("params")))?.expect("some"),
-                        options: c.options.clone(),
+                        options: options.clone(),
                     });
                 }
                 c.claimed += got;
@@ -654,6 +667,13 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
+            } else if c.exhausted {
+                sqlx::query("UPDATE jobs SET last_claim_at = ? WHERE seq = ?")
+                    .bind(params.now)
+                    .bind(c.seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
             }
             if c.exhausted {
                 // Whatever is left of this job waits in backoff: when is the first due?
@@ -675,164 +695,191 @@ impl Store for SqliteStore {
 
     async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<Vec<JobFinished>> {
         /// What a batch changes of one job.
+        #[derive(Default)]
         struct Delta {
-            job_id: JobId,
-            seq: i64,
             settled: i64,
             complete: i64,
             failed: i64,
             now: Millis,
         }
-        // Group by job, keeping each job's outcomes in arrival order.
-        let mut order: Vec<JobId> = Vec::new();
-        let mut groups: HashMap<JobId, Vec<&TaskSettle>> = HashMap::new();
-        for s in batch {
-            groups
-                .entry(s.job_id)
-                .or_insert_with(|| {
-                    order.push(s.job_id);
-                    Vec::new()
-                })
-                .push(s);
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-
         let mut tx = self.begin().await?;
-        let mut deltas: Vec<Delta> = Vec::with_capacity(order.len());
-        for job_id in order {
-            let items = &groups[&job_id];
-            // Failures are numbered after the highest number given so far (not after the
-            // count: a stale failure may have taken a number it never stored).
-            let Some(row) = sqlx::query(
-                "SELECT seq, (SELECT COALESCE(MAX(t.fail_seq), 0) FROM tasks t \
-                 WHERE t.job_seq = jobs.seq AND t.fail_seq IS NOT NULL) AS last_fail \
-                 FROM jobs WHERE id = ?",
-            )
-            .bind(job_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?
-            else {
-                // Purged meanwhile: its outcomes have nowhere to go.
-                continue;
-            };
-            let seq: i64 = row.get("seq");
-            let mut next_fail_seq: i64 = row.get::<i64, _>("last_fail") + 1;
-            let mut d = Delta {
-                job_id,
-                seq,
-                settled: 0,
-                complete: 0,
-                failed: 0,
-                now: items.iter().map(|s| s.now).max().unwrap_or(0),
-            };
-            for chunk in items.chunks(SETTLE_CHUNK) {
-                // One statement per chunk: the outcomes as a VALUES table joined to their
-                // tasks. Only the attempt that is running may settle a task: a stale outcome
-                // (from before a restart, or after a cancel) matches no row and changes
-                // nothing, so each result is stored once.
-                let mut sql = String::from(
-                    "WITH v(idx, attempt, status, run_at, result, error, latency_ms, finished_at, \
-                     fail_seq) AS (VALUES ",
-                );
-                for i in 0..chunk.len() {
-                    sql.push_str(if i == 0 {
-                        "(?,?,?,?,?,?,?,?,?)"
-                    } else {
-                        ",(?,?,?,?,?,?,?,?,?)"
-                    });
-                }
-                sql.push_str(
-                    ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
-                     result = v.result, error = v.error, latency_ms = v.latency_ms, \
-                     finished_at = v.finished_at, fail_seq = v.fail_seq \
-                     FROM v WHERE tasks.job_seq = ? AND tasks.idx = v.idx \
-                     AND tasks.status = 1 AND tasks.attempts = v.attempt \
-                     RETURNING tasks.status",
-                );
-                let mut query = sqlx::query(&sql);
-                for s in chunk {
-                    let (status, run_at, result, error) = match &s.outcome {
-                        SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
-                        SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
-                        SettleOutcome::Retry { run_at, error } => {
-                            (0, Some(*run_at), None, Some(error.get()))
-                        }
-                    };
-                    // Failures are numbered in the order they are written (the events
-                    // stream's cursor); a stale one leaves a gap, never a repeat.
-                    let fail_seq = (status == 3).then(|| {
-                        next_fail_seq += 1;
-                        next_fail_seq - 1
-                    });
-                    query = query
-                        .bind(s.index as i64)
-                        .bind(i64::from(s.attempt))
-                        .bind(status)
-                        .bind(run_at)
-                        .bind(result)
-                        .bind(error)
-                        .bind(s.latency_ms as i64)
-                        .bind((status != 0).then_some(s.now))
-                        .bind(fail_seq);
-                }
-                let updated = query.bind(seq).fetch_all(&mut *tx).await.map_err(map_err)?;
-                for row in updated {
-                    let status: i64 = row.get(0);
-                    d.settled += 1;
-                    d.complete += i64::from(status == 2);
-                    d.failed += i64::from(status == 3);
-                }
+
+        // The jobs' sequence numbers, in one query per chunk of distinct jobs.
+        let mut distinct: Vec<JobId> = batch.iter().map(|s| s.job_id).collect();
+        distinct.sort();
+        distinct.dedup();
+        let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(distinct.len());
+        for chunk in distinct.chunks(SETTLE_CHUNK) {
+            let sql = format!(
+                "SELECT id, seq FROM jobs WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
             }
-            deltas.push(d);
+            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+                seqs.insert(parse_id(row.get("id"))?, row.get("seq"));
+            }
         }
 
-        let mut finished = Vec::new();
-        for d in deltas.into_iter().filter(|d| d.settled > 0) {
-            let (job_id, seq) = (d.job_id, d.seq);
-            let row = sqlx::query(
-                "UPDATE jobs SET n_running = n_running - ?, n_complete = n_complete + ?, \
-                 n_failed = n_failed + ? WHERE seq = ? \
-                 RETURNING status, total, n_complete, n_failed, tolerated, callback_url",
-            )
-            .bind(d.settled)
-            .bind(d.complete)
-            .bind(d.failed)
-            .bind(seq)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            let status = job_status_from(row.get("status"))?;
-            let total: i64 = row.get("total");
-            let n_failed: i64 = row.get("n_failed");
-            let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
-            if status.is_finished() || done < total {
+        // Failures are numbered per job (the events stream's cursor), after the highest
+        // number given so far: not after the count, since a stale failure may have taken a
+        // number it never stored. Few batches hold failures, so this is looked up per job.
+        let mut next_fail: HashMap<i64, i64> = HashMap::new();
+        for s in batch {
+            let Some(&seq) = seqs.get(&s.job_id) else {
                 continue;
-            }
-            // This batch settled the job's last task: its final status and its callback
-            // record are written in the same transaction, so the callback is owed exactly
-            // when the job is finished.
-            let tolerated: i64 = row.get("tolerated");
-            let final_status = if n_failed <= tolerated {
-                JobStatus::Complete
-            } else {
-                JobStatus::Failed
             };
-            sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
-                .bind(job_status_code(final_status))
-                .bind(d.now)
+            if matches!(s.outcome, SettleOutcome::Failed { .. }) && !next_fail.contains_key(&seq) {
+                let last: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(MAX(fail_seq), 0) FROM tasks \
+                     WHERE job_seq = ? AND fail_seq IS NOT NULL",
+                )
                 .bind(seq)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(map_err)?;
-            let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-            if has_callback {
-                insert_callback(&mut tx, seq, d.now).await?;
+                next_fail.insert(seq, last + 1);
             }
-            finished.push(JobFinished {
-                job_id,
-                status: final_status,
-                has_callback,
-            });
+        }
+
+        // The outcomes, a chunk per statement: a VALUES table joined to the tasks. Only the
+        // attempt that is running may settle a task: a stale outcome (from before a restart,
+        // or after a cancel) matches no row and changes nothing, so each result is stored
+        // once. Jobs purged meanwhile have no sequence number and are skipped.
+        let live: Vec<(i64, &TaskSettle)> = batch
+            .iter()
+            .filter_map(|s| seqs.get(&s.job_id).map(|&seq| (seq, s)))
+            .collect();
+        let mut deltas: HashMap<i64, Delta> = HashMap::new();
+        for chunk in live.chunks(SETTLE_CHUNK) {
+            let mut sql = String::from(
+                "WITH v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, \
+                 finished_at, fail_seq) AS (VALUES ",
+            );
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 {
+                    "(?,?,?,?,?,?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?,?,?,?,?,?)"
+                });
+            }
+            sql.push_str(
+                ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
+                 result = v.result, error = v.error, latency_ms = v.latency_ms, \
+                 finished_at = v.finished_at, fail_seq = v.fail_seq \
+                 FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
+                 AND tasks.status = 1 AND tasks.attempts = v.attempt \
+                 RETURNING tasks.job_seq, tasks.status",
+            );
+            let mut query = sqlx::query(&sql);
+            for &(seq, s) in chunk {
+                let (status, run_at, result, error) = match &s.outcome {
+                    SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
+                    SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
+                    SettleOutcome::Retry { run_at, error } => {
+                        (0, Some(*run_at), None, Some(error.get()))
+                    }
+                };
+                let fail_seq = (status == 3).then(|| {
+                    let next = next_fail.get_mut(&seq).expect("looked up above");
+                    *next += 1;
+                    *next - 1
+                });
+                let d = deltas.entry(seq).or_default();
+                d.now = d.now.max(s.now);
+                query = query
+                    .bind(seq)
+                    .bind(s.index as i64)
+                    .bind(i64::from(s.attempt))
+                    .bind(status)
+                    .bind(run_at)
+                    .bind(result)
+                    .bind(error)
+                    .bind(s.latency_ms as i64)
+                    .bind((status != 0).then_some(s.now))
+                    .bind(fail_seq);
+            }
+            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+                let d = deltas
+                    .get_mut(&row.get::<i64, _>(0))
+                    .expect("a job of this batch");
+                let status: i64 = row.get(1);
+                d.settled += 1;
+                d.complete += i64::from(status == 2);
+                d.failed += i64::from(status == 3);
+            }
+        }
+
+        // The jobs' counters, a chunk of jobs per statement; the rows that come back say
+        // which jobs this batch finished.
+        let changed: Vec<(i64, Delta)> =
+            deltas.into_iter().filter(|(_, d)| d.settled > 0).collect();
+        let mut finished = Vec::new();
+        for chunk in changed.chunks(SETTLE_CHUNK) {
+            let mut sql = String::from("WITH d(seq, settled, complete, failed) AS (VALUES ");
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
+            }
+            sql.push_str(
+                ") UPDATE jobs SET n_running = n_running - d.settled, \
+                 n_complete = n_complete + d.complete, n_failed = n_failed + d.failed \
+                 FROM d WHERE jobs.seq = d.seq \
+                 RETURNING jobs.seq, jobs.id, jobs.status, jobs.total, jobs.n_complete, \
+                 jobs.n_failed, jobs.tolerated, jobs.callback_url",
+            );
+            let mut query = sqlx::query(&sql);
+            for (seq, d) in chunk {
+                query = query
+                    .bind(seq)
+                    .bind(d.settled)
+                    .bind(d.complete)
+                    .bind(d.failed);
+            }
+            let rows = query.fetch_all(&mut *tx).await.map_err(map_err)?;
+            for row in rows {
+                let status = job_status_from(row.get("status"))?;
+                let total: i64 = row.get("total");
+                let n_failed: i64 = row.get("n_failed");
+                let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
+                if status.is_finished() || done < total {
+                    continue;
+                }
+                // This batch settled the job's last task: its final status and its callback
+                // record are written in the same transaction, so the callback is owed
+                // exactly when the job is finished.
+                let seq: i64 = row.get("seq");
+                let now = chunk
+                    .iter()
+                    .find(|(s, _)| *s == seq)
+                    .map_or(0, |(_, d)| d.now);
+                let tolerated: i64 = row.get("tolerated");
+                let final_status = if n_failed <= tolerated {
+                    JobStatus::Complete
+                } else {
+                    JobStatus::Failed
+                };
+                sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
+                    .bind(job_status_code(final_status))
+                    .bind(now)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
+                if has_callback {
+                    insert_callback(&mut tx, seq, now).await?;
+                }
+                finished.push(JobFinished {
+                    job_id: parse_id(row.get("id"))?,
+                    status: final_status,
+                    has_callback,
+                });
+            }
         }
         tx.commit().await.map_err(map_err)?;
         Ok(finished)
