@@ -67,9 +67,10 @@ pub struct Engine {
     pub(crate) callbacks_due: Notify,
     events: broadcast::Sender<Event>,
     pub metrics: Metrics,
-    /// One token per job with calls in flight on this node, and how many calls hold it:
-    /// cancelling a job cancels its token, which aborts those calls.
-    running_jobs: Mutex<HashMap<JobId, (CancellationToken, usize)>>,
+    /// One token per unfinished job this node has made calls for: cancelling the job
+    /// cancels its token, which aborts those calls. Taken once per job per claim, dropped
+    /// when the job finishes, so a call takes no lock.
+    running_jobs: Mutex<HashMap<JobId, CancellationToken>>,
 }
 
 impl Engine {
@@ -114,7 +115,7 @@ impl Engine {
         } = outcome
         {
             self.metrics.tasks_finished("cancelled", tasks);
-            if let Some((token, _)) = self.running_jobs.lock().expect("not poisoned").get(&id) {
+            if let Some(token) = self.running_jobs.lock().expect("not poisoned").remove(&id) {
                 token.cancel();
             }
             tracing::info!(job_id = %id, "job cancelled");
@@ -131,24 +132,10 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// The token that aborts this job's calls on cancel; held until [`Engine::call_done`].
-    fn call_started(&self, job: JobId) -> CancellationToken {
+    /// The token that aborts this job's calls when it is cancelled.
+    fn job_token(&self, job: JobId) -> CancellationToken {
         let mut running = self.running_jobs.lock().expect("not poisoned");
-        let entry = running
-            .entry(job)
-            .or_insert_with(|| (CancellationToken::new(), 0));
-        entry.1 += 1;
-        entry.0.clone()
-    }
-
-    fn call_done(&self, job: JobId) {
-        let mut running = self.running_jobs.lock().expect("not poisoned");
-        if let Some(entry) = running.get_mut(&job) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
-                running.remove(&job);
-            }
-        }
+        running.entry(job).or_default().clone()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -314,9 +301,25 @@ async fn dispatch(
             micros = started.elapsed().as_micros() as u64,
             "claim"
         );
+        // A claim lists each job's tasks together: one token lookup per job.
+        let mut token: Option<(JobId, CancellationToken)> = None;
         for task in claim.tasks {
             let permit = permits.split(1).expect("one permit per claimed task");
-            tokio::spawn(run_call(engine.clone(), task, permit, outcomes.clone()));
+            let cancelled = match &token {
+                Some((job, t)) if *job == task.job_id => t.clone(),
+                _ => {
+                    let t = engine.job_token(task.job_id);
+                    token = Some((task.job_id, t.clone()));
+                    t
+                }
+            };
+            tokio::spawn(run_call(
+                engine.clone(),
+                task,
+                cancelled,
+                permit,
+                outcomes.clone(),
+            ));
         }
         drop(permits);
         if claimed < free {
@@ -339,18 +342,17 @@ async fn dispatch(
 async fn run_call(
     engine: Arc<Engine>,
     task: ClaimedTask,
+    cancelled: CancellationToken,
     permit: OwnedSemaphorePermit,
     outcomes: mpsc::Sender<Settled>,
 ) {
     let started = Instant::now();
-    let cancelled = engine.call_started(task.job_id);
     engine.metrics.calls_in_flight.inc();
     let attempt = tokio::select! {
         a = call::attempt(&engine.http, &task, &engine.config) => Some(a),
         _ = cancelled.cancelled() => None,
     };
     engine.metrics.calls_in_flight.dec();
-    engine.call_done(task.job_id);
     let Some(attempt) = attempt else {
         // The job was cancelled: the store no longer counts this task as running, so its
         // slot is free at once and there is no outcome to write.
@@ -358,10 +360,6 @@ async fn run_call(
         return;
     };
     let latency_ms = started.elapsed().as_millis() as u64;
-    engine
-        .metrics
-        .call_seconds
-        .observe(started.elapsed().as_secs_f64());
     let now = now_millis();
     let outcome = call::settle_outcome(&task.options, task.attempt, attempt, now, &mut rand::rng());
     tracing::debug!(job_id = %task.job_id, task = task.index, attempt = task.attempt, latency_ms, ?outcome, "attempt over");
@@ -448,12 +446,23 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
     };
     engine.work.notify_one();
     for settle in batch {
+        // Observed here, on one task, rather than by every call on its own.
+        engine
+            .metrics
+            .call_seconds
+            .observe(settle.latency_ms as f64 / 1000.0);
         match settle.outcome {
             SettleOutcome::Complete { .. } => engine.metrics.tasks_finished("complete", 1),
             SettleOutcome::Failed { .. } => engine.metrics.tasks_finished("failed", 1),
             SettleOutcome::Retry { .. } => {
                 engine.metrics.task_retries.inc();
             }
+        }
+    }
+    if !finished.is_empty() {
+        let mut running = engine.running_jobs.lock().expect("not poisoned");
+        for job in &finished {
+            running.remove(&job.job_id);
         }
     }
     for job in finished {
