@@ -429,6 +429,10 @@ struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::HashMap<String, ResultEntry>>)]
     result: Option<Box<RawValue>>,
+    /// Instead of `result` when the map would be larger than `--max-callback-bytes`: the
+    /// paginated tasks route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_url: Option<String>,
 }
 
 fn counts(job: &JobRecord) -> Counts {
@@ -458,6 +462,7 @@ impl JobView {
             },
             options: job.options,
             result,
+            result_url: None,
         }
     }
 }
@@ -471,17 +476,26 @@ async fn find_job(store: &dyn Store, id: JobId, owner: &Owner) -> Result<JobReco
         .ok_or_else(|| ApiError::no_job(id))
 }
 
-/// A job with its result map once finished.
-async fn job_view(store: &dyn Store, job: JobRecord) -> Result<JobView, ApiError> {
-    let result = if job.status.is_finished() {
-        let mut map = Vec::new();
-        callback::write_result_map(store, job.id, &mut map, usize::MAX).await?;
-        let text = String::from_utf8(map).map_err(|e| StoreError::Other(e.to_string()))?;
-        Some(RawValue::from_string(text).map_err(|e| StoreError::Other(e.to_string()))?)
-    } else {
-        None
-    };
-    Ok(JobView::new(job, result))
+/// A job with its result map once finished, within `max_bytes` (else a link to its tasks,
+/// as the callback does).
+async fn job_view(
+    store: &dyn Store,
+    job: JobRecord,
+    max_bytes: usize,
+) -> Result<JobView, ApiError> {
+    if !job.status.is_finished() {
+        return Ok(JobView::new(job, None));
+    }
+    let mut map = Vec::new();
+    if !callback::write_result_map(store, job.id, &mut map, max_bytes).await? {
+        let url = format!("/v1/jobs/{}/tasks", job.id);
+        let mut view = JobView::new(job, None);
+        view.result_url = Some(url);
+        return Ok(view);
+    }
+    let text = String::from_utf8(map).map_err(|e| StoreError::Other(e.to_string()))?;
+    let result = RawValue::from_string(text).map_err(|e| StoreError::Other(e.to_string()))?;
+    Ok(JobView::new(job, Some(result)))
 }
 
 /// A job: its status, counts, callback state and, once finished, its results.
@@ -502,7 +516,9 @@ async fn get_job(
     let id = parse_job_id(&id)?;
     let store = state.engine.store().as_ref();
     let job = find_job(store, id, &owner).await?;
-    Ok(Json(job_view(store, job).await?))
+    Ok(Json(
+        job_view(store, job, state.engine.config.max_callback_bytes).await?,
+    ))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -697,7 +713,9 @@ async fn cancel_job(
         CancelOutcome::Cancelled { .. } => {
             let store = state.engine.store().as_ref();
             let job = find_job(store, id, &owner).await?;
-            Ok(Json(job_view(store, job).await?))
+            Ok(Json(
+                job_view(store, job, state.engine.config.max_callback_bytes).await?,
+            ))
         }
     }
 }

@@ -6,6 +6,7 @@
 //! callbacks are delivered at least once, and every attempt of one job carries the same
 //! `webhook-id`, which is what a receiver deduplicates on.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,9 +81,10 @@ pub async fn write_result_map(
             out.extend_from_slice(task.index.to_string().as_bytes());
             out.extend_from_slice(b"\":");
             serde_json::to_writer(&mut *out, &entry).expect("writing to a Vec cannot fail");
-        }
-        if out.len() > max_bytes {
-            return Ok(false);
+            // After each entry, not each page: a page of large results could be huge.
+            if out.len() > max_bytes {
+                return Ok(false);
+            }
         }
         match page.last() {
             Some(last) if page.len() == PAGE as usize => after = last.index,
@@ -139,28 +141,59 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
             return;
         }
     };
-    let mut running = JoinSet::new();
+    // Deliveries under way, by job: a lease that runs out while its delivery is still
+    // building the body or waiting to record must not start a second one beside it.
+    let mut running: JoinSet<JobId> = JoinSet::new();
+    let mut in_flight: HashSet<JobId> = HashSet::new();
     while !stop.is_cancelled() {
-        while running.try_join_next().is_some() {}
-        let room = DELIVERIES_IN_FLIGHT - running.len();
-        let mut leased = 0;
-        if room > 0 {
-            let now = now_millis();
-            // The lease outlasts the attempt, so nobody else sends it meanwhile and a crash
-            // leaves it due again soon after.
-            let lease =
-                now + (engine.config.callback_timeout + Duration::from_secs(10)).as_millis() as i64;
-            match engine.store.callbacks_due(now, lease, room as u32).await {
-                Ok(due) => {
-                    leased = due.len();
-                    for d in due {
-                        running.spawn(deliver(engine.clone(), client.clone(), d));
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "reading due callbacks failed"),
+        while let Some(done) = running.try_join_next() {
+            if let Ok(job) = done {
+                in_flight.remove(&job);
             }
         }
-        if leased == room && room > 0 {
+        let room = DELIVERIES_IN_FLIGHT.saturating_sub(running.len());
+        if room == 0 {
+            // Full: nothing to do until a delivery ends.
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(done) = running.join_next() => {
+                    if let Ok(job) = done {
+                        in_flight.remove(&job);
+                    }
+                }
+            }
+            continue;
+        }
+        let now = now_millis();
+        // The lease outlasts the attempt, so nobody else sends it meanwhile and a crash
+        // leaves it due again soon after.
+        let lease =
+            now + (engine.config.callback_timeout + Duration::from_secs(10)).as_millis() as i64;
+        let leased = match engine.store.callbacks_due(now, lease, room as u32).await {
+            Ok(due) => {
+                let leased = due.len();
+                for d in due {
+                    if in_flight.insert(d.job_id) {
+                        let job = d.job_id;
+                        let engine = engine.clone();
+                        let client = client.clone();
+                        running.spawn(async move {
+                            deliver(engine, client, d).await;
+                            job
+                        });
+                    }
+                }
+                leased
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading due callbacks failed");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(IDLE_POLL) => continue,
+                }
+            }
+        };
+        if leased == room {
             continue;
         }
         let wait = match engine.store.callback_next_due().await {
@@ -173,7 +206,6 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = engine.callbacks_due.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            Some(_) = running.join_next(), if room == 0 => {}
         }
     }
     while running.join_next().await.is_some() {}
@@ -181,22 +213,36 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
 
 async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue) {
     let store = engine.store.as_ref();
+    let attempts = due.attempts + 1;
     let job = match store.job_get(due.job_id).await {
         Ok(Some(job)) => job,
         Ok(None) => return, // purged meanwhile
         Err(e) => {
-            tracing::error!(job_id = %due.job_id, error = %e, "cannot read job for its callback; the lease will expire and it is tried again");
+            let error = format!("cannot read the job: {e}");
+            record(
+                &engine,
+                due.job_id,
+                attempts,
+                failed_attempt(&engine, attempts, error),
+            )
+            .await;
             return;
         }
     };
     let body = match document(store, &job, engine.config.max_callback_bytes).await {
         Ok(body) => body,
         Err(e) => {
-            tracing::error!(job_id = %due.job_id, error = %e, "cannot build callback body; tried again later");
+            let error = format!("cannot build the callback body: {e}");
+            record(
+                &engine,
+                due.job_id,
+                attempts,
+                failed_attempt(&engine, attempts, error),
+            )
+            .await;
             return;
         }
     };
-    let attempts = due.attempts + 1;
     let blocked = Url::parse(&due.url)
         .map_err(|e| format!("invalid callback URL: {e}"))
         .and_then(|url| engine.config.egress.check_url(&url));
@@ -226,26 +272,33 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
         Ok(response) => Some(format!("receiver answered {}", response.status())),
+        // Callback URLs often hold a secret (a token in the path or query): errors, which
+        // are logged and shown, leave the URL out.
         Err(e) if crate::egress::is_blocked(&e) => {
             let outcome = CallbackOutcome::GaveUp {
-                error: error_chain(&e),
+                error: error_chain(&e.without_url()),
             };
             record(&engine, due.job_id, attempts, outcome).await;
             return;
         }
-        Err(e) => Some(error_chain(&e)),
+        Err(e) => Some(error_chain(&e.without_url())),
     };
     let outcome = match error {
         None => CallbackOutcome::Delivered,
-        Some(error) => match engine.config.callback_schedule.get(attempts as usize - 1) {
-            Some(delay) => CallbackOutcome::Retry {
-                at: now_millis() + delay.as_millis() as i64,
-                error,
-            },
-            None => CallbackOutcome::GaveUp { error },
-        },
+        Some(error) => failed_attempt(&engine, attempts, error),
     };
     record(&engine, due.job_id, attempts, outcome).await;
+}
+
+/// What follows a failed attempt: the next one on the schedule, or giving up.
+fn failed_attempt(engine: &Engine, attempts: u32, error: String) -> CallbackOutcome {
+    match engine.config.callback_schedule.get(attempts as usize - 1) {
+        Some(delay) => CallbackOutcome::Retry {
+            at: now_millis() + delay.as_millis() as i64,
+            error,
+        },
+        None => CallbackOutcome::GaveUp { error },
+    }
 }
 
 async fn record(engine: &Engine, job_id: JobId, attempts: u32, outcome: CallbackOutcome) {

@@ -126,8 +126,9 @@ fn denied_v6(ip: Ipv6Addr) -> Option<&'static str> {
     })
 }
 
-/// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
-/// (`::a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`) or 6to4 (`2002:AABB:CCDD::`) address.
+/// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`), IPv4-translated
+/// (`::ffff:0:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`) or 6to4
+/// (`2002:AABB:CCDD::`) address.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let tail = || Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
@@ -139,6 +140,10 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(tail());
     }
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(tail());
+    }
+    // IPv4-translated (SIIT, `::ffff:0:a.b.c.d`).
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
         return Some(tail());
     }
     if s[0] == 0x2002 {
@@ -240,6 +245,8 @@ mod tests {
             "http://[0:0:0:0:0:0:0:1]/",
             "http://[::ffff:127.0.0.1]/",
             "http://[::ffff:7f00:1]/",
+            "http://[::ffff:0:7f00:1]/",
+            "http://[::ffff:0:a9fe:a9fe]/",
             "http://[0:0:0:0:0:ffff:127.0.0.1]/",
             "http://[::127.0.0.1]/",
             "http://[64:ff9b::127.0.0.1]/",

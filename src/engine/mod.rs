@@ -30,8 +30,8 @@ use crate::config::EngineConfig;
 use crate::job::{JobId, JobStatus, NewJob};
 use crate::metrics::Metrics;
 use crate::store::{
-    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, SettleOutcome, Store,
-    StoreError, StoreResult, TaskSettle, now_millis,
+    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, Store, StoreError,
+    StoreResult, TaskSettle, now_millis,
 };
 
 /// Most outcomes written in one transaction.
@@ -106,7 +106,7 @@ impl Engine {
 
     /// Cancels a job: its unfinished tasks become Cancelled, calls in flight on this node are
     /// aborted, and its callback (status Cancelled) is due.
-    pub async fn cancel(&self, id: JobId) -> StoreResult<CancelOutcome> {
+    pub async fn cancel(self: &Arc<Self>, id: JobId) -> StoreResult<CancelOutcome> {
         let outcome = self.store.job_cancel(id, now_millis()).await?;
         if let CancelOutcome::Cancelled {
             has_callback,
@@ -115,9 +115,25 @@ impl Engine {
         } = outcome
         {
             self.metrics.tasks_finished("cancelled", tasks);
-            if let Some(token) = self.running_jobs.lock().expect("not poisoned").remove(&id) {
-                token.cancel();
-            }
+            // The token stays cancelled in the map for a while: a claim that committed just
+            // before the cancel looks its token up just after, and must find it cancelled.
+            self.running_jobs
+                .lock()
+                .expect("not poisoned")
+                .entry(id)
+                .or_default()
+                .cancel();
+            let engine = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Some(engine) = engine.upgrade() {
+                    engine
+                        .running_jobs
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&id);
+                }
+            });
             tracing::info!(job_id = %id, "job cancelled");
             self.metrics.job_finished(JobStatus::Cancelled);
             if has_callback {
@@ -422,15 +438,22 @@ async fn finish(
 async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &CancellationToken) {
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
-    let finished = loop {
+    let report = loop {
         match engine.store.tasks_settle(batch).await {
-            Ok(finished) => {
+            Ok(report) => {
                 tracing::trace!(
                     outcomes = batch.len(),
                     micros = started.elapsed().as_micros() as u64,
                     "settle"
                 );
-                break finished;
+                break report;
+            }
+            Err(e) if !matches!(e, StoreError::Unavailable(_)) => {
+                // Not a passing condition: retrying would hold these slots and every later
+                // batch forever. The tasks stay Running in the store; the next start calls
+                // them again.
+                tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; they are left to the next start");
+                return;
             }
             Err(e) => {
                 tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; retrying");
@@ -451,14 +474,12 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             .metrics
             .call_seconds
             .observe(settle.latency_ms as f64 / 1000.0);
-        match settle.outcome {
-            SettleOutcome::Complete { .. } => engine.metrics.tasks_finished("complete", 1),
-            SettleOutcome::Failed { .. } => engine.metrics.tasks_finished("failed", 1),
-            SettleOutcome::Retry { .. } => {
-                engine.metrics.task_retries.inc();
-            }
-        }
     }
+    // Only what the store applied: an outcome for a cancelled task changed nothing.
+    engine.metrics.tasks_finished("complete", report.complete);
+    engine.metrics.tasks_finished("failed", report.failed);
+    engine.metrics.task_retries.inc_by(report.retried);
+    let finished = report.finished;
     if !finished.is_empty() {
         let mut running = engine.running_jobs.lock().expect("not poisoned");
         for job in &finished {
@@ -510,6 +531,8 @@ async fn purge_loop(engine: Arc<Engine>, keep: Duration, stop: CancellationToken
 pub(crate) fn http_client(config: &EngineConfig) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would resolve the target's name itself, out of the guard's sight.
+        .no_proxy()
         .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
         .dns_resolver(Arc::new(crate::egress::GuardedResolver::new(
             config.egress.clone(),

@@ -215,6 +215,16 @@ pub enum SettleOutcome {
     },
 }
 
+/// What a settle batch changed: the outcomes applied (a stale one is not) and the jobs it
+/// brought to their end.
+#[derive(Clone, Debug, Default)]
+pub struct SettleReport {
+    pub complete: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub finished: Vec<JobFinished>,
+}
+
 /// A job that a settle batch brought to its end.
 #[derive(Clone, Debug)]
 pub struct JobFinished {
@@ -299,8 +309,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a batch of attempt outcomes in one transaction, together with the job
     /// counters they change. A job whose last task this settles gets its final status and
-    /// its callback delivery record in that same transaction; those jobs are returned.
-    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<Vec<JobFinished>>;
+    /// its callback delivery record in that same transaction; those jobs are reported.
+    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<SettleReport>;
 
     /// Puts every task left running by a previous process back to pending, its interrupted
     /// attempt not counted. Called once at start by the only node of a single-node backend.

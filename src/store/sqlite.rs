@@ -24,8 +24,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
-    JobListQuery, JobRecord, Millis, SettleOutcome, Store, StoreError, StoreResult, TaskPageQuery,
-    TaskRecord, TaskSettle, url_text,
+    JobListQuery, JobRecord, Millis, SettleOutcome, SettleReport, Store, StoreError, StoreResult,
+    TaskPageQuery, TaskRecord, TaskSettle, url_text,
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
@@ -307,7 +307,8 @@ impl Store for SqliteStore {
             // Checked inside the write transaction: two requests with one key cannot both
             // pass, since there is one writer.
             let earlier = sqlx::query(
-                "SELECT id, request_hash FROM jobs WHERE idempotency_key = ? AND owner IS ?",
+                "SELECT id, request_hash FROM jobs \
+                     WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1",
             )
             .bind(&idem.key)
             .bind(job.owner.as_deref())
@@ -693,7 +694,7 @@ impl Store for SqliteStore {
         Ok(claim)
     }
 
-    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<Vec<JobFinished>> {
+    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
         /// What a batch changes of one job.
         #[derive(Default)]
         struct Delta {
@@ -702,8 +703,9 @@ impl Store for SqliteStore {
             failed: i64,
             now: Millis,
         }
+        let mut report = SettleReport::default();
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok(report);
         }
         let mut tx = self.begin().await?;
 
@@ -812,6 +814,11 @@ impl Store for SqliteStore {
                 d.settled += 1;
                 d.complete += i64::from(status == 2);
                 d.failed += i64::from(status == 3);
+                match status {
+                    2 => report.complete += 1,
+                    3 => report.failed += 1,
+                    _ => report.retried += 1,
+                }
             }
         }
 
@@ -819,7 +826,6 @@ impl Store for SqliteStore {
         // which jobs this batch finished.
         let changed: Vec<(i64, Delta)> =
             deltas.into_iter().filter(|(_, d)| d.settled > 0).collect();
-        let mut finished = Vec::new();
         for chunk in changed.chunks(SETTLE_CHUNK) {
             let mut sql = String::from("WITH d(seq, settled, complete, failed) AS (VALUES ");
             for i in 0..chunk.len() {
@@ -874,7 +880,7 @@ impl Store for SqliteStore {
                 if has_callback {
                     insert_callback(&mut tx, seq, now).await?;
                 }
-                finished.push(JobFinished {
+                report.finished.push(JobFinished {
                     job_id: parse_id(row.get("id"))?,
                     status: final_status,
                     has_callback,
@@ -882,7 +888,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit().await.map_err(map_err)?;
-        Ok(finished)
+        Ok(report)
     }
 
     async fn tasks_recover(&self) -> StoreResult<u64> {

@@ -473,6 +473,10 @@ async fn limits_hold_at_the_limit_and_refuse_one_past_it() {
     assert_eq!(cut.body["status"], "Complete");
     assert!(cut.body.get("result").is_none(), "{}", cut.body);
     assert_eq!(cut.body["result_url"], format!("/v1/jobs/{large_id}/tasks"));
+    // Reading the job back is bounded the same way.
+    let view = app.job(&large_id).await;
+    assert!(view.get("result").is_none(), "{view}");
+    assert_eq!(view["result_url"], format!("/v1/jobs/{large_id}/tasks"));
 }
 
 /// Any JSON, with strings that can never form a URL (no `:` or `/`): whatever is accepted
