@@ -33,8 +33,25 @@ use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus
 /// SQLite's limit on bound parameters).
 const INSERT_CHUNK: usize = 200;
 
-/// Outcomes per UPDATE when settling (9 parameters each).
+/// Outcomes per UPDATE when settling (10 parameters each).
 const SETTLE_CHUNK: usize = 256;
+
+/// Jobs served by one claim statement.
+const CLAIM_GROUP: usize = 8;
+
+/// Claims for up to [`CLAIM_GROUP`] jobs at once: `?1` is now, then a job's sequence number
+/// and how many of its due tasks to take, for each place. Each pick walks the `tasks_due`
+/// index of its job only.
+const CLAIM_SQL: &str = "UPDATE tasks SET status = 1, attempts = attempts + 1 WHERE rowid IN (\
+    SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?2 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?3) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?4 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?5) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?6 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?7) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?8 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?9) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?10 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?11) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?12 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?13) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?14 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?15) \
+    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?16 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?17)\
+    ) RETURNING job_seq, idx, attempts, endpoint, params";
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -598,8 +615,15 @@ impl Store for SqliteStore {
         }
 
         // Fair share: each round offers every job an equal part of the free slots; what a job
-        // cannot use goes to the others in the next round.
+        // cannot use goes to the others in the next round. The jobs of a round are served
+        // CLAIM_GROUP at a time by one statement (a UNION of per-job picks), so a claim over
+        // many small jobs costs few statements.
         let mut left = u64::from(params.limit);
+        let by_seq: HashMap<i64, usize> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.seq, i))
+            .collect();
         while left > 0 {
             let open: Vec<usize> = (0..candidates.len())
                 .filter(|&i| !candidates[i].exhausted && candidates[i].headroom > 0)
@@ -608,45 +632,52 @@ impl Store for SqliteStore {
                 break;
             }
             let share = (left / open.len() as u64).max(1);
+            let mut wants: Vec<(usize, u64)> = Vec::with_capacity(open.len());
+            let mut planned = 0;
             for i in open {
-                if left == 0 {
+                if planned == left {
                     break;
                 }
-                let c = &mut candidates[i];
-                let want = share.min(c.headroom).min(left);
-                let rows = sqlx::query(
-                    "UPDATE tasks SET status = 1, attempts = attempts + 1 \
-                     WHERE job_seq = ?1 AND idx IN (SELECT idx FROM tasks \
-                       WHERE job_seq = ?1 AND status = 0 AND run_at <= ?2 \
-                       ORDER BY run_at, idx LIMIT ?3) \
-                     RETURNING idx, attempts, endpoint, params",
-                )
-                .bind(c.seq)
-                .bind(params.now)
-                .bind(want as i64)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                let got = rows.len() as u64;
-                let options = match &c.options {
-                    Some(options) => options.clone(),
-                    None if got == 0 => Arc::new(JobOptions::defaults()),
-                    None => {
-                        let options = Arc::new(parse_options(&c.options_text)?);
-                        c.options = Some(options.clone());
-                        options
-                    }
-                };
+                let want = share.min(candidates[i].headroom).min(left - planned);
+                planned += want;
+                wants.push((i, want));
+            }
+            let mut got: HashMap<usize, u64> = HashMap::with_capacity(wants.len());
+            for group in wants.chunks(CLAIM_GROUP) {
+                let mut query = sqlx::query(CLAIM_SQL).bind(params.now);
+                for slot in 0..CLAIM_GROUP {
+                    // Unused places pick nothing: no job has sequence number -1.
+                    let (seq, want) = group
+                        .get(slot)
+                        .map_or((-1, 0), |&(i, want)| (candidates[i].seq, want as i64));
+                    query = query.bind(seq).bind(want);
+                }
+                let rows = query.fetch_all(&mut *tx).await.map_err(map_err)?;
                 for row in rows {
+                    let i = by_seq[&row.get::<i64, _>("job_seq")];
+                    *got.entry(i).or_default() += 1;
+                    let c = &mut candidates[i];
+                    let options = match &c.options {
+                        Some(options) => options.clone(),
+                        None => {
+                            let options = Arc::new(parse_options(&c.options_text)?);
+                            c.options = Some(options.clone());
+                            options
+                        }
+                    };
                     claim.tasks.push(ClaimedTask {
                         job_id: c.id,
                         index: row.get::<i64, _>("idx") as u64,
                         attempt: row.get::<i64, _>("attempts") as u32,
                         endpoint: row.get("endpoint"),
                         params: raw(Some(row.get("params")))?.expect("some"),
-                        options: options.clone(),
+                        options,
                     });
                 }
+            }
+            for (i, want) in wants {
+                let got = got.get(&i).copied().unwrap_or(0);
+                let c = &mut candidates[i];
                 c.claimed += got;
                 c.headroom -= got;
                 left -= got;
@@ -655,6 +686,9 @@ impl Store for SqliteStore {
                 }
             }
         }
+        // Each job's tasks together, in order (the engine looks its cancel token up once
+        // per job).
+        claim.tasks.sort_by_key(|t| (t.job_id, t.index));
 
         for c in &candidates {
             if c.claimed > 0 {
