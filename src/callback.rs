@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::CONTENT_TYPE;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::task::JoinSet;
@@ -21,8 +21,8 @@ use crate::engine::call::error_chain;
 use crate::engine::{Engine, Event, IDLE_POLL};
 use crate::job::{JobId, TaskStatus};
 use crate::store::{
-    CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, TaskPageQuery,
-    now_millis, webhook_id,
+    CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreError, StoreResult,
+    TaskPageQuery, TaskRecord, now_millis, webhook_id,
 };
 use crate::webhook::timestamp_now;
 
@@ -44,6 +44,65 @@ struct Entry<'a> {
     attempts: Option<u32>,
 }
 
+/// Appends one task's `"N":{...}` entry, with the comma before it unless it is the first.
+fn write_entry(task: &TaskRecord, out: &mut Vec<u8>) {
+    if task.index > 1 {
+        out.push(b',');
+    }
+    let entry = Entry {
+        status: task.status.as_str(),
+        result: task
+            .result
+            .as_deref()
+            .filter(|_| task.status == TaskStatus::Complete),
+        error: task
+            .error
+            .as_deref()
+            .filter(|_| task.status == TaskStatus::Failed),
+        attempts: (task.status == TaskStatus::Failed).then_some(task.attempts),
+    };
+    out.push(b'"');
+    out.extend_from_slice(task.index.to_string().as_bytes());
+    out.extend_from_slice(b"\":");
+    serde_json::to_writer(&mut *out, &entry).expect("writing to a Vec cannot fail");
+}
+
+/// A job's tasks, a page at a time, in order.
+struct TaskPages<'a> {
+    store: &'a dyn Store,
+    job: JobId,
+    after: u64,
+    done: bool,
+}
+
+impl<'a> TaskPages<'a> {
+    fn new(store: &'a dyn Store, job: JobId) -> Self {
+        TaskPages {
+            store,
+            job,
+            after: 0,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> StoreResult<Option<Vec<TaskRecord>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let query = TaskPageQuery {
+            after: self.after,
+            limit: PAGE,
+            status: None,
+        };
+        let page = self.store.tasks_page(self.job, &query).await?;
+        match page.last() {
+            Some(last) if page.len() == PAGE as usize => self.after = last.index,
+            _ => self.done = true,
+        }
+        Ok(Some(page))
+    }
+}
+
 /// Appends the result map of a job, `{"1":{...},"2":{...}}`, reading its tasks page by page.
 /// Stops and returns `false` as soon as `out` grows past `max_bytes`.
 pub async fn write_result_map(
@@ -53,66 +112,32 @@ pub async fn write_result_map(
     max_bytes: usize,
 ) -> StoreResult<bool> {
     out.push(b'{');
-    let mut after = 0;
-    loop {
-        let query = TaskPageQuery {
-            after,
-            limit: PAGE,
-            status: None,
-        };
-        let page = store.tasks_page(job, &query).await?;
+    let mut pages = TaskPages::new(store, job);
+    while let Some(page) = pages.next().await? {
         for task in &page {
-            if task.index > 1 {
-                out.push(b',');
-            }
-            let entry = Entry {
-                status: task.status.as_str(),
-                result: task
-                    .result
-                    .as_deref()
-                    .filter(|_| task.status == TaskStatus::Complete),
-                error: task
-                    .error
-                    .as_deref()
-                    .filter(|_| task.status == TaskStatus::Failed),
-                attempts: (task.status == TaskStatus::Failed).then_some(task.attempts),
-            };
-            out.push(b'"');
-            out.extend_from_slice(task.index.to_string().as_bytes());
-            out.extend_from_slice(b"\":");
-            serde_json::to_writer(&mut *out, &entry).expect("writing to a Vec cannot fail");
+            write_entry(task, out);
             // After each entry, not each page: a page of large results could be huge.
             if out.len() > max_bytes {
                 return Ok(false);
             }
-        }
-        match page.last() {
-            Some(last) if page.len() == PAGE as usize => after = last.index,
-            _ => break,
         }
     }
     out.push(b'}');
     Ok(out.len() <= max_bytes)
 }
 
-/// The callback body of a finished job:
-/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`. When that would be larger
-/// than `max_bytes`, the document goes without `result` and with `result_url`, the
-/// paginated tasks route, so that a receiver is never sent more than it can take.
-pub async fn document(
-    store: &dyn Store,
-    job: &JobRecord,
-    max_bytes: usize,
-) -> StoreResult<Vec<u8>> {
-    #[derive(Serialize)]
-    struct Head<'a> {
-        job_id: JobId,
-        status: &'a str,
-        msg: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        result_url: Option<String>,
-    }
-    let mut head = Head {
+#[derive(Serialize)]
+struct Head<'a> {
+    job_id: JobId,
+    status: &'a str,
+    msg: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_url: Option<String>,
+}
+
+/// The document's beginning, up to and including `"result":`.
+fn head_with_result(job: &JobRecord) -> Vec<u8> {
+    let head = Head {
         job_id: job.id,
         status: job.status.as_str(),
         msg: "Job Finished",
@@ -121,12 +146,128 @@ pub async fn document(
     let mut out = serde_json::to_vec(&head).expect("the head serializes");
     out.pop(); // the closing brace: the result map follows
     out.extend_from_slice(b",\"result\":");
+    out
+}
+
+/// The document without results, pointing at the paginated tasks route instead.
+fn head_only(job: &JobRecord) -> Vec<u8> {
+    let head = Head {
+        job_id: job.id,
+        status: job.status.as_str(),
+        msg: "Job Finished",
+        result_url: Some(format!("/v1/jobs/{}/tasks", job.id)),
+    };
+    serde_json::to_vec(&head).expect("the head serializes")
+}
+
+/// The callback body of a finished job, in memory:
+/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`. When that would be larger
+/// than `max_bytes`, the document goes without `result` and with `result_url`, the
+/// paginated tasks route, so that a receiver is never sent more than it can take.
+pub async fn document(
+    store: &dyn Store,
+    job: &JobRecord,
+    max_bytes: usize,
+) -> StoreResult<Vec<u8>> {
+    let mut out = head_with_result(job);
     if write_result_map(store, job.id, &mut out, max_bytes.saturating_sub(1)).await? {
         out.push(b'}');
         return Ok(out);
     }
-    head.result_url = Some(format!("/v1/jobs/{}/tasks", job.id));
-    Ok(serde_json::to_vec(&head).expect("the head serializes"))
+    Ok(head_only(job))
+}
+
+/// Feeds the whole document, a page of tasks at a time, to `sink`; never holds more than a
+/// page. Returns the number of bytes fed.
+async fn feed_document(
+    store: &dyn Store,
+    job: &JobRecord,
+    mut sink: impl FnMut(&[u8]),
+) -> StoreResult<u64> {
+    let mut total = 0u64;
+    let mut feed = |bytes: &[u8]| {
+        total += bytes.len() as u64;
+        sink(bytes);
+    };
+    feed(&head_with_result(job));
+    feed(b"{");
+    let mut pages = TaskPages::new(store, job.id);
+    let mut chunk = Vec::new();
+    while let Some(page) = pages.next().await? {
+        chunk.clear();
+        for task in &page {
+            write_entry(task, &mut chunk);
+        }
+        feed(&chunk);
+    }
+    feed(b"}}");
+    Ok(total)
+}
+
+/// The document as a stream of chunks, a page of tasks each, for a request body.
+fn document_stream(
+    store: Arc<dyn Store>,
+    job: JobRecord,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, StoreError>> + Send + 'static {
+    enum Part {
+        Head,
+        Pages(u64),
+        Tail,
+        Done,
+    }
+    futures_util::stream::try_unfold(Part::Head, move |part| {
+        let store = store.clone();
+        let job = job.clone();
+        async move {
+            Ok::<_, StoreError>(match part {
+                Part::Head => {
+                    let mut head = head_with_result(&job);
+                    head.push(b'{');
+                    Some((head, Part::Pages(0)))
+                }
+                Part::Pages(after) => {
+                    let query = TaskPageQuery {
+                        after,
+                        limit: PAGE,
+                        status: None,
+                    };
+                    let page = store.tasks_page(job.id, &query).await?;
+                    let mut chunk = Vec::new();
+                    for task in &page {
+                        write_entry(task, &mut chunk);
+                    }
+                    let next = match page.last() {
+                        Some(last) if page.len() == PAGE as usize => Part::Pages(last.index),
+                        _ => Part::Tail,
+                    };
+                    Some((chunk, next))
+                }
+                Part::Tail => Some((b"}}".to_vec(), Part::Done)),
+                Part::Done => None,
+            })
+        }
+    })
+}
+
+/// What an attempt sends: the document in memory when small or cut, or streamed from the
+/// store, with its length and signature computed by a first pass that keeps nothing.
+async fn callback_body(
+    engine: &Engine,
+    job: JobRecord,
+    id: &str,
+    timestamp: u64,
+) -> StoreResult<(reqwest::Body, u64, Option<String>)> {
+    let store = engine.store.as_ref();
+    let mut signing = engine.config.signer.start(id, timestamp);
+    let length = feed_document(store, &job, |bytes| signing.update(bytes)).await?;
+    if length > engine.config.max_callback_bytes as u64 {
+        let body = head_only(&job);
+        let signature = engine.config.signer.signature(id, timestamp, &body);
+        let length = body.len() as u64;
+        return Ok((reqwest::Body::from(body), length, signature));
+    }
+    let stream = document_stream(engine.store.clone(), job);
+    Ok((reqwest::Body::wrap_stream(stream), length, signing.finish()))
 }
 
 /// Sends due callbacks until `stop`; then waits for the deliveries under way.
@@ -229,20 +370,6 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
     };
-    let body = match document(store, &job, engine.config.max_callback_bytes).await {
-        Ok(body) => body,
-        Err(e) => {
-            let error = format!("cannot build the callback body: {e}");
-            record(
-                &engine,
-                due.job_id,
-                attempts,
-                failed_attempt(&engine, attempts, error),
-            )
-            .await;
-            return;
-        }
-    };
     let blocked = Url::parse(&due.url)
         .map_err(|e| format!("invalid callback URL: {e}"))
         .and_then(|url| engine.config.egress.check_url(&url));
@@ -253,12 +380,22 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
     }
     let id = webhook_id(due.job_id);
     let timestamp = timestamp_now();
+    let (body, length, signature) = match callback_body(&engine, job, &id, timestamp).await {
+        Ok(body) => body,
+        Err(e) => {
+            let error = format!("cannot build the callback body: {e}");
+            let outcome = failed_attempt(&engine, attempts, error);
+            record(&engine, due.job_id, attempts, outcome).await;
+            return;
+        }
+    };
     let mut request = client
         .post(&due.url)
         .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, length)
         .header("webhook-id", &id)
         .header("webhook-timestamp", timestamp.to_string());
-    if let Some(signature) = engine.config.signer.signature(&id, timestamp, &body) {
+    if let Some(signature) = signature {
         request = request.header("webhook-signature", signature);
     }
     let sent = request.body(body).send().await;

@@ -64,10 +64,14 @@ impl Signer {
 
     /// The `webhook-signature` value for a message, or `None` without secrets.
     pub fn signature(&self, id: &str, timestamp: u64, body: &[u8]) -> Option<String> {
-        if self.secrets.is_empty() {
-            return None;
-        }
-        let entries: Vec<String> = self
+        let mut signing = self.start(id, timestamp);
+        signing.update(body);
+        signing.finish()
+    }
+
+    /// Signs a body fed in pieces (a body streamed from the store).
+    pub fn start(&self, id: &str, timestamp: u64) -> Signing {
+        let macs = self
             .secrets
             .iter()
             .map(|secret| {
@@ -77,9 +81,34 @@ impl Signer {
                 mac.update(b".");
                 mac.update(timestamp.to_string().as_bytes());
                 mac.update(b".");
-                mac.update(body);
-                format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+                mac
             })
+            .collect();
+        Signing { macs }
+    }
+}
+
+/// A signature under way: one HMAC per secret.
+pub struct Signing {
+    macs: Vec<Hmac<Sha256>>,
+}
+
+impl Signing {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for mac in &mut self.macs {
+            mac.update(bytes);
+        }
+    }
+
+    /// The `webhook-signature` value, or `None` without secrets.
+    pub fn finish(self) -> Option<String> {
+        if self.macs.is_empty() {
+            return None;
+        }
+        let entries: Vec<String> = self
+            .macs
+            .into_iter()
+            .map(|mac| format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
             .collect();
         Some(entries.join(" "))
     }

@@ -106,3 +106,19 @@ async fn a_failed_job_calls_back_with_its_errors() {
     assert_eq!(delivery.body["result"]["2"]["attempts"], 1);
     assert_eq!(delivery.body["result"]["2"]["error"]["kind"], "connect");
 }
+
+#[tokio::test]
+async fn a_callback_of_many_pages_is_streamed_whole() {
+    let app = spawn_app().await;
+    let mut receiver = Receiver::start(0, 200).await;
+    // More tasks than one page of the store, so the body is sent in several chunks.
+    let id = app
+        .submit(&job_of(2500, "/v1/test", Some(&receiver.url()), json!({})))
+        .await;
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.body["job_id"], id.as_str());
+    let result = delivery.body["result"].as_object().unwrap();
+    assert_eq!(result.len(), 2500);
+    assert_eq!(result["1001"]["result"]["params"], json!({"i": 1001}));
+    assert_eq!(result["2500"]["result"]["params"], json!({"i": 2500}));
+}
