@@ -97,16 +97,6 @@ pub struct ServeArgs {
     )]
     pub callback_retry_schedule: Schedule,
 
-    /// Allows task calls and callbacks to reach this range, which the guard denies by default
-    /// (loopback, private, link-local, ...). Repeatable; e.g. 127.0.0.0/8 for local development.
-    #[arg(
-        long = "allow-net",
-        env = "DOPARALLEL_ALLOW_NETS",
-        value_delimiter = ',',
-        value_name = "CIDR"
-    )]
-    pub allow_net: Vec<IpNet>,
-
     /// API token that clients must send (`Authorization: Bearer TOKEN`). Repeatable, or
     /// comma-separated in the environment; each token sees only the jobs it created.
     #[arg(
@@ -152,15 +142,6 @@ pub struct RunArgs {
     #[arg(long, env = "DOPARALLEL_DENY_PRIVATE")]
     pub deny_private: bool,
 
-    /// With --deny-private: ranges to allow all the same. Repeatable.
-    #[arg(
-        long = "allow-net",
-        env = "DOPARALLEL_ALLOW_NETS",
-        value_delimiter = ',',
-        value_name = "CIDR"
-    )]
-    pub allow_net: Vec<IpNet>,
-
     /// Delays between callback attempts after the first. Shorter than serve's default: the
     /// command waits for the callback's last attempt before it exits.
     #[arg(
@@ -174,6 +155,17 @@ pub struct RunArgs {
 /// Options of the engine shared by `serve` and `run`.
 #[derive(Debug, Args)]
 pub struct EngineArgs {
+    /// Allows task calls and callbacks to reach this range, which the address guard denies
+    /// (loopback, private, link-local, ...): `serve` always guards, `run` with
+    /// --deny-private. Repeatable; e.g. 127.0.0.0/8 for local development.
+    #[arg(
+        long = "allow-net",
+        env = "DOPARALLEL_ALLOW_NETS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub allow_net: Vec<IpNet>,
+
     /// Task calls in flight at once across all jobs.
     #[arg(long, env = "DOPARALLEL_MAX_IN_FLIGHT", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -81,7 +81,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         engine: args.engine.to_config(
             &args.callback_retry_schedule,
             Some(args.retention),
-            EgressPolicy::guarded(args.allow_net.clone()),
+            EgressPolicy::guarded(args.engine.allow_net.clone()),
         ),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
@@ -120,7 +120,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
 
     let egress = if args.deny_private {
-        EgressPolicy::guarded(args.allow_net.clone())
+        EgressPolicy::guarded(args.engine.allow_net.clone())
     } else {
         EgressPolicy::open()
     };
