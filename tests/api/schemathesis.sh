@@ -17,6 +17,10 @@ if ! command -v st >/dev/null || [ "$(st --version 2>/dev/null)" != "st, version
     python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 st_bin=$(command -v st)
+# unshare (util-linux) and ip (iproute2) make the network namespace.
+if ! command -v unshare >/dev/null || ! command -v ip >/dev/null; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q util-linux iproute2
+fi
 
 cargo build --locked --quiet
 bin="$PWD/target/debug/doparallel"
