@@ -83,24 +83,6 @@ impl JobStatus {
     }
 }
 
-impl FromStr for JobStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "Pending" => JobStatus::Pending,
-            "Running" => JobStatus::Running,
-            "Complete" => JobStatus::Complete,
-            "Failed" => JobStatus::Failed,
-            "Cancelled" => JobStatus::Cancelled,
-            other => {
-                return Err(format!(
-                    "unknown job status {other:?}; expected Pending, Running, Complete, Failed or Cancelled"
-                ));
-            }
-        })
-    }
-}
-
 /// A task's lifecycle: `Pending` (waiting, possibly for a retry's backoff) → `Running` (a call
 /// is in flight) → back to `Pending` for a retry, or to `Complete` / `Failed` for good;
 /// `Cancelled` when its job is cancelled before it finished.
@@ -122,24 +104,6 @@ impl TaskStatus {
             TaskStatus::Failed => "Failed",
             TaskStatus::Cancelled => "Cancelled",
         }
-    }
-}
-
-impl FromStr for TaskStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "Pending" => TaskStatus::Pending,
-            "Running" => TaskStatus::Running,
-            "Complete" => TaskStatus::Complete,
-            "Failed" => TaskStatus::Failed,
-            "Cancelled" => TaskStatus::Cancelled,
-            other => {
-                return Err(format!(
-                    "unknown task status {other:?}; expected Pending, Running, Complete, Failed or Cancelled"
-                ));
-            }
-        })
     }
 }
 
