@@ -775,7 +775,10 @@ struct TaskFailed {
 struct Watch {
     store: Arc<dyn Store>,
     id: JobId,
-    /// How many of the job's failures were sent: the `id` of every event.
+    /// This node's engine events: a job that finishes here ends its stream at once instead
+    /// of at the next look. (A job run by another node is seen at the next look.)
+    engine_events: tokio::sync::broadcast::Receiver<crate::engine::Event>,
+    /// The last failure number sent: the `id` of every event.
     cursor: u64,
     last: Option<Progress>,
     first: bool,
@@ -792,7 +795,24 @@ impl Watch {
             return None;
         }
         if !self.first {
-            tokio::time::sleep(EVENTS_EVERY).await;
+            let id = self.id;
+            let finished_here = async {
+                loop {
+                    match self.engine_events.recv().await {
+                        Ok(crate::engine::Event::JobFinished { job_id, .. }) if job_id == id => {
+                            return;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(EVENTS_EVERY) => {}
+                _ = finished_here => {}
+            }
         }
         self.first = false;
         let job = match self.store.job_get(self.id).await {
@@ -896,6 +916,7 @@ async fn job_events(
     let watch = Watch {
         store,
         id,
+        engine_events: state.engine.subscribe(),
         cursor,
         last: None,
         first: true,
