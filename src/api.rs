@@ -727,7 +727,7 @@ async fn cancel_job(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such job", body = ErrorBody),
-        (status = 409, description = "The job is not finished", body = ErrorBody),
+        (status = 409, description = "The job is not finished, or its callback is still owed", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     )
 )]
@@ -747,6 +747,13 @@ async fn delete_job(
         DeleteOutcome::NotFinished => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("job {id} is not finished; cancel it first, or wait"),
+        )),
+        DeleteOutcome::CallbackPending => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "job {id} is finished but its callback is still being delivered; delete it once \
+                 the callback is delivered or given up"
+            ),
         )),
     }
 }

@@ -6,7 +6,7 @@
 //! callbacks are delivered at least once, and every attempt of one job carries the same
 //! `webhook-id`, which is what a receiver deduplicates on.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,14 +193,24 @@ async fn feed_document(
     feed(b"{");
     let mut pages = TaskPages::new(store, job.id);
     let mut chunk = Vec::new();
+    let mut entries = 0u64;
     while let Some(page) = pages.next().await? {
         chunk.clear();
         for task in &page {
             write_entry(task, &mut chunk);
         }
+        entries += page.len() as u64;
         feed(&chunk);
     }
     feed(b"}}");
+    // A finished job's tasks never change; fewer than its total means it was removed
+    // meanwhile, and an incomplete document must not go out as if it were whole.
+    if entries != job.total {
+        return Err(StoreError::Other(format!(
+            "job {} has {entries} of its {} tasks left; it was removed while its callback was built",
+            job.id, job.total
+        )));
+    }
     Ok(total)
 }
 
@@ -284,23 +294,27 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
     };
     // Deliveries under way, by job: a lease that runs out while its delivery is still
     // building the body or waiting to record must not start a second one beside it.
-    let mut running: JoinSet<JobId> = JoinSet::new();
-    let mut in_flight: HashSet<JobId> = HashSet::new();
+    // Keyed by task id, so that a delivery that panicked is forgotten too.
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut in_flight: HashMap<tokio::task::Id, JobId> = HashMap::new();
+    let task_id = |done: Result<(tokio::task::Id, ()), tokio::task::JoinError>| match done {
+        Ok((id, ())) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "a callback delivery failed unexpectedly");
+            e.id()
+        }
+    };
     while !stop.is_cancelled() {
-        while let Some(done) = running.try_join_next() {
-            if let Ok(job) = done {
-                in_flight.remove(&job);
-            }
+        while let Some(done) = running.try_join_next_with_id() {
+            in_flight.remove(&task_id(done));
         }
         let room = DELIVERIES_IN_FLIGHT.saturating_sub(running.len());
         if room == 0 {
             // Full: nothing to do until a delivery ends.
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(done) = running.join_next() => {
-                    if let Ok(job) = done {
-                        in_flight.remove(&job);
-                    }
+                Some(done) = running.join_next_with_id() => {
+                    in_flight.remove(&task_id(done));
                 }
             }
             continue;
@@ -314,14 +328,10 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
             Ok(due) => {
                 let leased = due.len();
                 for d in due {
-                    if in_flight.insert(d.job_id) {
+                    if in_flight.values().all(|job| *job != d.job_id) {
                         let job = d.job_id;
-                        let engine = engine.clone();
-                        let client = client.clone();
-                        running.spawn(async move {
-                            deliver(engine, client, d).await;
-                            job
-                        });
+                        let handle = running.spawn(deliver(engine.clone(), client.clone(), d));
+                        in_flight.insert(handle.id(), job);
                     }
                 }
                 leased

@@ -132,6 +132,8 @@ pub enum CancelOutcome {
 pub enum DeleteOutcome {
     Deleted,
     NotFinished,
+    /// Finished, but its callback is still owed; deleting it would lose the callback.
+    CallbackPending,
     NotFound,
 }
 
@@ -292,7 +294,8 @@ pub trait Store: Send + Sync + 'static {
     /// its callback is due.
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome>;
 
-    /// Removes a finished job with its tasks and callback record.
+    /// Removes a finished job with its tasks and callback record, unless its callback is
+    /// still owed.
     async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome>;
 
     /// Removes up to `limit` jobs that finished before `finished_before` and whose callback

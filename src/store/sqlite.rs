@@ -521,16 +521,22 @@ impl Store for SqliteStore {
 
     async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome> {
         let mut tx = self.begin().await?;
-        let Some(row) = sqlx::query("SELECT seq, status FROM jobs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?
+        let Some(row) = sqlx::query(
+            "SELECT j.seq, j.status, c.state FROM jobs j \
+             LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?
         else {
             return Ok(DeleteOutcome::NotFound);
         };
         if !job_status_from(row.get("status"))?.is_finished() {
             return Ok(DeleteOutcome::NotFinished);
+        }
+        if row.get::<Option<i64>, _>("state") == Some(CB_PENDING) {
+            return Ok(DeleteOutcome::CallbackPending);
         }
         delete_job(&mut tx, row.get("seq")).await?;
         tx.commit().await.map_err(map_err)?;

@@ -180,3 +180,35 @@ async fn an_idempotency_key_makes_a_retried_submission_safe() {
     let (fresh_status, _) = post("order-43", body).await;
     assert_eq!(fresh_status, 202);
 }
+
+#[tokio::test]
+async fn a_job_whose_callback_is_still_owed_is_not_deleted() {
+    let mut config = engine_config();
+    config.callback_schedule = vec![std::time::Duration::from_secs(3600)];
+    let app = spawn_app_with(config).await;
+    let mut receiver = Receiver::start(usize::MAX, 503).await;
+    let id = app
+        .submit(&job_of(1, "/v1/test", Some(&receiver.url()), json!({})))
+        .await;
+    assert_eq!(receiver.next().await.answered, 503);
+    let resp = app
+        .http
+        .delete(format!("{}/v1/jobs/{id}", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 409);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .contains("callback is still being delivered"),
+        "{body}"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{id}")).await.0,
+        200,
+        "nothing was deleted"
+    );
+}
