@@ -430,10 +430,17 @@ mod tests {
     /// Parses `body` and compares the outcome: `Ok(n)` is a valid job of `n` tasks,
     /// `Err(text)` a rejection whose message contains `text`.
     fn check(body: &str, expected: Result<usize, &str>) {
-        match (
-            parse_submission(body.as_bytes(), &Limits::defaults(), &EgressPolicy::open()),
-            expected,
-        ) {
+        check_with(body, &Limits::defaults(), &EgressPolicy::open(), expected);
+    }
+
+    /// `check` under given limits and guard.
+    fn check_with(
+        body: &str,
+        limits: &Limits,
+        egress: &EgressPolicy,
+        expected: Result<usize, &str>,
+    ) {
+        match (parse_submission(body.as_bytes(), limits, egress), expected) {
             (Ok(job), Ok(n)) => assert_eq!(job.tasks.len(), n, "body {body}"),
             (Err(e), Err(text)) => assert!(
                 e.to_string().contains(text),
@@ -541,15 +548,7 @@ mod tests {
             max_url_len: 30,
             max_depth: 5,
         };
-        let guard = EgressPolicy::guarded(Vec::new());
-        match (parse_submission(body.as_bytes(), &limits, &guard), expected) {
-            (Ok(job), Ok(n)) => assert_eq!(job.tasks.len(), n, "body {body}"),
-            (Err(e), Err(text)) => assert!(
-                e.to_string().contains(text),
-                "body {body}: error {e:?} does not contain {text:?}"
-            ),
-            (got, want) => panic!("body {body}: got {got:?}, want {want:?}"),
-        }
+        check_with(body, &limits, &EgressPolicy::guarded(Vec::new()), expected);
     }
 
     #[test]

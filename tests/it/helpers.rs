@@ -121,12 +121,26 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("server answers");
+        Self::answer(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    /// `get` with an API token.
+    pub async fn get_as(&self, token: &str, path: &str) -> (u16, Value) {
+        Self::answer(
+            self.http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(token),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        Self::answer(self.http.delete(format!("{}{path}", self.base))).await
+    }
+
+    /// The status and JSON body (null when there is none) of a request.
+    async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = request.send().await.expect("server answers");
         (
             resp.status().as_u16(),
             resp.json().await.unwrap_or(Value::Null),

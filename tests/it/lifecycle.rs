@@ -88,32 +88,14 @@ async fn delete_purges_a_finished_job_only() {
     let running = app
         .submit(&job_of(1, &endpoint.url("hang"), None, json!({})))
         .await;
-    let resp = app
-        .http
-        .delete(format!("{}/v1/jobs/{running}", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 409);
+    assert_eq!(app.delete(&format!("/v1/jobs/{running}")).await.0, 409);
 
     let done = app.submit(&job_of(2, "/v1/test", None, json!({}))).await;
     app.wait_settled(&done).await;
-    let resp = app
-        .http
-        .delete(format!("{}/v1/jobs/{done}", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 204);
+    assert_eq!(app.delete(&format!("/v1/jobs/{done}")).await.0, 204);
     assert_eq!(app.get(&format!("/v1/jobs/{done}")).await.0, 404);
     assert_eq!(app.get(&format!("/v1/jobs/{done}/tasks")).await.0, 404);
-    let resp = app
-        .http
-        .delete(format!("{}/v1/jobs/{done}", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(app.delete(&format!("/v1/jobs/{done}")).await.0, 404);
 }
 
 #[tokio::test]
@@ -191,14 +173,8 @@ async fn a_job_whose_callback_is_still_owed_is_not_deleted() {
         .submit(&job_of(1, "/v1/test", Some(&receiver.url()), json!({})))
         .await;
     assert_eq!(receiver.next().await.answered, 503);
-    let resp = app
-        .http
-        .delete(format!("{}/v1/jobs/{id}", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 409);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let (status, body) = app.delete(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(status, 409);
     assert!(
         body["msg"]
             .as_str()

@@ -247,10 +247,8 @@ async fn tokens_guard_the_api_and_each_sees_its_own_jobs() {
         .as_str()
         .unwrap()
         .to_string();
-    let get = |token: &'static str, path: String| {
-        let req = app.http.get(url(&path)).bearer_auth(token);
-        async move { req.send().await.unwrap().status().as_u16() }
-    };
+    let api = &app.api;
+    let get = |token: &'static str, path: String| async move { api.get_as(token, &path).await.0 };
     assert_eq!(get(alice, format!("/v1/jobs/{id}")).await, 200);
     assert_eq!(
         get(bob, format!("/v1/jobs/{id}")).await,
@@ -267,27 +265,9 @@ async fn tokens_guard_the_api_and_each_sees_its_own_jobs() {
         .await
         .unwrap();
     assert_eq!(cancel.status().as_u16(), 404);
-    let bobs: Value = app
-        .http
-        .get(url("/v1/jobs"))
-        .bearer_auth(bob)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, bobs) = app.get_as(bob, "/v1/jobs").await;
     assert_eq!(bobs["jobs"], json!([]));
-    let alices: Value = app
-        .http
-        .get(url("/v1/jobs"))
-        .bearer_auth(alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, alices) = app.get_as(alice, "/v1/jobs").await;
     assert_eq!(alices["jobs"][0]["job_id"], id.as_str());
 
     // A browser's Basic authentication, with the token as password, and an EventSource's
