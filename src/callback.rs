@@ -160,21 +160,13 @@ fn head_only(job: &JobRecord) -> Vec<u8> {
     serde_json::to_vec(&head).expect("the head serializes")
 }
 
-/// The callback body of a finished job, in memory:
-/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}`. When that would be larger
-/// than `max_bytes`, the document goes without `result` and with `result_url`, the
-/// paginated tasks route, so that a receiver is never sent more than it can take.
-pub async fn document(
-    store: &dyn Store,
-    job: &JobRecord,
-    max_bytes: usize,
-) -> StoreResult<Vec<u8>> {
-    let mut out = head_with_result(job);
-    if write_result_map(store, job.id, &mut out, max_bytes.saturating_sub(1)).await? {
-        out.push(b'}');
-        return Ok(out);
-    }
-    Ok(head_only(job))
+/// The whole document of a finished job, in memory:
+/// `{"job_id":ID,"status":S,"msg":"Job Finished","result":{...}}` (what `doparallel run`
+/// prints; a delivery streams it instead, see `callback_body`).
+pub async fn document(store: &dyn Store, job: &JobRecord) -> StoreResult<Vec<u8>> {
+    let mut out = Vec::new();
+    feed_document(store, job, |bytes| out.extend_from_slice(bytes)).await?;
+    Ok(out)
 }
 
 /// Feeds the whole document, a page of tasks at a time, to `sink`; never holds more than a

@@ -253,7 +253,7 @@ pub struct EngineConfig {
     pub signer: Arc<Signer>,
     /// Bounds on a submission.
     pub limits: Limits,
-    /// A callback body larger than this is sent without `result` (see `callback::document`).
+    /// A callback body larger than this is sent without `result` (see `callback::callback_body`).
     pub max_callback_bytes: usize,
 }
 

@@ -115,7 +115,7 @@ pub async fn run_job(
     }
     handle.shutdown(Duration::ZERO).await;
     let record = store.job_get(job.id).await?.ok_or(StoreError::NotFound)?;
-    let document = callback::document(store.as_ref(), &record, usize::MAX).await?;
+    let document = callback::document(store.as_ref(), &record).await?;
     Ok(RunOutcome {
         status: record.status,
         document,
