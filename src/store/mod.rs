@@ -5,6 +5,7 @@
 //! records at once (a submission, a claim, a batch of task outcomes) are atomic: either all
 //! of it is stored or none.
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use url::Url;
 
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// What can go wrong in a store, in terms its callers can act on.
@@ -41,9 +43,14 @@ pub type Millis = i64;
 pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url).await?))
     } else {
+        // Only the scheme: the rest may hold a password.
+        let scheme = url.split_once(':').map_or(url, |(scheme, _)| scheme);
         Err(StoreError::Other(format!(
-            "unsupported database URL {url:?}: expected sqlite://PATH or sqlite::memory:"
+            "unsupported database URL scheme {scheme:?}: expected sqlite://PATH, \
+             sqlite::memory: or postgres://USER@HOST:PORT/DATABASE"
         )))
     }
 }
