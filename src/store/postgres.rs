@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row, Transaction};
 
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
@@ -84,6 +84,17 @@ impl PostgresStore {
             .map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL {}: {e}", redact(url))))?
             .application_name("doparallel");
         let place = describe(&options);
+        // One connection first, so that a wrong or unreachable address fails at once (a
+        // pool would keep trying until its acquire timeout); the migrations run on it, and
+        // the advisory lock they hold goes with it.
+        let mut first = PgConnection::connect_with(&options).await.map_err(|e| {
+            StoreError::Unavailable(format!("cannot connect to PostgreSQL at {place}: {e}"))
+        })?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&mut first)
+            .await
+            .map_err(|e| StoreError::Other(format!("cannot migrate PostgreSQL at {place}: {e}")))?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(Duration::from_secs(30))
@@ -92,10 +103,6 @@ impl PostgresStore {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot connect to PostgreSQL at {place}: {e}"))
             })?;
-        sqlx::migrate!("migrations/postgres")
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Other(format!("cannot migrate PostgreSQL at {place}: {e}")))?;
         Ok(PostgresStore {
             pool,
             options,
@@ -1218,10 +1225,10 @@ impl Store for PostgresStore {
     }
 
     async fn listen(&self) -> StoreResult<Option<Notices>> {
-        // A connection of its own, kept open (no lifetime or idle limit) and reconnected by
-        // the listener when lost.
+        // Connections of its own, kept open (no lifetime or idle limit). Two, so that a new
+        // listener can connect while a broken one is still being let go.
         let pool = PgPoolOptions::new()
-            .max_connections(1)
+            .max_connections(2)
             .max_lifetime(None)
             .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(30))
@@ -1233,10 +1240,10 @@ impl Store for PostgresStore {
                     self.place
                 ))
             })?;
-        let mut listener = PgListener::connect_with(&pool).await.map_err(map_err)?;
-        listener.listen(CHANNEL).await.map_err(map_err)?;
+        let listener = listen_on(&pool).await.map_err(map_err)?;
         let state = ListenState {
-            listener,
+            pool,
+            listener: Some(listener),
             pending: VecDeque::new(),
             failures: 0,
         };
@@ -1255,31 +1262,38 @@ impl Store for PostgresStore {
 }
 
 struct ListenState {
-    listener: PgListener,
+    pool: PgPool,
+    /// `None` after a failure, until a new one listens.
+    listener: Option<PgListener>,
     /// Notices to hand out before reading more.
     pending: VecDeque<Notice>,
-    /// Failed attempts in a row to get the connection back.
+    /// Failed attempts in a row to listen again.
     failures: u32,
 }
 
-/// The next notice, or `None` once the connection cannot be had back.
+async fn listen_on(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// The next notice, or `None` once listening cannot be had back.
 async fn next_notice(mut st: ListenState) -> Option<(Notice, ListenState)> {
     loop {
         if let Some(notice) = st.pending.pop_front() {
             return Some((notice, st));
         }
-        if st.failures > 0 {
+        let Some(listener) = st.listener.as_mut() else {
             if st.failures > LISTEN_RETRIES {
                 tracing::error!("gave up listening for other nodes' notices");
                 return None;
             }
-            let backoff =
-                Duration::from_millis(100 << st.failures.min(6)).min(Duration::from_secs(5));
-            tokio::time::sleep(backoff).await;
-            // Any statement on the listener reconnects it and listens again.
-            match sqlx::query("SELECT 1").execute(&mut st.listener).await {
-                Ok(_) => {
+            let backoff = Duration::from_millis(100 << st.failures.min(6));
+            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
+            match listen_on(&st.pool).await {
+                Ok(listener) => {
                     tracing::info!("listening for other nodes' notices again");
+                    st.listener = Some(listener);
                     st.failures = 0;
                     // Whatever was announced meanwhile is lost: look at everything.
                     st.pending.extend([Notice::Work, Notice::CallbackDue]);
@@ -1290,8 +1304,8 @@ async fn next_notice(mut st: ListenState) -> Option<(Notice, ListenState)> {
                 }
             }
             continue;
-        }
-        match st.listener.try_recv().await {
+        };
+        match listener.try_recv().await {
             Ok(Some(notification)) => match parse_notice(notification.payload()) {
                 Some(notice) => return Some((notice, st)),
                 None => tracing::warn!(
@@ -1299,10 +1313,14 @@ async fn next_notice(mut st: ListenState) -> Option<(Notice, ListenState)> {
                     "ignoring an unknown notice"
                 ),
             },
-            // The connection was lost and is back: notices sent meanwhile are lost.
+            // The listener lost its connection and got another: notices sent meanwhile are
+            // lost.
             Ok(None) => st.pending.extend([Notice::Work, Notice::CallbackDue]),
             Err(e) => {
+                // A connection the server ended can fail in ways the listener does not
+                // recover from itself: a new one replaces it.
                 tracing::warn!(error = %e, "lost the connection that listens for other nodes' notices");
+                st.listener = None;
                 st.failures = 1;
             }
         }
