@@ -467,20 +467,25 @@ impl ServerProcess {
     /// Starts `doparallel serve` on `db` with extra arguments and waits for its
     /// `listening on ADDR` line.
     pub fn start(db: &Path, extra: &[&str]) -> Self {
-        Self::spawn(db, extra, None)
+        Self::spawn(&sqlite_url(db), extra, None)
     }
 
     /// Like [`ServerProcess::start`], also copying every stderr line to `log`.
     pub fn start_logging(db: &Path, extra: &[&str], log: &Path) -> Self {
-        Self::spawn(db, extra, Some(log.to_path_buf()))
+        Self::spawn(&sqlite_url(db), extra, Some(log.to_path_buf()))
     }
 
-    fn spawn(db: &Path, extra: &[&str], log: Option<PathBuf>) -> Self {
+    /// `doparallel serve` on the database at `url` (any backend).
+    pub fn start_url(url: &str, extra: &[&str]) -> Self {
+        Self::spawn(url, extra, None)
+    }
+
+    fn spawn(database_url: &str, extra: &[&str], log: Option<PathBuf>) -> Self {
         let mut child = std::process::Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--database")
-            .arg(format!("sqlite://{}", db.display()))
+            .arg(database_url)
             .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
             .args(["--allow-net", "127.0.0.0/8"])
             .args(extra)
@@ -538,6 +543,10 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn sqlite_url(db: &Path) -> String {
+    format!("sqlite://{}", db.display())
 }
 
 pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {

@@ -4,11 +4,14 @@
 mod callbacks;
 mod cli;
 mod client;
+mod cluster;
 mod crash;
 mod dashboard;
 mod helpers;
 mod lifecycle;
 mod observe;
+mod pg;
 mod security;
+mod store;
 mod submit;
 mod tasks;
