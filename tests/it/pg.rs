@@ -8,6 +8,7 @@
 //! that need it are skipped with a notice on stderr; in CI (`CI=true`) they fail instead.
 //! `initdb` refuses to run as root, so as root the cluster runs as the `postgres` user.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -73,7 +74,19 @@ impl TestDb {
 /// A new database on the shared cluster, or `None` when PostgreSQL is not installed here
 /// (outside CI only: in CI that fails the test).
 pub async fn database() -> Option<TestDb> {
-    let cluster = cluster()?;
+    let Some(cluster) = cluster() else {
+        // Straight to stderr: the test harness keeps what `eprintln!` prints in a passing
+        // test to itself.
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {test} needs PostgreSQL, which is not installed here"
+        );
+        return None;
+    };
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let name = format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed));
     let mut admin = sqlx::PgConnection::connect(&cluster.url("postgres"))
@@ -118,8 +131,9 @@ fn missing(why: &str) {
             "PostgreSQL is required in CI (CI=true) but {why}; .ci/run installs Debian's postgresql package"
         );
     }
-    eprintln!(
-        "SKIPPED: the PostgreSQL tests did not run: {why} (install Debian's postgresql package to run them)"
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: the PostgreSQL tests do not run: {why} (install Debian's postgresql package to run them)"
     );
 }
 
