@@ -9,6 +9,7 @@ mod dashboard;
 mod helpers;
 mod lifecycle;
 mod observe;
+mod reports;
 mod security;
 mod submit;
 mod tasks;
