@@ -400,6 +400,7 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
     if let Some(signature) = signature {
         request = request.header("webhook-signature", signature);
     }
+    crash_point!("callback-sending");
     let sent = request.body(body).send().await;
     let error = match sent {
         Ok(response) if response.status().is_success() => None,
@@ -466,6 +467,9 @@ async fn record(engine: &Engine, job_id: JobId, attempts: u32, outcome: Callback
         now: now_millis(),
         outcome,
     };
+    if settled == Some(true) {
+        crash_point!("callback-delivered");
+    }
     match engine.store.callback_record(&record).await {
         Ok(true) => {}
         Ok(false) => {

@@ -6,6 +6,18 @@
 //! callback URL. [`api`] is the HTTP face; `src/main.rs` only parses the command line and
 //! wires these together through [`serve`] and [`run_job`]. ARCHITECTURE.md has the map.
 
+/// A place where the fault tests stop the process dead, as a power cut or SIGKILL would
+/// (`tests/it/failpoints.rs`). Compiled in only with the `failpoints` feature, and inert
+/// unless the `FAILPOINTS` environment variable arms it (`FAILPOINTS=name=return`).
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            tracing::error!(point = $name, "crash point reached; aborting");
+            std::process::abort()
+        })
+    };
+}
+
 pub mod api;
 pub mod auth;
 pub mod callback;

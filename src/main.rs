@@ -18,6 +18,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Arms the crash points named in FAILPOINTS (fault-test builds only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         // The other commands print their answer on stdout; only trouble goes to stderr.

@@ -397,6 +397,9 @@ async fn dispatch(
             micros = started.elapsed().as_micros() as u64,
             "claim"
         );
+        if claimed > 0 {
+            crash_point!("task-claimed");
+        }
         // A claim lists each job's tasks together: one token lookup per job.
         let mut token: Option<(JobId, CancellationToken)> = None;
         for task in claim.tasks {
@@ -463,6 +466,7 @@ async fn run_call(
         tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel");
         return;
     };
+    crash_point!("response-received");
     let latency_ms = started.elapsed().as_millis() as u64;
     let now = now_millis();
     let outcome = call::settle_outcome(&task.options, task.attempt, attempt, now, &mut rand::rng());
