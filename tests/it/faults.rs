@@ -177,6 +177,7 @@ async fn close_mid_body() {
         error_text(&task).contains("end of file before message length reached"),
         "{task}"
     );
+    assert_eq!(task["result"], Value::Null, "nothing partial is stored");
     assert_eq!(attempts_seen(&raw), ["1", "2"]);
 }
 
