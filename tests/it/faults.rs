@@ -702,8 +702,29 @@ fn logged(log: &std::path::Path, text: &str) -> bool {
     std::fs::read_to_string(log).is_ok_and(|all| all.contains(text))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disk_full() {
+/// A server whose database reached its `max_page_count` while jobs were running.
+struct FullDatabase {
+    dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    url: String,
+    server: ServerProcess,
+    /// Open by now; the endpoint answers its calls at once.
+    _gate: tokio::sync::watch::Sender<bool>,
+    _endpoint: RawEndpoint,
+    receiver: Receiver,
+    /// A finished job that takes half the space; deleting it frees it.
+    ballast: String,
+    /// Ten tasks whose results need 16 KiB each, accepted before the space ran out, with a
+    /// callback to `receiver`.
+    accepted: String,
+    /// Jobs of twenty tasks accepted until the space ran out.
+    fillers: Vec<String>,
+    /// The body of the job that was refused.
+    refused: String,
+}
+
+/// Fills a capped database with jobs until a submission is refused, and checks that answer.
+async fn fill_database() -> FullDatabase {
     // 4 MiB in pages of 4 KiB: SQLite answers SQLITE_FULL past it, as on a full disk.
     const PAGES: u64 = 1024;
     let dir = tempfile::tempdir().unwrap();
@@ -711,32 +732,27 @@ async fn disk_full() {
     let log = dir.path().join("server.log");
     let url = format!("{}?max_page_count={PAGES}", sqlite_url(&db));
     let (gate, _) = tokio::sync::watch::channel(false);
-    let raw = gated_endpoint(&gate).await;
-    let mut receiver = Receiver::start(0, 200).await;
+    let endpoint = gated_endpoint(&gate).await;
+    let receiver = Receiver::start(0, 200).await;
     let server = ServerProcess::start_url_logging(&url, &[], &log);
     let api = &server.api;
     let pad = "b".repeat(4096);
 
-    // Finished jobs take half the space.
     let ballast: Vec<Value> = (0..250)
         .map(|_| json!({"endpoint": "/v1/test", "params": {"pad": pad}}))
         .collect();
     let ballast = api.submit(&json!({ "tasks": ballast })).await;
     assert_eq!(api.wait_settled(&ballast).await["status"], "Complete");
-
-    // A job accepted before the space runs out, whose results will need room.
     let accepted = api
         .submit(&job_of(
             10,
-            &raw.url("/big"),
+            &endpoint.url("/big"),
             Some(&receiver.url()),
             json!({}),
         ))
         .await;
-
-    // More jobs until the database is full.
     let filler: Vec<Value> = (1..=20)
-        .map(|i| json!({"endpoint": raw.url("/small"), "params": {"i": i, "pad": pad}}))
+        .map(|i| json!({"endpoint": endpoint.url("/small"), "params": {"i": i, "pad": pad}}))
         .collect();
     let filler = json!({ "tasks": filler }).to_string();
     let mut fillers = Vec::new();
@@ -753,7 +769,7 @@ async fn disk_full() {
     };
     assert_eq!(refused["status"], "Error");
     let msg = refused["msg"].as_str().unwrap();
-    assert!(msg.contains("full"), "{msg}");
+    assert!(msg.contains("the database is full"), "{msg}");
     // Nothing of the refused job was stored, and what was is sound.
     let (_, list) = api.get("/v1/jobs?limit=1000").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 2 + fillers.len());
@@ -770,37 +786,79 @@ async fn disk_full() {
     assert_ne!(job["status"], "Complete", "{job}");
     let (status, _) = api.get("/healthz").await;
     assert_eq!(status, 200);
-
-    // Space comes back when the ballast is deleted.
-    let (status, body) = api.delete(&format!("/v1/jobs/{ballast}")).await;
-    assert_eq!(status, 204, "{body}");
-
-    // Everything accepted finishes, its results whole.
-    let delivery = receiver.next().await;
-    assert_eq!(delivery.body["job_id"], accepted.as_str());
-    assert_eq!(delivery.body["status"], "Complete");
-    for i in 1..=10 {
-        let result = &delivery.body["result"][i.to_string()]["result"];
-        assert_eq!(result["task"], i);
-        assert_eq!(result["pad"].as_str().unwrap().len(), 16 * 1024);
+    FullDatabase {
+        dir,
+        db,
+        url,
+        server,
+        _gate: gate,
+        _endpoint: endpoint,
+        receiver,
+        ballast,
+        accepted,
+        fillers,
+        refused: filler,
     }
-    for id in &fillers {
-        let job = api.wait_settled(id).await;
-        assert_eq!(job["status"], "Complete", "{job}");
-        for i in 1..=20 {
-            assert_eq!(
-                job["result"][i.to_string()],
-                json!({"status": "Complete", "result": {"task": i}})
-            );
+}
+
+impl FullDatabase {
+    /// Frees space by deleting the ballast, then checks that every accepted job finishes
+    /// with its results whole and that new jobs are accepted again.
+    async fn free_space_and_finish(&mut self) {
+        let api = &self.server.api;
+        let (status, body) = api.delete(&format!("/v1/jobs/{}", self.ballast)).await;
+        assert_eq!(status, 204, "{body}");
+        let delivery = self.receiver.next().await;
+        assert_eq!(delivery.body["job_id"], self.accepted.as_str());
+        assert_eq!(delivery.body["status"], "Complete");
+        for i in 1..=10 {
+            let result = &delivery.body["result"][i.to_string()]["result"];
+            assert_eq!(result["task"], i);
+            assert_eq!(result["pad"].as_str().unwrap().len(), 16 * 1024);
         }
+        for id in &self.fillers {
+            let job = api.wait_settled(id).await;
+            assert_eq!(job["status"], "Complete", "{job}");
+            for i in 1..=20 {
+                assert_eq!(
+                    job["result"][i.to_string()],
+                    json!({"status": "Complete", "result": {"task": i}})
+                );
+            }
+        }
+        let id = api.submit(&job_of(2, "/v1/test", None, json!({}))).await;
+        assert_eq!(api.wait_settled(&id).await["status"], "Complete");
+        assert_eq!(self.receiver.all().len(), 1, "the callback was sent once");
     }
-    // And new jobs are accepted again.
-    let id = api.submit(&job_of(2, "/v1/test", None, json!({}))).await;
-    assert_eq!(api.wait_settled(&id).await["status"], "Complete");
+}
 
-    let status = sigterm(server).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full() {
+    let mut full = fill_database().await;
+    full.free_space_and_finish().await;
+    let status = sigterm(full.server).await;
     assert!(status.success(), "{status:?}");
-    assert_database_intact(&db).await;
+    assert_database_intact(&full.db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_then_sigkill() {
+    let mut full = fill_database().await;
+    // Killed with results it could not store: they are lost with the process, and their
+    // tasks are called again by the next start, which finds the database still full.
+    full.server.sigkill();
+    assert_database_intact(&full.db).await;
+    let log = full.dir.path().join("restarted.log");
+    full.server = ServerProcess::start_url_logging(&full.url, &[], &log);
+    let (status, body) = full
+        .server
+        .api
+        .post_raw("/v1/job", Some("application/json"), &full.refused)
+        .await;
+    assert_eq!(status, 503, "still full: {body}");
+    full.free_space_and_finish().await;
+    full.server.sigkill();
+    assert_database_intact(&full.db).await;
 }
 
 /// Sends SIGTERM and waits for the process to exit.
