@@ -86,6 +86,12 @@ pub struct ServeArgs {
     #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
 
+    /// The URL task endpoints reach this service at, for reporting the outcome of a task
+    /// they answered with 202 (`DoParallel-Result-Url` is this plus
+    /// `/v1/tasks/{token}/result`). Default: http:// and the listening address.
+    #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<url::Url>,
+
     #[command(flatten)]
     pub engine: EngineArgs,
 
@@ -208,6 +214,12 @@ pub struct EngineArgs {
     /// `result_url` pointing at the paginated tasks route instead.
     #[arg(long, env = "DOPARALLEL_MAX_CALLBACK_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_callback_bytes: usize,
+
+    /// How long a node's claim on a task lasts without renewal (nodes renew every third of
+    /// it). When a node dies, its tasks are called again by another node after this long
+    /// plus one sweep (a third of it).
+    #[arg(long, env = "DOPARALLEL_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub lease_timeout: Duration,
 }
 
 impl EngineArgs {
@@ -232,6 +244,8 @@ impl EngineArgs {
             callback_schedule: callback_schedule.0.clone(),
             callback_timeout: Duration::from_secs(15),
             retention,
+            lease_timeout: self.lease_timeout,
+            public_url: None,
         }
     }
 }
@@ -255,6 +269,13 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// A callback body larger than this is sent without `result` (see `callback::callback_body`).
     pub max_callback_bytes: usize,
+    /// How long a claimed task stays leased to this node without renewal; after that any
+    /// node may take it back and call it again.
+    pub lease_timeout: Duration,
+    /// The base URL endpoints post reported outcomes to (`/v1/tasks/{token}/result` is
+    /// added). `None` when there is no API to report to (`doparallel run`): a 202 then
+    /// counts as a success like any 2xx.
+    pub public_url: Option<url::Url>,
 }
 
 /// A secret given on the command line or in the environment: its `Debug` never shows it.

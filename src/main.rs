@@ -77,12 +77,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut engine = args.engine.to_config(
+        &args.callback_retry_schedule,
+        Some(args.retention),
+        EgressPolicy::guarded(args.engine.allow_net.clone()),
+    );
+    engine.public_url = args.public_url.clone();
     let options = ServeOptions {
-        engine: args.engine.to_config(
-            &args.callback_retry_schedule,
-            Some(args.retention),
-            EgressPolicy::guarded(args.engine.allow_net.clone()),
-        ),
+        engine,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
         tokens,

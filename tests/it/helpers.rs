@@ -71,6 +71,9 @@ pub fn engine_config() -> EngineConfig {
         signer: Default::default(),
         limits: doparallel::job::Limits::defaults(),
         max_callback_bytes: 10 * 1024 * 1024,
+        lease_timeout: Duration::from_secs(30),
+        // `serve` puts its own address here.
+        public_url: None,
     }
 }
 
@@ -269,7 +272,9 @@ struct EndpointState {
 /// awkward numbers; `/flaky` 500 on a task's first call then 200; `/fail` always 500;
 /// `/missing` 404; `/big?n=N` N bytes of text; `/hang` never answers; `/limited` 429 with `Retry-After: 1` on a task's
 /// first call, then 200; `/slow?ms=N` answers the params after N ms and `/jitter?ms=N`
-/// after a random 0 to N ms (both track how many calls are in flight).
+/// after a random 0 to N ms (both track how many calls are in flight); `/accept` 202 (the
+/// outcome to be reported later); `/report-first` reports `{"early":PARAMS}` to its result
+/// URL, then answers 202.
 #[derive(Clone)]
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -363,6 +368,24 @@ async fn endpoint_handler(
         )
             .into_response(),
         "limited" => json(r#"{"ok":true}"#.into()),
+        // A long-running task: accepted now, its outcome reported later by the test.
+        "accept" => StatusCode::ACCEPTED.into_response(),
+        // Reports its outcome before it even answers 202.
+        "report-first" => {
+            let url = headers["doparallel-result-url"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let report = format!(r#"{{"status":"Complete","result":{{"early":{body}}}}}"#);
+            let answer = reqwest::Client::new()
+                .post(url)
+                .body(report)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+            StatusCode::ACCEPTED.into_response()
+        }
         "slow" | "jitter" => {
             {
                 let mut s = state.lock().unwrap();

@@ -10,6 +10,7 @@ mod faults;
 mod helpers;
 mod lifecycle;
 mod observe;
+mod reports;
 mod security;
 mod submit;
 mod tasks;
