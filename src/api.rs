@@ -155,6 +155,14 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "not found"),
+            full if full.is_full() => {
+                tracing::error!(error = %full, "database full");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database is full (no space left on its disk, or at its size limit); \
+                     nothing was stored, try again once space is freed",
+                )
+            }
             StoreError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "database unavailable");
                 ApiError::new(

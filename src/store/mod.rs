@@ -32,6 +32,23 @@ pub enum StoreError {
     Other(String),
 }
 
+/// How the detail of an `Unavailable` error for a full database begins.
+const FULL: &str = "disk full";
+
+impl StoreError {
+    /// The database is out of space: a full disk, or its size limit. `Unavailable`, since
+    /// it passes once space is freed, with a detail that says which, for the API to tell
+    /// its clients. (A variant of its own would behave as `Unavailable` at every match
+    /// but one.)
+    pub fn full(detail: impl std::fmt::Display) -> Self {
+        StoreError::Unavailable(format!("{FULL}: {detail}"))
+    }
+
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Unavailable(detail) if detail.starts_with(FULL))
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Milliseconds since the Unix epoch; every time the store keeps is one of these.

@@ -64,9 +64,11 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating when missing) the database at a `sqlite://PATH` or `sqlite::memory:`
-    /// URL and brings its schema up to date.
+    /// URL and brings its schema up to date. `?max_page_count=N` caps the database at N
+    /// pages: past them a write fails as on a full disk.
     pub async fn open(url: &str) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::from_str(url)
+        let (sqlx_url, max_pages) = take_max_page_count(url)?;
+        let mut options = SqliteConnectOptions::from_str(&sqlx_url)
             .map_err(|e| StoreError::Other(format!("invalid SQLite URL {url:?}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -75,6 +77,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        if let Some(pages) = max_pages {
+            // A per-connection setting, so it is set on every connection the pools open.
+            options = options.pragma("max_page_count", pages.to_string());
+        }
         let path = options.get_filename().to_path_buf();
         let in_memory = path.as_os_str() == ":memory:" || url.contains(":memory:");
 
@@ -337,6 +343,39 @@ impl SqliteStore {
     }
 }
 
+/// Takes `max_page_count=N` out of a SQLite URL's query, which sqlx would refuse; returns
+/// the URL without it, and N.
+fn take_max_page_count(url: &str) -> StoreResult<(String, Option<u64>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut pages = None;
+    let mut rest = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key == "max_page_count" {
+            let n = value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    StoreError::Other(format!(
+                        "invalid SQLite URL {url:?}: max_page_count must be a positive integer"
+                    ))
+                })?;
+            pages = Some(n);
+        } else {
+            rest.append_pair(&key, &value);
+        }
+    }
+    let rest = rest.finish();
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{rest}")
+    };
+    Ok((url, pages))
+}
+
 fn lock_database(path: &Path) -> StoreResult<File> {
     let mut lock_path = PathBuf::from(path);
     lock_path.as_mut_os_string().push(".lock");
@@ -380,7 +419,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
                 .and_then(|c| c.parse::<i32>().ok())
                 .map(|c| c & 0xff);
             match primary {
-                Some(13) => StoreError::Unavailable(format!("disk full: {db}")),
+                Some(13) => StoreError::full(db),
                 Some(5 | 10 | 14) => StoreError::Unavailable(db.to_string()),
                 _ => StoreError::Other(e.to_string()),
             }
@@ -1231,4 +1270,50 @@ async fn insert_callback(
         .await
         .map_err(map_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_page_count_is_taken_out_of_the_url() {
+        let check = |url: &str, expected: (&str, Option<u64>)| {
+            let (rest, pages) = take_max_page_count(url).unwrap();
+            assert_eq!((rest.as_str(), pages), expected, "{url}");
+        };
+        check("sqlite://a.db", ("sqlite://a.db", None));
+        check(
+            "sqlite://a.db?max_page_count=64",
+            ("sqlite://a.db", Some(64)),
+        );
+        check(
+            "sqlite://a.db?mode=rwc&max_page_count=64",
+            ("sqlite://a.db?mode=rwc", Some(64)),
+        );
+        check("sqlite://a.db?mode=rwc", ("sqlite://a.db?mode=rwc", None));
+        for bad in ["0", "-1", "x", ""] {
+            let url = format!("sqlite://a.db?max_page_count={bad}");
+            assert!(take_max_page_count(&url).is_err(), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_past_max_page_count_is_unavailable_as_on_a_full_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?max_page_count=40",
+            dir.path().join("small.db").display()
+        );
+        let store = SqliteStore::open(&url).await.unwrap();
+        let big = format!("'{}'", "x".repeat(400 * 1024));
+        let err = sqlx::query(&format!("CREATE TABLE ballast AS SELECT {big} AS b"))
+            .execute(&store.writer)
+            .await
+            .map_err(map_err)
+            .unwrap_err();
+        // Unavailable, which the engine waits out, and full, which the API says.
+        assert!(err.is_full(), "{err}");
+        store.health().await.unwrap();
+    }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod crash;
 mod dashboard;
+mod faults;
 mod helpers;
 mod lifecycle;
 mod observe;
