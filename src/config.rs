@@ -220,6 +220,10 @@ pub struct EngineArgs {
     /// plus one sweep (a third of it).
     #[arg(long, env = "DOPARALLEL_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub lease_timeout: Duration,
+
+    /// How long one callback attempt may take (connect, send, answer).
+    #[arg(long, env = "DOPARALLEL_CALLBACK_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub callback_timeout: Duration,
 }
 
 impl EngineArgs {
@@ -242,7 +246,7 @@ impl EngineArgs {
             max_in_flight: self.max_in_flight as usize,
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),
-            callback_timeout: Duration::from_secs(15),
+            callback_timeout: self.callback_timeout,
             retention,
             lease_timeout: self.lease_timeout,
             public_url: None,

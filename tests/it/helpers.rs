@@ -685,20 +685,26 @@ impl ServerProcess {
     /// Starts `doparallel serve` on `db` with extra arguments and waits for its
     /// `listening on ADDR` line.
     pub fn start(db: &Path, extra: &[&str]) -> Self {
-        Self::spawn(&sqlite_url(db), extra, None)
+        Self::spawn(&sqlite_url(db), extra, None, &[])
+    }
+
+    /// Like [`ServerProcess::start`], with extra environment variables.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))] // the crash-point tests
+    pub fn start_with_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(&sqlite_url(db), extra, None, env)
     }
 
     /// Like [`ServerProcess::start`], also copying every stderr line to `log`.
     pub fn start_logging(db: &Path, extra: &[&str], log: &Path) -> Self {
-        Self::spawn(&sqlite_url(db), extra, Some(log.to_path_buf()))
+        Self::spawn(&sqlite_url(db), extra, Some(log.to_path_buf()), &[])
     }
 
     /// Like [`ServerProcess::start_logging`], on the database at `url`.
     pub fn start_url_logging(url: &str, extra: &[&str], log: &Path) -> Self {
-        Self::spawn(url, extra, Some(log.to_path_buf()))
+        Self::spawn(url, extra, Some(log.to_path_buf()), &[])
     }
 
-    fn spawn(url: &str, extra: &[&str], log: Option<PathBuf>) -> Self {
+    fn spawn(url: &str, extra: &[&str], log: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
         let mut child = std::process::Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -707,6 +713,7 @@ impl ServerProcess {
             .args(["--allow-net", "127.0.0.0/8"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
