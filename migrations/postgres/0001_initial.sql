@@ -51,6 +51,8 @@ CREATE TABLE tasks (
     -- The node whose call a running task is (a random number per process start) and until
     -- when its lease lasts; NULL unless the task is running. An outcome is stored only
     -- from the node that holds the lease; a lease that runs out is taken back by any node.
+    -- An attempt awaiting its report (its endpoint answered 202) is running with no node,
+    -- and `lease_until` is its deadline.
     node         BIGINT,
     lease_until  BIGINT,
     endpoint     TEXT     NOT NULL,
@@ -68,7 +70,8 @@ CREATE TABLE tasks (
 -- of this index per job.
 CREATE INDEX tasks_due ON tasks (job_seq, run_at, idx) WHERE status = 0;
 CREATE INDEX tasks_failed ON tasks (job_seq, fail_seq) WHERE fail_seq IS NOT NULL;
--- Running tasks by lease (the sweep that takes expired ones back) and by node (renewal).
+-- Running tasks by lease or deadline (the sweeps that take back expired leases and time
+-- out awaited attempts) and by node (renewal).
 CREATE INDEX tasks_leased ON tasks (lease_until) WHERE status = 1;
 CREATE INDEX tasks_node ON tasks (node) WHERE status = 1;
 
@@ -83,3 +86,13 @@ CREATE TABLE callbacks (
 );
 
 CREATE INDEX callbacks_due ON callbacks (next_attempt_at) WHERE state = 1;
+
+-- Database-wide settings. `task_token_key` signs the tokens of attempts that report their
+-- outcome later (a 202 answer); every node on the database uses the same one. 32 bytes
+-- from the server's strong random source (two version 4 UUIDs: 244 random bits).
+CREATE TABLE settings (
+    name   TEXT  PRIMARY KEY,
+    value  BYTEA NOT NULL
+);
+INSERT INTO settings (name, value) VALUES ('task_token_key',
+    decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));

@@ -39,8 +39,9 @@ use sqlx::{Connection, Postgres, Row, Transaction};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
-    JobListQuery, JobRecord, Millis, NodeId, Notice, Notices, SettleOutcome, SettleReport, Store,
-    StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskSettle, now_millis, url_text,
+    JobListQuery, JobRecord, Millis, NodeId, Notice, Notices, OverdueParams, ReportOutcome,
+    SettleOutcome, SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord,
+    TaskReport, TaskSettle, now_millis, url_text,
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
@@ -119,6 +120,211 @@ impl PostgresStore {
     fn callbacks_changed(&self) {
         *self.callback_hint.lock().expect("not poisoned") = None;
     }
+
+    /// Settles a batch in one transaction: see [`Store::tasks_settle`]. Without `node`, an
+    /// attempt is settled whichever node holds it (a report).
+    async fn settle(
+        &self,
+        node: Option<NodeId>,
+        batch: &[TaskSettle],
+    ) -> StoreResult<SettleReport> {
+        /// What a batch changes of one job.
+        #[derive(Default)]
+        struct Delta {
+            settled: i64,
+            complete: i64,
+            failed: i64,
+            now: Millis,
+        }
+        let mut report = SettleReport::default();
+        if batch.is_empty() {
+            return Ok(report);
+        }
+        let mut tx = self.begin().await?;
+
+        // The batch's jobs, locked in seq order: a settle of the same job on another node
+        // waits for this one, so counters, failure numbers and the finish are decided by one
+        // node at a time. Jobs purged meanwhile are not found and their outcomes skipped.
+        let mut ids: Vec<String> = batch.iter().map(|s| s.job_id.to_string()).collect();
+        ids.sort();
+        ids.dedup();
+        let rows = sqlx::query(
+            "SELECT seq, id::text AS id, status FROM jobs WHERE id = ANY($1::uuid[]) \
+             ORDER BY seq FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(rows.len());
+        let mut was_finished: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.get("seq");
+            seqs.insert(parse_id(row.get("id"))?, seq);
+            was_finished.insert(seq, job_status_from(row.get("status"))?.is_finished());
+        }
+
+        // Failures are numbered per job after the highest number given so far (not after the
+        // count: a stale failure may have taken a number it never stored).
+        let mut failing: Vec<i64> = batch
+            .iter()
+            .filter(|s| matches!(s.outcome, SettleOutcome::Failed { .. }))
+            .filter_map(|s| seqs.get(&s.job_id).copied())
+            .collect();
+        failing.sort_unstable();
+        failing.dedup();
+        let mut next_fail: HashMap<i64, i64> = HashMap::new();
+        if !failing.is_empty() {
+            let rows = sqlx::query(
+                "SELECT f.seq, COALESCE((SELECT MAX(fail_seq) FROM tasks \
+                     WHERE job_seq = f.seq AND fail_seq IS NOT NULL), 0) AS last \
+                 FROM unnest($1::bigint[]) AS f(seq)",
+            )
+            .bind(&failing)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            for row in rows {
+                next_fail.insert(row.get("seq"), row.get::<i64, _>("last") + 1);
+            }
+        }
+
+        // The outcomes, as arrays, one statement for the whole batch.
+        let n = batch.len();
+        let mut job_seq = Vec::with_capacity(n);
+        let mut idx = Vec::with_capacity(n);
+        let mut attempt = Vec::with_capacity(n);
+        let mut status = Vec::with_capacity(n);
+        let mut run_at: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut result: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut latency = Vec::with_capacity(n);
+        let mut finished_at: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut fail_seq: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut lease: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut deltas: HashMap<i64, Delta> = HashMap::new();
+        for s in batch {
+            let Some(&seq) = seqs.get(&s.job_id) else {
+                continue;
+            };
+            let (code, due, res, err, deadline): (i16, _, _, _, _) = match &s.outcome {
+                SettleOutcome::Complete { result } => (2, None, Some(result.get()), None, None),
+                SettleOutcome::Failed { error } => (3, None, None, Some(error.get()), None),
+                SettleOutcome::Retry { run_at, error } => {
+                    (0, Some(*run_at), None, Some(error.get()), None)
+                }
+                // Still running, held by nobody until its deadline.
+                SettleOutcome::Await { deadline } => (1, None, None, None, Some(*deadline)),
+            };
+            fail_seq.push((code == 3).then(|| {
+                let next = next_fail.get_mut(&seq).expect("looked up above");
+                *next += 1;
+                *next - 1
+            }));
+            job_seq.push(seq);
+            idx.push(s.index as i64);
+            attempt.push(s.attempt as i32);
+            status.push(code);
+            run_at.push(due);
+            result.push(res);
+            error.push(err);
+            latency.push(s.latency_ms as i64);
+            finished_at.push((code >= 2).then_some(s.now));
+            lease.push(deadline);
+            let d = deltas.entry(seq).or_default();
+            d.now = d.now.max(s.now);
+        }
+        let rows = sqlx::query(SETTLE_TASKS_SQL)
+            .bind(&job_seq)
+            .bind(&idx)
+            .bind(&attempt)
+            .bind(&status)
+            .bind(&run_at)
+            .bind(&result)
+            .bind(&error)
+            .bind(&latency)
+            .bind(&finished_at)
+            .bind(&fail_seq)
+            .bind(&lease)
+            .bind(node.map(|n| n.0))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        for row in rows {
+            let d = deltas
+                .get_mut(&row.get::<i64, _>("job_seq"))
+                .expect("a job of this batch");
+            let status: i16 = row.get("status");
+            if status == 1 {
+                // Awaiting a report: still running, nothing counted yet.
+                report.awaiting += 1;
+                continue;
+            }
+            d.settled += 1;
+            d.complete += i64::from(status == 2);
+            d.failed += i64::from(status == 3);
+            match status {
+                2 => report.complete += 1,
+                3 => report.failed += 1,
+                _ => report.retried += 1,
+            }
+        }
+
+        // The jobs' counters, and the final status of those whose last task this was.
+        let mut d_seq = Vec::new();
+        let mut d_settled = Vec::new();
+        let mut d_complete = Vec::new();
+        let mut d_failed = Vec::new();
+        let mut d_now = Vec::new();
+        for (seq, d) in deltas.iter().filter(|(_, d)| d.settled > 0) {
+            d_seq.push(*seq);
+            d_settled.push(d.settled);
+            d_complete.push(d.complete);
+            d_failed.push(d.failed);
+            d_now.push(d.now);
+        }
+        let mut callbacks: (Vec<i64>, Vec<Millis>) = (Vec::new(), Vec::new());
+        if !d_seq.is_empty() {
+            let rows = sqlx::query(SETTLE_JOBS_SQL)
+                .bind(&d_seq)
+                .bind(&d_settled)
+                .bind(&d_complete)
+                .bind(&d_failed)
+                .bind(&d_now)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            for row in rows {
+                let seq: i64 = row.get("seq");
+                let status = job_status_from(row.get("status"))?;
+                if was_finished[&seq] || !status.is_finished() {
+                    continue;
+                }
+                // This batch settled the job's last task: its callback record is written in
+                // the same transaction, so the callback is owed exactly when it is finished.
+                let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
+                if has_callback {
+                    callbacks.0.push(seq);
+                    callbacks
+                        .1
+                        .push(row.get::<Option<i64>, _>("finished_at").unwrap_or(0));
+                }
+                report.finished.push(JobFinished {
+                    job_id: parse_id(row.get("id"))?,
+                    status,
+                    has_callback,
+                });
+            }
+        }
+        if !callbacks.0.is_empty() {
+            insert_callbacks(&mut tx, &callbacks.0, &callbacks.1).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        if !callbacks.0.is_empty() {
+            self.callbacks_changed();
+        }
+        Ok(report)
+    }
 }
 
 /// `host:port/database as user`, for messages.
@@ -159,7 +365,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
             // disk full, 53300 too many connections), 57P administrator action or crash
             // shutdown, 40 serialization failure and deadlock, 58030 I/O error.
             if code == "53100" {
-                StoreError::Unavailable(format!("disk full: {db}"))
+                StoreError::full(db)
             } else if code.starts_with("08")
                 || code.starts_with("53")
                 || code.starts_with("57P")
@@ -341,17 +547,20 @@ const CLAIM_TASKS_SQL: &str = "WITH w AS (SELECT * FROM unnest($1::bigint[], $2:
      FROM picked WHERE tasks.job_seq = picked.job_seq AND tasks.idx = picked.idx \
      RETURNING tasks.job_seq, tasks.idx, tasks.attempts, tasks.endpoint, tasks.params";
 
-/// Records outcomes given as arrays, one element per outcome; `$11` is the settling node.
-/// Only the attempt that is running under that node's lease matches.
+/// Records outcomes given as arrays, one element per outcome; `$12` is the settling node.
+/// Only the attempt that is running matches, and with a node only under that node's lease
+/// (a report, without one, settles the attempt whichever node holds it). An awaited
+/// attempt stays running, held by no node, `lease_until` its deadline.
 const SETTLE_TASKS_SQL: &str = "UPDATE tasks t SET status = v.status, \
      run_at = COALESCE(v.run_at, t.run_at), result = v.result, error = v.error, \
      latency_ms = v.latency_ms, finished_at = v.finished_at, fail_seq = v.fail_seq, \
-     node = NULL, lease_until = NULL \
+     node = NULL, lease_until = v.lease \
      FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::smallint[], $5::bigint[], \
-                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
-          AS v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, finished_at, fail_seq) \
+                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[]) \
+          AS v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, finished_at, \
+               fail_seq, lease) \
      WHERE t.job_seq = v.job_seq AND t.idx = v.idx AND t.status = 1 \
-       AND t.attempts = v.attempt AND t.node = $11 \
+       AND t.attempts = v.attempt AND ($12::bigint IS NULL OR t.node = $12) \
      RETURNING t.job_seq, t.status";
 
 /// Adds a settle batch to its jobs' counters; a job whose last task this was gets its final
@@ -892,192 +1101,86 @@ impl Store for PostgresStore {
     }
 
     async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
-        /// What a batch changes of one job.
-        #[derive(Default)]
-        struct Delta {
-            settled: i64,
-            complete: i64,
-            failed: i64,
-            now: Millis,
-        }
-        let mut report = SettleReport::default();
-        if batch.is_empty() {
-            return Ok(report);
-        }
-        let mut tx = self.begin().await?;
+        self.settle(Some(node), batch).await
+    }
 
-        // The batch's jobs, locked in seq order: a settle of the same job on another node
-        // waits for this one, so counters, failure numbers and the finish are decided by one
-        // node at a time. Jobs purged meanwhile are not found and their outcomes skipped.
-        let mut ids: Vec<String> = batch.iter().map(|s| s.job_id.to_string()).collect();
-        ids.sort();
-        ids.dedup();
-        let rows = sqlx::query(
-            "SELECT seq, id::text AS id, status FROM jobs WHERE id = ANY($1::uuid[]) \
-             ORDER BY seq FOR UPDATE",
+    async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome> {
+        let settle = TaskSettle {
+            job_id: report.job_id,
+            index: report.index,
+            attempt: report.attempt,
+            latency_ms: 0,
+            now: report.now,
+            outcome: report.outcome.clone(),
+        };
+        let applied = self.settle(None, std::slice::from_ref(&settle)).await?;
+        if applied.complete + applied.failed > 0 {
+            return Ok(ReportOutcome::Applied(applied));
+        }
+        // Not applied: was this attempt's outcome stored already?
+        let done: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
+             WHERE j.id = $1::uuid AND t.idx = $2 AND t.attempts = $3 AND t.status IN (2, 3)",
         )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
+        .bind(report.job_id.to_string())
+        .bind(report.index as i64)
+        .bind(report.attempt as i32)
+        .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
-        let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(rows.len());
-        let mut was_finished: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let seq: i64 = row.get("seq");
-            seqs.insert(parse_id(row.get("id"))?, seq);
-            was_finished.insert(seq, job_status_from(row.get("status"))?.is_finished());
-        }
+        Ok(if done.is_some() {
+            ReportOutcome::AlreadyReported
+        } else {
+            ReportOutcome::Unknown
+        })
+    }
 
-        // Failures are numbered per job after the highest number given so far (not after the
-        // count: a stale failure may have taken a number it never stored).
-        let mut failing: Vec<i64> = batch
-            .iter()
-            .filter(|s| matches!(s.outcome, SettleOutcome::Failed { .. }))
-            .filter_map(|s| seqs.get(&s.job_id).copied())
-            .collect();
-        failing.sort_unstable();
-        failing.dedup();
-        let mut next_fail: HashMap<i64, i64> = HashMap::new();
-        if !failing.is_empty() {
-            let rows = sqlx::query(
-                "SELECT f.seq, COALESCE((SELECT MAX(fail_seq) FROM tasks \
-                     WHERE job_seq = f.seq AND fail_seq IS NOT NULL), 0) AS last \
-                 FROM unnest($1::bigint[]) AS f(seq)",
-            )
-            .bind(&failing)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            for row in rows {
-                next_fail.insert(row.get("seq"), row.get::<i64, _>("last") + 1);
-            }
-        }
-
-        // The outcomes, as arrays, one statement for the whole batch.
-        let n = batch.len();
-        let mut job_seq = Vec::with_capacity(n);
-        let mut idx = Vec::with_capacity(n);
-        let mut attempt = Vec::with_capacity(n);
-        let mut status = Vec::with_capacity(n);
-        let mut run_at: Vec<Option<i64>> = Vec::with_capacity(n);
-        let mut result: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut latency = Vec::with_capacity(n);
-        let mut finished_at: Vec<Option<i64>> = Vec::with_capacity(n);
-        let mut fail_seq: Vec<Option<i64>> = Vec::with_capacity(n);
-        let mut deltas: HashMap<i64, Delta> = HashMap::new();
-        for s in batch {
-            let Some(&seq) = seqs.get(&s.job_id) else {
-                continue;
-            };
-            let (code, due, res, err): (i16, _, _, _) = match &s.outcome {
-                SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
-                SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
-                SettleOutcome::Retry { run_at, error } => {
-                    (0, Some(*run_at), None, Some(error.get()))
-                }
-            };
-            fail_seq.push((code == 3).then(|| {
-                let next = next_fail.get_mut(&seq).expect("looked up above");
-                *next += 1;
-                *next - 1
-            }));
-            job_seq.push(seq);
-            idx.push(s.index as i64);
-            attempt.push(s.attempt as i32);
-            status.push(code);
-            run_at.push(due);
-            result.push(res);
-            error.push(err);
-            latency.push(s.latency_ms as i64);
-            finished_at.push((code != 0).then_some(s.now));
-            let d = deltas.entry(seq).or_default();
-            d.now = d.now.max(s.now);
-        }
-        let rows = sqlx::query(SETTLE_TASKS_SQL)
-            .bind(&job_seq)
-            .bind(&idx)
-            .bind(&attempt)
-            .bind(&status)
-            .bind(&run_at)
-            .bind(&result)
-            .bind(&error)
-            .bind(&latency)
-            .bind(&finished_at)
-            .bind(&fail_seq)
-            .bind(node.0)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
+    async fn tasks_overdue(&self, params: &OverdueParams) -> StoreResult<Vec<ClaimedTask>> {
+        // Awaited attempts (running, held by no node) past their deadline, leased to this
+        // node like a claim; those another node is taking right now are skipped.
+        let rows = sqlx::query(
+            "UPDATE tasks SET node = $1, lease_until = $2 \
+             FROM (SELECT job_seq, idx FROM tasks \
+                   WHERE status = 1 AND node IS NULL AND lease_until <= $3 \
+                   LIMIT $4 FOR UPDATE SKIP LOCKED) o, jobs j \
+             WHERE tasks.job_seq = o.job_seq AND tasks.idx = o.idx AND j.seq = tasks.job_seq \
+             RETURNING j.id::text AS id, j.options, tasks.idx, tasks.attempts, tasks.endpoint, \
+                 tasks.params",
+        )
+        .bind(params.node.0)
+        .bind(params.lease_until)
+        .bind(params.now)
+        .bind(i64::from(params.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut jobs: HashMap<String, (JobId, Arc<JobOptions>)> = HashMap::new();
+        let mut tasks = Vec::with_capacity(rows.len());
         for row in rows {
-            let d = deltas
-                .get_mut(&row.get::<i64, _>("job_seq"))
-                .expect("a job of this batch");
-            let status: i16 = row.get("status");
-            d.settled += 1;
-            d.complete += i64::from(status == 2);
-            d.failed += i64::from(status == 3);
-            match status {
-                2 => report.complete += 1,
-                3 => report.failed += 1,
-                _ => report.retried += 1,
+            let id: String = row.get("id");
+            if !jobs.contains_key(&id) {
+                let parsed = (parse_id(&id)?, Arc::new(parse_options(row.get("options"))?));
+                jobs.insert(id.clone(), parsed);
             }
+            let (job_id, options) = &jobs[&id];
+            tasks.push(ClaimedTask {
+                job_id: *job_id,
+                index: row.get::<i64, _>("idx") as u64,
+                attempt: row.get::<i32, _>("attempts") as u32,
+                endpoint: row.get("endpoint"),
+                params: raw(Some(row.get("params")))?.expect("some"),
+                options: options.clone(),
+            });
         }
+        tasks.sort_by_key(|t| (t.job_id, t.index));
+        Ok(tasks)
+    }
 
-        // The jobs' counters, and the final status of those whose last task this was.
-        let mut d_seq = Vec::new();
-        let mut d_settled = Vec::new();
-        let mut d_complete = Vec::new();
-        let mut d_failed = Vec::new();
-        let mut d_now = Vec::new();
-        for (seq, d) in deltas.iter().filter(|(_, d)| d.settled > 0) {
-            d_seq.push(*seq);
-            d_settled.push(d.settled);
-            d_complete.push(d.complete);
-            d_failed.push(d.failed);
-            d_now.push(d.now);
-        }
-        let mut callbacks: (Vec<i64>, Vec<Millis>) = (Vec::new(), Vec::new());
-        if !d_seq.is_empty() {
-            let rows = sqlx::query(SETTLE_JOBS_SQL)
-                .bind(&d_seq)
-                .bind(&d_settled)
-                .bind(&d_complete)
-                .bind(&d_failed)
-                .bind(&d_now)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            for row in rows {
-                let seq: i64 = row.get("seq");
-                let status = job_status_from(row.get("status"))?;
-                if was_finished[&seq] || !status.is_finished() {
-                    continue;
-                }
-                // This batch settled the job's last task: its callback record is written in
-                // the same transaction, so the callback is owed exactly when it is finished.
-                let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-                if has_callback {
-                    callbacks.0.push(seq);
-                    callbacks
-                        .1
-                        .push(row.get::<Option<i64>, _>("finished_at").unwrap_or(0));
-                }
-                report.finished.push(JobFinished {
-                    job_id: parse_id(row.get("id"))?,
-                    status,
-                    has_callback,
-                });
-            }
-        }
-        if !callbacks.0.is_empty() {
-            insert_callbacks(&mut tx, &callbacks.0, &callbacks.1).await?;
-        }
-        tx.commit().await.map_err(map_err)?;
-        if !callbacks.0.is_empty() {
-            self.callbacks_changed();
-        }
-        Ok(report)
+    async fn task_token_key(&self) -> StoreResult<Vec<u8>> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = 'task_token_key'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)
     }
 
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
@@ -1101,7 +1204,8 @@ impl Store for PostgresStore {
     async fn tasks_expire(&self, now: Millis) -> StoreResult<u64> {
         // Which jobs have a lease that ran out: one statement, all an idle sweep costs.
         let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT job_seq FROM tasks WHERE status = 1 AND lease_until < $1",
+            "SELECT DISTINCT job_seq FROM tasks \
+             WHERE status = 1 AND node IS NOT NULL AND lease_until < $1",
         )
         .bind(now)
         .fetch_all(&self.pool)
@@ -1122,7 +1226,8 @@ impl Store for PostgresStore {
             "WITH t AS (\
                  UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
                  lease_until = NULL \
-                 WHERE job_seq = ANY($1) AND status = 1 AND lease_until < $2 \
+                 WHERE job_seq = ANY($1) AND status = 1 AND node IS NOT NULL \
+                   AND lease_until < $2 \
                  RETURNING job_seq), \
              c AS (SELECT job_seq, count(*) AS n FROM t GROUP BY job_seq) \
              UPDATE jobs SET n_running = n_running - c.n FROM c WHERE jobs.seq = c.job_seq \

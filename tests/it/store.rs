@@ -15,8 +15,9 @@ use std::time::Duration;
 use doparallel::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, NewTask, TaskStatus};
 use doparallel::store::{
     CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
-    IdempotencyKey, InsertOutcome, JobListQuery, Millis, NodeId, Notice, SettleOutcome,
-    SettleReport, Store, TaskPageQuery, TaskSettle, now_millis,
+    IdempotencyKey, InsertOutcome, JobListQuery, Millis, NodeId, Notice, OverdueParams,
+    ReportOutcome, SettleOutcome, SettleReport, Store, TaskPageQuery, TaskReport, TaskSettle,
+    now_millis,
 };
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
@@ -77,6 +78,9 @@ conformance!(
     delete_finished_jobs_only,
     purge_old_finished_jobs,
     recover_takes_back_expired_leases,
+    awaited_attempts_wait_for_their_report,
+    awaited_attempts_time_out,
+    task_token_key_is_stable,
 );
 
 // ---- helpers ----
@@ -1332,7 +1336,22 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(c.tasks.len(), 2);
+    // An attempt awaiting its report is nobody's call: it stays as it is.
+    let awaited = insert(&store, &new_job(1, options(), false), t0).await;
+    let a = claim(&store, dead, 1, t0).await;
+    assert_eq!(indexes(&a, awaited), vec![1]);
+    let deadline = now_millis() + 600_000;
+    settle_all(
+        &store,
+        dead,
+        vec![settle(&a.tasks[0], SettleOutcome::Await { deadline }, t0)],
+    )
+    .await;
     assert_eq!(store.tasks_recover().await.unwrap(), 2);
+    assert_eq!(
+        all_tasks(&store, awaited).await[0].status,
+        TaskStatus::Running
+    );
     let tasks = all_tasks(&store, id).await;
     assert!(tasks.iter().all(|t| t.status == TaskStatus::Pending));
     assert!(tasks.iter().all(|t| t.attempts == 0));
@@ -1345,6 +1364,192 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
         applied(&settle_all(&store, dead, vec![settle(&c.tasks[0], complete("1"), t0)]).await),
         0
     );
+}
+
+async fn report(
+    store: &Arc<dyn Store>,
+    task: &ClaimedTask,
+    attempt: u32,
+    outcome: SettleOutcome,
+    now: Millis,
+) -> ReportOutcome {
+    store
+        .tasks_report(&TaskReport {
+            job_id: task.job_id,
+            index: task.index,
+            attempt,
+            now,
+            outcome,
+        })
+        .await
+        .unwrap()
+}
+
+async fn awaited_attempts_wait_for_their_report(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let id = insert(&store, &new_job(2, options(), true), t0).await;
+    let c = claim(&store, node, 10, t0).await;
+    let (first, second) = (&c.tasks[0], &c.tasks[1]);
+
+    // The endpoint answered 202: the attempt stays running, held by no node.
+    let r = settle_all(
+        &store,
+        node,
+        vec![settle(
+            first,
+            SettleOutcome::Await {
+                deadline: t0 + 60_000,
+            },
+            t0 + 1,
+        )],
+    )
+    .await;
+    assert_eq!((r.awaiting, applied(&r)), (1, 0));
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (job.running, job.complete),
+        (2, 0),
+        "still counted as running"
+    );
+    let task = &all_tasks(&store, id).await[0];
+    assert_eq!((task.status, task.attempts), (TaskStatus::Running, 1));
+    assert_eq!(task.finished_at, None);
+    // Not this node's any more: not renewed, not taken back when its lease would run out.
+    assert_eq!(store.tasks_renew(node, t0 + LEASE).await.unwrap(), 1);
+    assert_eq!(
+        applied(&settle_all(&store, node, vec![settle(first, complete("1"), t0 + 2)]).await),
+        0,
+        "only a report settles an awaited attempt"
+    );
+
+    // Its report, through any node.
+    let reported = r#"{"late":true,"n":1.50}"#;
+    match report(&store, first, 1, complete(reported), t0 + 3).await {
+        ReportOutcome::Applied(r) => assert_eq!((r.complete, r.finished.len()), (1, 0)),
+        other => panic!("unexpected {other:?}"),
+    }
+    let task = &all_tasks(&store, id).await[0];
+    assert_eq!(task.status, TaskStatus::Complete);
+    assert_eq!(task.result.as_ref().unwrap().get(), reported);
+    assert_eq!(task.finished_at, Some(t0 + 3));
+    assert!(matches!(
+        report(&store, first, 1, complete("2"), t0 + 4).await,
+        ReportOutcome::AlreadyReported
+    ));
+    assert!(matches!(
+        report(&store, first, 2, complete("2"), t0 + 4).await,
+        ReportOutcome::Unknown
+    ));
+
+    // A report may overtake the 202 of its own call: it is stored, the call's own outcome
+    // then is not. It was the last task: the job finishes, with its callback.
+    match report(&store, second, 1, failed(), t0 + 5).await {
+        ReportOutcome::Applied(r) => {
+            assert_eq!(r.failed, 1);
+            assert_eq!(r.finished.len(), 1);
+            assert_eq!(r.finished[0].status, JobStatus::Failed);
+            assert!(r.finished[0].has_callback);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        applied(&settle_all(&store, node, vec![settle(second, complete("1"), t0 + 6)]).await),
+        0
+    );
+    let failures = store.tasks_failed_since(id, 0, 10).await.unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!((failures[0].fail_seq, failures[0].task.index), (1, 2));
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (job.status, job.running, job.complete, job.failed),
+        (JobStatus::Failed, 0, 1, 1)
+    );
+    assert_eq!(store.callback_next_due().await.unwrap(), Some(t0 + 5));
+    let mut unknown = second.clone();
+    unknown.job_id = JobId::generate();
+    assert!(matches!(
+        report(&store, &unknown, 1, complete("1"), t0).await,
+        ReportOutcome::Unknown
+    ));
+}
+
+async fn awaited_attempts_time_out(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let (node, other) = (NodeId::random(), NodeId::random());
+    let opts = JobOptions {
+        concurrency: Some(1),
+        ..options()
+    };
+    let id = insert(&store, &new_job(2, opts, false), t0).await;
+    let c = claim(&store, node, 10, t0).await;
+    assert_eq!(c.tasks.len(), 1);
+    let deadline = t0 + 1000;
+    settle_all(
+        &store,
+        node,
+        vec![settle(&c.tasks[0], SettleOutcome::Await { deadline }, t0)],
+    )
+    .await;
+    // It still holds the job's only place.
+    assert!(claim(&store, node, 10, t0).await.tasks.is_empty());
+    // A lease sweep leaves it alone, even past its deadline.
+    assert_eq!(store.tasks_expire(t0 + LEASE * 10).await.unwrap(), 0);
+    let overdue = |now, node| {
+        let store = store.clone();
+        async move {
+            store
+                .tasks_overdue(&OverdueParams {
+                    limit: 10,
+                    now,
+                    node,
+                    lease_until: now + LEASE,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert!(overdue(deadline - 1, other).await.is_empty());
+    let due = overdue(deadline, other).await;
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].job_id, due[0].index, due[0].attempt), (id, 1, 1));
+    assert_eq!(due[0].params.get(), r#"{"i":1}"#);
+    assert_eq!(due[0].options.concurrency, Some(1));
+    // Leased to the node that times it out: nobody else takes it, and it settles it.
+    assert!(overdue(deadline + 5, node).await.is_empty());
+    let r = settle_all(
+        &store,
+        other,
+        vec![settle(&due[0], retry(deadline), deadline)],
+    )
+    .await;
+    assert_eq!(r.retried, 1);
+    let task = &all_tasks(&store, id).await[0];
+    assert_eq!((task.status, task.attempts), (TaskStatus::Pending, 1));
+    // A report for the attempt that timed out comes too late.
+    assert!(matches!(
+        report(&store, &c.tasks[0], 1, complete("1"), deadline + 1).await,
+        ReportOutcome::Unknown
+    ));
+    // The place is free again; the retry waits behind the task due earlier.
+    let next = claim(&store, node, 10, deadline).await;
+    assert_eq!(indexes(&next, id), vec![2]);
+    settle_all(
+        &store,
+        node,
+        vec![settle(&next.tasks[0], complete("1"), deadline)],
+    )
+    .await;
+    let again = claim(&store, node, 10, deadline).await;
+    assert_eq!(indexes(&again, id), vec![1]);
+    assert_eq!(again.tasks[0].attempt, 2);
+}
+
+async fn task_token_key_is_stable(store: Arc<dyn Store>) {
+    let key = store.task_token_key().await.unwrap();
+    assert_eq!(key.len(), 32);
+    assert!(key.iter().any(|b| *b != 0));
+    assert_eq!(store.task_token_key().await.unwrap(), key);
 }
 
 // ---- PostgreSQL only: several processes on one database ----
