@@ -58,9 +58,11 @@ const INSERT_CHUNK: usize = 5000;
 /// instant) asks to be tried again, rather than at the next idle poll.
 const CONTENDED_RETRY_MS: Millis = 50;
 
-/// How long the next due time that [`Store::callbacks_due`] computed stands in for a
-/// [`Store::callback_next_due`] query. The delivery loop asks right after leasing.
-const CALLBACK_HINT_FRESH: Duration = Duration::from_millis(500);
+/// How long what a statement found stands in for the query that its caller makes next: the
+/// next callback due time [`Store::callbacks_due`] computes for [`Store::callback_next_due`]
+/// (the delivery loop asks right after leasing), and whether [`Store::tasks_expire`] saw an
+/// overdue awaited attempt, for [`Store::tasks_overdue`] (the lease sweep asks right after).
+const HINT_FRESH: Duration = Duration::from_millis(500);
 
 /// How many times in a row the notice stream tries to get its connection back before it
 /// ends (backoff from 100 ms doubling to 5 s: about ten minutes).
@@ -74,6 +76,9 @@ pub struct PostgresStore {
     place: String,
     /// The next callback due time computed by the last `callbacks_due`, and when.
     callback_hint: Mutex<Option<(Instant, Option<Millis>)>>,
+    /// Whether the last `tasks_expire` saw an awaited attempt past its deadline: when, for
+    /// which `now`, and the answer.
+    overdue_hint: Mutex<Option<(Instant, Millis, bool)>>,
 }
 
 impl PostgresStore {
@@ -109,6 +114,7 @@ impl PostgresStore {
             options,
             place,
             callback_hint: Mutex::new(None),
+            overdue_hint: Mutex::new(None),
         })
     }
 
@@ -1136,6 +1142,15 @@ impl Store for PostgresStore {
     }
 
     async fn tasks_overdue(&self, params: &OverdueParams) -> StoreResult<Vec<ClaimedTask>> {
+        // Right after `tasks_expire` (what the lease sweep does), its statement already
+        // said whether anything is overdue; a deadline only passes later.
+        let hint = self.overdue_hint.lock().expect("not poisoned").take();
+        if let Some((at, checked, false)) = hint
+            && at.elapsed() < HINT_FRESH
+            && params.now <= checked
+        {
+            return Ok(Vec::new());
+        }
         // Awaited attempts (running, held by no node) past their deadline, leased to this
         // node like a claim; those another node is taking right now are skipped.
         let rows = sqlx::query(
@@ -1202,15 +1217,27 @@ impl Store for PostgresStore {
     }
 
     async fn tasks_expire(&self, now: Millis) -> StoreResult<u64> {
-        // Which jobs have a lease that ran out: one statement, all an idle sweep costs.
-        let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT job_seq FROM tasks \
-             WHERE status = 1 AND node IS NOT NULL AND lease_until < $1",
+        // Which jobs have a lease that ran out, and whether an awaited attempt is past its
+        // deadline (the sweep asks `tasks_overdue` next): one statement, all an idle sweep
+        // costs.
+        let rows = sqlx::query(
+            "SELECT job_seq, bool_or(node IS NOT NULL AND lease_until < $1) AS expired, \
+                 bool_or(node IS NULL) AS overdue \
+             FROM tasks WHERE status = 1 AND lease_until <= $1 GROUP BY job_seq",
         )
         .bind(now)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut overdue = false;
+        for row in &rows {
+            if row.get::<bool, _>("expired") {
+                seqs.push(row.get::<i64, _>("job_seq"));
+            }
+            overdue |= row.get::<bool, _>("overdue");
+        }
+        *self.overdue_hint.lock().expect("not poisoned") = Some((Instant::now(), now, overdue));
         if seqs.is_empty() {
             return Ok(0);
         }
@@ -1291,7 +1318,7 @@ impl Store for PostgresStore {
         // lease again first.
         let hint = self.callback_hint.lock().expect("not poisoned").take();
         if let Some((at, next_due)) = hint
-            && at.elapsed() < CALLBACK_HINT_FRESH
+            && at.elapsed() < HINT_FRESH
         {
             return Ok(next_due);
         }

@@ -1510,6 +1510,10 @@ async fn awaited_attempts_time_out(store: Arc<dyn Store>) {
         }
     };
     assert!(overdue(deadline - 1, other).await.is_empty());
+    // As the lease sweep asks: nothing overdue just before the deadline, then at it.
+    assert_eq!(store.tasks_expire(deadline - 1).await.unwrap(), 0);
+    assert!(overdue(deadline - 1, other).await.is_empty());
+    assert_eq!(store.tasks_expire(deadline).await.unwrap(), 0);
     let due = overdue(deadline, other).await;
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].job_id, due[0].index, due[0].attempt), (id, 1, 1));
