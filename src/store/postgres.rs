@@ -369,12 +369,14 @@ fn map_err(e: sqlx::Error) -> StoreError {
             let code = db.code().unwrap_or_default();
             // Classes that pass: 08 connection exceptions, 53 insufficient resources (53100
             // disk full, 53300 too many connections), 57P administrator action or crash
-            // shutdown, 40 serialization failure and deadlock, 58030 I/O error.
+            // shutdown, 57014 a statement cancelled (a timeout), 40 serialization failure
+            // and deadlock, 58030 I/O error.
             if code == "53100" {
                 StoreError::full(db)
             } else if code.starts_with("08")
                 || code.starts_with("53")
                 || code.starts_with("57P")
+                || code == "57014"
                 || code.starts_with("40")
                 || code == "58030"
             {
@@ -1456,5 +1458,109 @@ async fn next_notice(mut st: ListenState) -> Option<(Notice, ListenState)> {
                 st.failures = 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::error::Error;
+
+    use sqlx::error::{DatabaseError, ErrorKind};
+
+    use super::*;
+
+    /// A database error with a given SQLSTATE.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl Error for Sqlstate {}
+
+    impl DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "error"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::Other
+        }
+    }
+
+    fn classify(code: &'static str) -> StoreError {
+        map_err(sqlx::Error::Database(Box::new(Sqlstate(code))))
+    }
+
+    #[test]
+    fn passing_conditions_are_unavailable_and_the_rest_other() {
+        assert!(classify("53100").is_full());
+        for code in [
+            "08006", "08001", "53300", "53200", "57P01", "57P03", "57014", "40001", "40P01",
+            "58030",
+        ] {
+            assert!(
+                matches!(classify(code), StoreError::Unavailable(_)),
+                "{code}"
+            );
+            assert!(!classify(code).is_full(), "{code}");
+        }
+        for code in ["23505", "42P01", "22P02", "XX000"] {
+            let e = classify(code);
+            assert!(matches!(e, StoreError::Other(_)), "{code}");
+            assert!(e.to_string().contains(code), "{e}");
+        }
+        assert!(matches!(
+            map_err(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            map_err(sqlx::Error::RowNotFound),
+            StoreError::NotFound
+        ));
+    }
+
+    #[test]
+    fn notices_read_back_as_sent() {
+        let id = JobId::generate();
+        assert_eq!(parse_notice(NOTICE_WORK), Some(Notice::Work));
+        assert_eq!(parse_notice(NOTICE_CALLBACK), Some(Notice::CallbackDue));
+        assert_eq!(
+            parse_notice(&format!("{NOTICE_CANCEL}{id}")),
+            Some(Notice::Cancelled(id))
+        );
+        assert_eq!(parse_notice("cancel:not-a-job"), None);
+        assert_eq!(parse_notice("something else"), None);
+    }
+
+    #[test]
+    fn messages_name_the_database_without_its_password() {
+        let url = "postgres://someone:s3cret@db.example:6543/jobs?sslmode=disable";
+        assert_eq!(
+            redact(url),
+            "postgres://someone:***@db.example:6543/jobs?sslmode=disable"
+        );
+        assert_eq!(
+            redact("postgres://db.example/jobs"),
+            "postgres://db.example/jobs"
+        );
+        assert_eq!(redact("not a url"), "(unparsable)");
+        let options = PgConnectOptions::from_str(url).unwrap();
+        assert_eq!(describe(&options), "db.example:6543/jobs as user someone");
     }
 }
