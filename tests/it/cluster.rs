@@ -164,6 +164,35 @@ async fn a_job_submitted_to_a_busy_node_starts_at_once_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_concurrency_holds_across_nodes() {
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    let endpoint = Endpoint::start().await;
+    // Four nodes of one slot each: three calls at once can only be three nodes' calls, and
+    // a fourth would be the cluster exceeding the job's concurrency.
+    let nodes: Vec<ServerProcess> = (0..4)
+        .map(|_| ServerProcess::start_url(&db.url, &["--max-in-flight", "1"]))
+        .collect();
+    let id = nodes[0]
+        .api
+        .submit(&job_of(
+            40,
+            &endpoint.url("slow?ms=50"),
+            None,
+            json!({"concurrency": 3}),
+        ))
+        .await;
+    let job = nodes[3].api.wait_settled(&id).await;
+    assert_eq!(job["counts"]["complete"], 40);
+    assert_eq!(
+        endpoint.max_in_flight(),
+        3,
+        "the job's concurrency, reached by three nodes together and never exceeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_stops_the_calls_of_every_node() {
     let Some(db) = pg::database().await else {
         return;
