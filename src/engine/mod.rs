@@ -16,6 +16,7 @@
 //! transaction is ever held open across an outbound call.
 
 pub mod call;
+pub mod hosts;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
