@@ -15,6 +15,7 @@ use url::Url;
 use uuid::Uuid;
 
 use crate::egress::EgressPolicy;
+use crate::engine::hosts::HostLimits;
 
 /// The relative endpoint of the built-in test task, run in-process without a network hop.
 pub const TEST_ENDPOINT: &str = "/v1/test";
@@ -121,7 +122,7 @@ pub enum CallbackState {
 }
 
 /// Per-job options, all optional in the request; defaults are the documented ones.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobOptions {
     /// Most calls of this job in flight at once; `None` is limited only by the server.
@@ -135,12 +136,26 @@ pub struct JobOptions {
     pub backoff_ms: u64,
     #[serde(default)]
     pub tolerated_failures: u64,
+    /// Most calls of this job in flight at once to one endpoint host (`host:port`), on top
+    /// of the server's `--per-host-concurrency`; `None` is limited only by the server.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub per_host_concurrency: Option<u32>,
+    /// Most calls of this job started per second to one endpoint host (fractions allowed:
+    /// 0.5 is one every 2 s), spaced evenly, on top of the server's `--per-host-rate`;
+    /// `None` is limited only by the server.
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 1000000)]
+    pub per_host_rate: Option<f64>,
 }
 
 /// Upper bound of the retry backoff, whatever the attempt.
 pub const BACKOFF_CAP_MS: u64 = 60_000;
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 const MAX_ATTEMPTS: u32 = 100;
+/// The highest per-host rate accepted, in calls per second (a job's or the server's): past
+/// it the interval between calls is below a microsecond and the limit means nothing.
+pub const MAX_PER_HOST_RATE: f64 = 1_000_000.0;
 
 impl JobOptions {
     fn default_timeout_ms() -> u64 {
@@ -161,6 +176,16 @@ impl JobOptions {
             max_attempts: Self::default_max_attempts(),
             backoff_ms: Self::default_backoff_ms(),
             tolerated_failures: 0,
+            per_host_concurrency: None,
+            per_host_rate: None,
+        }
+    }
+
+    /// This job's own limits on the calls to each host.
+    pub fn host_limits(&self) -> HostLimits {
+        HostLimits {
+            concurrency: self.per_host_concurrency,
+            rate: self.per_host_rate,
         }
     }
 
@@ -181,6 +206,16 @@ impl JobOptions {
         if self.backoff_ms > BACKOFF_CAP_MS {
             return Err(format!(
                 "options.backoff_ms: must be at most {BACKOFF_CAP_MS} (the backoff cap)"
+            ));
+        }
+        if self.per_host_concurrency == Some(0) {
+            return Err("options.per_host_concurrency: must be at least 1".into());
+        }
+        if let Some(rate) = self.per_host_rate
+            && !(rate > 0.0 && rate <= MAX_PER_HOST_RATE)
+        {
+            return Err(format!(
+                "options.per_host_rate: must be above 0 and at most {MAX_PER_HOST_RATE} calls per second"
             ));
         }
         Ok(())
@@ -510,6 +545,56 @@ mod tests {
             r#"{"tasks":[],"options":{"timeout_ms":-1}}"#,
             Err("options: invalid value"),
         );
+        check(
+            r#"{"tasks":[],"options":{"per_host_concurrency":0}}"#,
+            Err("options.per_host_concurrency: must be at least 1"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_concurrency":-2}}"#,
+            Err("options: invalid value"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":0}}"#,
+            Err("options.per_host_rate: must be above 0"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":-0.5}}"#,
+            Err("options.per_host_rate: must be above 0"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":1e300}}"#,
+            Err("options.per_host_rate: must be above 0 and at most 1000000"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":"fast"}}"#,
+            Err("options: invalid type"),
+        );
+    }
+
+    #[test]
+    fn per_host_options_are_kept() {
+        let job = parse_submission(
+            br#"{"tasks":[],"options":{"per_host_concurrency":3,"per_host_rate":0.5}}"#,
+            &Limits::defaults(),
+            &EgressPolicy::open(),
+        )
+        .unwrap();
+        assert_eq!(
+            job.options.host_limits(),
+            HostLimits {
+                concurrency: Some(3),
+                rate: Some(0.5)
+            }
+        );
+        // Stored as JSON and read back when claimed.
+        let text = serde_json::to_string(&job.options).unwrap();
+        let back: JobOptions = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, job.options);
+        // Options stored before these existed read back without them.
+        let old: JobOptions =
+            serde_json::from_str(r#"{"concurrency":null,"timeout_ms":1,"max_attempts":1,"backoff_ms":0,"tolerated_failures":0}"#)
+                .unwrap();
+        assert_eq!(old.host_limits(), HostLimits::UNLIMITED);
     }
 
     #[test]
