@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::engine::call::error_chain;
-use crate::engine::{Engine, Event, IDLE_POLL};
+use crate::engine::{Engine, Event};
 use crate::job::{JobId, TaskStatus};
 use crate::store::{
     CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreError, StoreResult,
@@ -332,7 +332,7 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
                 tracing::error!(error = %e, "reading due callbacks failed");
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(IDLE_POLL) => continue,
+                    _ = tokio::time::sleep(engine.idle_poll) => continue,
                 }
             }
         };
@@ -341,9 +341,9 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
         }
         let wait = match engine.store.callback_next_due().await {
             Ok(Some(due)) => {
-                Duration::from_millis((due - now_millis()).max(0) as u64).min(IDLE_POLL)
+                Duration::from_millis((due - now_millis()).max(0) as u64).min(engine.idle_poll)
             }
-            _ => IDLE_POLL,
+            _ => engine.idle_poll,
         };
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -466,10 +466,19 @@ async fn record(engine: &Engine, job_id: JobId, attempts: u32, outcome: Callback
         now: now_millis(),
         outcome,
     };
-    if let Err(e) = engine.store.callback_record(&record).await {
-        // The lease expires and the delivery is made again: at least once, never lost.
-        tracing::error!(%job_id, error = %e, "cannot record callback attempt");
-        return;
+    match engine.store.callback_record(&record).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // This attempt outlasted its lease and another node recorded one meanwhile: the
+            // receiver may have had the callback twice, with the same webhook-id.
+            tracing::warn!(%job_id, attempts, "callback attempt already recorded by another node");
+            return;
+        }
+        Err(e) => {
+            // The lease expires and the delivery is made again: at least once, never lost.
+            tracing::error!(%job_id, error = %e, "cannot record callback attempt");
+            return;
+        }
     }
     if let Some(delivered) = settled {
         engine.emit(Event::CallbackSettled { job_id, delivered });

@@ -221,6 +221,12 @@ pub struct EngineArgs {
     /// `result_url` pointing at the paginated tasks route instead.
     #[arg(long, env = "DOPARALLEL_MAX_CALLBACK_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_callback_bytes: usize,
+
+    /// How long a node's claim on a task lasts without renewal (nodes renew every third of
+    /// it). When a node dies, its tasks are called again by another node after this long
+    /// plus one sweep (a third of it).
+    #[arg(long, env = "DOPARALLEL_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub lease_timeout: Duration,
 }
 
 impl EngineArgs {
@@ -249,6 +255,7 @@ impl EngineArgs {
             callback_schedule: callback_schedule.0.clone(),
             callback_timeout: Duration::from_secs(15),
             retention,
+            lease_timeout: self.lease_timeout,
         }
     }
 }
@@ -275,6 +282,9 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// A callback body larger than this is sent without `result` (see `callback::callback_body`).
     pub max_callback_bytes: usize,
+    /// How long a claimed task stays leased to this node without renewal; after that any
+    /// node may take it back and call it again.
+    pub lease_timeout: Duration,
 }
 
 /// A secret given on the command line or in the environment: its `Debug` never shows it.

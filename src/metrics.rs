@@ -26,6 +26,7 @@ pub struct Metrics {
     pub jobs_finished: Family<StatusLabel, Counter>,
     pub tasks_finished: Family<OutcomeLabel, Counter>,
     pub task_retries: Counter,
+    pub leases_expired: Counter,
     pub call_seconds: Histogram,
     pub calls_in_flight: Gauge,
     pub callback_deliveries: Family<OutcomeLabel, Counter>,
@@ -56,6 +57,12 @@ impl Metrics {
             "task_retries",
             "Attempts that failed and were scheduled again",
             task_retries.clone(),
+        );
+        let leases_expired = Counter::default();
+        registry.register(
+            "leases_expired",
+            "Running tasks this node took back because their node's lease ran out",
+            leases_expired.clone(),
         );
         // 1 ms to about 65 s.
         let call_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
@@ -100,6 +107,7 @@ impl Metrics {
             jobs_finished,
             tasks_finished,
             task_retries,
+            leases_expired,
             call_seconds,
             calls_in_flight,
             callback_deliveries,

@@ -37,9 +37,10 @@ use crate::config::EngineConfig;
 use crate::job::{JobId, JobStatus, NewJob};
 use crate::metrics::Metrics;
 use crate::store::{
-    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, Store, StoreError,
-    StoreResult, TaskSettle, now_millis,
+    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, NodeId, Notice,
+    Notices, Store, StoreError, StoreResult, TaskSettle, now_millis,
 };
+use futures_util::StreamExt;
 
 /// Most outcomes written in one transaction.
 const SETTLE_BATCH: usize = 1024;
@@ -47,6 +48,11 @@ const SETTLE_BATCH: usize = 1024;
 /// The longest the dispatcher and the callback loop sleep without looking at the store,
 /// in case something became due that nobody announced.
 pub(crate) const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// The same on a database shared with other nodes, whose notices wake this one: the look
+/// is then only a safety net (a notice lost with a connection), and an idle node makes
+/// well under one query a second (two loops every three seconds, plus the lease sweep).
+const SHARED_IDLE_POLL: Duration = Duration::from_secs(3);
 
 /// Jobs purged per transaction by the retention loop.
 const PURGE_BATCH: u32 = 100;
@@ -69,6 +75,10 @@ pub enum Event {
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: EngineConfig,
+    /// This process's name on its leases.
+    pub(crate) node: NodeId,
+    /// See [`IDLE_POLL`] and [`SHARED_IDLE_POLL`].
+    pub(crate) idle_poll: Duration,
     http: reqwest::Client,
     work: Notify,
     pub(crate) callbacks_due: Notify,
@@ -124,25 +134,7 @@ impl Engine {
         } = outcome
         {
             self.metrics.tasks_finished("cancelled", tasks);
-            // The token stays cancelled in the map for a while: a claim that committed just
-            // before the cancel looks its token up just after, and must find it cancelled.
-            self.running_jobs
-                .lock()
-                .expect("not poisoned")
-                .entry(id)
-                .or_default()
-                .cancel();
-            let engine = Arc::downgrade(self);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                if let Some(engine) = engine.upgrade() {
-                    engine
-                        .running_jobs
-                        .lock()
-                        .expect("not poisoned")
-                        .remove(&id);
-                }
-            });
+            self.abort_calls(id);
             tracing::info!(job_id = %id, "job cancelled");
             self.metrics.job_finished(JobStatus::Cancelled);
             if has_callback {
@@ -155,6 +147,29 @@ impl Engine {
             });
         }
         Ok(outcome)
+    }
+
+    /// Aborts this node's calls of a cancelled job. The token stays cancelled in the map for
+    /// a while: a claim that committed just before the cancel looks its token up just
+    /// after, and must find it cancelled.
+    fn abort_calls(self: &Arc<Self>, id: JobId) {
+        self.running_jobs
+            .lock()
+            .expect("not poisoned")
+            .entry(id)
+            .or_default()
+            .cancel();
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if let Some(engine) = engine.upgrade() {
+                engine
+                    .running_jobs
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&id);
+            }
+        });
     }
 
     /// The token that aborts this job's calls when it is cancelled.
@@ -187,6 +202,8 @@ pub struct EngineHandle {
     finisher_stop: CancellationToken,
     callbacks: JoinHandle<()>,
     retention: Option<JoinHandle<()>>,
+    leases: JoinHandle<()>,
+    notices: Option<JoinHandle<()>>,
 }
 
 /// Errors that keep the engine from starting.
@@ -196,6 +213,8 @@ pub enum EngineError {
     Recover(#[source] StoreError),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[source] reqwest::Error),
+    #[error("cannot listen for other nodes' notices: {0}")]
+    Listen(#[source] StoreError),
 }
 
 /// Recovers what a previous process left in flight, then starts the loops.
@@ -214,6 +233,9 @@ pub async fn start(
         .tcp_nodelay(true)
         .build()
         .map_err(EngineError::Http)?;
+    let notices = store.listen().await.map_err(EngineError::Listen)?;
+    let node = NodeId::random();
+    tracing::info!(%node, shared = notices.is_some(), "engine starting");
     let (events, _) = broadcast::channel(1024);
     let metrics = Metrics::new();
     let hosts = Arc::new(HostGates::new(
@@ -223,6 +245,12 @@ pub async fn start(
     ));
     let engine = Arc::new(Engine {
         store,
+        node,
+        idle_poll: if notices.is_some() {
+            SHARED_IDLE_POLL
+        } else {
+            IDLE_POLL
+        },
         http,
         work: Notify::new(),
         callbacks_due: Notify::new(),
@@ -249,6 +277,13 @@ pub async fn start(
         .config
         .retention
         .map(|keep| tokio::spawn(purge_loop(engine.clone(), keep, stop.clone())));
+    let leases = tokio::spawn(lease_loop(
+        engine.clone(),
+        in_flight.clone(),
+        stop.clone(),
+        finisher_stop.clone(),
+    ));
+    let notices = notices.map(|n| tokio::spawn(notice_loop(engine.clone(), n, stop.clone())));
     Ok(EngineHandle {
         engine,
         stop,
@@ -258,6 +293,8 @@ pub async fn start(
         finisher_stop,
         callbacks,
         retention,
+        leases,
+        notices,
     })
 }
 
@@ -286,6 +323,11 @@ impl EngineHandle {
         let _ = tokio::time::timeout(left, self.callbacks).await;
         self.finisher_stop.cancel();
         let _ = self.finisher.await;
+        // Only now: calls let finish in the grace period kept their leases meanwhile.
+        let _ = self.leases.await;
+        if let Some(notices) = self.notices {
+            let _ = notices.await;
+        }
     }
 }
 
@@ -313,6 +355,9 @@ async fn dispatch(
             .tasks_claim(&ClaimParams {
                 limit: free as u32,
                 now: now_millis(),
+                node: engine.node,
+                lease_until: now_millis() + engine.config.lease_timeout.as_millis() as i64,
+                skip_jobs: Vec::new(),
             })
             .await
         {
@@ -322,7 +367,7 @@ async fn dispatch(
                 drop(permits);
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(IDLE_POLL) => continue,
+                    _ = tokio::time::sleep(engine.idle_poll) => continue,
                 }
             }
         };
@@ -361,8 +406,8 @@ async fn dispatch(
             let wait = claim
                 .next_due
                 .map(|due| Duration::from_millis((due - now_millis()).max(0) as u64))
-                .unwrap_or(IDLE_POLL)
-                .min(IDLE_POLL);
+                .unwrap_or(engine.idle_poll)
+                .min(engine.idle_poll);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = engine.work.notified() => {}
@@ -484,7 +529,7 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
     let report = loop {
-        match engine.store.tasks_settle(batch).await {
+        match engine.store.tasks_settle(engine.node, batch).await {
             Ok(report) => {
                 tracing::trace!(
                     outcomes = batch.len(),
@@ -541,6 +586,81 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             job_id: job.job_id,
             status: job.status,
         });
+    }
+}
+
+/// Keeps this node's leases alive while it has calls running, and takes back the tasks of
+/// nodes whose leases ran out (any node may: the first to look does it).
+///
+/// Renewing every third of the lease timeout leaves two chances to renew before a lease
+/// runs out; the sweep runs at the same pace, so a dead node's tasks are called again
+/// within the lease timeout plus one sweep.
+async fn lease_loop(
+    engine: Arc<Engine>,
+    in_flight: Arc<Semaphore>,
+    stop: CancellationToken,
+    finisher_stop: CancellationToken,
+) {
+    let every = (engine.config.lease_timeout / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            // Renewal goes on through the shutdown's grace period, until the finisher stops.
+            _ = finisher_stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = now_millis();
+        if in_flight.available_permits() < engine.config.max_in_flight {
+            let until = now + engine.config.lease_timeout.as_millis() as i64;
+            if let Err(e) = engine.store.tasks_renew(engine.node, until).await {
+                tracing::error!(error = %e, "renewing this node's leases failed");
+            }
+        }
+        if stop.is_cancelled() {
+            continue;
+        }
+        match engine.store.tasks_expire(now).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    tasks = n,
+                    "took back tasks whose lease ran out; calling them again"
+                );
+                engine.metrics.leases_expired.inc_by(n);
+                engine.work.notify_one();
+            }
+            Err(e) => tracing::error!(error = %e, "taking back expired leases failed"),
+        }
+    }
+}
+
+/// Acts on what other nodes announce: new work, a callback due, a cancelled job.
+async fn notice_loop(engine: Arc<Engine>, mut notices: Notices, stop: CancellationToken) {
+    loop {
+        let notice = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = notices.next() => n,
+        };
+        match notice {
+            Some(Notice::Work) => engine.work.notify_one(),
+            Some(Notice::CallbackDue) => engine.callbacks_due.notify_one(),
+            Some(Notice::Cancelled(id)) => {
+                let here = engine
+                    .running_jobs
+                    .lock()
+                    .expect("not poisoned")
+                    .contains_key(&id);
+                if here {
+                    tracing::info!(job_id = %id, "job cancelled on another node; aborting its calls here");
+                    engine.abort_calls(id);
+                }
+            }
+            None => {
+                // The backend reconnects inside its stream; an ended stream means it gave
+                // up, and the idle polls still find everything, only later.
+                tracing::error!("notices from other nodes stopped; falling back to polling");
+                return;
+            }
+        }
     }
 }
 

@@ -163,11 +163,34 @@ pub struct JobListQuery {
     pub limit: u32,
 }
 
+/// The name a process's leases carry in the store: random at every start, so a restarted
+/// node never mistakes its predecessor's calls for its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeId(pub i64);
+
+impl NodeId {
+    pub fn random() -> Self {
+        // Positive, so that it reads the same in every database's signed integer column.
+        NodeId(rand::random::<i64>() & i64::MAX)
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// A claim: up to `limit` tasks whose time has come, shared fairly between jobs.
 #[derive(Clone, Debug)]
 pub struct ClaimParams {
     pub limit: u32,
     pub now: Millis,
+    /// The claiming node: the tasks are leased to it until `lease_until`.
+    pub node: NodeId,
+    pub lease_until: Millis,
+    /// Jobs to leave out of this claim (their calls already queue at a host's limit).
+    pub skip_jobs: Vec<JobId>,
 }
 
 /// What a claim hands to the engine: everything needed to make the call.
@@ -195,7 +218,8 @@ pub struct Claim {
 pub struct TaskSettle {
     pub job_id: JobId,
     pub index: u64,
-    /// The attempt that produced this outcome; a settle for any other attempt is ignored.
+    /// The attempt that produced this outcome; a settle for any other attempt, or from a
+    /// node that no longer holds the task's lease, is ignored.
     pub attempt: u32,
     pub latency_ms: u64,
     pub now: Millis,
@@ -253,6 +277,22 @@ pub struct CallbackRecord {
     pub outcome: CallbackOutcome,
 }
 
+/// What one node tells the others through the database, so that they act at once rather
+/// than at their next look. Only backends that several processes share send them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Tasks may have become claimable: a job was submitted, or expired leases were taken
+    /// back.
+    Work,
+    /// A callback delivery became due.
+    CallbackDue,
+    /// A job was cancelled: its calls in flight anywhere should stop.
+    Cancelled(JobId),
+}
+
+/// A stream of notices from every node on the database (this one's included).
+pub type Notices = futures_util::stream::BoxStream<'static, Notice>;
+
 #[derive(Clone, Debug)]
 pub enum CallbackOutcome {
     Delivered,
@@ -305,18 +345,32 @@ pub trait Store: Send + Sync + 'static {
     /// Tasks waiting to be called across all unfinished jobs.
     async fn queue_depth(&self) -> StoreResult<u64>;
 
-    /// Marks up to `limit` due tasks as running (their attempt counted) and returns them.
-    /// Jobs are served round-robin, least recently served first, each within its
-    /// `concurrency`.
+    /// Marks up to `limit` due tasks as running (their attempt counted), leased to
+    /// `params.node` until `params.lease_until`, and returns them. Jobs are served
+    /// round-robin, least recently served first, each within its `concurrency` (counted over
+    /// every node), except those in `params.skip_jobs`.
     async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim>;
 
-    /// Records a batch of attempt outcomes in one transaction, together with the job
-    /// counters they change. A job whose last task this settles gets its final status and
-    /// its callback delivery record in that same transaction; those jobs are reported.
-    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<SettleReport>;
+    /// Records a batch of attempt outcomes of `node`'s calls in one transaction, together
+    /// with the job counters they change. An outcome changes nothing unless its task is
+    /// still running that attempt under `node`'s lease (a late answer after the lease was
+    /// taken over, or after a cancel, is dropped): each result is stored once. A job whose
+    /// last task this settles gets its final status and its callback delivery record in
+    /// that same transaction; those jobs are reported.
+    async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport>;
 
-    /// Puts every task left running by a previous process back to pending, its interrupted
-    /// attempt not counted. Called once at start by the only node of a single-node backend.
+    /// Extends to `until` the leases of every task `node` has running; returns how many.
+    async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64>;
+
+    /// Takes back the running tasks whose lease ran out before `now` (their node died or
+    /// stalled): they become pending again, due at once, the interrupted attempt not
+    /// counted. Returns how many.
+    async fn tasks_expire(&self, now: Millis) -> StoreResult<u64>;
+
+    /// Called once at start. A backend that only one process can open puts every task left
+    /// running back to pending, its interrupted attempt not counted (they were all the
+    /// previous process's); a shared backend leaves them to [`Store::tasks_expire`], since
+    /// their nodes may be alive.
     async fn tasks_recover(&self) -> StoreResult<u64>;
 
     /// Leases up to `limit` callback deliveries that are due at `now` until `lease_until`,
@@ -331,7 +385,15 @@ pub trait Store: Send + Sync + 'static {
     /// The earliest time a pending callback delivery is due, if any.
     async fn callback_next_due(&self) -> StoreResult<Option<Millis>>;
 
-    async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<()>;
+    /// Records a callback attempt. Changes nothing unless `record.attempts` is one more than
+    /// the attempts stored (each attempt is recorded once, by the node that made it, even
+    /// if its lease ran out meanwhile and another node tried too); returns whether it was
+    /// recorded.
+    async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<bool>;
+
+    /// Notices from the other nodes on this database, or `None` for a backend only one
+    /// process can open (the engine then relies on its own wake-ups).
+    async fn listen(&self) -> StoreResult<Option<Notices>>;
 
     /// Answers when the database does.
     async fn health(&self) -> StoreResult<()>;

@@ -24,8 +24,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
-    JobListQuery, JobRecord, Millis, SettleOutcome, SettleReport, Store, StoreError, StoreResult,
-    TaskPageQuery, TaskRecord, TaskSettle, url_text,
+    JobListQuery, JobRecord, Millis, NodeId, Notices, SettleOutcome, SettleReport, Store,
+    StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskSettle, url_text,
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
@@ -40,9 +40,9 @@ const SETTLE_CHUNK: usize = 256;
 const CLAIM_GROUP: usize = 8;
 
 /// Claims for up to [`CLAIM_GROUP`] jobs at once: `?1` is now, then a job's sequence number
-/// and how many of its due tasks to take, for each place. Each pick walks the `tasks_due`
+/// and how many of its due tasks to take, for each place, then the node and its lease. Each pick walks the `tasks_due`
 /// index of its job only.
-const CLAIM_SQL: &str = "UPDATE tasks SET status = 1, attempts = attempts + 1 WHERE rowid IN (\
+const CLAIM_SQL: &str = "UPDATE tasks SET status = 1, attempts = attempts + 1, node = ?18, lease_until = ?19 WHERE rowid IN (\
     SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?2 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?3) \
     UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?4 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?5) \
     UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?6 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?7) \
@@ -584,16 +584,29 @@ impl Store for SqliteStore {
         // recently served first. No more than twice the free slots can be served, since each
         // gets at least one; a job found with nothing due (its tasks all in backoff) is
         // marked served too, so it moves to the back and cannot starve the jobs behind it.
-        let jobs = sqlx::query(
+        let skip = if params.skip_jobs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "AND id NOT IN ({}) ",
+                vec!["?"; params.skip_jobs.len()].join(",")
+            )
+        };
+        let sql = format!(
             "SELECT seq, id, options, concurrency, n_running FROM jobs \
              WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
-               AND (concurrency IS NULL OR n_running < concurrency) \
-             ORDER BY last_claim_at, seq LIMIT ?",
-        )
-        .bind(i64::from(params.limit) * 2 + 8)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
+               AND (concurrency IS NULL OR n_running < concurrency) {skip}\
+             ORDER BY last_claim_at, seq LIMIT ?"
+        );
+        let mut query = sqlx::query(&sql);
+        for id in &params.skip_jobs {
+            query = query.bind(id.to_string());
+        }
+        let jobs = query
+            .bind(i64::from(params.limit) * 2 + 8)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
 
         struct Candidate {
             seq: i64,
@@ -658,7 +671,8 @@ impl Store for SqliteStore {
                         .map_or((-1, 0), |&(i, want)| (candidates[i].seq, want as i64));
                     query = query.bind(seq).bind(want);
                 }
-                let rows = query.fetch_all(&mut *tx).await.map_err(map_err)?;
+                let rows = query.bind(params.node.0).bind(params.lease_until);
+                let rows = rows.fetch_all(&mut *tx).await.map_err(map_err)?;
                 for row in rows {
                     let i = by_seq[&row.get::<i64, _>("job_seq")];
                     *got.entry(i).or_default() += 1;
@@ -734,7 +748,7 @@ impl Store for SqliteStore {
         Ok(claim)
     }
 
-    async fn tasks_settle(&self, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
+    async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
         /// What a batch changes of one job.
         #[derive(Default)]
         struct Delta {
@@ -790,9 +804,9 @@ impl Store for SqliteStore {
         }
 
         // The outcomes, a chunk per statement: a VALUES table joined to the tasks. Only the
-        // attempt that is running may settle a task: a stale outcome (from before a restart,
-        // or after a cancel) matches no row and changes nothing, so each result is stored
-        // once. Jobs purged meanwhile have no sequence number and are skipped.
+        // attempt that is running, under this node's lease, may settle a task: a stale
+        // outcome (from before a restart, after a cancel or after the lease was taken back)
+        // matches no row and changes nothing, so each result is stored once. Jobs purged meanwhile have no sequence number and are skipped.
         let live: Vec<(i64, &TaskSettle)> = batch
             .iter()
             .filter_map(|s| seqs.get(&s.job_id).map(|&seq| (seq, s)))
@@ -813,9 +827,10 @@ impl Store for SqliteStore {
             sql.push_str(
                 ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
                  result = v.result, error = v.error, latency_ms = v.latency_ms, \
-                 finished_at = v.finished_at, fail_seq = v.fail_seq \
+                 finished_at = v.finished_at, fail_seq = v.fail_seq, node = NULL, \
+                 lease_until = NULL \
                  FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
-                 AND tasks.status = 1 AND tasks.attempts = v.attempt \
+                 AND tasks.status = 1 AND tasks.attempts = v.attempt AND tasks.node = ? \
                  RETURNING tasks.job_seq, tasks.status",
             );
             let mut query = sqlx::query(&sql);
@@ -846,6 +861,8 @@ impl Store for SqliteStore {
                     .bind((status != 0).then_some(s.now))
                     .bind(fail_seq);
             }
+            // The last placeholder, after every VALUES row.
+            let query = query.bind(node.0);
             for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
                 let d = deltas
                     .get_mut(&row.get::<i64, _>(0))
@@ -941,8 +958,8 @@ impl Store for SqliteStore {
         let mut recovered = 0;
         for seq in seqs {
             recovered += sqlx::query(
-                "UPDATE tasks SET status = 0, attempts = attempts - 1 \
-                 WHERE job_seq = ? AND status = 1",
+                "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
+                 lease_until = NULL WHERE job_seq = ? AND status = 1",
             )
             .bind(seq)
             .execute(&mut *tx)
@@ -957,6 +974,55 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(map_err)?;
         Ok(recovered)
+    }
+
+    async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
+        // Through the jobs that have calls running: each job's running tasks are found by the
+        // `tasks_due` index, never by reading every task.
+        let renewed = sqlx::query(
+            "UPDATE tasks SET lease_until = ? WHERE status = 1 AND node = ? AND job_seq IN \
+             (SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0)",
+        )
+        .bind(until)
+        .bind(node.0)
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        Ok(renewed)
+    }
+
+    async fn tasks_expire(&self, now: Millis) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let mut expired = 0;
+        for seq in seqs {
+            let n = sqlx::query(
+                "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
+                 lease_until = NULL WHERE job_seq = ? AND status = 1 AND lease_until < ?",
+            )
+            .bind(seq)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+            if n > 0 {
+                sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
+                    .bind(n as i64)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                expired += n;
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(expired)
     }
 
     async fn callbacks_due(
@@ -1002,7 +1068,7 @@ impl Store for SqliteStore {
             .map_err(map_err)
     }
 
-    async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<()> {
+    async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<bool> {
         let (state, next, error, delivered) = match &record.outcome {
             CallbackOutcome::Delivered => (CB_DELIVERED, None, None, Some(record.now)),
             CallbackOutcome::Retry { at, error } => {
@@ -1010,10 +1076,10 @@ impl Store for SqliteStore {
             }
             CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
         };
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
              last_error = COALESCE(?, last_error), delivered_at = ? \
-             WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?)",
+             WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?) AND state = 1 AND attempts = ?",
         )
         .bind(state)
         .bind(i64::from(record.attempts))
@@ -1021,10 +1087,16 @@ impl Store for SqliteStore {
         .bind(error)
         .bind(delivered)
         .bind(record.job_id.to_string())
+        .bind(i64::from(record.attempts) - 1)
         .execute(&self.writer)
         .await
         .map_err(map_err)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn listen(&self) -> StoreResult<Option<Notices>> {
+        // The lock file keeps every other process off this database: nobody to hear from.
+        Ok(None)
     }
 
     async fn health(&self) -> StoreResult<()> {

@@ -72,6 +72,7 @@ pub fn engine_config() -> EngineConfig {
         signer: Default::default(),
         limits: doparallel::job::Limits::defaults(),
         max_callback_bytes: 10 * 1024 * 1024,
+        lease_timeout: Duration::from_secs(30),
     }
 }
 
