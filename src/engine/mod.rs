@@ -350,6 +350,9 @@ async fn dispatch(
         }
         let free = permits.num_permits();
         let started = Instant::now();
+        // Jobs whose calls already queue at a host's gates beyond what the gates can start
+        // soon: more of their tasks would only hold slots that other jobs can use.
+        let skip_jobs = engine.hosts.backlogged_jobs();
         let claim = match engine
             .store
             .tasks_claim(&ClaimParams {
@@ -357,7 +360,7 @@ async fn dispatch(
                 now: now_millis(),
                 node: engine.node,
                 lease_until: now_millis() + engine.config.lease_timeout.as_millis() as i64,
-                skip_jobs: Vec::new(),
+                skip_jobs,
             })
             .await
         {
@@ -402,7 +405,8 @@ async fn dispatch(
         drop(permits);
         if claimed < free {
             // Nothing more is due now: wait for a submission, a settled task (which may free
-            // a job's concurrency), or the first retry to come due.
+            // a job's concurrency), a left-out job whose backlog cleared, or the first retry
+            // to come due.
             let wait = claim
                 .next_due
                 .map(|due| Duration::from_millis((due - now_millis()).max(0) as u64))

@@ -7,6 +7,7 @@ mod client;
 mod crash;
 mod dashboard;
 mod helpers;
+mod hosts;
 mod lifecycle;
 mod observe;
 mod security;
