@@ -411,13 +411,17 @@ impl HostGates {
     /// Pauses every new call to `host` for `delay` (a 429 or 503 answer asked for it), unless
     /// a longer pause is in force.
     pub fn pause(&self, host: &str, delay: Duration) {
-        let state = self.state.lock().expect("not poisoned");
-        // The caller holds a pass for this host, so its entry is there.
-        if let Some(entry) = state.hosts.get(host)
-            && entry.pause.extend(Instant::now() + delay)
-        {
+        let extended = {
+            let state = self.state.lock().expect("not poisoned");
+            // The caller holds a pass for this host, so its entry is there.
+            state
+                .hosts
+                .get(host)
+                .is_some_and(|entry| entry.pause.extend(Instant::now() + delay))
+        };
+        if extended {
             self.pauses.inc();
-            tracing::info!(host, delay_ms = delay.as_millis() as u64, "host paused");
+            tracing::debug!(host, delay_ms = delay.as_millis() as u64, "host paused");
         }
     }
 
