@@ -87,6 +87,12 @@ pub struct ServeArgs {
     #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
 
+    /// The URL task endpoints reach this service at, for reporting the outcome of a task
+    /// they answered with 202 (`DoParallel-Result-Url` is this plus
+    /// `/v1/tasks/{token}/result`). Default: http:// and the listening address.
+    #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<url::Url>,
+
     #[command(flatten)]
     pub engine: EngineArgs,
 
@@ -227,6 +233,10 @@ pub struct EngineArgs {
     /// plus one sweep (a third of it).
     #[arg(long, env = "DOPARALLEL_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub lease_timeout: Duration,
+
+    /// How long one callback attempt may take (connect, send, answer).
+    #[arg(long, env = "DOPARALLEL_CALLBACK_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub callback_timeout: Duration,
 }
 
 impl EngineArgs {
@@ -253,9 +263,10 @@ impl EngineArgs {
             },
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),
-            callback_timeout: Duration::from_secs(15),
+            callback_timeout: self.callback_timeout,
             retention,
             lease_timeout: self.lease_timeout,
+            public_url: None,
         }
     }
 }
@@ -285,6 +296,10 @@ pub struct EngineConfig {
     /// How long a claimed task stays leased to this node without renewal; after that any
     /// node may take it back and call it again.
     pub lease_timeout: Duration,
+    /// The base URL endpoints post reported outcomes to (`/v1/tasks/{token}/result` is
+    /// added). `None` when there is no API to report to (`doparallel run`): a 202 then
+    /// counts as a success like any 2xx.
+    pub public_url: Option<url::Url>,
 }
 
 /// A secret given on the command line or in the environment: its `Debug` never shows it.

@@ -136,6 +136,10 @@ pub struct JobOptions {
     pub backoff_ms: u64,
     #[serde(default)]
     pub tolerated_failures: u64,
+    /// How long an attempt answered with 202 waits for its reported outcome before it
+    /// counts as timed out (and is retried like any timeout).
+    #[serde(default = "JobOptions::default_async_timeout_ms")]
+    pub async_timeout_ms: u64,
     /// Most calls of this job in flight at once to one endpoint host (`host:port`), on top
     /// of the server's `--per-host-concurrency`; `None` is limited only by the server.
     #[serde(default)]
@@ -156,6 +160,7 @@ const MAX_ATTEMPTS: u32 = 100;
 /// The highest per-host rate accepted, in calls per second (a job's or the server's): past
 /// it the interval between calls is below a microsecond and the limit means nothing.
 pub const MAX_PER_HOST_RATE: f64 = 1_000_000.0;
+const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl JobOptions {
     fn default_timeout_ms() -> u64 {
@@ -167,6 +172,9 @@ impl JobOptions {
     fn default_backoff_ms() -> u64 {
         500
     }
+    fn default_async_timeout_ms() -> u64 {
+        3_600_000
+    }
 
     /// The options of a request that sent none.
     pub fn defaults() -> Self {
@@ -176,6 +184,7 @@ impl JobOptions {
             max_attempts: Self::default_max_attempts(),
             backoff_ms: Self::default_backoff_ms(),
             tolerated_failures: 0,
+            async_timeout_ms: Self::default_async_timeout_ms(),
             per_host_concurrency: None,
             per_host_rate: None,
         }
@@ -206,6 +215,11 @@ impl JobOptions {
         if self.backoff_ms > BACKOFF_CAP_MS {
             return Err(format!(
                 "options.backoff_ms: must be at most {BACKOFF_CAP_MS} (the backoff cap)"
+            ));
+        }
+        if self.async_timeout_ms == 0 || self.async_timeout_ms > MAX_ASYNC_TIMEOUT_MS {
+            return Err(format!(
+                "options.async_timeout_ms: must be between 1 and {MAX_ASYNC_TIMEOUT_MS} (7 days)"
             ));
         }
         if self.per_host_concurrency == Some(0) {
