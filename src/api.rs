@@ -1157,7 +1157,7 @@ mod tests {
         let concurrency = &options["per_host_concurrency"];
         assert_eq!(concurrency["minimum"], 1, "{concurrency}");
         let rate = &options["per_host_rate"];
-        assert_eq!(rate["exclusiveMinimum"], 0, "{rate}");
+        assert_eq!(rate["minimum"], 0.001, "{rate}");
         assert!(
             rate["description"]
                 .as_str()

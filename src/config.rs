@@ -17,7 +17,7 @@ use url::Url;
 
 use crate::egress::EgressPolicy;
 use crate::engine::hosts::HostLimits;
-use crate::job::{JobStatus, Limits, MAX_PER_HOST_RATE};
+use crate::job::{JobStatus, Limits, PER_HOST_RATES};
 use crate::webhook::{Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]
@@ -185,8 +185,8 @@ pub struct EngineArgs {
     pub per_host_concurrency: Option<u32>,
 
     /// Calls started per second to one endpoint host, across all jobs on this node (may be
-    /// fractional: 0.5 is one every 2 s). Calls are spaced evenly, with no burst. Unlimited
-    /// when not given.
+    /// fractional: 0.5 is one every 2 s; 0.001 to 1000000). Calls are spaced evenly, with no
+    /// burst. Unlimited when not given.
     #[arg(long, env = "DOPARALLEL_PER_HOST_RATE", value_name = "R", value_parser = parse_rate)]
     pub per_host_rate: Option<f64>,
 
@@ -348,15 +348,17 @@ impl FromStr for Schedule {
     }
 }
 
-/// A rate in calls per second: a positive number, at most [`MAX_PER_HOST_RATE`].
+/// A rate in calls per second, within [`PER_HOST_RATES`].
 fn parse_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .trim()
         .parse()
         .map_err(|_| format!("{text:?} is not a number of calls per second"))?;
-    if !(rate > 0.0 && rate <= MAX_PER_HOST_RATE) {
+    if !PER_HOST_RATES.contains(&rate) {
         return Err(format!(
-            "{text:?}: the rate must be above 0 and at most {MAX_PER_HOST_RATE} calls per second"
+            "{text:?}: the rate must be between {} and {} calls per second",
+            PER_HOST_RATES.start(),
+            PER_HOST_RATES.end()
         ));
     }
     Ok(rate)
@@ -611,7 +613,7 @@ mod tests {
             assert!(limits(bad).is_err(), "{bad:?} was accepted");
         }
         let e = limits(&["--per-host-rate", "0"]).unwrap_err();
-        assert!(e.contains("must be above 0"), "{e}");
+        assert!(e.contains("must be between 0.001 and 1000000"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! key order round-trip exactly, which the original service got wrong.
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -149,7 +150,7 @@ pub struct JobOptions {
     /// 0.5 is one every 2 s), spaced evenly, on top of the server's `--per-host-rate`;
     /// `None` is limited only by the server.
     #[serde(default)]
-    #[schema(exclusive_minimum = 0, maximum = 1000000)]
+    #[schema(minimum = 0.001, maximum = 1000000)]
     pub per_host_rate: Option<f64>,
 }
 
@@ -157,9 +158,10 @@ pub struct JobOptions {
 pub const BACKOFF_CAP_MS: u64 = 60_000;
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 const MAX_ATTEMPTS: u32 = 100;
-/// The highest per-host rate accepted, in calls per second (a job's or the server's): past
-/// it the interval between calls is below a microsecond and the limit means nothing.
-pub const MAX_PER_HOST_RATE: f64 = 1_000_000.0;
+/// The per-host rates accepted, in calls per second (a job's or the server's): from one call
+/// every 1000 s (a slower rate is more likely a mistake, and its interval must stay a
+/// sensible `Duration`) to one a microsecond, past which the limit means nothing.
+pub const PER_HOST_RATES: RangeInclusive<f64> = 0.001..=1_000_000.0;
 const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl JobOptions {
@@ -226,10 +228,12 @@ impl JobOptions {
             return Err("options.per_host_concurrency: must be at least 1".into());
         }
         if let Some(rate) = self.per_host_rate
-            && !(rate > 0.0 && rate <= MAX_PER_HOST_RATE)
+            && !PER_HOST_RATES.contains(&rate)
         {
             return Err(format!(
-                "options.per_host_rate: must be above 0 and at most {MAX_PER_HOST_RATE} calls per second"
+                "options.per_host_rate: must be between {} and {} calls per second",
+                PER_HOST_RATES.start(),
+                PER_HOST_RATES.end()
             ));
         }
         Ok(())
@@ -569,16 +573,21 @@ mod tests {
         );
         check(
             r#"{"tasks":[],"options":{"per_host_rate":0}}"#,
-            Err("options.per_host_rate: must be above 0"),
+            Err("options.per_host_rate: must be between 0.001 and 1000000 calls per second"),
         );
         check(
             r#"{"tasks":[],"options":{"per_host_rate":-0.5}}"#,
-            Err("options.per_host_rate: must be above 0"),
+            Err("options.per_host_rate: must be between"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":1e-300}}"#,
+            Err("options.per_host_rate: must be between"),
         );
         check(
             r#"{"tasks":[],"options":{"per_host_rate":1e300}}"#,
-            Err("options.per_host_rate: must be above 0 and at most 1000000"),
+            Err("options.per_host_rate: must be between"),
         );
+        check(r#"{"tasks":[],"options":{"per_host_rate":0.001}}"#, Ok(0));
         check(
             r#"{"tasks":[],"options":{"per_host_rate":"fast"}}"#,
             Err("options: invalid type"),

@@ -176,10 +176,12 @@ impl Pacer {
     fn new(rate: Option<f64>, pause: Arc<Pause>) -> Self {
         Pacer {
             rate: rate.map(|r| {
-                (
-                    Duration::from_secs_f64(1.0 / r),
-                    tokio::sync::Mutex::new(Instant::now()),
-                )
+                // Rates are checked where they come in (`job::PER_HOST_RATES`); whatever
+                // else reaches here still makes a valid interval, at most a day.
+                let interval = Duration::try_from_secs_f64(1.0 / r)
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(86_400));
+                (interval, tokio::sync::Mutex::new(Instant::now()))
             }),
             pause,
         }
