@@ -11,7 +11,9 @@ use doparallel::config::EngineConfig;
 use doparallel::engine::hosts::HostLimits;
 use serde_json::json;
 
-use crate::helpers::{Endpoint, TestApp, engine_config, eventually, job_of, spawn_app_with};
+use crate::helpers::{
+    Endpoint, ServerProcess, TestApp, db_path, engine_config, eventually, job_of, spawn_app_with,
+};
 
 /// How far an arrival may be from the gate's slot: a late timer, then the trip over
 /// loopback to the endpoint's handler.
@@ -268,4 +270,42 @@ async fn a_job_held_by_a_slow_host_does_not_starve_another_host() {
         (waiting_at_gates(&app).await == 0.0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_calls_held_at_a_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(&dir);
+    let endpoint = Endpoint::start().await;
+    // One call every 20 s: after the first, the others wait at the gate far longer than
+    // the stop below may take, though well within its grace period.
+    let mut first =
+        ServerProcess::start(&db, &["--per-host-rate", "0.05", "--shutdown-grace", "60"]);
+    let id = first
+        .api
+        .submit(&job_of(3, &endpoint.url("echo"), None, json!({})))
+        .await;
+    eventually("the first call", || async {
+        (endpoint.call_count() == 1).then_some(())
+    })
+    .await;
+    let stopping = Instant::now();
+    first.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || first.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop waited {took:?} for calls that had not started"
+    );
+    assert_eq!(endpoint.call_count(), 1, "a held call was made at the stop");
+
+    // The held calls were never made: the next start makes them.
+    let second = ServerProcess::start(&db, &[]);
+    let job = second.api.wait_settled(&id).await;
+    assert_eq!(job["counts"]["complete"], 3, "{job}");
+    let per_key = endpoint.calls_per_key();
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
 }
