@@ -19,12 +19,12 @@
 //! from any job, limits or not; calls already started go on. After a pause the rate's bucket
 //! starts empty, so calls resume at the rate rather than in a burst.
 //!
-//! The bucket holds a single token: with a rate of R per second, calls to a host start at
-//! least 1/R apart, with no burst. An API that limits to R a second therefore never sees
-//! more than R + 1 calls in any second (plus the odd call a late timer lets through early,
-//! see [`Pacer`]). Waiting calls queue on a tokio `Mutex`, which is fair (first come, first
-//! served), and the head of the queue sleeps until its turn, so a limited host costs one
-//! timer, not a wake-up per waiting call.
+//! The bucket holds a single token: with a rate of R per second, calls to a host start 1/R
+//! apart, with no burst, so an API that limits to R a second sees at most R + 1 calls in any
+//! second, give or take a call that follows a late one closer than 1/R (never before its own
+//! turn, see [`Pacer`]). Waiting calls queue on a tokio `Mutex`, which is fair (first come,
+//! first served), and the head of the queue sleeps until its turn, so a limited host costs
+//! one timer, not a wake-up per waiting call.
 //!
 //! Rejected alternative: the `governor` crate. Its async `until_ready` polls on a timer of
 //! its own (futures-timer over its own clock), so it cannot be driven by
