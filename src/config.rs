@@ -67,6 +67,8 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Cancel an unfinished job.
     Cancel(CancelArgs),
+    /// Delete a finished job and its results now (retention would later).
+    Delete(CancelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -425,6 +427,11 @@ pub struct SubmitArgs {
     /// document; the exit code is the job's (0 Complete, 1 Failed, 3 Cancelled).
     #[arg(long)]
     pub wait: bool,
+
+    /// Sent as the `Idempotency-Key` header: submitting again with the same key (after a
+    /// timeout, say) answers the first job instead of starting a second.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 
     #[command(flatten)]
     pub client: ClientArgs,
