@@ -9,7 +9,8 @@
 //! Both call the same minimal hyper endpoint inside this process. Each workload runs
 //! `--repeat` times (3 by default) and medians are reported, as ratios to the ceiling.
 //!
-//! Run: `cargo bench --bench e2e` (add `-- --w5` for the one-million-task workload, and
+//! Run: `cargo bench --bench e2e` (add `-- --w5` for the one-million-task workload,
+//! `-- --backends sqlite,pg1,pg2` to measure PostgreSQL with one and two nodes too, and
 //! `-- --write BENCHMARKS.md` to write the table there). `DOPARALLEL_BENCH_BINARY=PATH`
 //! measures another build of `doparallel` instead of this one.
 
@@ -127,15 +128,94 @@ async fn ceiling(url: &str, n: usize, c: usize) -> Duration {
     start.elapsed()
 }
 
+/// The throwaway PostgreSQL cluster of the tests, made durable (on disk, fsync on) by
+/// `DOPARALLEL_PG_DURABLE` for a fair comparison with SQLite.
+#[allow(dead_code)] // the tests' helpers this benchmark has no use for
+#[path = "../tests/it/pg.rs"]
+mod pg;
+
+/// Where a run keeps its data, and how many nodes serve it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    /// PostgreSQL with this many `doparallel serve` nodes.
+    Postgres(usize),
+}
+
+impl Backend {
+    fn parse(text: &str) -> Self {
+        match text {
+            "sqlite" => Backend::Sqlite,
+            "pg1" => Backend::Postgres(1),
+            "pg2" => Backend::Postgres(2),
+            other => panic!("unknown backend {other:?}: expected sqlite, pg1 or pg2"),
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Backend::Sqlite => "SQLite".into(),
+            Backend::Postgres(1) => "PostgreSQL, 1 node".into(),
+            Backend::Postgres(n) => format!("PostgreSQL, {n} nodes"),
+        }
+    }
+}
+
+/// The database of one run.
+enum Database {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String },
+}
+
+impl Database {
+    async fn create(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Database::Sqlite(tempfile::tempdir().unwrap()),
+            Backend::Postgres(_) => {
+                let db = pg::database()
+                    .await
+                    .expect("PostgreSQL is installed (initdb, pg_ctl)");
+                Database::Postgres { url: db.url }
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Database::Sqlite(dir) => format!("sqlite://{}", dir.path().join("bench.db").display()),
+            Database::Postgres { url } => url.clone(),
+        }
+    }
+
+    async fn bytes(&self) -> u64 {
+        match self {
+            Database::Sqlite(dir) => std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("bench.db"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum(),
+            Database::Postgres { url } => {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                let size: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                size as u64
+            }
+        }
+    }
+}
+
 struct Server {
     child: Child,
     base: String,
-    dir: tempfile::TempDir,
 }
 
 impl Server {
-    fn start(max_in_flight: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+    fn start(max_in_flight: usize, database: &str) -> Self {
         // Another build may be measured against this one's figures by naming its binary.
         let binary = std::env::var_os("DOPARALLEL_BENCH_BINARY")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_doparallel").into());
@@ -147,11 +227,7 @@ impl Server {
                 "--allow-net",
                 "127.0.0.0/8",
             ])
-            .arg("--database")
-            .arg(format!(
-                "sqlite://{}",
-                dir.path().join("bench.db").display()
-            ))
+            .args(["--database", database])
             .args(["--max-in-flight", &max_in_flight.to_string()])
             .args(["--max-tasks-per-job", "2000000"])
             .args(["--max-body-bytes", "1000000000"])
@@ -178,7 +254,6 @@ impl Server {
         Server {
             child,
             base: format!("http://{addr}"),
-            dir,
         }
     }
 
@@ -208,16 +283,6 @@ impl Server {
         };
         // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
         (ticks(11) + ticks(12)) / 100.0
-    }
-
-    fn database_bytes(&self) -> u64 {
-        std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("bench.db"))
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum()
     }
 }
 
@@ -283,15 +348,25 @@ async fn callbacks(endpoint: &Endpoint, ids: &[String], limit: Duration) -> Inst
     }
 }
 
-/// `jobs` jobs of `n` tasks each, submitted at once.
+/// `jobs` jobs of `n` tasks each, submitted at once (spread over the nodes in turn).
 async fn doparallel(
     endpoint: &Endpoint,
+    backend: Backend,
     route: &str,
     jobs: usize,
     n: usize,
     concurrency: usize,
 ) -> Run {
-    let server = Server::start(concurrency);
+    let database = Database::create(backend).await;
+    let nodes = match backend {
+        Backend::Sqlite => 1,
+        Backend::Postgres(n) => n,
+    };
+    // Each node may run a whole job's concurrency: a job spread over two nodes is limited
+    // by its own `concurrency`, not by one node's slots.
+    let servers: Vec<Server> = (0..nodes)
+        .map(|_| Server::start(concurrency, &database.url()))
+        .collect();
     let http = reqwest::Client::new();
     let url = format!("http://{}/{route}", endpoint.addr);
     let callback = format!("http://{}/callback", endpoint.addr);
@@ -300,9 +375,13 @@ async fn doparallel(
         .collect();
     endpoint.seen.lock().unwrap().last_task = None;
     let start = Instant::now();
-    let ids: Vec<String> =
-        futures_util::future::join_all(bodies.into_iter().map(|b| submit(&http, &server.base, b)))
-            .await;
+    let ids: Vec<String> = futures_util::future::join_all(
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| submit(&http, &servers[i % nodes].base, b)),
+    )
+    .await;
     let submit_time = start.elapsed();
     let done = callbacks(endpoint, &ids, Duration::from_secs(1800)).await;
     let wall = done - start;
@@ -311,9 +390,9 @@ async fn doparallel(
         wall,
         submit: submit_time,
         last_task_to_callback: done.saturating_duration_since(last_task),
-        peak_rss: server.peak_rss(),
-        server_cpu: server.cpu_seconds(),
-        db_bytes_per_task: server.database_bytes() as f64 / (jobs * n) as f64,
+        peak_rss: servers.iter().map(Server::peak_rss).max().unwrap_or(0),
+        server_cpu: servers.iter().map(Server::cpu_seconds).sum(),
+        db_bytes_per_task: database.bytes().await as f64 / (jobs * n) as f64,
     }
 }
 
@@ -342,8 +421,16 @@ fn machine() -> String {
     format!("{cores} cores, {:.1} GiB memory", kb / 1024.0 / 1024.0)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before any thread exists: the PostgreSQL cluster, if one is started, is durable.
+    // SAFETY: no other thread is running yet, so nothing reads the environment meanwhile.
+    unsafe { std::env::set_var("DOPARALLEL_PG_DURABLE", "1") };
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| {
@@ -353,6 +440,11 @@ async fn main() {
     };
     let repeat: usize = value("--repeat").and_then(|v| v.parse().ok()).unwrap_or(3);
     let only: Option<String> = value("--only");
+    let backends: Vec<Backend> = value("--backends")
+        .unwrap_or_else(|| "sqlite".into())
+        .split(',')
+        .map(Backend::parse)
+        .collect();
 
     let mut workloads = vec![
         Workload {
@@ -404,67 +496,72 @@ async fn main() {
 
     let endpoint = start_endpoint().await;
     let mut rows = Vec::new();
-    let mut per_task = HashMap::new();
-    for w in &workloads {
-        let total = w.jobs * w.tasks;
-        let url = format!("http://{}/{}", endpoint.addr, w.route);
-        let mut ceilings = Vec::new();
-        let mut runs = Vec::new();
-        for r in 0..repeat {
-            let c = ceiling(&url, total, w.concurrency).await;
-            let run = doparallel(&endpoint, w.route, w.jobs, w.tasks, w.concurrency).await;
-            eprintln!(
-                "{} run {}: ceiling {:.3} s, doparallel {:.3} s (submit {:.3} s, server CPU {:.2} s)",
-                w.name,
-                r + 1,
-                c.as_secs_f64(),
-                run.wall.as_secs_f64(),
-                run.submit.as_secs_f64(),
-                run.server_cpu
-            );
-            ceilings.push(c.as_secs_f64());
-            runs.push(run);
-        }
-        let ceiling_s = median(ceilings);
-        let wall = median(runs.iter().map(|r| r.wall.as_secs_f64()).collect());
-        per_task.insert(w.name, wall / total as f64);
-        let row = format!(
-            "| {} | {} | {:.3} s | {:.0} | {:.0} | **{:.2}** | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
-            w.name,
-            w.what,
-            wall,
-            total as f64 / wall,
-            total as f64 / ceiling_s,
-            ceiling_s / wall,
-            median(runs.iter().map(|r| r.submit.as_secs_f64()).collect()),
-            median(
-                runs.iter()
-                    .map(|r| r.last_task_to_callback.as_secs_f64() * 1000.0)
-                    .collect()
-            ),
-            median(runs.iter().map(|r| r.peak_rss as f64 / 1e6).collect()),
-            median(runs.iter().map(|r| r.db_bytes_per_task).collect()),
-            median(runs.iter().map(|r| r.server_cpu).collect()),
-        );
-        println!("{row}");
-        rows.push(row);
-    }
-
     let mut notes = Vec::new();
-    if let (Some(w1), Some(w4)) = (per_task.get("W1"), per_task.get("W4")) {
-        notes.push(format!("W4/W1 time per task: {:.2}", w4 / w1));
-    }
-    if let Some(w2) = per_task.get("W2") {
-        notes.push(format!(
-            "W2 wall time / ideal 0.5 s: {:.2}",
-            w2 * 10_000.0 / 0.5
-        ));
-    }
-    if let (Some(w1), Some(w3)) = (per_task.get("W1"), per_task.get("W3")) {
-        notes.push(format!(
-            "W3/W1 time for the same number of tasks: {:.2}",
-            w3 / w1
-        ));
+    for &backend in &backends {
+        let mut per_task = HashMap::new();
+        for w in &workloads {
+            let total = w.jobs * w.tasks;
+            let url = format!("http://{}/{}", endpoint.addr, w.route);
+            let mut ceilings = Vec::new();
+            let mut runs = Vec::new();
+            for r in 0..repeat {
+                let c = ceiling(&url, total, w.concurrency).await;
+                let run =
+                    doparallel(&endpoint, backend, w.route, w.jobs, w.tasks, w.concurrency).await;
+                eprintln!(
+                    "{} {} run {}: ceiling {:.3} s, doparallel {:.3} s (submit {:.3} s, server CPU {:.2} s)",
+                    backend.label(),
+                    w.name,
+                    r + 1,
+                    c.as_secs_f64(),
+                    run.wall.as_secs_f64(),
+                    run.submit.as_secs_f64(),
+                    run.server_cpu
+                );
+                ceilings.push(c.as_secs_f64());
+                runs.push(run);
+            }
+            let ceiling_s = median(ceilings);
+            let wall = median(runs.iter().map(|r| r.wall.as_secs_f64()).collect());
+            per_task.insert(w.name, wall / total as f64);
+            let row = format!(
+                "| {} | {} | {} | {:.3} s | {:.0} | {:.0} | **{:.2}** | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
+                w.name,
+                backend.label(),
+                w.what,
+                wall,
+                total as f64 / wall,
+                total as f64 / ceiling_s,
+                ceiling_s / wall,
+                median(runs.iter().map(|r| r.submit.as_secs_f64()).collect()),
+                median(
+                    runs.iter()
+                        .map(|r| r.last_task_to_callback.as_secs_f64() * 1000.0)
+                        .collect()
+                ),
+                median(runs.iter().map(|r| r.peak_rss as f64 / 1e6).collect()),
+                median(runs.iter().map(|r| r.db_bytes_per_task).collect()),
+                median(runs.iter().map(|r| r.server_cpu).collect()),
+            );
+            println!("{row}");
+            rows.push(row);
+        }
+        let label = backend.label();
+        if let (Some(w1), Some(w4)) = (per_task.get("W1"), per_task.get("W4")) {
+            notes.push(format!("{label}: W4/W1 time per task: {:.2}", w4 / w1));
+        }
+        if let Some(w2) = per_task.get("W2") {
+            notes.push(format!(
+                "{label}: W2 wall time / ideal 0.5 s: {:.2}",
+                w2 * 10_000.0 / 0.5
+            ));
+        }
+        if let (Some(w1), Some(w3)) = (per_task.get("W1"), per_task.get("W3")) {
+            notes.push(format!(
+                "{label}: W3/W1 time for the same number of tasks: {:.2}",
+                w3 / w1
+            ));
+        }
     }
     for n in &notes {
         println!("{n}");
@@ -484,10 +581,12 @@ async fn main() {
              The ceiling is the same number of POSTs at the same concurrency from a plain \
              reqwest client that keeps nothing, against the same in-process hyper endpoint, \
              measured in the same run. DoParallel is `doparallel serve` on a file-backed SQLite \
-             database (WAL, synchronous=FULL), the job submitted over HTTP and timed from submit \
-             to callback received.\n\n\
-             | workload | what | wall | tasks/s | ceiling tasks/s | ratio to ceiling | submit | last task to callback | peak RSS | DB bytes/task | server CPU |\n\
-             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
+             database (WAL, synchronous=FULL), or on PostgreSQL (a local cluster on disk, fsync \
+             on) with one or two nodes (jobs submitted to the nodes in turn; server CPU is the \
+             nodes' sum, peak RSS the largest node's), the job submitted over HTTP and timed \
+             from submit to callback received.\n\n\
+             | workload | backend | what | wall | tasks/s | ceiling tasks/s | ratio to ceiling | submit | last task to callback | peak RSS | DB bytes/task | server CPU |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
              {}\n\n{}\n",
             machine(),
             command.trim(),

@@ -7,6 +7,9 @@
 //! Without PostgreSQL (no `initdb` on PATH nor under /usr/lib/postgresql/*/bin) the tests
 //! that need it are skipped with a notice on stderr; in CI (`CI=true`) they fail instead.
 //! `initdb` refuses to run as root, so as root the cluster runs as the `postgres` user.
+//!
+//! The benchmark (`benches/e2e.rs`) uses this module too, with `DOPARALLEL_PG_DURABLE=1`:
+//! then the cluster is on disk with `fsync` on, as durable as the SQLite it is compared to.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -194,8 +197,9 @@ fn start(bin: &Path) -> Cluster {
     let user = server_user();
     // In memory when the system has a tmpfs for it: nothing here outlives the run, and
     // CREATE DATABASE (a database per test) is ten times faster there than on a slow disk.
+    let durable = std::env::var_os("DOPARALLEL_PG_DURABLE").is_some();
     let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
+    let base = if shm.is_dir() && !durable {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
@@ -233,9 +237,10 @@ fn start(bin: &Path) -> Cluster {
     // Loopback only, the socket in our directory, a prefix that names each line's database
     // (the idle-rate test counts statements by it), and no fsync: nothing here is kept.
     let conf = format!(
-        "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
+        "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = {}\n\
          max_connections = 300\nlog_line_prefix = '%m [%p] %d '\n",
-        dir.display()
+        dir.display(),
+        if durable { "on" } else { "off" }
     );
     std::fs::OpenOptions::new()
         .append(true)
