@@ -852,7 +852,8 @@ impl Store for SqliteStore {
             )
         };
         let sql = format!(
-            "SELECT seq, id, options, concurrency, n_running FROM jobs \
+            "SELECT seq, id, options, concurrency, n_running, \
+             total - n_running - n_complete - n_failed AS pending FROM jobs \
              WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
                AND (concurrency IS NULL OR n_running < concurrency) {skip}\
              ORDER BY last_claim_at, seq LIMIT ?"
@@ -874,6 +875,8 @@ impl Store for SqliteStore {
             /// Parsed once, for the jobs this claim serves.
             options: Option<Arc<JobOptions>>,
             headroom: u64,
+            /// Its tasks not yet claimed, due or in backoff.
+            pending: u64,
             claimed: u64,
             exhausted: bool,
         }
@@ -887,6 +890,7 @@ impl Store for SqliteStore {
                 options_text: row.get("options"),
                 options: None,
                 headroom: concurrency.map_or(u64::MAX, |c| (c - running).max(0) as u64),
+                pending: row.get::<i64, _>("pending").max(0) as u64,
                 claimed: 0,
                 exhausted: false,
             });
@@ -969,27 +973,35 @@ impl Store for SqliteStore {
         // per job).
         claim.tasks.sort_by_key(|t| (t.job_id, t.index));
 
-        for c in &candidates {
-            if c.claimed > 0 {
-                sqlx::query(
-                    "UPDATE jobs SET n_running = n_running + ?, status = 1, last_claim_at = ? \
-                     WHERE seq = ?",
-                )
-                .bind(c.claimed as i64)
+        // The served jobs' counters and places in the round-robin, a chunk of jobs per
+        // statement (a claim over many small jobs serves hundreds).
+        let served: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.claimed > 0 || c.exhausted)
+            .collect();
+        for chunk in served.chunks(SETTLE_CHUNK) {
+            let mut sql = String::from("WITH d(seq, claimed) AS (VALUES ");
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(?,?)" } else { ",(?,?)" });
+            }
+            sql.push_str(
+                ") UPDATE jobs SET n_running = n_running + d.claimed, \
+                 status = CASE WHEN d.claimed > 0 THEN 1 ELSE jobs.status END, last_claim_at = ? \
+                 FROM d WHERE jobs.seq = d.seq",
+            );
+            let mut query = sqlx::query(&sql);
+            for c in chunk {
+                query = query.bind(c.seq).bind(c.claimed as i64);
+            }
+            query
                 .bind(params.now)
-                .bind(c.seq)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
-            } else if c.exhausted {
-                sqlx::query("UPDATE jobs SET last_claim_at = ? WHERE seq = ?")
-                    .bind(params.now)
-                    .bind(c.seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-            }
-            if c.exhausted {
+        }
+        for c in &candidates {
+            // A job whose every pending task was just claimed has nothing left in backoff.
+            if c.exhausted && c.pending > c.claimed {
                 // Whatever is left of this job waits in backoff: when is the first due?
                 let due: Option<i64> = sqlx::query_scalar(
                     "SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = 0",
