@@ -5,6 +5,7 @@
 //! records at once (a submission, a claim, a batch of task outcomes) are atomic: either all
 //! of it is stored or none.
 
+pub mod dynamodb;
 mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use url::Url;
 
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
+pub use dynamodb::DynamoStore;
 pub use sqlite::SqliteStore;
 
 /// What can go wrong in a store, in terms its callers can act on.
@@ -37,15 +39,40 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Milliseconds since the Unix epoch; every time the store keeps is one of these.
 pub type Millis = i64;
 
-/// Opens the backend named by the URL's scheme, creating its schema when missing.
+/// Opens the backend named by the URL's scheme. SQLite creates its schema when missing;
+/// a DynamoDB table must have been created by [`migrate`] (creating a table is an
+/// administrator's decision: it costs money and needs permissions a service should not hold).
 pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("dynamodb:") {
+        Ok(Arc::new(DynamoStore::open(url).await?))
     } else {
-        Err(StoreError::Other(format!(
-            "unsupported database URL {url:?}: expected sqlite://PATH or sqlite::memory:"
-        )))
+        Err(unsupported(url))
     }
+}
+
+/// Creates or brings up to date the schema of the database at `url`; says what it did.
+pub async fn migrate(url: &str) -> StoreResult<String> {
+    if url.starts_with("sqlite:") {
+        SqliteStore::open(url).await?;
+        Ok(format!("database {url} is up to date"))
+    } else if url.starts_with("dynamodb:") {
+        let (outcome, what) = DynamoStore::migrate(url).await?;
+        Ok(match outcome {
+            dynamodb::Migrated::Created => format!("{what} created and active"),
+            dynamodb::Migrated::AlreadyThere => format!("{what} exists and is active"),
+        })
+    } else {
+        Err(unsupported(url))
+    }
+}
+
+fn unsupported(url: &str) -> StoreError {
+    StoreError::Other(format!(
+        "unsupported database URL {url:?}: expected sqlite://PATH, sqlite::memory: or \
+         dynamodb://TABLE?region=REGION[&endpoint=URL]"
+    ))
 }
 
 /// A job as stored, without its tasks.
