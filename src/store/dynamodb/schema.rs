@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
-use aws_config::meta::region::RegionProviderChain;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
@@ -92,16 +91,8 @@ pub async fn client(location: &Location) -> StoreResult<(Client, String)> {
             tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https();
-    let region = RegionProviderChain::first_try(
-        location
-            .region
-            .clone()
-            .map(aws_sdk_dynamodb::config::Region::new),
-    )
-    .or_default_provider();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .http_client(http)
-        .region(region)
         // A request that hangs (an unreachable endpoint) fails instead, and is retried
         // by the engine; no DynamoDB request here legitimately takes this long.
         .timeout_config(
@@ -110,6 +101,11 @@ pub async fn client(location: &Location) -> StoreResult<(Client, String)> {
                 .operation_attempt_timeout(Duration::from_secs(20))
                 .build(),
         );
+    // Without a region in the URL the loader's own chain looks (AWS_REGION, the profile,
+    // instance metadata), with the HTTP client above.
+    if let Some(region) = &location.region {
+        loader = loader.region(aws_sdk_dynamodb::config::Region::new(region.clone()));
+    }
     if let Some(endpoint) = &location.endpoint {
         loader = loader.endpoint_url(endpoint);
     }
