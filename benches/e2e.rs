@@ -10,7 +10,8 @@
 //! `--repeat` times (3 by default) and medians are reported, as ratios to the ceiling.
 //!
 //! Run: `cargo bench --bench e2e` (add `-- --w5` for the one-million-task workload, and
-//! `-- --write BENCHMARKS.md` to write the table there).
+//! `-- --write BENCHMARKS.md` to write the table there). `DOPARALLEL_BENCH_BINARY=PATH`
+//! measures another build of `doparallel` instead of this one.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -135,7 +136,10 @@ struct Server {
 impl Server {
     fn start(max_in_flight: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_doparallel"))
+        // Another build may be measured against this one's figures by naming its binary.
+        let binary = std::env::var_os("DOPARALLEL_BENCH_BINARY")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_doparallel").into());
+        let mut child = Command::new(binary)
             .args([
                 "serve",
                 "--listen",

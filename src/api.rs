@@ -31,11 +31,12 @@ use crate::auth::{ApiTokens, Owner, require_token};
 use crate::callback;
 use crate::engine::Engine;
 use crate::job::{
-    CallbackState, JobId, JobOptions, JobStatus, SubmissionError, TaskStatus, parse_submission,
+    CallbackState, JobId, JobOptions, JobStatus, SubmissionError, TaskStatus, compact_json,
+    parse_submission,
 };
 use crate::store::{
     CancelOutcome, DeleteOutcome, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis,
-    Store, StoreError, TaskPageQuery, TaskRecord,
+    ReportOutcome, SettleOutcome, Store, StoreError, TaskPageQuery, TaskRecord,
 };
 
 /// Most tasks or jobs one page returns.
@@ -68,6 +69,9 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         .route_layer(middleware::from_fn_with_state(tokens, require_token));
     let open = Router::new()
         .route("/v1/test", post(test_task))
+        // The task token in the path is the credential: the endpoint reporting an outcome
+        // holds no API token.
+        .route("/v1/tasks/{token}/result", post(report_task))
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))
         // The dashboard's scripts and styles are the same for everyone and hold no data.
@@ -97,6 +101,7 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         list_tasks,
         cancel_job,
         job_events,
+        report_task,
         test_task,
         health,
         metrics,
@@ -150,6 +155,14 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "not found"),
+            full if full.is_full() => {
+                tracing::error!(error = %full, "database full");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database is full (no space left on its disk, or at its size limit); \
+                     nothing was stored, try again once space is freed",
+                )
+            }
             StoreError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "database unavailable");
                 ApiError::new(
@@ -938,6 +951,89 @@ async fn job_events(
 }
 
 // ---- Service routes -----------------------------------------------------------------------
+
+/// The outcome of a task whose endpoint answered 202, posted later with its task token.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct TaskReportBody<'a> {
+    /// `Complete` or `Failed`; a reported failure is final (no retry).
+    status: String,
+    /// The task's result (any JSON, kept exactly as sent); with `Complete`.
+    #[serde(borrow, default)]
+    #[schema(value_type = Option<serde_json::Value>)]
+    result: Option<&'a RawValue>,
+    /// Why it failed (any JSON); with `Failed`.
+    #[serde(borrow, default)]
+    #[schema(value_type = Option<serde_json::Value>)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ReportAnswer {
+    /// `Stored`.
+    status: &'static str,
+}
+
+/// Report the outcome of a task whose endpoint answered `202 Accepted`. The token comes
+/// with the call (`DoParallel-Task-Token`, and the whole URL in `DoParallel-Result-Url`);
+/// it is good for that attempt only, and for one report.
+#[utoipa::path(
+    post, path = "/v1/tasks/{token}/result", tag = "tasks",
+    params(("token" = String, Path, description = "The call's DoParallel-Task-Token")),
+    request_body(content = TaskReportBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored", body = ReportAnswer),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 404, description = "No attempt waits for this token (unknown, timed out, superseded, or the job was cancelled)", body = ErrorBody),
+        (status = 409, description = "This attempt's outcome was already reported", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Unknown status", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn report_task(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReportAnswer>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let report: TaskReportBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("body is not a task report ({{\"status\":\"Complete\",\"result\":...}} or {{\"status\":\"Failed\",\"error\":...}}): {e}"),
+        )
+    })?;
+    let outcome = match report.status.as_str() {
+        "Complete" => SettleOutcome::Complete {
+            result: compact_json(report.result.unwrap_or(null_json())),
+        },
+        "Failed" => SettleOutcome::Failed {
+            error: compact_json(report.error.unwrap_or(null_json())),
+        },
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("status: expected \"Complete\" or \"Failed\", got {other:?}"),
+            ));
+        }
+    };
+    match state.engine.report(&token, outcome).await? {
+        ReportOutcome::Applied(_) => Ok(Json(ReportAnswer { status: "Stored" })),
+        ReportOutcome::AlreadyReported => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this attempt's outcome was already reported",
+        )),
+        ReportOutcome::Unknown => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no attempt waits for this token: it is unknown, its attempt timed out or was \
+             superseded, or its job was cancelled",
+        )),
+    }
+}
+
+fn null_json() -> &'static RawValue {
+    serde_json::from_str("null").expect("null is JSON")
+}
 
 #[derive(Serialize, ToSchema)]
 #[allow(dead_code)] // a schema only

@@ -312,10 +312,11 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
             continue;
         }
         let now = now_millis();
-        // The lease outlasts the attempt, so nobody else sends it meanwhile and a crash
-        // leaves it due again soon after.
+        // The lease outlasts the attempt (building the body from the store, then sending it
+        // within the timeout), so nobody else sends it meanwhile, and a crash leaves it due
+        // again soon after.
         let lease =
-            now + (engine.config.callback_timeout + Duration::from_secs(10)).as_millis() as i64;
+            now + (engine.config.callback_timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
         let leased = match engine.store.callbacks_due(now, lease, room as u32).await {
             Ok(due) => {
                 let leased = due.len();
@@ -400,6 +401,7 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
     if let Some(signature) = signature {
         request = request.header("webhook-signature", signature);
     }
+    crash_point!("callback-sending");
     let sent = request.body(body).send().await;
     let error = match sent {
         Ok(response) if response.status().is_success() => None,
@@ -466,6 +468,9 @@ async fn record(engine: &Engine, job_id: JobId, attempts: u32, outcome: Callback
         now: now_millis(),
         outcome,
     };
+    if settled == Some(true) {
+        crash_point!("callback-delivered");
+    }
     match engine.store.callback_record(&record).await {
         Ok(true) => {}
         Ok(false) => {

@@ -271,12 +271,27 @@ impl Client {
         body: Option<Vec<u8>>,
         action: &str,
     ) -> Result<String, ClientError> {
+        self.send_keyed(method, url, body, action, None).await
+    }
+
+    /// [`Client::send`] with an optional `Idempotency-Key`.
+    async fn send_keyed(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
+        action: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<String, ClientError> {
         let timeout = if body.is_some() {
             SUBMIT_TIMEOUT
         } else {
             REQUEST_TIMEOUT
         };
         let mut request = self.http.request(method, url).timeout(timeout);
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
         if let Some(token) = &self.token {
             request = request.bearer_auth(token.expose());
         }
@@ -381,14 +396,16 @@ impl Client {
         &self,
         body: Vec<u8>,
         name: &str,
+        idempotency_key: Option<&str>,
     ) -> Result<Answer<Submitted>, ClientError> {
         let action = format!("submit the job in {name}");
         let raw = self
-            .send(
+            .send_keyed(
                 Method::POST,
                 self.url(&["v1", "job"], &[]),
                 Some(body),
                 &action,
+                idempotency_key,
             )
             .await?;
         self.decode(raw, &action)
@@ -452,6 +469,19 @@ impl Client {
             )
             .await?;
         self.decode(raw, &action)
+    }
+
+    /// `DELETE /v1/jobs/{id}`.
+    pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        let action = format!("delete job {id}");
+        self.send(
+            Method::DELETE,
+            self.url(&["v1", "jobs", id], &[]),
+            None,
+            &action,
+        )
+        .await
+        .map(drop)
     }
 
     /// `GET /v1/jobs/{id}/events`: the job's event stream, resuming after
@@ -824,7 +854,9 @@ pub async fn submit(args: SubmitArgs) -> Result<u8, ClientError> {
     // The server validates the job: one set of rules, and a newer server may accept more
     // than this client knows of.
     let client = Client::from_args(&args.client)?;
-    let submitted = client.submit(body, &name).await?;
+    let submitted = client
+        .submit(body, &name, args.idempotency_key.as_deref())
+        .await?;
     let id = submitted.value.job_id;
     if !args.wait {
         return if args.client.json {
@@ -1056,6 +1088,16 @@ pub async fn cancel(args: CancelArgs) -> Result<u8, ClientError> {
             "job {} cancelled ({} complete, {} failed, {} cancelled)\n",
             job.value.job_id, c.complete, c.failed, c.cancelled
         ))?;
+    }
+    Ok(EXIT_COMPLETE)
+}
+
+/// `doparallel delete ID`: removes a finished job and its results.
+pub async fn delete(args: CancelArgs) -> Result<u8, ClientError> {
+    let client = Client::from_args(&args.client)?;
+    client.delete(&args.id).await?;
+    if !args.client.json {
+        print(&format!("job {} deleted\n", args.id))?;
     }
     Ok(EXIT_COMPLETE)
 }

@@ -69,6 +69,8 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Cancel an unfinished job.
     Cancel(CancelArgs),
+    /// Delete a finished job and its results now (retention would later).
+    Delete(CancelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +91,12 @@ pub struct ServeArgs {
     /// Seconds that calls in flight get to finish after SIGTERM or Ctrl-C.
     #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
+
+    /// The URL task endpoints reach this service at, for reporting the outcome of a task
+    /// they answered with 202 (`DoParallel-Result-Url` is this plus
+    /// `/v1/tasks/{token}/result`). Default: http:// and the listening address.
+    #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<url::Url>,
 
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -225,6 +233,10 @@ pub struct EngineArgs {
     /// plus one sweep (a third of it).
     #[arg(long, env = "DOPARALLEL_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub lease_timeout: Duration,
+
+    /// How long one callback attempt may take (connect, send, answer).
+    #[arg(long, env = "DOPARALLEL_CALLBACK_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub callback_timeout: Duration,
 }
 
 impl EngineArgs {
@@ -247,9 +259,10 @@ impl EngineArgs {
             max_in_flight: self.max_in_flight as usize,
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),
-            callback_timeout: Duration::from_secs(15),
+            callback_timeout: self.callback_timeout,
             retention,
             lease_timeout: self.lease_timeout,
+            public_url: None,
         }
     }
 }
@@ -276,6 +289,10 @@ pub struct EngineConfig {
     /// How long a claimed task stays leased to this node without renewal; after that any
     /// node may take it back and call it again.
     pub lease_timeout: Duration,
+    /// The base URL endpoints post reported outcomes to (`/v1/tasks/{token}/result` is
+    /// added). `None` when there is no API to report to (`doparallel run`): a 202 then
+    /// counts as a success like any 2xx.
+    pub public_url: Option<url::Url>,
 }
 
 /// A secret given on the command line or in the environment: its `Debug` never shows it.
@@ -385,6 +402,11 @@ pub struct SubmitArgs {
     /// document; the exit code is the job's (0 Complete, 1 Failed, 3 Cancelled).
     #[arg(long)]
     pub wait: bool,
+
+    /// Sent as the `Idempotency-Key` header: submitting again with the same key (after a
+    /// timeout, say) answers the first job instead of starting a second.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 
     #[command(flatten)]
     pub client: ClientArgs,

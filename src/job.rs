@@ -135,12 +135,17 @@ pub struct JobOptions {
     pub backoff_ms: u64,
     #[serde(default)]
     pub tolerated_failures: u64,
+    /// How long an attempt answered with 202 waits for its reported outcome before it
+    /// counts as timed out (and is retried like any timeout).
+    #[serde(default = "JobOptions::default_async_timeout_ms")]
+    pub async_timeout_ms: u64,
 }
 
 /// Upper bound of the retry backoff, whatever the attempt.
 pub const BACKOFF_CAP_MS: u64 = 60_000;
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 const MAX_ATTEMPTS: u32 = 100;
+const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl JobOptions {
     fn default_timeout_ms() -> u64 {
@@ -152,6 +157,9 @@ impl JobOptions {
     fn default_backoff_ms() -> u64 {
         500
     }
+    fn default_async_timeout_ms() -> u64 {
+        3_600_000
+    }
 
     /// The options of a request that sent none.
     pub fn defaults() -> Self {
@@ -161,6 +169,7 @@ impl JobOptions {
             max_attempts: Self::default_max_attempts(),
             backoff_ms: Self::default_backoff_ms(),
             tolerated_failures: 0,
+            async_timeout_ms: Self::default_async_timeout_ms(),
         }
     }
 
@@ -181,6 +190,11 @@ impl JobOptions {
         if self.backoff_ms > BACKOFF_CAP_MS {
             return Err(format!(
                 "options.backoff_ms: must be at most {BACKOFF_CAP_MS} (the backoff cap)"
+            ));
+        }
+        if self.async_timeout_ms == 0 || self.async_timeout_ms > MAX_ASYNC_TIMEOUT_MS {
+            return Err(format!(
+                "options.async_timeout_ms: must be between 1 and {MAX_ASYNC_TIMEOUT_MS} (7 days)"
             ));
         }
         Ok(())

@@ -6,6 +6,18 @@
 //! callback URL. [`api`] is the HTTP face; `src/main.rs` only parses the command line and
 //! wires these together through [`serve`] and [`run_job`]. ARCHITECTURE.md has the map.
 
+/// A place where the fault tests stop the process dead, as a power cut or SIGKILL would
+/// (`tests/it/failpoints.rs`). Compiled in only with the `failpoints` feature, and inert
+/// unless the `FAILPOINTS` environment variable arms it (`FAILPOINTS=name=return`).
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            tracing::error!(point = $name, "crash point reached; aborting");
+            std::process::abort()
+        })
+    };
+}
+
 pub mod api;
 pub mod auth;
 pub mod callback;
@@ -61,7 +73,11 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let handle = engine::start(store, options.engine).await?;
+    let mut config = options.engine;
+    if config.public_url.is_none() {
+        config.public_url = Some(default_public_url(listener.local_addr()?));
+    }
+    let handle = engine::start(store, config).await?;
     let app = api::router(
         handle.engine.clone(),
         Arc::new(options.tokens),
@@ -77,6 +93,19 @@ pub async fn serve(
     );
     handle.shutdown(options.shutdown_grace).await;
     Ok(served?)
+}
+
+/// Where endpoints report outcomes when no public URL is given: this listener's address,
+/// with a wildcard address read as loopback (the only address it surely answers on; a
+/// deployment behind a proxy or on another host sets `--public-url`).
+fn default_public_url(addr: std::net::SocketAddr) -> url::Url {
+    let ip = match addr.ip() {
+        ip if !ip.is_unspecified() => ip,
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    let addr = std::net::SocketAddr::new(ip, addr.port());
+    url::Url::parse(&format!("http://{addr}")).expect("an address makes a URL")
 }
 
 /// How a job run by [`run_job`] ended.

@@ -18,6 +18,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Arms the crash points named in FAILPOINTS (fault-test builds only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         // The other commands print their answer on stdout; only trouble goes to stderr.
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
             Command::Tasks(args) => client_command(client::tasks(args).await),
             Command::Jobs(args) => client_command(client::jobs(args).await),
             Command::Cancel(args) => client_command(client::cancel(args).await),
+            Command::Delete(args) => client_command(client::delete(args).await),
         }
     });
     match result {
@@ -84,12 +88,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut engine = args.engine.to_config(
+        &args.callback_retry_schedule,
+        Some(args.retention),
+        EgressPolicy::guarded(args.engine.allow_net.clone()),
+    );
+    engine.public_url = args.public_url.clone();
     let options = ServeOptions {
-        engine: args.engine.to_config(
-            &args.callback_retry_schedule,
-            Some(args.retention),
-            EgressPolicy::guarded(args.engine.allow_net.clone()),
-        ),
+        engine,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_body_bytes: args.max_body_bytes,
         tokens,

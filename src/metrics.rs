@@ -27,6 +27,7 @@ pub struct Metrics {
     pub tasks_finished: Family<OutcomeLabel, Counter>,
     pub task_retries: Counter,
     pub leases_expired: Counter,
+    pub tasks_accepted: Counter,
     pub call_seconds: Histogram,
     pub calls_in_flight: Gauge,
     pub callback_deliveries: Family<OutcomeLabel, Counter>,
@@ -62,6 +63,12 @@ impl Metrics {
             "Running tasks this node took back because their node's lease ran out",
             leases_expired.clone(),
         );
+        let tasks_accepted = Counter::default();
+        registry.register(
+            "tasks_accepted",
+            "Attempts answered with 202, their outcome to be reported later",
+            tasks_accepted.clone(),
+        );
         // 1 ms to about 65 s.
         let call_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
         registry.register(
@@ -94,6 +101,7 @@ impl Metrics {
             tasks_finished,
             task_retries,
             leases_expired,
+            tasks_accepted,
             call_seconds,
             calls_in_flight,
             callback_deliveries,

@@ -34,6 +34,10 @@ pub struct TaskError {
 }
 
 impl TaskError {
+    pub(crate) fn timeout(message: String) -> Self {
+        TaskError::new("timeout", message)
+    }
+
     fn new(kind: &'static str, message: impl Into<String>) -> Self {
         TaskError {
             kind,
@@ -58,10 +62,26 @@ pub enum Attempt {
         retry_after: Option<Duration>,
     },
     Fatal(TaskError),
+    /// The endpoint answered 202 to a call that carried a task token: it reports the
+    /// outcome later (see `engine::report`).
+    Accepted,
+}
+
+/// Where an endpoint that answers 202 posts its outcome: the call's token and the URL.
+pub struct ReportTo {
+    pub token: String,
+    pub url: String,
 }
 
 /// Makes the call for `task`: a POST of its params, or the built-in test task in-process.
-pub async fn attempt(http: &reqwest::Client, task: &ClaimedTask, config: &EngineConfig) -> Attempt {
+/// With `report_to`, a 202 answer means the outcome comes later; without (no API to report
+/// to, as in `doparallel run`), a 202 is a success like any 2xx.
+pub async fn attempt(
+    http: &reqwest::Client,
+    task: &ClaimedTask,
+    config: &EngineConfig,
+    report_to: Option<ReportTo>,
+) -> Attempt {
     if task.endpoint == TEST_ENDPOINT {
         return Attempt::Complete(test_result(&task.params));
     }
@@ -90,11 +110,17 @@ pub async fn attempt(http: &reqwest::Client, task: &ClaimedTask, config: &Engine
     if let Some(signature) = config.signer.signature(&message_id, timestamp, body) {
         request = request.header("webhook-signature", signature);
     }
+    let awaitable = report_to.is_some();
+    if let Some(to) = report_to {
+        request = request
+            .header("DoParallel-Task-Token", to.token)
+            .header("DoParallel-Result-Url", to.url);
+    }
     let request = request.body(body.to_vec());
     let max_body = config.max_response_bytes;
     // One deadline covers connecting, sending and reading the whole body, so a server that
     // drips its answer cannot hold a slot past the timeout.
-    match tokio::time::timeout(timeout, send(request, max_body)).await {
+    match tokio::time::timeout(timeout, send(request, max_body, awaitable)).await {
         Ok(outcome) => outcome,
         Err(_) => Attempt::Retryable {
             error: TaskError::new(
@@ -106,7 +132,7 @@ pub async fn attempt(http: &reqwest::Client, task: &ClaimedTask, config: &Engine
     }
 }
 
-async fn send(request: reqwest::RequestBuilder, max_body: usize) -> Attempt {
+async fn send(request: reqwest::RequestBuilder, max_body: usize, awaitable: bool) -> Attempt {
     let mut response = match request.send().await {
         Ok(r) => r,
         Err(e) => return transport_error(&e),
@@ -130,6 +156,9 @@ async fn send(request: reqwest::RequestBuilder, max_body: usize) -> Attempt {
             Ok(None) => break,
             Err(e) => return transport_error(&e),
         }
+    }
+    if awaitable && status == StatusCode::ACCEPTED {
+        return Attempt::Accepted;
     }
     classify(status, response.headers(), &body, SystemTime::now())
 }
@@ -256,6 +285,9 @@ pub fn settle_outcome(
 ) -> SettleOutcome {
     match outcome {
         Attempt::Complete(result) => SettleOutcome::Complete { result },
+        Attempt::Accepted => SettleOutcome::Await {
+            deadline: now + options.async_timeout_ms as Millis,
+        },
         Attempt::Fatal(error) => SettleOutcome::Failed {
             error: error.to_json(),
         },
@@ -307,6 +339,7 @@ mod tests {
                 )
             }
             Attempt::Fatal(error) => format!("fatal {} {:?}", error.kind, error.http_status),
+            Attempt::Accepted => unreachable!("classify never waits for a report"),
         };
         assert_eq!(got, expected, "status {status} body {body:?}");
     }

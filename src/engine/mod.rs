@@ -16,6 +16,7 @@
 //! transaction is ever held open across an outbound call.
 
 pub mod call;
+pub mod report;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,9 @@ use crate::config::EngineConfig;
 use crate::job::{JobId, JobStatus, NewJob};
 use crate::metrics::Metrics;
 use crate::store::{
-    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, NodeId, Notice,
-    Notices, Store, StoreError, StoreResult, TaskSettle, now_millis,
+    CancelOutcome, ClaimParams, ClaimedTask, IdempotencyKey, InsertOutcome, Millis, NodeId, Notice,
+    Notices, OverdueParams, ReportOutcome, SettleOutcome, SettleReport, Store, StoreError,
+    StoreResult, TaskReport, TaskSettle, now_millis,
 };
 use futures_util::StreamExt;
 
@@ -72,6 +74,8 @@ pub struct Engine {
     pub(crate) node: NodeId,
     /// See [`IDLE_POLL`] and [`SHARED_IDLE_POLL`].
     pub(crate) idle_poll: Duration,
+    /// Mints and checks the tokens of calls that may answer 202.
+    tokens: report::TaskTokens,
     http: reqwest::Client,
     work: Notify,
     pub(crate) callbacks_due: Notify,
@@ -136,6 +140,28 @@ impl Engine {
                 job_id: id,
                 status: JobStatus::Cancelled,
             });
+        }
+        Ok(outcome)
+    }
+
+    /// Stores the outcome an endpoint reported for an attempt it answered with 202.
+    pub async fn report(&self, token: &str, outcome: SettleOutcome) -> StoreResult<ReportOutcome> {
+        let Some(claims) = self.tokens.verify(token) else {
+            return Ok(ReportOutcome::Unknown);
+        };
+        let outcome = self
+            .store
+            .tasks_report(&TaskReport {
+                job_id: claims.job_id,
+                index: claims.index,
+                attempt: claims.attempt,
+                now: now_millis(),
+                outcome,
+            })
+            .await?;
+        if let ReportOutcome::Applied(report) = &outcome {
+            tracing::debug!(job_id = %claims.job_id, task = claims.index, attempt = claims.attempt, "outcome reported");
+            self.after_settle(report.clone());
         }
         Ok(outcome)
     }
@@ -206,6 +232,8 @@ pub enum EngineError {
     Http(#[source] reqwest::Error),
     #[error("cannot listen for other nodes' notices: {0}")]
     Listen(#[source] StoreError),
+    #[error("cannot read the task token key: {0}")]
+    TokenKey(#[source] StoreError),
 }
 
 /// Recovers what a previous process left in flight, then starts the loops.
@@ -225,6 +253,12 @@ pub async fn start(
         .build()
         .map_err(EngineError::Http)?;
     let notices = store.listen().await.map_err(EngineError::Listen)?;
+    let tokens = report::TaskTokens::new(
+        &store
+            .task_token_key()
+            .await
+            .map_err(EngineError::TokenKey)?,
+    );
     let node = NodeId::random();
     tracing::info!(%node, shared = notices.is_some(), "engine starting");
     let (events, _) = broadcast::channel(1024);
@@ -236,6 +270,7 @@ pub async fn start(
         } else {
             IDLE_POLL
         },
+        tokens,
         http,
         work: Notify::new(),
         callbacks_due: Notify::new(),
@@ -362,6 +397,9 @@ async fn dispatch(
             micros = started.elapsed().as_micros() as u64,
             "claim"
         );
+        if claimed > 0 {
+            crash_point!("task-claimed");
+        }
         // A claim lists each job's tasks together: one token lookup per job.
         let mut token: Option<(JobId, CancellationToken)> = None;
         for task in claim.tasks {
@@ -409,8 +447,16 @@ async fn run_call(
 ) {
     let started = Instant::now();
     engine.metrics.calls_in_flight.inc();
+    let report_to = engine.config.public_url.as_ref().map(|base| {
+        let token = engine.tokens.mint(task.job_id, task.index, task.attempt);
+        let url = format!(
+            "{}/v1/tasks/{token}/result",
+            base.as_str().trim_end_matches('/')
+        );
+        call::ReportTo { token, url }
+    });
     let attempt = tokio::select! {
-        a = call::attempt(&engine.http, &task, &engine.config) => Some(a),
+        a = call::attempt(&engine.http, &task, &engine.config, report_to) => Some(a),
         _ = cancelled.cancelled() => None,
     };
     engine.metrics.calls_in_flight.dec();
@@ -420,6 +466,7 @@ async fn run_call(
         tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel");
         return;
     };
+    crash_point!("response-received");
     let latency_ms = started.elapsed().as_millis() as u64;
     let now = now_millis();
     let outcome = call::settle_outcome(&task.options, task.attempt, attempt, now, &mut rand::rng());
@@ -512,7 +559,6 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             }
         }
     };
-    engine.work.notify_one();
     for settle in batch {
         // Observed here, on one task, rather than by every call on its own.
         engine
@@ -520,27 +566,36 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             .call_seconds
             .observe(settle.latency_ms as f64 / 1000.0);
     }
-    // Only what the store applied: an outcome for a cancelled task changed nothing.
-    engine.metrics.tasks_finished("complete", report.complete);
-    engine.metrics.tasks_finished("failed", report.failed);
-    engine.metrics.task_retries.inc_by(report.retried);
-    let finished = report.finished;
-    if !finished.is_empty() {
-        let mut running = engine.running_jobs.lock().expect("not poisoned");
-        for job in &finished {
-            running.remove(&job.job_id);
+    engine.after_settle(report);
+}
+
+impl Engine {
+    /// What follows stored outcomes: metrics, wake-ups, and the jobs they finished.
+    fn after_settle(&self, report: SettleReport) {
+        self.work.notify_one();
+        // Only what the store applied: an outcome for a cancelled task changed nothing.
+        self.metrics.tasks_finished("complete", report.complete);
+        self.metrics.tasks_finished("failed", report.failed);
+        self.metrics.task_retries.inc_by(report.retried);
+        self.metrics.tasks_accepted.inc_by(report.awaiting);
+        let finished = report.finished;
+        if !finished.is_empty() {
+            let mut running = self.running_jobs.lock().expect("not poisoned");
+            for job in &finished {
+                running.remove(&job.job_id);
+            }
         }
-    }
-    for job in finished {
-        engine.metrics.job_finished(job.status);
-        tracing::info!(job_id = %job.job_id, status = job.status.as_str(), "job finished");
-        if job.has_callback {
-            engine.callbacks_due.notify_one();
+        for job in finished {
+            self.metrics.job_finished(job.status);
+            tracing::info!(job_id = %job.job_id, status = job.status.as_str(), "job finished");
+            if job.has_callback {
+                self.callbacks_due.notify_one();
+            }
+            self.emit(Event::JobFinished {
+                job_id: job.job_id,
+                status: job.status,
+            });
         }
-        engine.emit(Event::JobFinished {
-            job_id: job.job_id,
-            status: job.status,
-        });
     }
 }
 
@@ -585,7 +640,64 @@ async fn lease_loop(
             }
             Err(e) => tracing::error!(error = %e, "taking back expired leases failed"),
         }
+        time_out_awaited(&engine, now, &stop).await;
     }
+}
+
+/// Awaited attempts that came to their deadline without a report: each is settled as a
+/// timeout (retried or failed by the job's options, like any timeout).
+async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken) {
+    let overdue = match engine
+        .store
+        .tasks_overdue(&OverdueParams {
+            limit: SETTLE_BATCH as u32,
+            now,
+            node: engine.node,
+            lease_until: now + engine.config.lease_timeout.as_millis() as i64,
+        })
+        .await
+    {
+        Ok(overdue) => overdue,
+        Err(e) => {
+            tracing::error!(error = %e, "looking for awaited tasks past their deadline failed");
+            return;
+        }
+    };
+    if overdue.is_empty() {
+        return;
+    }
+    let batch: Vec<TaskSettle> = overdue
+        .iter()
+        .map(|task| {
+            let error = call::TaskError::timeout(format!(
+                "no outcome reported within {} ms of the 202 answer",
+                task.options.async_timeout_ms
+            ));
+            let attempt = call::Attempt::Retryable {
+                error,
+                retry_after: None,
+            };
+            TaskSettle {
+                job_id: task.job_id,
+                index: task.index,
+                attempt: task.attempt,
+                latency_ms: task.options.async_timeout_ms,
+                now,
+                outcome: call::settle_outcome(
+                    &task.options,
+                    task.attempt,
+                    attempt,
+                    now,
+                    &mut rand::rng(),
+                ),
+            }
+        })
+        .collect();
+    tracing::warn!(
+        tasks = batch.len(),
+        "awaited tasks timed out without a report"
+    );
+    settle_batch(engine, &batch, stop).await;
 }
 
 /// Acts on what other nodes announce: new work, a callback due, a cancelled job.

@@ -34,6 +34,23 @@ pub enum StoreError {
     Other(String),
 }
 
+/// How the detail of an `Unavailable` error for a full database begins.
+const FULL: &str = "disk full";
+
+impl StoreError {
+    /// The database is out of space: a full disk, or its size limit. `Unavailable`, since
+    /// it passes once space is freed, with a detail that says which, for the API to tell
+    /// its clients. (A variant of its own would behave as `Unavailable` at every match
+    /// but one.)
+    pub fn full(detail: impl std::fmt::Display) -> Self {
+        StoreError::Unavailable(format!("{FULL}: {detail}"))
+    }
+
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Unavailable(detail) if detail.starts_with(FULL))
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Milliseconds since the Unix epoch; every time the store keeps is one of these.
@@ -266,6 +283,46 @@ pub enum SettleOutcome {
         run_at: Millis,
         error: Box<RawValue>,
     },
+    /// The endpoint accepted the task (202) and will report its outcome later: the attempt
+    /// stays running, held by no node (so it leaves this node's slots free, but still counts
+    /// against the job's `concurrency`), until a report ([`Store::tasks_report`]) or
+    /// `deadline` ([`Store::tasks_overdue`]).
+    Await {
+        deadline: Millis,
+    },
+}
+
+/// An outcome reported for an attempt that answered 202, through its task token.
+#[derive(Clone, Debug)]
+pub struct TaskReport {
+    pub job_id: JobId,
+    pub index: u64,
+    /// The attempt the token was minted for.
+    pub attempt: u32,
+    pub now: Millis,
+    /// `Complete` or `Failed` (a reported failure is final).
+    pub outcome: SettleOutcome,
+}
+
+/// What [`Store::tasks_report`] did.
+#[derive(Clone, Debug)]
+pub enum ReportOutcome {
+    /// Stored; the job it finished, if it was the last task.
+    Applied(SettleReport),
+    /// This attempt's outcome is already stored.
+    AlreadyReported,
+    /// No such attempt is running: an unknown task, an attempt that timed out or was
+    /// superseded, or a cancelled job.
+    Unknown,
+}
+
+/// Overdue awaited attempts to take, like a claim, so that this node records their timeout.
+#[derive(Clone, Debug)]
+pub struct OverdueParams {
+    pub limit: u32,
+    pub now: Millis,
+    pub node: NodeId,
+    pub lease_until: Millis,
 }
 
 /// What a settle batch changed: the outcomes applied (a stale one is not) and the jobs it
@@ -275,6 +332,8 @@ pub struct SettleReport {
     pub complete: u64,
     pub failed: u64,
     pub retried: u64,
+    /// Attempts now waiting for a report.
+    pub awaiting: u64,
     pub finished: Vec<JobFinished>,
 }
 
@@ -386,17 +445,30 @@ pub trait Store: Send + Sync + 'static {
     /// that same transaction; those jobs are reported.
     async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport>;
 
+    /// Stores the reported outcome of an attempt that is running (awaiting its report, or
+    /// still in its call: a report may overtake the 202 that announces it), whichever node
+    /// made it, with the same counters and fan-in as [`Store::tasks_settle`].
+    async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome>;
+
+    /// Leases to `params.node` up to `params.limit` awaited attempts whose deadline passed,
+    /// so that it settles them as timed out. Returns them as claimed (same attempt).
+    async fn tasks_overdue(&self, params: &OverdueParams) -> StoreResult<Vec<ClaimedTask>>;
+
+    /// The database's key for task tokens: random, created at first use, the same for
+    /// every node, so a token minted by one node is checked by any.
+    async fn task_token_key(&self) -> StoreResult<Vec<u8>>;
+
     /// Extends to `until` the leases of every task `node` has running; returns how many.
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64>;
 
     /// Takes back the running tasks whose lease ran out before `now` (their node died or
     /// stalled): they become pending again, due at once, the interrupted attempt not
-    /// counted. Returns how many.
+    /// counted. Awaited attempts (held by no node) are not touched. Returns how many.
     async fn tasks_expire(&self, now: Millis) -> StoreResult<u64>;
 
     /// Called once at start. A backend that only one process can open puts every task left
-    /// running back to pending, its interrupted attempt not counted (they were all the
-    /// previous process's); a shared backend leaves them to [`Store::tasks_expire`], since
+    /// running in a call back to pending, its interrupted attempt not counted (they were all
+    /// the previous process's; awaited attempts stay as they are); a shared backend leaves them to [`Store::tasks_expire`], since
     /// their nodes may be alive.
     async fn tasks_recover(&self) -> StoreResult<u64>;
 

@@ -24,8 +24,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
-    JobListQuery, JobRecord, Millis, NodeId, Notices, SettleOutcome, SettleReport, Store,
-    StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskSettle, url_text,
+    JobListQuery, JobRecord, Millis, NodeId, Notices, OverdueParams, ReportOutcome, SettleOutcome,
+    SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskReport,
+    TaskSettle, url_text,
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
@@ -63,9 +64,11 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating when missing) the database at a `sqlite://PATH` or `sqlite::memory:`
-    /// URL and brings its schema up to date.
+    /// URL and brings its schema up to date. `?max_page_count=N` caps the database at N
+    /// pages: past them a write fails as on a full disk.
     pub async fn open(url: &str) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::from_str(url)
+        let (sqlx_url, max_pages) = take_max_page_count(url)?;
+        let mut options = SqliteConnectOptions::from_str(&sqlx_url)
             .map_err(|e| StoreError::Other(format!("invalid SQLite URL {url:?}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -74,6 +77,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        if let Some(pages) = max_pages {
+            // A per-connection setting, so it is set on every connection the pools open.
+            options = options.pragma("max_page_count", pages.to_string());
+        }
         let path = options.get_filename().to_path_buf();
         let in_memory = path.as_os_str() == ":memory:" || url.contains(":memory:");
 
@@ -115,6 +122,258 @@ impl SqliteStore {
     async fn begin(&self) -> StoreResult<Transaction<'_, Sqlite>> {
         self.writer.begin().await.map_err(map_err)
     }
+
+    /// Settles a batch in one transaction: see [`Store::tasks_settle`]. Without `node`, an
+    /// attempt is settled whichever node holds it (a report).
+    async fn settle(
+        &self,
+        node: Option<NodeId>,
+        batch: &[TaskSettle],
+    ) -> StoreResult<SettleReport> {
+        /// What a batch changes of one job.
+        #[derive(Default)]
+        struct Delta {
+            settled: i64,
+            complete: i64,
+            failed: i64,
+            now: Millis,
+        }
+        let mut report = SettleReport::default();
+        if batch.is_empty() {
+            return Ok(report);
+        }
+        let mut tx = self.begin().await?;
+
+        // The jobs' sequence numbers, in one query per chunk of distinct jobs.
+        let mut distinct: Vec<JobId> = batch.iter().map(|s| s.job_id).collect();
+        distinct.sort();
+        distinct.dedup();
+        let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(distinct.len());
+        for chunk in distinct.chunks(SETTLE_CHUNK) {
+            let sql = format!(
+                "SELECT id, seq FROM jobs WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+                seqs.insert(parse_id(row.get("id"))?, row.get("seq"));
+            }
+        }
+
+        // Failures are numbered per job (the events stream's cursor), after the highest
+        // number given so far: not after the count, since a stale failure may have taken a
+        // number it never stored. Few batches hold failures, so this is looked up per job.
+        let mut next_fail: HashMap<i64, i64> = HashMap::new();
+        for s in batch {
+            let Some(&seq) = seqs.get(&s.job_id) else {
+                continue;
+            };
+            if matches!(s.outcome, SettleOutcome::Failed { .. }) && !next_fail.contains_key(&seq) {
+                let last: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(MAX(fail_seq), 0) FROM tasks \
+                     WHERE job_seq = ? AND fail_seq IS NOT NULL",
+                )
+                .bind(seq)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                next_fail.insert(seq, last + 1);
+            }
+        }
+
+        // The outcomes, a chunk per statement: a VALUES table joined to the tasks. Only the
+        // attempt that is running, under this node's lease, may settle a task: a stale
+        // outcome (from before a restart, after a cancel or after the lease was taken back)
+        // matches no row and changes nothing, so each result is stored once. Jobs purged meanwhile have no sequence number and are skipped.
+        let live: Vec<(i64, &TaskSettle)> = batch
+            .iter()
+            .filter_map(|s| seqs.get(&s.job_id).map(|&seq| (seq, s)))
+            .collect();
+        let mut deltas: HashMap<i64, Delta> = HashMap::new();
+        for chunk in live.chunks(SETTLE_CHUNK) {
+            let mut sql = String::from(
+                "WITH v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, \
+                 finished_at, fail_seq, lease) AS (VALUES ",
+            );
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 {
+                    "(?,?,?,?,?,?,?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?,?,?,?,?,?,?)"
+                });
+            }
+            sql.push_str(
+                ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
+                 result = v.result, error = v.error, latency_ms = v.latency_ms, \
+                 finished_at = v.finished_at, fail_seq = v.fail_seq, node = NULL, \
+                 lease_until = v.lease \
+                 FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
+                 AND tasks.status = 1 AND tasks.attempts = v.attempt",
+            );
+            if node.is_some() {
+                sql.push_str(" AND tasks.node = ?");
+            }
+            sql.push_str(" RETURNING tasks.job_seq, tasks.status");
+            let mut query = sqlx::query(&sql);
+            for &(seq, s) in chunk {
+                let (status, run_at, result, error, lease) = match &s.outcome {
+                    SettleOutcome::Complete { result } => (2, None, Some(result.get()), None, None),
+                    SettleOutcome::Failed { error } => (3, None, None, Some(error.get()), None),
+                    SettleOutcome::Retry { run_at, error } => {
+                        (0, Some(*run_at), None, Some(error.get()), None)
+                    }
+                    // Still running, held by nobody until its deadline.
+                    SettleOutcome::Await { deadline } => (1, None, None, None, Some(*deadline)),
+                };
+                let fail_seq = (status == 3).then(|| {
+                    let next = next_fail.get_mut(&seq).expect("looked up above");
+                    *next += 1;
+                    *next - 1
+                });
+                let d = deltas.entry(seq).or_default();
+                d.now = d.now.max(s.now);
+                query = query
+                    .bind(seq)
+                    .bind(s.index as i64)
+                    .bind(i64::from(s.attempt))
+                    .bind(status)
+                    .bind(run_at)
+                    .bind(result)
+                    .bind(error)
+                    .bind(s.latency_ms as i64)
+                    .bind((status >= 2).then_some(s.now))
+                    .bind(fail_seq)
+                    .bind(lease);
+            }
+            // The last placeholder, after every VALUES row.
+            if let Some(node) = node {
+                query = query.bind(node.0);
+            }
+            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+                let d = deltas
+                    .get_mut(&row.get::<i64, _>(0))
+                    .expect("a job of this batch");
+                let status: i64 = row.get(1);
+                if status == 1 {
+                    // Awaiting a report: still running, nothing counted yet.
+                    report.awaiting += 1;
+                    continue;
+                }
+                d.settled += 1;
+                d.complete += i64::from(status == 2);
+                d.failed += i64::from(status == 3);
+                match status {
+                    2 => report.complete += 1,
+                    3 => report.failed += 1,
+                    _ => report.retried += 1,
+                }
+            }
+        }
+
+        // The jobs' counters, a chunk of jobs per statement; the rows that come back say
+        // which jobs this batch finished.
+        let changed: Vec<(i64, Delta)> =
+            deltas.into_iter().filter(|(_, d)| d.settled > 0).collect();
+        for chunk in changed.chunks(SETTLE_CHUNK) {
+            let mut sql = String::from("WITH d(seq, settled, complete, failed) AS (VALUES ");
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
+            }
+            sql.push_str(
+                ") UPDATE jobs SET n_running = n_running - d.settled, \
+                 n_complete = n_complete + d.complete, n_failed = n_failed + d.failed \
+                 FROM d WHERE jobs.seq = d.seq \
+                 RETURNING jobs.seq, jobs.id, jobs.status, jobs.total, jobs.n_complete, \
+                 jobs.n_failed, jobs.tolerated, jobs.callback_url",
+            );
+            let mut query = sqlx::query(&sql);
+            for (seq, d) in chunk {
+                query = query
+                    .bind(seq)
+                    .bind(d.settled)
+                    .bind(d.complete)
+                    .bind(d.failed);
+            }
+            let rows = query.fetch_all(&mut *tx).await.map_err(map_err)?;
+            for row in rows {
+                let status = job_status_from(row.get("status"))?;
+                let total: i64 = row.get("total");
+                let n_failed: i64 = row.get("n_failed");
+                let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
+                if status.is_finished() || done < total {
+                    continue;
+                }
+                // This batch settled the job's last task: its final status and its callback
+                // record are written in the same transaction, so the callback is owed
+                // exactly when the job is finished.
+                let seq: i64 = row.get("seq");
+                let now = chunk
+                    .iter()
+                    .find(|(s, _)| *s == seq)
+                    .map_or(0, |(_, d)| d.now);
+                let tolerated: i64 = row.get("tolerated");
+                let final_status = if n_failed <= tolerated {
+                    JobStatus::Complete
+                } else {
+                    JobStatus::Failed
+                };
+                sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
+                    .bind(job_status_code(final_status))
+                    .bind(now)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
+                if has_callback {
+                    insert_callback(&mut tx, seq, now).await?;
+                }
+                report.finished.push(JobFinished {
+                    job_id: parse_id(row.get("id"))?,
+                    status: final_status,
+                    has_callback,
+                });
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(report)
+    }
+}
+
+/// Takes `max_page_count=N` out of a SQLite URL's query, which sqlx would refuse; returns
+/// the URL without it, and N.
+fn take_max_page_count(url: &str) -> StoreResult<(String, Option<u64>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut pages = None;
+    let mut rest = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key == "max_page_count" {
+            let n = value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    StoreError::Other(format!(
+                        "invalid SQLite URL {url:?}: max_page_count must be a positive integer"
+                    ))
+                })?;
+            pages = Some(n);
+        } else {
+            rest.append_pair(&key, &value);
+        }
+    }
+    let rest = rest.finish();
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{rest}")
+    };
+    Ok((url, pages))
 }
 
 fn lock_database(path: &Path) -> StoreResult<File> {
@@ -160,7 +419,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
                 .and_then(|c| c.parse::<i32>().ok())
                 .map(|c| c & 0xff);
             match primary {
-                Some(13) => StoreError::Unavailable(format!("disk full: {db}")),
+                Some(13) => StoreError::full(db),
                 Some(5 | 10 | 14) => StoreError::Unavailable(db.to_string()),
                 _ => StoreError::Other(e.to_string()),
             }
@@ -749,203 +1008,92 @@ impl Store for SqliteStore {
     }
 
     async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
-        /// What a batch changes of one job.
-        #[derive(Default)]
-        struct Delta {
-            settled: i64,
-            complete: i64,
-            failed: i64,
-            now: Millis,
+        self.settle(Some(node), batch).await
+    }
+
+    async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome> {
+        let settle = TaskSettle {
+            job_id: report.job_id,
+            index: report.index,
+            attempt: report.attempt,
+            latency_ms: 0,
+            now: report.now,
+            outcome: report.outcome.clone(),
+        };
+        let applied = self.settle(None, std::slice::from_ref(&settle)).await?;
+        if applied.complete + applied.failed > 0 {
+            return Ok(ReportOutcome::Applied(applied));
         }
-        let mut report = SettleReport::default();
-        if batch.is_empty() {
-            return Ok(report);
-        }
+        // Not applied: was this attempt's outcome stored already?
+        let done: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
+             WHERE j.id = ? AND t.idx = ? AND t.attempts = ? AND t.status IN (2, 3)",
+        )
+        .bind(report.job_id.to_string())
+        .bind(report.index as i64)
+        .bind(i64::from(report.attempt))
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(if done.is_some() {
+            ReportOutcome::AlreadyReported
+        } else {
+            ReportOutcome::Unknown
+        })
+    }
+
+    async fn tasks_overdue(&self, params: &OverdueParams) -> StoreResult<Vec<ClaimedTask>> {
         let mut tx = self.begin().await?;
-
-        // The jobs' sequence numbers, in one query per chunk of distinct jobs.
-        let mut distinct: Vec<JobId> = batch.iter().map(|s| s.job_id).collect();
-        distinct.sort();
-        distinct.dedup();
-        let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(distinct.len());
-        for chunk in distinct.chunks(SETTLE_CHUNK) {
-            let sql = format!(
-                "SELECT id, seq FROM jobs WHERE id IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
-                seqs.insert(parse_id(row.get("id"))?, row.get("seq"));
-            }
-        }
-
-        // Failures are numbered per job (the events stream's cursor), after the highest
-        // number given so far: not after the count, since a stale failure may have taken a
-        // number it never stored. Few batches hold failures, so this is looked up per job.
-        let mut next_fail: HashMap<i64, i64> = HashMap::new();
-        for s in batch {
-            let Some(&seq) = seqs.get(&s.job_id) else {
-                continue;
-            };
-            if matches!(s.outcome, SettleOutcome::Failed { .. }) && !next_fail.contains_key(&seq) {
-                let last: i64 = sqlx::query_scalar(
-                    "SELECT COALESCE(MAX(fail_seq), 0) FROM tasks \
-                     WHERE job_seq = ? AND fail_seq IS NOT NULL",
-                )
-                .bind(seq)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                next_fail.insert(seq, last + 1);
-            }
-        }
-
-        // The outcomes, a chunk per statement: a VALUES table joined to the tasks. Only the
-        // attempt that is running, under this node's lease, may settle a task: a stale
-        // outcome (from before a restart, after a cancel or after the lease was taken back)
-        // matches no row and changes nothing, so each result is stored once. Jobs purged meanwhile have no sequence number and are skipped.
-        let live: Vec<(i64, &TaskSettle)> = batch
-            .iter()
-            .filter_map(|s| seqs.get(&s.job_id).map(|&seq| (seq, s)))
-            .collect();
-        let mut deltas: HashMap<i64, Delta> = HashMap::new();
-        for chunk in live.chunks(SETTLE_CHUNK) {
-            let mut sql = String::from(
-                "WITH v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, \
-                 finished_at, fail_seq) AS (VALUES ",
-            );
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 {
-                    "(?,?,?,?,?,?,?,?,?,?)"
-                } else {
-                    ",(?,?,?,?,?,?,?,?,?,?)"
-                });
-            }
-            sql.push_str(
-                ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
-                 result = v.result, error = v.error, latency_ms = v.latency_ms, \
-                 finished_at = v.finished_at, fail_seq = v.fail_seq, node = NULL, \
-                 lease_until = NULL \
-                 FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
-                 AND tasks.status = 1 AND tasks.attempts = v.attempt AND tasks.node = ? \
-                 RETURNING tasks.job_seq, tasks.status",
-            );
-            let mut query = sqlx::query(&sql);
-            for &(seq, s) in chunk {
-                let (status, run_at, result, error) = match &s.outcome {
-                    SettleOutcome::Complete { result } => (2, None, Some(result.get()), None),
-                    SettleOutcome::Failed { error } => (3, None, None, Some(error.get())),
-                    SettleOutcome::Retry { run_at, error } => {
-                        (0, Some(*run_at), None, Some(error.get()))
-                    }
-                };
-                let fail_seq = (status == 3).then(|| {
-                    let next = next_fail.get_mut(&seq).expect("looked up above");
-                    *next += 1;
-                    *next - 1
-                });
-                let d = deltas.entry(seq).or_default();
-                d.now = d.now.max(s.now);
-                query = query
+        // Awaited attempts: running, held by no node, with a deadline. Found through the
+        // jobs with tasks running, each by its `tasks_due` index.
+        let rows = sqlx::query(
+            "UPDATE tasks SET node = ?, lease_until = ? WHERE rowid IN (\
+             SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = 1 \
+             WHERE j.status IN (0, 1) AND j.n_running > 0 AND t.node IS NULL \
+               AND t.lease_until IS NOT NULL AND t.lease_until <= ? LIMIT ?) \
+             RETURNING job_seq, idx, attempts, endpoint, params",
+        )
+        .bind(params.node.0)
+        .bind(params.lease_until)
+        .bind(params.now)
+        .bind(i64::from(params.limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut jobs: HashMap<i64, (JobId, Arc<JobOptions>)> = HashMap::new();
+        let mut tasks = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: i64 = row.get("job_seq");
+            if let std::collections::hash_map::Entry::Vacant(entry) = jobs.entry(seq) {
+                let job = sqlx::query("SELECT id, options FROM jobs WHERE seq = ?")
                     .bind(seq)
-                    .bind(s.index as i64)
-                    .bind(i64::from(s.attempt))
-                    .bind(status)
-                    .bind(run_at)
-                    .bind(result)
-                    .bind(error)
-                    .bind(s.latency_ms as i64)
-                    .bind((status != 0).then_some(s.now))
-                    .bind(fail_seq);
-            }
-            // The last placeholder, after every VALUES row.
-            let query = query.bind(node.0);
-            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
-                let d = deltas
-                    .get_mut(&row.get::<i64, _>(0))
-                    .expect("a job of this batch");
-                let status: i64 = row.get(1);
-                d.settled += 1;
-                d.complete += i64::from(status == 2);
-                d.failed += i64::from(status == 3);
-                match status {
-                    2 => report.complete += 1,
-                    3 => report.failed += 1,
-                    _ => report.retried += 1,
-                }
-            }
-        }
-
-        // The jobs' counters, a chunk of jobs per statement; the rows that come back say
-        // which jobs this batch finished.
-        let changed: Vec<(i64, Delta)> =
-            deltas.into_iter().filter(|(_, d)| d.settled > 0).collect();
-        for chunk in changed.chunks(SETTLE_CHUNK) {
-            let mut sql = String::from("WITH d(seq, settled, complete, failed) AS (VALUES ");
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
-            }
-            sql.push_str(
-                ") UPDATE jobs SET n_running = n_running - d.settled, \
-                 n_complete = n_complete + d.complete, n_failed = n_failed + d.failed \
-                 FROM d WHERE jobs.seq = d.seq \
-                 RETURNING jobs.seq, jobs.id, jobs.status, jobs.total, jobs.n_complete, \
-                 jobs.n_failed, jobs.tolerated, jobs.callback_url",
-            );
-            let mut query = sqlx::query(&sql);
-            for (seq, d) in chunk {
-                query = query
-                    .bind(seq)
-                    .bind(d.settled)
-                    .bind(d.complete)
-                    .bind(d.failed);
-            }
-            let rows = query.fetch_all(&mut *tx).await.map_err(map_err)?;
-            for row in rows {
-                let status = job_status_from(row.get("status"))?;
-                let total: i64 = row.get("total");
-                let n_failed: i64 = row.get("n_failed");
-                let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
-                if status.is_finished() || done < total {
-                    continue;
-                }
-                // This batch settled the job's last task: its final status and its callback
-                // record are written in the same transaction, so the callback is owed
-                // exactly when the job is finished.
-                let seq: i64 = row.get("seq");
-                let now = chunk
-                    .iter()
-                    .find(|(s, _)| *s == seq)
-                    .map_or(0, |(_, d)| d.now);
-                let tolerated: i64 = row.get("tolerated");
-                let final_status = if n_failed <= tolerated {
-                    JobStatus::Complete
-                } else {
-                    JobStatus::Failed
-                };
-                sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
-                    .bind(job_status_code(final_status))
-                    .bind(now)
-                    .bind(seq)
-                    .execute(&mut *tx)
+                    .fetch_one(&mut *tx)
                     .await
                     .map_err(map_err)?;
-                let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-                if has_callback {
-                    insert_callback(&mut tx, seq, now).await?;
-                }
-                report.finished.push(JobFinished {
-                    job_id: parse_id(row.get("id"))?,
-                    status: final_status,
-                    has_callback,
-                });
+                entry.insert((
+                    parse_id(job.get("id"))?,
+                    Arc::new(parse_options(job.get("options"))?),
+                ));
             }
+            let (job_id, options) = &jobs[&seq];
+            tasks.push(ClaimedTask {
+                job_id: *job_id,
+                index: row.get::<i64, _>("idx") as u64,
+                attempt: row.get::<i64, _>("attempts") as u32,
+                endpoint: row.get("endpoint"),
+                params: raw(Some(row.get("params")))?.expect("some"),
+                options: options.clone(),
+            });
         }
         tx.commit().await.map_err(map_err)?;
-        Ok(report)
+        Ok(tasks)
+    }
+
+    async fn task_token_key(&self) -> StoreResult<Vec<u8>> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = 'task_token_key'")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)
     }
 
     async fn tasks_recover(&self) -> StoreResult<u64> {
@@ -959,7 +1107,8 @@ impl Store for SqliteStore {
         for seq in seqs {
             recovered += sqlx::query(
                 "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-                 lease_until = NULL WHERE job_seq = ? AND status = 1",
+                 lease_until = NULL WHERE job_seq = ? AND status = 1 \
+                 AND (node IS NOT NULL OR lease_until IS NULL)",
             )
             .bind(seq)
             .execute(&mut *tx)
@@ -1003,7 +1152,8 @@ impl Store for SqliteStore {
         for seq in seqs {
             let n = sqlx::query(
                 "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-                 lease_until = NULL WHERE job_seq = ? AND status = 1 AND lease_until < ?",
+                 lease_until = NULL WHERE job_seq = ? AND status = 1 AND node IS NOT NULL \
+                 AND lease_until < ?",
             )
             .bind(seq)
             .bind(now)
@@ -1120,4 +1270,50 @@ async fn insert_callback(
         .await
         .map_err(map_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_page_count_is_taken_out_of_the_url() {
+        let check = |url: &str, expected: (&str, Option<u64>)| {
+            let (rest, pages) = take_max_page_count(url).unwrap();
+            assert_eq!((rest.as_str(), pages), expected, "{url}");
+        };
+        check("sqlite://a.db", ("sqlite://a.db", None));
+        check(
+            "sqlite://a.db?max_page_count=64",
+            ("sqlite://a.db", Some(64)),
+        );
+        check(
+            "sqlite://a.db?mode=rwc&max_page_count=64",
+            ("sqlite://a.db?mode=rwc", Some(64)),
+        );
+        check("sqlite://a.db?mode=rwc", ("sqlite://a.db?mode=rwc", None));
+        for bad in ["0", "-1", "x", ""] {
+            let url = format!("sqlite://a.db?max_page_count={bad}");
+            assert!(take_max_page_count(&url).is_err(), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_past_max_page_count_is_unavailable_as_on_a_full_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?max_page_count=40",
+            dir.path().join("small.db").display()
+        );
+        let store = SqliteStore::open(&url).await.unwrap();
+        let big = format!("'{}'", "x".repeat(400 * 1024));
+        let err = sqlx::query(&format!("CREATE TABLE ballast AS SELECT {big} AS b"))
+            .execute(&store.writer)
+            .await
+            .map_err(map_err)
+            .unwrap_err();
+        // Unavailable, which the engine waits out, and full, which the API says.
+        assert!(err.is_full(), "{err}");
+        store.health().await.unwrap();
+    }
 }

@@ -1,4 +1,4 @@
-//! The client commands (`submit`, `status`, `tasks`, `jobs`, `cancel`): the built binary
+//! The client commands (`submit`, `status`, `tasks`, `jobs`, `cancel`, `delete`): the built binary
 //! run against the real server in this process, as a user would run it.
 
 use std::process::Stdio;
@@ -313,6 +313,52 @@ async fn cancel_stops_a_running_job_and_refuses_a_finished_one() {
     let out = cli(&app.base, &["cancel", &done]).await;
     out.assert_one_line_error(&format!("cannot cancel job {done}: "));
     assert!(out.stderr.contains("(HTTP 409)"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_with_an_idempotency_key_runs_the_job_once() {
+    let app = spawn_app().await;
+    let job = json!({"tasks": [{"endpoint": "/v1/test", "params": 1}]}).to_string();
+    let args = [
+        "submit",
+        "-",
+        "--server",
+        &app.base,
+        "--idempotency-key",
+        "k-1",
+    ];
+    let first = doparallel(&args, Some(&job), &[]).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    let again = doparallel(&args, Some(&job), &[]).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.stdout, first.stdout, "the same job, not a second one");
+    let (_, list) = app.get("/v1/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+
+    // The same key with another body is the server's 409, as one line.
+    let other = json!({"tasks": []}).to_string();
+    let out = doparallel(&args, Some(&other), &[]).await;
+    out.assert_one_line_error("(HTTP 409)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_removes_a_finished_job_and_refuses_a_running_one() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let done = app.submit(&json!({"tasks": []})).await;
+    app.wait_settled(&done).await;
+    let out = cli(&app.base, &["delete", &done]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, format!("job {done} deleted\n"));
+    assert_eq!(app.get(&format!("/v1/jobs/{done}")).await.0, 404);
+
+    let running = app
+        .submit(&json!({"tasks": [{"endpoint": endpoint.url("hang")}], "options": {"timeout_ms": 60000}}))
+        .await;
+    let out = cli(&app.base, &["delete", &running]).await;
+    out.assert_one_line_error(&format!("cannot delete job {running}: "));
+    assert!(out.stderr.contains("(HTTP 409)"), "{out:?}");
+    assert_eq!(app.get(&format!("/v1/jobs/{running}")).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

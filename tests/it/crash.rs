@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use serde_json::json;
 
-use crate::helpers::{Endpoint, Receiver, ServerProcess, db_path, eventually, job_of};
+use crate::helpers::{
+    Endpoint, Receiver, ServerProcess, assert_database_intact, db_path, eventually, job_of,
+};
 
 const TASKS: usize = 300;
 const IN_FLIGHT: usize = 16;
@@ -34,6 +36,7 @@ async fn a_sigkilled_server_finishes_the_job_after_restart() {
     })
     .await;
     first.sigkill();
+    assert_database_intact(&db).await;
     let calls_before_restart = endpoint.call_count();
     assert!(
         calls_before_restart < TASKS,
@@ -119,6 +122,7 @@ async fn sigterm_lets_calls_in_flight_finish_and_the_next_start_resumes() {
     );
     let called = endpoint.call_count();
     assert!(called < 40, "the job finished before the stop");
+    assert_database_intact(&db).await;
 
     let second = ServerProcess::start(&db, &args);
     let delivery = receiver.next().await;

@@ -72,6 +72,8 @@ pub fn engine_config() -> EngineConfig {
         limits: doparallel::job::Limits::defaults(),
         max_callback_bytes: 10 * 1024 * 1024,
         lease_timeout: Duration::from_secs(30),
+        // `serve` puts its own address here.
+        public_url: None,
     }
 }
 
@@ -269,8 +271,10 @@ struct EndpointState {
 /// `/echo` answers the params; `/text` plain text; `/empty` 204; `/numbers` a JSON of
 /// awkward numbers; `/flaky` 500 on a task's first call then 200; `/fail` always 500;
 /// `/missing` 404; `/big?n=N` N bytes of text; `/hang` never answers; `/limited` 429 with `Retry-After: 1` on a task's
-/// first call, then 200; `/slow?ms=N` answers the params after N ms (and tracks how many
-/// calls are in flight).
+/// first call, then 200; `/slow?ms=N` answers the params after N ms and `/jitter?ms=N`
+/// after a random 0 to N ms (both track how many calls are in flight); `/accept` 202 (the
+/// outcome to be reported later); `/report-first` reports `{"early":PARAMS}` to its result
+/// URL, then answers 202.
 #[derive(Clone)]
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -364,13 +368,37 @@ async fn endpoint_handler(
         )
             .into_response(),
         "limited" => json(r#"{"ok":true}"#.into()),
-        "slow" => {
+        // A long-running task: accepted now, its outcome reported later by the test.
+        "accept" => StatusCode::ACCEPTED.into_response(),
+        // Reports its outcome before it even answers 202.
+        "report-first" => {
+            let url = headers["doparallel-result-url"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let report = format!(r#"{{"status":"Complete","result":{{"early":{body}}}}}"#);
+            let answer = reqwest::Client::new()
+                .post(url)
+                .body(report)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+            StatusCode::ACCEPTED.into_response()
+        }
+        "slow" | "jitter" => {
             {
                 let mut s = state.lock().unwrap();
                 s.in_flight += 1;
                 s.max_in_flight = s.max_in_flight.max(s.in_flight);
             }
-            tokio::time::sleep(Duration::from_millis(query.ms.unwrap_or(50))).await;
+            let ms = query.ms.unwrap_or(50);
+            let ms = if route == "jitter" {
+                rand::random_range(0..=ms)
+            } else {
+                ms
+            };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             state.lock().unwrap().in_flight -= 1;
             json(body)
         }
@@ -395,6 +423,30 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(fail_first: usize, fail_status: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(
+            listener,
+            move |n| {
+                if n <= fail_first { fail_status } else { 200 }
+            },
+        )
+    }
+
+    /// A receiver on `addr` (port 0: any) that gives `answers` to the first attempts, in
+    /// turn, and 200 to the rest. A test can let a callback fail on a free port first, then
+    /// start the receiver there.
+    pub async fn start_at(addr: SocketAddr, answers: Vec<u16>) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Self::serve(listener, move |n| {
+            answers.get(n - 1).copied().unwrap_or(200)
+        })
+    }
+
+    /// Serves on `listener`, answering the `n`th attempt (from 1) with `answer(n)`.
+    fn serve(
+        listener: tokio::net::TcpListener,
+        answer: impl Fn(usize) -> u16 + Clone + Send + Sync + 'static,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let counter = Arc::new(Mutex::new(0usize));
@@ -405,13 +457,14 @@ impl Receiver {
                 let tx = tx.clone();
                 let counter = counter.clone();
                 let log = handler_log.clone();
+                let answer = answer.clone();
                 async move {
                     let n = {
                         let mut c = counter.lock().unwrap();
                         *c += 1;
                         *c
                     };
-                    let answered = if n <= fail_first { fail_status } else { 200 };
+                    let answered = answer(n);
                     let delivery = Delivery {
                         webhook_id: headers
                             .get("webhook-id")
@@ -426,7 +479,6 @@ impl Receiver {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Receiver {
@@ -453,6 +505,172 @@ impl Receiver {
     }
 }
 
+/// One request a [`RawEndpoint`] received.
+#[derive(Clone, Debug)]
+pub struct RawCall {
+    pub at: Instant,
+    /// The request line and headers, as sent.
+    head: String,
+}
+
+impl RawCall {
+    /// The path of the request line.
+    pub fn path(&self) -> &str {
+        self.head.split(' ').nth(1).unwrap_or_default()
+    }
+
+    pub fn header(&self, name: &str) -> String {
+        self.head
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Most connections a [`RawEndpoint`] accepts; enough for any test here.
+const RAW_MAX_CONNECTIONS: usize = 1000;
+
+/// A task endpoint on a bare TCP socket, for the answers no HTTP library will give: a
+/// reset, a body that drips or stops short, bytes that are not UTF-8. Each connection's
+/// request is read whole and recorded, then `behave(n, call, stream)` answers it (`n`
+/// counts requests from 1); the connection is closed when `behave` returns. Everything it runs
+/// stops when it is dropped.
+pub struct RawEndpoint {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<RawCall>>>,
+    server: tokio::task::AbortHandle,
+}
+
+impl RawEndpoint {
+    pub async fn start<F, Fut>(behave: F) -> Self
+    where
+        F: Fn(usize, RawCall, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let log = calls.clone();
+        let behave = Arc::new(behave);
+        let server = tokio::spawn(async move {
+            // Dropped with the accept loop, which aborts every connection still open.
+            let mut connections = tokio::task::JoinSet::new();
+            for _ in 0..RAW_MAX_CONNECTIONS {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = log.clone();
+                let behave = behave.clone();
+                connections.spawn(async move {
+                    let Ok(Some(head)) =
+                        tokio::time::timeout(DEADLINE, read_request(&mut stream)).await
+                    else {
+                        return;
+                    };
+                    let call = RawCall {
+                        at: Instant::now(),
+                        head,
+                    };
+                    let n = {
+                        let mut log = log.lock().unwrap();
+                        log.push(call.clone());
+                        log.len()
+                    };
+                    behave(n, call, stream).await;
+                });
+            }
+            // Keeps the last connections open until the endpoint is dropped.
+            while connections.join_next().await.is_some() {}
+        })
+        .abort_handle();
+        RawEndpoint {
+            addr,
+            calls,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn calls(&self) -> Vec<RawCall> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+impl Drop for RawEndpoint {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Reads one request (head and a `content-length` body) and returns its head; `None` when
+/// the peer goes away first or the head is unreasonably long.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    const MAX_REQUEST: usize = 1024 * 1024;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_REQUEST {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let call = RawCall {
+        at: Instant::now(),
+        head,
+    };
+    let length: usize = call.header("content-length").parse().unwrap_or(0);
+    while buf.len() < end + length.min(MAX_REQUEST) {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(call.head)
+}
+
+/// Writes a whole response that closes the connection: status line (`"200 OK"`), headers,
+/// the body and its length.
+pub async fn respond(
+    stream: &mut tokio::net::TcpStream,
+    status: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for (name, value) in headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    // The client may have gone (a timeout): nothing to do about it here.
+    let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
+}
+
 /// A `doparallel serve` child process, for the tests that kill it.
 pub struct ServerProcess {
     pub child: Child,
@@ -467,24 +685,35 @@ impl ServerProcess {
     /// Starts `doparallel serve` on `db` with extra arguments and waits for its
     /// `listening on ADDR` line.
     pub fn start(db: &Path, extra: &[&str]) -> Self {
-        Self::spawn(db, extra, None)
+        Self::spawn(&sqlite_url(db), extra, None, &[])
+    }
+
+    /// Like [`ServerProcess::start`], with extra environment variables.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))] // the crash-point tests
+    pub fn start_with_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(&sqlite_url(db), extra, None, env)
     }
 
     /// Like [`ServerProcess::start`], also copying every stderr line to `log`.
     pub fn start_logging(db: &Path, extra: &[&str], log: &Path) -> Self {
-        Self::spawn(db, extra, Some(log.to_path_buf()))
+        Self::spawn(&sqlite_url(db), extra, Some(log.to_path_buf()), &[])
     }
 
-    fn spawn(db: &Path, extra: &[&str], log: Option<PathBuf>) -> Self {
+    /// Like [`ServerProcess::start_logging`], on the database at `url`.
+    pub fn start_url_logging(url: &str, extra: &[&str], log: &Path) -> Self {
+        Self::spawn(url, extra, Some(log.to_path_buf()), &[])
+    }
+
+    fn spawn(url: &str, extra: &[&str], log: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
         let mut child = std::process::Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
-            .arg("--database")
-            .arg(format!("sqlite://{}", db.display()))
+            .args(["--database", url])
             .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
             .args(["--allow-net", "127.0.0.0/8"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -542,6 +771,28 @@ impl Drop for ServerProcess {
 
 pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("doparallel.db")
+}
+
+pub fn sqlite_url(db: &Path) -> String {
+    format!("sqlite://{}", db.display())
+}
+
+/// Fails the test unless SQLite's `PRAGMA integrity_check` finds the database sound. Opens
+/// it read-only, so it changes nothing that the next start would see.
+pub async fn assert_database_intact(db: &Path) {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("the database opens");
+    let verdict: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_all(&mut conn)
+        .await
+        .expect("integrity_check runs");
+    assert_eq!(verdict, ["ok"], "integrity_check of {}", db.display());
+    conn.close().await.unwrap();
 }
 
 /// A job of `n` tasks to `url`, task i carrying params `{"i": i}`.

@@ -95,8 +95,9 @@ use self::schema::{Location, sdk_error};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
-    JobListQuery, JobRecord, Millis, NodeId, Notices, SettleOutcome, SettleReport, Store,
-    StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskSettle, url_text,
+    JobListQuery, JobRecord, Millis, NodeId, Notices, OverdueParams, ReportOutcome, SettleOutcome,
+    SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskReport,
+    TaskSettle, url_text,
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
@@ -705,18 +706,20 @@ impl DynamoStore {
         job: JobId,
         index: u64,
         attempt: u32,
-        node: NodeId,
+        node: Option<NodeId>,
         now: Millis,
     ) -> StoreResult<()> {
-        let change = Change::new()
+        let mut change = Change::new()
             .set("status", s("Cancelled"))
             .set("finished_at", n(now))
             .remove("node")
             .remove("g3pk")
             .remove("g3sk")
             .when(|e| eq(e, "status", s("Running")))
-            .when(|e| eq(e, "attempts", n(attempt)))
-            .when(|e| eq(e, "node", s(node.to_string())));
+            .when(|e| eq(e, "attempts", n(attempt)));
+        if let Some(node) = node {
+            change = change.when(|e| eq(e, "node", s(node.to_string())));
+        }
         self.update(task_key(job, index), change, None).await?;
         Ok(())
     }
@@ -880,7 +883,7 @@ impl DynamoStore {
     /// Settles one job's outcomes (see the module docs).
     async fn settle_job(
         &self,
-        node: NodeId,
+        node: Option<NodeId>,
         id: JobId,
         settles: Vec<&TaskSettle>,
     ) -> StoreResult<SettleReport> {
@@ -936,6 +939,12 @@ impl DynamoStore {
                     .filter(|(_, o, _)| matches!(o, SettleOutcome::Failed { .. }))
                     .count() as u64;
                 let done = complete + failed;
+                let awaiting = items
+                    .iter()
+                    .filter(|(_, o, _)| matches!(o, SettleOutcome::Await { .. }))
+                    .count() as u64;
+                // An awaited attempt stays running: it still counts against concurrency.
+                let settled = items.len() as u64 - awaiting;
                 let now = items.iter().map(|(t, _, _)| t.now).max().unwrap_or(0);
                 let finishing = job.done + done == job.total;
                 let final_status = if job.failed + failed <= job.tolerated {
@@ -945,7 +954,7 @@ impl DynamoStore {
                 };
 
                 let mut meta = Change::new()
-                    .incr("n_running", -(items.len() as i64))
+                    .incr("n_running", -(settled as i64))
                     .incr("n_done", done as i64)
                     .incr("n_complete", complete as i64)
                     .incr("n_failed", failed as i64)
@@ -974,7 +983,8 @@ impl DynamoStore {
                         job.failed += failed;
                         report.complete += complete;
                         report.failed += failed;
-                        report.retried += items.len() as u64 - done;
+                        report.retried += settled - done;
+                        report.awaiting += awaiting;
                         if finishing {
                             report.finished.push(JobFinished {
                                 job_id: id,
@@ -1031,7 +1041,7 @@ impl DynamoStore {
     /// tasks that still run that attempt are marked Cancelled.
     async fn refuse_outcomes(
         &self,
-        node: NodeId,
+        node: Option<NodeId>,
         id: JobId,
         job: &JobCounters,
         settles: &[&TaskSettle],
@@ -1103,7 +1113,7 @@ impl DynamoStore {
                                     == JobStatus::Cancelled
                             {
                                 for &(index, attempts) in &items {
-                                    self.cancel_running_task(id, index, attempts, node, now)
+                                    self.cancel_running_task(id, index, attempts, Some(node), now)
                                         .await?;
                                 }
                             }
@@ -1285,19 +1295,32 @@ impl DynamoStore {
 /// A task's settle as an update: only the attempt that is running under this node changes
 /// it.
 fn settle_change(
-    node: NodeId,
+    node: Option<NodeId>,
     id: JobId,
     settle: &TaskSettle,
     outcome: &SettleOutcome,
     fail_seq: Option<u64>,
 ) -> Change {
     let mut change = Change::new()
-        .set("latency_ms", n(settle.latency_ms))
         .remove("node")
         .when(|e| eq(e, "status", s("Running")))
-        .when(|e| eq(e, "attempts", n(settle.attempt)))
-        .when(|e| eq(e, "node", s(node.to_string())));
+        .when(|e| eq(e, "attempts", n(settle.attempt)));
+    if let Some(node) = node {
+        change = change.when(|e| eq(e, "node", s(node.to_string())));
+    }
+    change = change.set("latency_ms", n(settle.latency_ms));
     match outcome {
+        SettleOutcome::Await { deadline } => {
+            // Still running, held by no node until its report or its deadline
+            // (tasks_overdue finds it in gsi3 `AWAIT`).
+            change = change
+                .set("lease_until", n(*deadline))
+                .set("g3pk", s("AWAIT"))
+                .set(
+                    "g3sk",
+                    s(format!("{}#{id}#{:010}", pad_time(*deadline), settle.index)),
+                );
+        }
         SettleOutcome::Complete { result } => {
             change = change
                 .set("status", s("Complete"))
@@ -1710,7 +1733,7 @@ impl Store for DynamoStore {
             // outcome is refused or their lease expires.
             for (node, _) in self.nodes().await? {
                 for (job_id, index, attempts) in self.node_tasks(node, Some(id)).await? {
-                    self.cancel_running_task(job_id, index, attempts, node, now)
+                    self.cancel_running_task(job_id, index, attempts, Some(node), now)
                         .await?;
                 }
             }
@@ -1887,7 +1910,7 @@ impl Store for DynamoStore {
         }
         let jobs: Vec<_> = by_job
             .into_iter()
-            .map(|(id, settles)| self.settle_job(node, id, settles))
+            .map(|(id, settles)| self.settle_job(Some(node), id, settles))
             .collect();
         let reports: Vec<SettleReport> = stream::iter(jobs)
             .buffer_unordered(PARALLEL)
@@ -1898,9 +1921,138 @@ impl Store for DynamoStore {
             report.complete += r.complete;
             report.failed += r.failed;
             report.retried += r.retried;
+            report.awaiting += r.awaiting;
             report.finished.extend(r.finished);
         }
         Ok(report)
+    }
+
+    async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome> {
+        let settle = TaskSettle {
+            job_id: report.job_id,
+            index: report.index,
+            attempt: report.attempt,
+            latency_ms: 0,
+            now: report.now,
+            outcome: report.outcome.clone(),
+        };
+        let applied = self.settle_job(None, report.job_id, vec![&settle]).await?;
+        if applied.complete + applied.failed > 0 {
+            return Ok(ReportOutcome::Applied(applied));
+        }
+        // Not applied: was this attempt's outcome stored already?
+        let task = self.get(task_key(report.job_id, report.index)).await?;
+        let stored = task.as_ref().is_some_and(|t| {
+            get_n::<u32>(t, "attempts") == Some(report.attempt)
+                && matches!(get_s(t, "status"), Some("Complete" | "Failed"))
+        });
+        Ok(if stored {
+            ReportOutcome::AlreadyReported
+        } else {
+            ReportOutcome::Unknown
+        })
+    }
+
+    async fn tasks_overdue(&self, params: &OverdueParams) -> StoreResult<Vec<ClaimedTask>> {
+        let mut ex = Ex::default();
+        let cond = format!(
+            "{} = {} AND {} < {}",
+            ex.n("g3pk"),
+            ex.v(s("AWAIT")),
+            ex.n("g3sk"),
+            ex.v(s(pad_time(params.now + 1)))
+        );
+        let items = self
+            .query_all(Some("gsi3"), cond, ex, None, true, params.limit as usize)
+            .await?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The lease first, as for a claim.
+        self.node_alive(params.node, params.lease_until, true)
+            .await?;
+        let mut options: HashMap<JobId, Option<Arc<JobOptions>>> = HashMap::new();
+        let mut tasks = Vec::with_capacity(items.len());
+        for item in items {
+            let id = id_of_pk(need_s(&item, "pk")?)?;
+            let index = index_of_sk(need_s(&item, "sk")?)?;
+            let attempts: u32 = need_n(&item, "attempts")?;
+            if let std::collections::hash_map::Entry::Vacant(entry) = options.entry(id) {
+                let parsed = match self.job_item(id).await? {
+                    Some(job) => Some(Arc::new(parse_options(need_s(&job, "options")?)?)),
+                    None => None,
+                };
+                entry.insert(parsed);
+            }
+            let Some(job_options) = options[&id].clone() else {
+                continue;
+            };
+            let node = params.node;
+            let change = Change::new()
+                .set("node", s(node.to_string()))
+                .set("lease_until", n(params.lease_until))
+                .set("g3pk", s(format!("N#{node}")))
+                .set("g3sk", s(format!("{id}#{index:010}")))
+                .when(|e| eq(e, "status", s("Running")))
+                .when(|e| eq(e, "attempts", n(attempts)))
+                .when(|e| format!("attribute_not_exists({})", e.n("node")));
+            let Some(task) = self
+                .update(task_key(id, index), change, Some(ReturnValue::AllNew))
+                .await?
+            else {
+                continue;
+            };
+            tasks.push(ClaimedTask {
+                job_id: id,
+                index,
+                attempt: attempts,
+                endpoint: need_s(&task, "endpoint")?.to_string(),
+                params: raw(need_s(&task, "params")?)?,
+                options: job_options,
+            });
+        }
+        Ok(tasks)
+    }
+
+    async fn task_token_key(&self) -> StoreResult<Vec<u8>> {
+        let key: Item = HashMap::from([
+            ("pk".into(), s("SETTINGS")),
+            ("sk".into(), s("task_token_key")),
+        ]);
+        for _ in 0..3 {
+            if let Some(item) = self.get(key.clone()).await?
+                && let Some(AttributeValue::B(value)) = item.get("value")
+            {
+                return Ok(value.clone().into_inner());
+            }
+            // The first node to ask makes it; a node that loses the race reads the winner's.
+            let mut item = key.clone();
+            let secret: [u8; 32] = rand::random();
+            item.insert(
+                "value".into(),
+                AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(secret.to_vec())),
+            );
+            let mut ex = Ex::default();
+            let cond = format!("attribute_not_exists({})", ex.n("pk"));
+            self.count("PutItem");
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression(cond)
+                .set_expression_attribute_names(ex.names())
+                .send()
+                .await;
+            match put {
+                Ok(_) => return Ok(secret.to_vec()),
+                Err(e) if e.code() == Some("ConditionalCheckFailedException") => continue,
+                Err(e) => return Err(sdk_error("PutItem", e)),
+            }
+        }
+        Err(StoreError::Other(
+            "the task token key could not be read nor created".into(),
+        ))
     }
 
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
