@@ -6,6 +6,7 @@
 //! of it is stored or none.
 
 pub mod dynamodb;
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use url::Url;
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
 pub use dynamodb::DynamoStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// What can go wrong in a store, in terms its callers can act on.
@@ -62,6 +64,8 @@ pub type Millis = i64;
 pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url).await?))
     } else if url.starts_with("dynamodb:") {
         Ok(Arc::new(DynamoStore::open(url).await?))
     } else {
@@ -74,6 +78,9 @@ pub async fn migrate(url: &str) -> StoreResult<String> {
     if url.starts_with("sqlite:") {
         SqliteStore::open(url).await?;
         Ok(format!("database {url} is up to date"))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        PostgresStore::open(url).await?;
+        Ok("the PostgreSQL schema is up to date".into())
     } else if url.starts_with("dynamodb:") {
         let (outcome, what) = DynamoStore::migrate(url).await?;
         Ok(match outcome {
@@ -86,9 +93,11 @@ pub async fn migrate(url: &str) -> StoreResult<String> {
 }
 
 fn unsupported(url: &str) -> StoreError {
+    // Only the scheme: the rest may hold a password.
+    let scheme = url.split_once(':').map_or(url, |(scheme, _)| scheme);
     StoreError::Other(format!(
-        "unsupported database URL {url:?}: expected sqlite://PATH, sqlite::memory: or \
-         dynamodb://TABLE?region=REGION[&endpoint=URL]"
+        "unsupported database URL scheme {scheme:?}: expected sqlite://PATH, sqlite::memory:, \
+         postgres://USER@HOST:PORT/DATABASE or dynamodb://TABLE?region=REGION[&endpoint=URL]"
     ))
 }
 

@@ -699,6 +699,11 @@ impl ServerProcess {
         Self::spawn(&sqlite_url(db), extra, Some(log.to_path_buf()), &[])
     }
 
+    /// `doparallel serve` on the database at `url` (any backend).
+    pub fn start_url(url: &str, extra: &[&str]) -> Self {
+        Self::spawn(url, extra, None, &[])
+    }
+
     /// Like [`ServerProcess::start_logging`], on the database at `url`.
     pub fn start_url_logging(url: &str, extra: &[&str], log: &Path) -> Self {
         Self::spawn(url, extra, Some(log.to_path_buf()), &[])

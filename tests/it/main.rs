@@ -4,9 +4,9 @@
 mod callbacks;
 mod cli;
 mod client;
+mod cluster;
 mod crash;
 mod dashboard;
-mod dynamo;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 mod faults;
@@ -14,8 +14,10 @@ mod helpers;
 mod lifecycle;
 mod moto;
 mod observe;
+mod pg;
 mod reports;
 mod security;
+mod store;
 mod submit;
 mod tasks;
 

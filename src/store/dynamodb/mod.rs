@@ -2112,8 +2112,8 @@ impl Store for DynamoStore {
 
     async fn tasks_recover(&self) -> StoreResult<u64> {
         // Shared by several nodes: what looks interrupted may be another node's call in
-        // flight. Leases decide (tasks_expire).
-        Ok(0)
+        // flight, so only what is past its lease is taken back, as the sweep would.
+        self.tasks_expire(super::now_millis()).await
     }
 
     async fn callbacks_due(

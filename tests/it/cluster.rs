@@ -1,0 +1,300 @@
+//! Several `doparallel serve` processes on one PostgreSQL database: a node killed mid-job is
+//! taken over, nodes wake each other through the database, a cancel stops calls on every
+//! node, and an idle node stays quiet.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::{Api, Endpoint, Receiver, ServerProcess, binary, eventually, job_of};
+use crate::pg;
+
+/// A metric's value as a node reports it (the sum over its label sets), 0 when absent.
+async fn metric(api: &Api, name: &str) -> f64 {
+    let text = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with(&format!("{name}_")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
+    const TASKS: usize = 1500;
+    const IN_FLIGHT: usize = 16;
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    let endpoint = Endpoint::start().await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let in_flight = IN_FLIGHT.to_string();
+    // Short leases, so that the dead node's calls are taken back within seconds.
+    let args = [
+        "--max-in-flight",
+        in_flight.as_str(),
+        "--lease-timeout",
+        "2s",
+    ];
+    let mut doomed = ServerProcess::start_url(&db.url, &args);
+    let survivor = ServerProcess::start_url(&db.url, &args);
+
+    let id = doomed
+        .api
+        .submit(&job_of(
+            TASKS,
+            // Slow enough that the doomed node always has calls under way.
+            &endpoint.url("slow?ms=40"),
+            Some(&receiver.url()),
+            json!({}),
+        ))
+        .await;
+    // Both nodes work on the job (the survivor heard of it through the database).
+    eventually("both nodes to finish tasks of the job", || async {
+        let here = metric(&doomed.api, "doparallel_tasks_finished_total").await;
+        let there = metric(&survivor.api, "doparallel_tasks_finished_total").await;
+        (here > 0.0 && there > 0.0 && endpoint.call_count() >= TASKS / 3).then_some(())
+    })
+    .await;
+    doomed.sigkill();
+    let killed_at = Instant::now();
+    assert!(
+        endpoint.call_count() < TASKS,
+        "the job finished before the kill"
+    );
+
+    let delivery = receiver.next().await;
+    let took = killed_at.elapsed();
+    assert_eq!(delivery.answered, 200);
+    assert_eq!(delivery.body["job_id"], id.as_str());
+    assert_eq!(delivery.body["status"], "Complete");
+    let result = delivery.body["result"].as_object().unwrap();
+    assert_eq!(result.len(), TASKS);
+    for i in 1..=TASKS {
+        let entry = &result[&i.to_string()];
+        assert_eq!(entry["status"], "Complete", "task {i}");
+        assert_eq!(entry["result"], json!({"i": i}), "task {i}");
+    }
+
+    // Every task was called; only those in flight on the killed node were called again,
+    // with the same Idempotency-Key, each once more.
+    let per_key = endpoint.calls_per_key();
+    assert_eq!(per_key.len(), TASKS);
+    let repeated: HashMap<_, _> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeated.len() <= IN_FLIGHT,
+        "{} tasks were called again: {repeated:?}",
+        repeated.len()
+    );
+    assert!(repeated.values().all(|n| **n == 2), "{repeated:?}");
+    assert!(
+        !repeated.is_empty(),
+        "no call was under way on the killed node: nothing was taken over"
+    );
+
+    // Each result stored once: the counters add up to the tasks, none left running.
+    let job = survivor.api.wait_settled(&id).await;
+    assert_eq!(job["counts"]["complete"], TASKS);
+    assert_eq!(job["counts"]["running"], 0);
+    assert_eq!(job["callback"]["state"], "delivered");
+    assert_eq!(job["callback"]["attempts"], 1);
+    assert_eq!(receiver.all().len(), 1, "the callback was sent once");
+    eprintln!(
+        "the survivor finished the job {:.1}s after the kill ({} calls made again)",
+        took.as_secs_f64(),
+        repeated.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submitted_to_a_busy_node_starts_at_once_on_another() {
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    let endpoint = Endpoint::start().await;
+    // Node a has one slot, which a call that never answers keeps busy.
+    let a = ServerProcess::start_url(&db.url, &["--max-in-flight", "1"]);
+    a.api
+        .submit(&job_of(
+            1,
+            &endpoint.url("hang"),
+            None,
+            json!({"timeout_ms": 600_000}),
+        ))
+        .await;
+    eventually("a's slot to be taken", || async {
+        (endpoint.call_count() == 1).then_some(())
+    })
+    .await;
+    let b = ServerProcess::start_url(&db.url, &[]);
+    assert_eq!(b.api.get("/healthz").await.0, 200);
+
+    // Each job submitted to a can only run on b. b looks at the database every 3 s when
+    // idle; the notice a's submission sends wakes it at once. Several tries, at different
+    // moments of b's idle cycle, so that a lucky poll cannot pass for a notice.
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300 + 200 * round)).await;
+        let submitted = Instant::now();
+        let id = a
+            .api
+            .submit(&job_of(1, &endpoint.url("echo"), None, json!({})))
+            .await;
+        let call = eventually("the job's call", || async {
+            endpoint
+                .calls()
+                .into_iter()
+                .find(|c| c.header("doparallel-job-id") == id)
+        })
+        .await;
+        let delay = call.at.saturating_duration_since(submitted);
+        assert!(
+            delay < Duration::from_millis(1000),
+            "round {round}: the other node started the job after {delay:?}"
+        );
+        b.api.wait_settled(&id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_concurrency_holds_across_nodes() {
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    let endpoint = Endpoint::start().await;
+    // Four nodes of one slot each: three calls at once can only be three nodes' calls, and
+    // a fourth would be the cluster exceeding the job's concurrency.
+    let nodes: Vec<ServerProcess> = (0..4)
+        .map(|_| ServerProcess::start_url(&db.url, &["--max-in-flight", "1"]))
+        .collect();
+    let id = nodes[0]
+        .api
+        .submit(&job_of(
+            40,
+            &endpoint.url("slow?ms=50"),
+            None,
+            json!({"concurrency": 3}),
+        ))
+        .await;
+    let job = nodes[3].api.wait_settled(&id).await;
+    assert_eq!(job["counts"]["complete"], 40);
+    assert_eq!(
+        endpoint.max_in_flight(),
+        3,
+        "the job's concurrency, reached by three nodes together and never exceeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_the_calls_of_every_node() {
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    let endpoint = Endpoint::start().await;
+    let a = ServerProcess::start_url(&db.url, &["--max-in-flight", "5"]);
+    let b = ServerProcess::start_url(&db.url, &[]);
+    // Calls that would hang for longer than any wait of this test.
+    let id = a
+        .api
+        .submit(&job_of(
+            20,
+            &endpoint.url("hang"),
+            None,
+            json!({"timeout_ms": 600_000}),
+        ))
+        .await;
+    eventually("every call under way on both nodes", || async {
+        let on_a = metric(&a.api, "doparallel_calls_in_flight").await;
+        let on_b = metric(&b.api, "doparallel_calls_in_flight").await;
+        (on_a == 5.0 && on_b == 15.0).then_some(())
+    })
+    .await;
+
+    let cancelled = Instant::now();
+    let (status, body) = a
+        .api
+        .post_raw(&format!("/v1/jobs/{id}/cancel"), None, "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the calls of both nodes to stop", || async {
+        let on_a = metric(&a.api, "doparallel_calls_in_flight").await;
+        let on_b = metric(&b.api, "doparallel_calls_in_flight").await;
+        (on_a == 0.0 && on_b == 0.0).then_some(())
+    })
+    .await;
+    assert!(cancelled.elapsed() < Duration::from_secs(5));
+    let job = b.api.job(&id).await;
+    assert_eq!(job["status"], "Cancelled");
+    assert_eq!(job["counts"]["cancelled"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_makes_at_most_one_query_a_second() {
+    // Long enough for three idle polls of each loop and one lease sweep (every 10 s with
+    // the default 30 s lease).
+    const WINDOW: Duration = Duration::from_secs(10);
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    // Every statement of this database's sessions goes to the server's log, with the
+    // database's name on each line.
+    db.execute(&format!(
+        "ALTER DATABASE {} SET log_statement = 'all'",
+        db.name
+    ))
+    .await;
+    let log = db.cluster.log();
+    let marker = format!("] {} LOG:  ", db.name);
+    let statements = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.split_once(&marker).is_some_and(|(_, rest)| {
+                    rest.starts_with("statement: ") || rest.starts_with("execute ")
+                })
+            })
+            .count()
+    };
+    // Two nodes, so that a notice answered by a query that notifies again would show.
+    let a = ServerProcess::start_url(&db.url, &[]);
+    let b = ServerProcess::start_url(&db.url, &[]);
+    // Whatever they do at start (migrations, a first purge) is over within a second.
+    eventually("both nodes up", || async {
+        (a.api.get("/healthz").await.0 == 200 && b.api.get("/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = statements();
+    tokio::time::sleep(WINDOW).await;
+    let made = statements() - before;
+    let per_node_per_second = made as f64 / 2.0 / WINDOW.as_secs_f64();
+    eprintln!(
+        "two idle nodes made {made} statements in {WINDOW:?}: {per_node_per_second:.2} per node per second"
+    );
+    assert!(made > 0, "no statement was logged: the count is broken");
+    assert!(
+        per_node_per_second <= 1.0,
+        "an idle node made {per_node_per_second:.2} queries a second"
+    );
+}
+
+#[test]
+fn serve_names_an_unreachable_database_without_its_password() {
+    let out = std::process::Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
+        .arg("postgres://someone:s3cret-pw@127.0.0.1:1/jobs")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("127.0.0.1:1/jobs"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
