@@ -1997,3 +1997,52 @@ async fn dynamodb_refuses_a_result_over_its_item_limit() {
         "{error}"
     );
 }
+
+/// What a job costs in DynamoDB requests, counted by the store: the README's cost notes
+/// come from this test's output (`cargo test dynamodb_requests_per_task -- --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_requests_per_task() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    const TASKS: usize = 200;
+    let store = doparallel::store::DynamoStore::open(&url).await.unwrap();
+    let counts = store.counts.clone();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = crate::helpers::Api::new(listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = doparallel::ServeOptions {
+        engine: crate::helpers::engine_config(),
+        shutdown_grace: Duration::from_secs(5),
+        max_body_bytes: 4 * 1024 * 1024,
+        tokens: Default::default(),
+    };
+    let server = tokio::spawn(doparallel::serve(listener, store, options, async {
+        let _ = stopped.await;
+    }));
+    let job = crate::helpers::job_of(TASKS, "/v1/test", None, serde_json::json!({}));
+    let before = counts.snapshot();
+    let id = api.submit(&job).await;
+    let done = api.wait_settled(&id).await;
+    assert_eq!(done["counts"]["complete"], TASKS);
+    let after = counts.snapshot();
+    let _ = stop.send(());
+    let _ = server.await;
+    let mut lines = Vec::new();
+    for (op, n) in &after {
+        let n = n - before.get(op).copied().unwrap_or(0);
+        lines.push(format!(
+            "{op}: {n} ({:.2} per task)",
+            n as f64 / TASKS as f64
+        ));
+    }
+    eprintln!(
+        "DynamoDB requests for a job of {TASKS} tasks, submit to finish:\n  {}",
+        lines.join("\n  ")
+    );
+    // Transactions carry up to 99 tasks: far fewer requests than tasks.
+    let transactions =
+        after["TransactWriteItems"] - before.get("TransactWriteItems").copied().unwrap_or(0);
+    assert!(transactions < TASKS as u64, "{transactions} transactions");
+}
