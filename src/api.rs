@@ -1149,4 +1149,20 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_document_gives_the_per_host_options_and_their_bounds() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let options = &doc["components"]["schemas"]["JobOptions"]["properties"];
+        let concurrency = &options["per_host_concurrency"];
+        assert_eq!(concurrency["minimum"], 1, "{concurrency}");
+        let rate = &options["per_host_rate"];
+        assert_eq!(rate["minimum"], 0.001, "{rate}");
+        assert!(
+            rate["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("per second")),
+            "{rate}"
+        );
+    }
 }

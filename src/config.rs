@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::egress::EgressPolicy;
-use crate::job::{JobStatus, Limits};
+use crate::engine::hosts::HostLimits;
+use crate::job::{JobStatus, Limits, PER_HOST_RATES};
 use crate::webhook::{Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]
@@ -190,6 +191,18 @@ pub struct EngineArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
 
+    /// Calls in flight at once to one endpoint host (`host:port`), across all jobs on this
+    /// node. Unlimited when not given.
+    #[arg(long, env = "DOPARALLEL_PER_HOST_CONCURRENCY", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_host_concurrency: Option<u32>,
+
+    /// Calls started per second to one endpoint host, across all jobs on this node (may be
+    /// fractional: 0.5 is one every 2 s; 0.001 to 1000000). Calls are spaced evenly, with no
+    /// burst. Unlimited when not given.
+    #[arg(long, env = "DOPARALLEL_PER_HOST_RATE", value_name = "R", value_parser = parse_rate)]
+    pub per_host_rate: Option<f64>,
+
     /// Largest task response body read, in bytes; a larger one fails the task
     /// (`response_too_large`).
     #[arg(long, env = "DOPARALLEL_MAX_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
@@ -257,6 +270,10 @@ impl EngineArgs {
             },
             max_callback_bytes: self.max_callback_bytes,
             max_in_flight: self.max_in_flight as usize,
+            per_host: HostLimits {
+                concurrency: self.per_host_concurrency,
+                rate: self.per_host_rate,
+            },
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),
             callback_timeout: self.callback_timeout,
@@ -271,6 +288,9 @@ impl EngineArgs {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub max_in_flight: usize,
+    /// The server's limits on calls to one endpoint host, for all jobs together on this
+    /// node (see `engine::hosts`).
+    pub per_host: HostLimits,
     pub max_response_bytes: usize,
     /// Delays between callback attempts after the first; its length plus one is the number
     /// of attempts before a callback is given up.
@@ -339,6 +359,22 @@ impl FromStr for Schedule {
             .collect::<Result<_, _>>()
             .map(Schedule)
     }
+}
+
+/// A rate in calls per second, within [`PER_HOST_RATES`].
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of calls per second"))?;
+    if !PER_HOST_RATES.contains(&rate) {
+        return Err(format!(
+            "{text:?}: the rate must be between {} and {} calls per second",
+            PER_HOST_RATES.start(),
+            PER_HOST_RATES.end()
+        ));
+    }
+    Ok(rate)
 }
 
 /// One duration with a unit: `250ms`, `5s`, `5m`, `2h`, `7d`.
@@ -563,6 +599,39 @@ mod tests {
         assert!(e.contains("is not an http(s) URL"), "{e}");
         let e = parse(&["doparallel", "tasks", "x", "--limit", "0"]).unwrap_err();
         assert!(e.contains("--limit"), "{e}");
+    }
+
+    #[test]
+    fn per_host_limits_are_checked_at_parse_time() {
+        let limits = |args: &[&str]| {
+            let mut argv = vec!["doparallel", "serve"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+                .map(|cli| match cli.command {
+                    Command::Serve(serve) => (
+                        serve.engine.per_host_concurrency,
+                        serve.engine.per_host_rate,
+                    ),
+                    _ => unreachable!(),
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(limits(&[]), Ok((None, None)));
+        assert_eq!(
+            limits(&["--per-host-concurrency", "4", "--per-host-rate", "0.5"]),
+            Ok((Some(4), Some(0.5)))
+        );
+        for bad in [
+            &["--per-host-concurrency", "0"][..],
+            &["--per-host-rate", "0"],
+            &["--per-host-rate", "-1"],
+            &["--per-host-rate", "NaN"],
+            &["--per-host-rate", "fast"],
+        ] {
+            assert!(limits(bad).is_err(), "{bad:?} was accepted");
+        }
+        let e = limits(&["--per-host-rate", "0"]).unwrap_err();
+        assert!(e.contains("must be between 0.001 and 1000000"), "{e}");
     }
 
     #[test]

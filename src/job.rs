@@ -7,6 +7,7 @@
 //! key order round-trip exactly, which the original service got wrong.
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use url::Url;
 use uuid::Uuid;
 
 use crate::egress::EgressPolicy;
+use crate::engine::hosts::HostLimits;
 
 /// The relative endpoint of the built-in test task, run in-process without a network hop.
 pub const TEST_ENDPOINT: &str = "/v1/test";
@@ -121,7 +123,7 @@ pub enum CallbackState {
 }
 
 /// Per-job options, all optional in the request; defaults are the documented ones.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobOptions {
     /// Most calls of this job in flight at once; `None` is limited only by the server.
@@ -139,12 +141,27 @@ pub struct JobOptions {
     /// counts as timed out (and is retried like any timeout).
     #[serde(default = "JobOptions::default_async_timeout_ms")]
     pub async_timeout_ms: u64,
+    /// Most calls of this job in flight at once to one endpoint host (`host:port`), on top
+    /// of the server's `--per-host-concurrency`; `None` is limited only by the server.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub per_host_concurrency: Option<u32>,
+    /// Most calls of this job started per second to one endpoint host (fractions allowed:
+    /// 0.5 is one every 2 s), spaced evenly, on top of the server's `--per-host-rate`;
+    /// `None` is limited only by the server.
+    #[serde(default)]
+    #[schema(minimum = 0.001, maximum = 1000000)]
+    pub per_host_rate: Option<f64>,
 }
 
 /// Upper bound of the retry backoff, whatever the attempt.
 pub const BACKOFF_CAP_MS: u64 = 60_000;
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 const MAX_ATTEMPTS: u32 = 100;
+/// The per-host rates accepted, in calls per second (a job's or the server's): from one call
+/// every 1000 s (a slower rate is more likely a mistake, and its interval must stay a
+/// sensible `Duration`) to one a microsecond, past which the limit means nothing.
+pub const PER_HOST_RATES: RangeInclusive<f64> = 0.001..=1_000_000.0;
 const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl JobOptions {
@@ -170,6 +187,16 @@ impl JobOptions {
             backoff_ms: Self::default_backoff_ms(),
             tolerated_failures: 0,
             async_timeout_ms: Self::default_async_timeout_ms(),
+            per_host_concurrency: None,
+            per_host_rate: None,
+        }
+    }
+
+    /// This job's own limits on the calls to each host.
+    pub fn host_limits(&self) -> HostLimits {
+        HostLimits {
+            concurrency: self.per_host_concurrency,
+            rate: self.per_host_rate,
         }
     }
 
@@ -195,6 +222,18 @@ impl JobOptions {
         if self.async_timeout_ms == 0 || self.async_timeout_ms > MAX_ASYNC_TIMEOUT_MS {
             return Err(format!(
                 "options.async_timeout_ms: must be between 1 and {MAX_ASYNC_TIMEOUT_MS} (7 days)"
+            ));
+        }
+        if self.per_host_concurrency == Some(0) {
+            return Err("options.per_host_concurrency: must be at least 1".into());
+        }
+        if let Some(rate) = self.per_host_rate
+            && !PER_HOST_RATES.contains(&rate)
+        {
+            return Err(format!(
+                "options.per_host_rate: must be between {} and {} calls per second",
+                PER_HOST_RATES.start(),
+                PER_HOST_RATES.end()
             ));
         }
         Ok(())
@@ -524,6 +563,61 @@ mod tests {
             r#"{"tasks":[],"options":{"timeout_ms":-1}}"#,
             Err("options: invalid value"),
         );
+        check(
+            r#"{"tasks":[],"options":{"per_host_concurrency":0}}"#,
+            Err("options.per_host_concurrency: must be at least 1"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_concurrency":-2}}"#,
+            Err("options: invalid value"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":0}}"#,
+            Err("options.per_host_rate: must be between 0.001 and 1000000 calls per second"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":-0.5}}"#,
+            Err("options.per_host_rate: must be between"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":1e-300}}"#,
+            Err("options.per_host_rate: must be between"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":1e300}}"#,
+            Err("options.per_host_rate: must be between"),
+        );
+        check(r#"{"tasks":[],"options":{"per_host_rate":0.001}}"#, Ok(0));
+        check(
+            r#"{"tasks":[],"options":{"per_host_rate":"fast"}}"#,
+            Err("options: invalid type"),
+        );
+    }
+
+    #[test]
+    fn per_host_options_are_kept() {
+        let job = parse_submission(
+            br#"{"tasks":[],"options":{"per_host_concurrency":3,"per_host_rate":0.5}}"#,
+            &Limits::defaults(),
+            &EgressPolicy::open(),
+        )
+        .unwrap();
+        assert_eq!(
+            job.options.host_limits(),
+            HostLimits {
+                concurrency: Some(3),
+                rate: Some(0.5)
+            }
+        );
+        // Stored as JSON and read back when claimed.
+        let text = serde_json::to_string(&job.options).unwrap();
+        let back: JobOptions = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, job.options);
+        // Options stored before these existed read back without them.
+        let old: JobOptions =
+            serde_json::from_str(r#"{"concurrency":null,"timeout_ms":1,"max_attempts":1,"backoff_ms":0,"tolerated_failures":0}"#)
+                .unwrap();
+        assert_eq!(old.host_limits(), HostLimits::UNLIMITED);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub calls_in_flight: Gauge,
     pub callback_deliveries: Family<OutcomeLabel, Counter>,
     pub queue_depth: Gauge,
+    pub host_gate_waiting: Gauge,
+    pub host_pauses: Counter,
 }
 
 impl Metrics {
@@ -94,6 +96,18 @@ impl Metrics {
             "Tasks of unfinished jobs waiting to be called",
             queue_depth.clone(),
         );
+        let host_gate_waiting = Gauge::default();
+        registry.register(
+            "host_gate_waiting",
+            "Task calls waiting at per-host gates (concurrency, rate or a pause) on this node",
+            host_gate_waiting.clone(),
+        );
+        let host_pauses = Counter::default();
+        registry.register(
+            "host_pauses",
+            "Pauses of all calls to a host set or extended by its 429 or 503 answers",
+            host_pauses.clone(),
+        );
         Metrics {
             registry,
             jobs_submitted,
@@ -106,6 +120,8 @@ impl Metrics {
             calls_in_flight,
             callback_deliveries,
             queue_depth,
+            host_gate_waiting,
+            host_pauses,
         }
     }
 

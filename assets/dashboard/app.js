@@ -467,6 +467,14 @@
       return el('div', { class: 'count-box c-' + name }, el('b', { id: 'count-' + name }, value), el('span', {}, name));
     }
 
+    // The job's own per-host limits, e.g. "4 at once · 10/s"; empty when it sets none.
+    function perHost(o) {
+      return [
+        o.per_host_concurrency != null ? `${o.per_host_concurrency} at once` : null,
+        o.per_host_rate != null ? `${o.per_host_rate}/s` : null,
+      ].filter(Boolean).join(' · ');
+    }
+
     function renderJob() {
       const job = state.job;
       document.title = `Job ${job.job_id.slice(0, 8)}… ${job.status} · DoParallel`;
@@ -497,7 +505,8 @@
           field('Concurrency', o.concurrency ?? 'unlimited'),
           field('Timeout', duration(o.timeout_ms)),
           field('Attempts', o.max_attempts ?? '—', el('span', { class: 'muted' }, ` · backoff ${duration(o.backoff_ms)}`)),
-          field('Tolerated failures', o.tolerated_failures ?? 0)));
+          field('Tolerated failures', o.tolerated_failures ?? 0),
+          perHost(o) ? field('Per host', perHost(o)) : null));
       renderFilter();
       renderLive();
     }

@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::config::EngineConfig;
+use crate::engine::hosts;
 use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, compact_json};
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 use crate::webhook::timestamp_now;
@@ -230,6 +231,22 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: Syste
     }
 }
 
+/// How long every call to the host should wait after this attempt: the host's
+/// `Retry-After` on a 429 ([`hosts::DEFAULT_PAUSE`] without one), or on a 503 that has one.
+/// Other answers say nothing about the host as a whole: a 503 without `Retry-After` may be
+/// one failing request, and a timeout or a 500 is retried by its task alone.
+pub fn host_pause(attempt: &Attempt) -> Option<Duration> {
+    let Attempt::Retryable { error, retry_after } = attempt else {
+        return None;
+    };
+    match error.http_status {
+        Some(429) => Some(retry_after.unwrap_or(hosts::DEFAULT_PAUSE)),
+        Some(503) => *retry_after,
+        _ => None,
+    }
+    .filter(|delay| !delay.is_zero())
+}
+
 /// A response body as a result: its JSON when it is JSON, else its text as a JSON string,
 /// or `null` when it is empty. JSON is kept as sent, so numbers keep every digit.
 pub fn result_json(body: &[u8]) -> Box<RawValue> {
@@ -384,6 +401,33 @@ mod tests {
             "fatal http_status Some(302)",
         );
         check(400, &[], "", "fatal http_status Some(400)");
+    }
+
+    #[test]
+    fn which_answers_pause_their_host() {
+        let check = |status: u16, hdrs: &[(&'static str, &str)], expected: Option<u64>| {
+            let attempt = classify(
+                StatusCode::from_u16(status).unwrap(),
+                &headers(hdrs),
+                b"",
+                SystemTime::now(),
+            );
+            assert_eq!(
+                host_pause(&attempt).map(|d| d.as_millis() as u64),
+                expected,
+                "{status} {hdrs:?}"
+            );
+        };
+        check(429, &[("retry-after", "7")], Some(7000));
+        check(429, &[], Some(1000));
+        check(429, &[("retry-after", "soon")], Some(1000));
+        check(429, &[("retry-after", "0")], None);
+        check(429, &[("retry-after", "99999")], Some(3_600_000));
+        check(503, &[("retry-after", "2")], Some(2000));
+        check(503, &[], None);
+        check(500, &[("retry-after", "2")], None);
+        check(200, &[("retry-after", "2")], None);
+        check(404, &[], None);
     }
 
     #[test]

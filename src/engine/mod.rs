@@ -12,11 +12,18 @@
 //! A permit is freed only once its outcome is committed, so at most `max_in_flight` tasks
 //! are running in the store at any time: a crash makes at most that many calls again.
 //!
+//! Before its attempt, a call waits at its endpoint host's gates (`hosts`: per-host
+//! concurrency, rate, and the pause a 429 sets), holding its permit; the job's cancellation
+//! and the engine's stop end that wait as they end a call.
+//!
 //! A task counts as finished only once the finisher's transaction has committed, and no
 //! transaction is ever held open across an outbound call.
 
 pub mod call;
+pub mod hosts;
 pub mod report;
+
+use hosts::HostGates;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,6 +88,8 @@ pub struct Engine {
     pub(crate) callbacks_due: Notify,
     events: broadcast::Sender<Event>,
     pub metrics: Metrics,
+    /// Per-destination limits, shared by every call this node makes.
+    hosts: Arc<HostGates>,
     /// One token per unfinished job this node has made calls for: cancelling the job
     /// cancels its token, which aborts those calls. Taken once per job per claim, dropped
     /// when the job finishes, so a call takes no lock.
@@ -262,6 +271,12 @@ pub async fn start(
     let node = NodeId::random();
     tracing::info!(%node, shared = notices.is_some(), "engine starting");
     let (events, _) = broadcast::channel(1024);
+    let metrics = Metrics::new();
+    let hosts = Arc::new(HostGates::new(
+        config.per_host,
+        metrics.host_gate_waiting.clone(),
+        metrics.host_pauses.clone(),
+    ));
     let engine = Arc::new(Engine {
         store,
         node,
@@ -276,7 +291,8 @@ pub async fn start(
         callbacks_due: Notify::new(),
         events,
         config,
-        metrics: Metrics::new(),
+        metrics,
+        hosts,
         running_jobs: Mutex::new(HashMap::new()),
     });
     let stop = CancellationToken::new();
@@ -369,6 +385,9 @@ async fn dispatch(
         }
         let free = permits.num_permits();
         let started = Instant::now();
+        // Jobs whose calls already queue at a host's gates beyond what the gates can start
+        // soon: more of their tasks would only hold slots that other jobs can use.
+        let skip_jobs = engine.hosts.backlogged_jobs();
         let claim = match engine
             .store
             .tasks_claim(&ClaimParams {
@@ -376,7 +395,7 @@ async fn dispatch(
                 now: now_millis(),
                 node: engine.node,
                 lease_until: now_millis() + engine.config.lease_timeout.as_millis() as i64,
-                skip_jobs: Vec::new(),
+                skip_jobs,
             })
             .await
         {
@@ -416,6 +435,7 @@ async fn dispatch(
                 engine.clone(),
                 task,
                 cancelled,
+                stop.clone(),
                 permit,
                 outcomes.clone(),
             ));
@@ -423,7 +443,8 @@ async fn dispatch(
         drop(permits);
         if claimed < free {
             // Nothing more is due now: wait for a submission, a settled task (which may free
-            // a job's concurrency), or the first retry to come due.
+            // a job's concurrency), a left-out job whose backlog cleared, or the first retry
+            // to come due.
             let wait = claim
                 .next_due
                 .map(|due| Duration::from_millis((due - now_millis()).max(0) as u64))
@@ -432,6 +453,7 @@ async fn dispatch(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = engine.work.notified() => {}
+                _ = engine.hosts.cleared() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -442,9 +464,29 @@ async fn run_call(
     engine: Arc<Engine>,
     task: ClaimedTask,
     cancelled: CancellationToken,
+    stop: CancellationToken,
     permit: OwnedSemaphorePermit,
     outcomes: mpsc::Sender<Settled>,
 ) {
+    // The built-in test task has no host and meets no gate.
+    let host = hosts::host_key(&task.endpoint);
+    let pass = match &host {
+        None => None,
+        Some(host) => tokio::select! {
+            pass = engine.hosts.pass(task.job_id, task.options.host_limits(), host.clone()) => Some(pass),
+            _ = cancelled.cancelled() => {
+                tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel at its host's gate");
+                return;
+            }
+            _ = stop.cancelled() => {
+                // Not started, so nothing is lost: like a call abandoned after the grace
+                // period, its task stays running in the store and is called at next start.
+                // Waiting on (a pause may last an hour) would only hold the shutdown up.
+                tracing::debug!(job_id = %task.job_id, task = task.index, "call left at its host's gate by shutdown");
+                return;
+            }
+        },
+    };
     let started = Instant::now();
     engine.metrics.calls_in_flight.inc();
     let report_to = engine.config.public_url.as_ref().map(|base| {
@@ -460,6 +502,13 @@ async fn run_call(
         _ = cancelled.cancelled() => None,
     };
     engine.metrics.calls_in_flight.dec();
+    if let (Some(host), Some(attempt)) = (&host, &attempt)
+        && let Some(delay) = call::host_pause(attempt)
+    {
+        engine.hosts.pause(host, delay);
+    }
+    // The host's permits go as soon as its answer is in, before the outcome is stored.
+    drop(pass);
     let Some(attempt) = attempt else {
         // The job was cancelled: the store no longer counts this task as running, so its
         // slot is free at once and there is no outcome to write.

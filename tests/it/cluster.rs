@@ -172,8 +172,9 @@ async fn a_job_submitted_to_a_busy_node_starts_at_once_on_another() {
         })
         .await;
         let delay = call.at.saturating_duration_since(submitted);
+        // Without the notice b would start it at its next look, 2 s or more later here.
         assert!(
-            delay < Duration::from_millis(1000),
+            delay < Duration::from_millis(1500),
             "round {round}: the other node started the job after {delay:?}"
         );
         b.api.wait_settled(&id).await;
@@ -194,14 +195,14 @@ async fn a_job_concurrency_holds_across_nodes() {
     let id = nodes[0]
         .api
         .submit(&job_of(
-            40,
-            &endpoint.url("slow?ms=50"),
+            30,
+            &endpoint.url("slow?ms=100"),
             None,
             json!({"concurrency": 3}),
         ))
         .await;
     let job = nodes[3].api.wait_settled(&id).await;
-    assert_eq!(job["counts"]["complete"], 40);
+    assert_eq!(job["counts"]["complete"], 30);
     assert_eq!(
         endpoint.max_in_flight(),
         3,
@@ -227,13 +228,17 @@ async fn a_cancel_stops_the_calls_of_every_node() {
             json!({"timeout_ms": 600_000}),
         ))
         .await;
-    eventually("every call under way on both nodes", || async {
+    // Every call under way; a has room for 5, so b has at least 15 of them (all 20 if it
+    // claimed first).
+    eventually("every call under way", || async {
         let on_a = metric(&a.api, "doparallel_calls_in_flight").await;
         let on_b = metric(&b.api, "doparallel_calls_in_flight").await;
-        (on_a == 5.0 && on_b == 15.0).then_some(())
+        (on_a + on_b == 20.0).then_some(())
     })
     .await;
+    assert!(metric(&b.api, "doparallel_calls_in_flight").await >= 15.0);
 
+    // Cancelled through a: b hears of it through the database.
     let cancelled = Instant::now();
     let (status, body) = a
         .api

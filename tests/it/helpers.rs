@@ -60,6 +60,7 @@ where
 pub fn engine_config() -> EngineConfig {
     EngineConfig {
         max_in_flight: 64,
+        per_host: doparallel::engine::hosts::HostLimits::UNLIMITED,
         max_response_bytes: 1024 * 1024,
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),
@@ -148,6 +149,26 @@ impl Api {
             resp.status().as_u16(),
             resp.json().await.unwrap_or(Value::Null),
         )
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("server answers");
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    }
+
+    /// The value of one metric line (`name` with its labels, as printed), when present.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.parse().ok()
+        })
     }
 
     pub async fn job(&self, id: &str) -> Value {
@@ -246,7 +267,10 @@ impl std::ops::Deref for TestApp {
 pub struct Call {
     pub headers: HeaderMap,
     pub body: String,
+    /// When it arrived.
     pub at: Instant,
+    /// Calls in flight at this endpoint when it arrived, itself included.
+    pub concurrent: u32,
 }
 
 impl Call {
@@ -265,16 +289,38 @@ struct EndpointState {
     seen: HashMap<(String, String), u32>,
     in_flight: u32,
     max_in_flight: u32,
+    /// Per job (`DoParallel-Job-Id`): calls in flight now, and the most at once.
+    jobs_in_flight: HashMap<String, (u32, u32)>,
+    /// Calls of the `/throttle` route so far.
+    throttled: u32,
+}
+
+/// A call being answered; counted in flight until its handler ends (or is dropped, when the
+/// caller goes away).
+struct InFlight {
+    state: Arc<Mutex<EndpointState>>,
+    job: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap();
+        s.in_flight -= 1;
+        if let Some((now, _)) = s.jobs_in_flight.get_mut(&self.job) {
+            *now -= 1;
+        }
+    }
 }
 
 /// A local task endpoint. Routes:
 /// `/echo` answers the params; `/text` plain text; `/empty` 204; `/numbers` a JSON of
 /// awkward numbers; `/flaky` 500 on a task's first call then 200; `/fail` always 500;
 /// `/missing` 404; `/big?n=N` N bytes of text; `/hang` never answers; `/limited` 429 with `Retry-After: 1` on a task's
-/// first call, then 200; `/slow?ms=N` answers the params after N ms and `/jitter?ms=N`
-/// after a random 0 to N ms (both track how many calls are in flight); `/accept` 202 (the
-/// outcome to be reported later); `/report-first` reports `{"early":PARAMS}` to its result
-/// URL, then answers 202.
+/// first call, then 200; `/throttle` 429 with `Retry-After: 1` on the route's first call of
+/// all, then 200; `/slow?ms=N` answers the params after N ms and `/jitter?ms=N` after a
+/// random 0 to N ms; `/accept` 202 (the outcome to be reported later); `/report-first`
+/// reports `{"early":PARAMS}` to its result URL, then answers 202. Every call's arrival time
+/// and the calls in flight, in all and per job, are recorded.
 #[derive(Clone)]
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -309,6 +355,12 @@ impl Endpoint {
         self.state.lock().unwrap().max_in_flight
     }
 
+    /// The most calls of one job in flight at once.
+    pub fn max_in_flight_of(&self, job: &str) -> u32 {
+        let s = self.state.lock().unwrap();
+        s.jobs_in_flight.get(job).map_or(0, |&(_, max)| max)
+    }
+
     /// Calls per Idempotency-Key.
     pub fn calls_per_key(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
@@ -338,16 +390,35 @@ async fn endpoint_handler(
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
-    let nth = {
+    let job = headers
+        .get("doparallel-job-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let (nth, throttled) = {
         let mut s = state.lock().unwrap();
+        s.in_flight += 1;
+        s.max_in_flight = s.max_in_flight.max(s.in_flight);
+        let per_job = s.jobs_in_flight.entry(job.clone()).or_insert((0, 0));
+        per_job.0 += 1;
+        per_job.1 = per_job.1.max(per_job.0);
+        let concurrent = s.in_flight;
         s.calls.push(Call {
             headers: headers.clone(),
             body: body.clone(),
             at: Instant::now(),
+            concurrent,
         });
+        if route == "throttle" {
+            s.throttled += 1;
+        }
+        let throttled = s.throttled;
         let n = s.seen.entry((route.clone(), key)).or_insert(0);
         *n += 1;
-        *n
+        (*n, throttled)
+    };
+    let _in_flight = InFlight {
+        state: state.clone(),
+        job,
     };
     let json = |text: String| ([("content-type", "application/json")], text).into_response();
     match route.as_str() {
@@ -368,6 +439,13 @@ async fn endpoint_handler(
         )
             .into_response(),
         "limited" => json(r#"{"ok":true}"#.into()),
+        "throttle" if throttled == 1 => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response(),
+        "throttle" => json(r#"{"ok":true}"#.into()),
         // A long-running task: accepted now, its outcome reported later by the test.
         "accept" => StatusCode::ACCEPTED.into_response(),
         // Reports its outcome before it even answers 202.
@@ -387,11 +465,6 @@ async fn endpoint_handler(
             StatusCode::ACCEPTED.into_response()
         }
         "slow" | "jitter" => {
-            {
-                let mut s = state.lock().unwrap();
-                s.in_flight += 1;
-                s.max_in_flight = s.max_in_flight.max(s.in_flight);
-            }
             let ms = query.ms.unwrap_or(50);
             let ms = if route == "jitter" {
                 rand::random_range(0..=ms)
@@ -399,7 +472,6 @@ async fn endpoint_handler(
                 ms
             };
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            state.lock().unwrap().in_flight -= 1;
             json(body)
         }
         _ => StatusCode::IM_A_TEAPOT.into_response(),

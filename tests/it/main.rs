@@ -11,6 +11,7 @@ mod dashboard;
 mod failpoints;
 mod faults;
 mod helpers;
+mod hosts;
 mod lifecycle;
 mod moto;
 mod observe;

@@ -148,6 +148,8 @@ async fn metrics_count_what_happened() {
         "doparallel_calls_in_flight 0",
         "doparallel_queue_depth 0",
         "doparallel_task_call_seconds_count 4",
+        "doparallel_host_gate_waiting 0",
+        "doparallel_host_pauses_total 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -1,0 +1,868 @@
+//! Per-destination limits: the gates a call passes on its way to an endpoint's host.
+//!
+//! Calls are grouped by the endpoint's host, `host:port` as the URL gives it (lowercase, the
+//! port only when it is not the scheme's default), see [`host_key`]. Each host has a *gate*
+//! with the server's limits (`--per-host-concurrency`, `--per-host-rate`): they cap every
+//! call to that host from every job on this node. A job with `per_host_concurrency` or
+//! `per_host_rate` options also has a gate of its own per host, which caps that job's calls
+//! to the host on top of the server's. Limits hold per node: several nodes on one database
+//! each apply them, so a host sees up to the limit times the number of nodes.
+//!
+//! A call passes its job's gate first, then the host's; at each gate it takes a concurrency
+//! permit, then its turn from the rate's bucket. That order keeps a job's waiting calls from
+//! holding the host's permits while they wait for their own job's turns (which would slow
+//! every other job calling the host); the price is that a call the host's gate holds back
+//! may start closer to the job's previous call than the job's rate alone would allow.
+//!
+//! A 429, or a 503 with `Retry-After`, pauses the host's gate until the time the host asked
+//! for (1 s for a 429 without `Retry-After`): no new call to the host starts meanwhile,
+//! from any job, limits or not; calls already started go on. After a pause the rate's bucket
+//! starts empty, so calls resume at the rate rather than in a burst.
+//!
+//! The bucket holds a single token: with a rate of R per second, calls to a host start 1/R
+//! apart, with no burst, so an API that limits to R a second sees at most R + 1 calls in any
+//! second, give or take a call that follows a late one closer than 1/R (never before its own
+//! turn, see [`Pacer`]). Waiting calls queue on a tokio `Mutex`, which is fair (first come,
+//! first served), and the head of the queue sleeps until its turn, so a limited host costs
+//! one timer, not a wake-up per waiting call.
+//!
+//! Rejected alternative: the `governor` crate. Its async `until_ready` polls on a timer of
+//! its own (futures-timer over its own clock), so it cannot be driven by
+//! `tokio::time::pause()` in tests; it has no FIFO order among waiters and no way to push
+//! every waiter past a pause that arrives while they wait. The bucket needed here is a few
+//! lines over `tokio::time`.
+//!
+//! A call waiting at a gate holds its `max_in_flight` slot. So that a slow host cannot take
+//! every slot, [`HostGates::backlogged_jobs`] names the jobs that have more calls waiting
+//! at a host than its gates can start within a second; the dispatcher leaves them out of
+//! its next claim.
+//!
+//! Gates are dropped when nobody uses them and they hold no state worth keeping (no pause
+//! in force, a full bucket); the few left over are swept when the map has doubled since the
+//! last sweep, so the map does not grow with the number of hosts ever called.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::job::JobId;
+
+/// The horizon of "soon" in [`HostGates::backlogged_jobs`]: a job may have as many calls
+/// waiting at a host as its gates can start within this time.
+const SOON: Duration = Duration::from_secs(1);
+
+/// The pause after a 429 that did not say how long to wait.
+pub const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Maps are swept no more often than when they reach this size, then twice the size left.
+const SWEEP_MIN: usize = 64;
+
+/// Limits on the calls to one host: the server's for all jobs, or one job's own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HostLimits {
+    /// Most calls in flight at once.
+    pub concurrency: Option<u32>,
+    /// Most calls started per second (a bucket of one token, refilled at this rate).
+    pub rate: Option<f64>,
+}
+
+impl HostLimits {
+    pub const UNLIMITED: HostLimits = HostLimits {
+        concurrency: None,
+        rate: None,
+    };
+
+    fn is_unlimited(&self) -> bool {
+        self.concurrency.is_none() && self.rate.is_none()
+    }
+
+    /// How many waiting calls these limits can start within [`SOON`].
+    fn soon(&self) -> u64 {
+        let by_concurrency = self.concurrency.map_or(u64::MAX, u64::from);
+        let by_rate = self.rate.map_or(u64::MAX, |r| {
+            (r * SOON.as_secs_f64()).floor().max(1.0) as u64
+        });
+        by_concurrency.min(by_rate)
+    }
+}
+
+/// The key of an endpoint's host: `host` or `host:port` (an explicit, non-default port),
+/// lowercase; `None` for what is not an http(s) URL (the built-in test task).
+pub fn host_key(endpoint: &str) -> Option<Arc<str>> {
+    let url = Url::parse(endpoint).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    // The URL parser lowercases domain names already; IP literals have no case but IPv6's
+    // hexadecimal digits, which it prints in lowercase too.
+    let host = url.host_str()?.to_ascii_lowercase();
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}").into(),
+        None => host.into(),
+    })
+}
+
+/// Until when a host asked to be left alone. Shared by the host's gate and the gates of
+/// every job calling it.
+struct Pause {
+    until: watch::Sender<Option<Instant>>,
+}
+
+impl Pause {
+    fn new() -> Self {
+        Pause {
+            until: watch::Sender::new(None),
+        }
+    }
+
+    /// Pauses until `until` unless a longer pause is in force; true when this extended it.
+    fn extend(&self, until: Instant) -> bool {
+        self.until.send_if_modified(|current| {
+            if current.is_some_and(|c| c >= until) {
+                return false;
+            }
+            *current = Some(until);
+            true
+        })
+    }
+
+    fn until(&self) -> Option<Instant> {
+        *self.until.borrow()
+    }
+
+    fn in_force(&self, now: Instant) -> bool {
+        self.until().is_some_and(|until| until > now)
+    }
+
+    /// Resolves once no pause is in force, however often the pause is extended meanwhile.
+    async fn wait(&self) {
+        let mut changes = self.until.subscribe();
+        loop {
+            let until = *changes.borrow_and_update();
+            match until {
+                Some(until) if until > Instant::now() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        // The sender lives as long as this gate, which the caller holds.
+                        _ = changes.changed() => {}
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+/// The rate half of a gate: a bucket of one token refilled every `interval`, and the
+/// host's pause.
+///
+/// `next` is when the next call may start. A waiter that gets there at `slot` sets it to
+/// `slot + interval`, counted from the slot rather than from when its timer fired, so late
+/// timers do not lower the rate; the cost is that a call after a late one may start less
+/// than `interval` after it (never before its own slot).
+struct Pacer {
+    /// `None`: no rate, only the pause.
+    rate: Option<(Duration, tokio::sync::Mutex<Instant>)>,
+    pause: Arc<Pause>,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>, pause: Arc<Pause>) -> Self {
+        Pacer {
+            rate: rate.map(|r| {
+                // Rates are checked where they come in (`job::PER_HOST_RATES`); whatever
+                // else reaches here still makes a valid interval, at most a day.
+                let interval = Duration::try_from_secs_f64(1.0 / r)
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(86_400));
+                (interval, tokio::sync::Mutex::new(Instant::now()))
+            }),
+            pause,
+        }
+    }
+
+    /// Waits for this call's turn: after the calls queued before it, at least `interval`
+    /// after the previous call, and after any pause.
+    async fn wait(&self) {
+        let Some((interval, next)) = &self.rate else {
+            return self.pause.wait().await;
+        };
+        // The lock is the queue: tokio's Mutex is granted in the order it was asked for.
+        let mut next = next.lock().await;
+        let mut changes = self.pause.until.subscribe();
+        // A bucket that filled up while nobody called gives its token now, not in the past.
+        let mut slot = (*next).max(Instant::now());
+        loop {
+            if let Some(paused) = *changes.borrow_and_update() {
+                slot = slot.max(paused);
+            }
+            if slot <= Instant::now() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(slot) => {}
+                _ = changes.changed() => {}
+            }
+        }
+        *next = slot + *interval;
+    }
+
+    /// Whether the bucket is full, so that forgetting it loses nothing.
+    fn at_rest(&self, now: Instant) -> bool {
+        match &self.rate {
+            None => true,
+            Some((_, next)) => next.try_lock().is_ok_and(|next| *next <= now),
+        }
+    }
+}
+
+/// The limits on calls to one host, of the server or of one job.
+struct Gate {
+    permits: Option<Arc<Semaphore>>,
+    pacer: Pacer,
+}
+
+impl Gate {
+    fn new(limits: HostLimits, pause: Arc<Pause>) -> Self {
+        Gate {
+            permits: limits
+                .concurrency
+                .map(|n| Arc::new(Semaphore::new(n as usize))),
+            pacer: Pacer::new(limits.rate, pause),
+        }
+    }
+
+    /// A concurrency permit (when limited), then the call's turn.
+    async fn pass(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = match &self.permits {
+            Some(permits) => Some(
+                permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("gate semaphores are never closed"),
+            ),
+            None => None,
+        };
+        self.pacer.wait().await;
+        permit
+    }
+
+    fn at_rest(&self, now: Instant) -> bool {
+        self.pacer.at_rest(now)
+    }
+}
+
+/// One job's use of one host.
+struct JobEntry {
+    /// `None` when the job sets no per-host option.
+    gate: Option<Arc<Gate>>,
+    limits: HostLimits,
+    /// Calls of this job at this host: waiting or in flight.
+    users: usize,
+    /// Calls still waiting at the gates.
+    waiting: usize,
+    /// Named by the last `backlogged_jobs`: its claim waits on the backlog to clear.
+    backlogged: bool,
+}
+
+impl JobEntry {
+    fn at_rest(&self, now: Instant) -> bool {
+        self.gate.as_ref().is_none_or(|gate| gate.at_rest(now))
+    }
+}
+
+struct HostEntry {
+    gate: Arc<Gate>,
+    pause: Arc<Pause>,
+    /// Calls to this host, of all jobs: waiting or in flight.
+    users: usize,
+    jobs: HashMap<JobId, JobEntry>,
+    sweep_jobs_at: usize,
+}
+
+impl HostEntry {
+    fn at_rest(&self, now: Instant) -> bool {
+        !self.pause.in_force(now) && self.gate.at_rest(now)
+    }
+}
+
+struct State {
+    hosts: HashMap<Arc<str>, HostEntry>,
+    sweep_hosts_at: usize,
+}
+
+/// Every host gate of this node. See the module docs.
+pub struct HostGates {
+    server: HostLimits,
+    state: Mutex<State>,
+    /// Signalled when a job named by `backlogged_jobs` no longer is: it may be claimed again.
+    cleared: Notify,
+    waiting: Gauge,
+    pauses: Counter,
+}
+
+impl HostGates {
+    /// Gates with the server's limits; `waiting` counts calls waiting at gates, `pauses` the
+    /// pauses that 429 and 503 answers caused.
+    pub fn new(server: HostLimits, waiting: Gauge, pauses: Counter) -> Self {
+        HostGates {
+            server,
+            state: Mutex::new(State {
+                hosts: HashMap::new(),
+                sweep_hosts_at: SWEEP_MIN,
+            }),
+            cleared: Notify::new(),
+            waiting,
+            pauses,
+        }
+    }
+
+    /// Waits until a call of `job` (whose own limits are `limits`) may start at `host`. The
+    /// returned pass holds the call's permits: drop it when the call is over. Dropping the
+    /// future gives up the call's place.
+    pub async fn pass(self: &Arc<Self>, job: JobId, limits: HostLimits, host: Arc<str>) -> Pass {
+        let (host_gate, job_gate, waiting) = self.enter(job, limits, &host);
+        let mut ticket = Ticket {
+            gates: self.clone(),
+            job,
+            host,
+            waiting,
+        };
+        let job_permit = match job_gate {
+            Some(gate) => gate.pass().await,
+            None => None,
+        };
+        let host_permit = if waiting {
+            host_gate.pass().await
+        } else {
+            None
+        };
+        ticket.arrived();
+        Pass {
+            _job_permit: job_permit,
+            _host_permit: host_permit,
+            _ticket: ticket,
+        }
+    }
+
+    /// Registers a call at its gates: the host's, the job's own (when it has limits), and
+    /// whether the call has to wait at all.
+    fn enter(
+        &self,
+        job: JobId,
+        limits: HostLimits,
+        host: &Arc<str>,
+    ) -> (Arc<Gate>, Option<Arc<Gate>>, bool) {
+        let now = Instant::now();
+        let mut state = self.state.lock().expect("not poisoned");
+        let state = &mut *state;
+        if !state.hosts.contains_key(host) {
+            sweep(&mut state.hosts, &mut state.sweep_hosts_at, |h| {
+                h.users > 0 || !h.at_rest(now)
+            });
+            let pause = Arc::new(Pause::new());
+            state.hosts.insert(
+                host.clone(),
+                HostEntry {
+                    gate: Arc::new(Gate::new(self.server, pause.clone())),
+                    pause,
+                    users: 0,
+                    jobs: HashMap::new(),
+                    sweep_jobs_at: SWEEP_MIN,
+                },
+            );
+        }
+        let entry = state.hosts.get_mut(host).expect("inserted above");
+        entry.users += 1;
+        if !entry.jobs.contains_key(&job) {
+            sweep(&mut entry.jobs, &mut entry.sweep_jobs_at, |j| {
+                j.users > 0 || !j.at_rest(now)
+            });
+            entry.jobs.insert(
+                job,
+                JobEntry {
+                    gate: (!limits.is_unlimited())
+                        .then(|| Arc::new(Gate::new(limits, entry.pause.clone()))),
+                    limits,
+                    users: 0,
+                    waiting: 0,
+                    backlogged: false,
+                },
+            );
+        }
+        let job_entry = entry.jobs.get_mut(&job).expect("inserted above");
+        job_entry.users += 1;
+        // Most calls meet no limit and no pause: they need not count as waiting nor take
+        // the pacer's lock.
+        let waiting =
+            job_entry.gate.is_some() || !self.server.is_unlimited() || entry.pause.in_force(now);
+        if waiting {
+            job_entry.waiting += 1;
+            self.waiting.inc();
+        }
+        (entry.gate.clone(), job_entry.gate.clone(), waiting)
+    }
+
+    /// Pauses every new call to `host` for `delay` (a 429 or 503 answer asked for it), unless
+    /// a longer pause is in force.
+    pub fn pause(&self, host: &str, delay: Duration) {
+        let extended = {
+            let state = self.state.lock().expect("not poisoned");
+            // The caller holds a pass for this host, so its entry is there.
+            state
+                .hosts
+                .get(host)
+                .is_some_and(|entry| entry.pause.extend(Instant::now() + delay))
+        };
+        if extended {
+            self.pauses.inc();
+            tracing::debug!(host, delay_ms = delay.as_millis() as u64, "host paused");
+        }
+    }
+
+    /// The jobs that have more calls waiting at a host than its gates can start soon (the
+    /// lower of each gate's concurrency and of one second's worth of its rate; none while a
+    /// pause has more than a second to run). Their calls hold slots of `max_in_flight`
+    /// without making progress: the dispatcher leaves them out of its claims until their
+    /// backlog clears.
+    pub fn backlogged_jobs(&self) -> Vec<JobId> {
+        let now = Instant::now();
+        let mut state = self.state.lock().expect("not poisoned");
+        let mut jobs = HashSet::new();
+        for host in state.hosts.values_mut() {
+            let paused_long = host.pause.until().is_some_and(|until| until > now + SOON);
+            for (id, job) in host.jobs.iter_mut() {
+                let soon = if paused_long { 0 } else { self.soon(job) };
+                job.backlogged = job.waiting as u64 > soon;
+                if job.backlogged {
+                    jobs.insert(*id);
+                }
+            }
+        }
+        jobs.into_iter().collect()
+    }
+
+    /// How many of a job's calls waiting at a host its gates and the host's can start
+    /// within [`SOON`].
+    fn soon(&self, job: &JobEntry) -> u64 {
+        job.limits.soon().min(self.server.soon())
+    }
+
+    /// Resolves when a job that `backlogged_jobs` named has cleared its backlog.
+    pub async fn cleared(&self) {
+        self.cleared.notified().await
+    }
+
+    /// Hosts with a gate in memory.
+    #[cfg(test)]
+    fn hosts(&self) -> usize {
+        self.state.lock().expect("not poisoned").hosts.len()
+    }
+}
+
+/// Removes the entries `keep` rejects once the map has reached `*at`, then sets the next
+/// sweep at twice what is left: the cost is constant per insert on average, and the map
+/// stays within twice the entries in use or holding state.
+fn sweep<K, V>(map: &mut HashMap<K, V>, at: &mut usize, mut keep: impl FnMut(&V) -> bool) {
+    if map.len() < *at {
+        return;
+    }
+    map.retain(|_, v| keep(v));
+    *at = (map.len() * 2).max(SWEEP_MIN);
+}
+
+/// A call's registration at its gates, from the moment it arrives until its call is over.
+struct Ticket {
+    gates: Arc<HostGates>,
+    job: JobId,
+    host: Arc<str>,
+    /// Counted among the calls waiting at the gates.
+    waiting: bool,
+}
+
+impl Ticket {
+    /// The call passed every gate and starts.
+    fn arrived(&mut self) {
+        if !self.waiting {
+            return;
+        }
+        self.waiting = false;
+        let gates = &self.gates;
+        let mut state = gates.state.lock().expect("not poisoned");
+        gates.waiting.dec();
+        let Some(job) = state
+            .hosts
+            .get_mut(&self.host)
+            .and_then(|h| h.jobs.get_mut(&self.job))
+        else {
+            return;
+        };
+        job.waiting -= 1;
+        if job.backlogged && job.waiting as u64 <= gates.soon(job) {
+            job.backlogged = false;
+            gates.cleared.notify_one();
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let gates = &self.gates;
+        let now = Instant::now();
+        let mut state = gates.state.lock().expect("not poisoned");
+        let Some(host) = state.hosts.get_mut(&self.host) else {
+            return;
+        };
+        host.users -= 1;
+        if let Some(job) = host.jobs.get_mut(&self.job) {
+            job.users -= 1;
+            if self.waiting {
+                // Given up while waiting (cancelled, or the engine stopping).
+                job.waiting -= 1;
+                gates.waiting.dec();
+            }
+            if job.users == 0 && job.at_rest(now) {
+                host.jobs.remove(&self.job);
+            }
+        }
+        if host.users == 0 && host.jobs.is_empty() && host.at_rest(now) {
+            state.hosts.remove(&self.host);
+        }
+    }
+}
+
+/// Leave to call a host; dropping it frees the permits taken at the gates.
+pub struct Pass {
+    // Fields drop in order: the permits before the ticket, which looks whether the gates
+    // are at rest.
+    _job_permit: Option<OwnedSemaphorePermit>,
+    _host_permit: Option<OwnedSemaphorePermit>,
+    _ticket: Ticket,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gates(server: HostLimits) -> Arc<HostGates> {
+        Arc::new(HostGates::new(server, Gauge::default(), Counter::default()))
+    }
+
+    fn rate(r: f64) -> HostLimits {
+        HostLimits {
+            concurrency: None,
+            rate: Some(r),
+        }
+    }
+
+    fn concurrency(n: u32) -> HostLimits {
+        HostLimits {
+            concurrency: Some(n),
+            rate: None,
+        }
+    }
+
+    fn host(name: &str) -> Arc<str> {
+        name.into()
+    }
+
+    /// Starts `n` calls of `job` at `host` at once, each holding its pass for `hold`;
+    /// returns when each passed, in milliseconds from the start.
+    async fn starts(
+        gates: &Arc<HostGates>,
+        job: JobId,
+        limits: HostLimits,
+        name: &str,
+        n: usize,
+        hold: Duration,
+    ) -> Vec<u64> {
+        let start = Instant::now();
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let gates = gates.clone();
+                let name = host(name);
+                tokio::spawn(async move {
+                    let pass = gates.pass(job, limits, name).await;
+                    let at = (Instant::now() - start).as_millis() as u64;
+                    tokio::time::sleep(hold).await;
+                    drop(pass);
+                    at
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for call in calls {
+            times.push(call.await.unwrap());
+        }
+        times.sort();
+        times
+    }
+
+    #[test]
+    fn host_keys() {
+        let check = |url: &str, key: Option<&str>| {
+            assert_eq!(host_key(url).as_deref(), key, "{url}");
+        };
+        check("http://API.Example.com/x?y", Some("api.example.com"));
+        check(
+            "https://api.example.com:8443/",
+            Some("api.example.com:8443"),
+        );
+        check("http://api.example.com:80/", Some("api.example.com"));
+        check("http://127.0.0.1:9000/a", Some("127.0.0.1:9000"));
+        check("http://[::1]:9000/a", Some("[::1]:9000"));
+        check("/v1/test", None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_spaces_calls_evenly_without_a_burst() {
+        let gates = gates(rate(10.0));
+        let job = JobId::generate();
+        let times = starts(&gates, job, HostLimits::UNLIMITED, "h", 5, Duration::ZERO).await;
+        assert_eq!(times, [0, 100, 200, 300, 400]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_that_filled_up_gives_one_call_at_once_not_a_burst() {
+        let gates = gates(rate(10.0));
+        let job = JobId::generate();
+        starts(
+            &gates,
+            job,
+            HostLimits::UNLIMITED,
+            "h",
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+        let times = starts(&gates, job, HostLimits::UNLIMITED, "h", 3, Duration::ZERO).await;
+        assert_eq!(times, [0, 100, 200]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_holds_calls_until_a_pass_is_dropped() {
+        let gates = gates(concurrency(2));
+        let job = JobId::generate();
+        let times = starts(
+            &gates,
+            job,
+            HostLimits::UNLIMITED,
+            "h",
+            5,
+            Duration::from_millis(50),
+        )
+        .await;
+        assert_eq!(times, [0, 0, 50, 50, 100]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hosts_are_limited_apart() {
+        let gates = gates(rate(1.0));
+        let job = JobId::generate();
+        let (a, b) = tokio::join!(
+            starts(&gates, job, HostLimits::UNLIMITED, "a", 2, Duration::ZERO),
+            starts(
+                &gates,
+                job,
+                HostLimits::UNLIMITED,
+                "b:81",
+                2,
+                Duration::ZERO
+            ),
+        );
+        assert_eq!((a, b), (vec![0, 1000], vec![0, 1000]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_jobs_limits_apply_to_it_alone_on_top_of_the_servers() {
+        let gates = gates(rate(10.0));
+        let (slow, other) = (JobId::generate(), JobId::generate());
+        let (a, b) = tokio::join!(
+            starts(&gates, slow, rate(2.0), "h", 3, Duration::ZERO),
+            starts(&gates, other, HostLimits::UNLIMITED, "h", 3, Duration::ZERO),
+        );
+        // Its first call may queue behind the other job's at the server's gate.
+        assert!(a[0] <= 300 && a[1..] == [500, 1000], "{a:?}");
+        // The other job shares the server's 10 a second with the first.
+        assert!(b.iter().all(|&t| t <= 300), "{b:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_every_new_call_then_the_rate_resumes_from_empty() {
+        let gates = gates(rate(10.0));
+        let job = JobId::generate();
+        starts(&gates, job, HostLimits::UNLIMITED, "h", 1, Duration::ZERO).await;
+        // Held by the host so that its entry stays, as a call's own pass does.
+        let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+        gates.pause("h", Duration::from_secs(1));
+        let times = starts(
+            &gates,
+            JobId::generate(),
+            rate(100.0),
+            "h",
+            3,
+            Duration::ZERO,
+        )
+        .await;
+        drop(held);
+        assert_eq!(times, [1000, 1100, 1200]);
+        assert_eq!(gates.pauses.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_hosts_without_limits_too_and_can_be_extended() {
+        let gates = gates(HostLimits::UNLIMITED);
+        let job = JobId::generate();
+        let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+        gates.pause("h", Duration::from_millis(500));
+        let waiter = tokio::spawn({
+            let gates = gates.clone();
+            async move {
+                let start = Instant::now();
+                let _pass = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+                (Instant::now() - start).as_millis()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gates.pause("h", Duration::from_millis(1000));
+        // A shorter pause than the one in force changes nothing.
+        gates.pause("h", Duration::from_millis(10));
+        assert_eq!(waiter.await.unwrap(), 1200);
+        assert_eq!(gates.pauses.get(), 2);
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_gives_up_waiting_leaves_no_gap() {
+        let gates = gates(rate(1.0));
+        let job = JobId::generate();
+        let _first = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+        let start = Instant::now();
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(300),
+            gates.pass(job, HostLimits::UNLIMITED, host("h")),
+        )
+        .await;
+        assert!(given_up.is_err());
+        assert_eq!(gates.waiting.get(), 0);
+        let _second = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+        assert_eq!((Instant::now() - start).as_millis(), 1000);
+    }
+
+    /// Lets every spawned task run until it waits on something: the paused clock moves
+    /// only once all of them do.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    fn waiter(
+        gates: &Arc<HostGates>,
+        job: JobId,
+        limits: HostLimits,
+        name: &'static str,
+    ) -> tokio::task::JoinHandle<()> {
+        let gates = gates.clone();
+        tokio::spawn(async move {
+            let _pass = gates.pass(job, limits, host(name)).await;
+        })
+    }
+
+    fn sorted(mut jobs: Vec<JobId>) -> Vec<JobId> {
+        jobs.sort();
+        jobs
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_with_more_waiting_than_soon_startable_are_backlogged() {
+        let gates = gates(concurrency(2));
+        let (busy, light) = (JobId::generate(), JobId::generate());
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(gates.pass(busy, HostLimits::UNLIMITED, host("h")).await);
+        }
+        // Two waiting at a limit of two: they start as soon as the calls in flight end.
+        let mut waiters: Vec<_> = (0..2)
+            .map(|_| waiter(&gates, busy, HostLimits::UNLIMITED, "h"))
+            .collect();
+        settle().await;
+        assert_eq!(gates.waiting.get(), 2);
+        assert_eq!(gates.backlogged_jobs(), Vec::<JobId>::new());
+        waiters.push(waiter(&gates, busy, HostLimits::UNLIMITED, "h"));
+        // A job with a limit of its own of one a second: its first call goes at once, the
+        // next two wait.
+        for _ in 0..3 {
+            waiters.push(waiter(&gates, light, rate(1.0), "other"));
+        }
+        settle().await;
+        assert_eq!(gates.waiting.get(), 5);
+        assert_eq!(sorted(gates.backlogged_jobs()), sorted(vec![busy, light]));
+        // The backlog clears as calls start; the dispatcher hears of it.
+        held.clear();
+        tokio::time::timeout(Duration::from_millis(10), gates.cleared())
+            .await
+            .expect("the busy job's backlog clears");
+        assert_eq!(gates.backlogged_jobs(), vec![light]);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(gates.backlogged_jobs(), Vec::<JobId>::new());
+        assert_eq!(gates.waiting.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_pause_backlogs_any_job_waiting_at_the_host() {
+        let gates = gates(HostLimits::UNLIMITED);
+        let job = JobId::generate();
+        let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+        gates.pause("h", Duration::from_secs(5));
+        let w = waiter(&gates, job, HostLimits::UNLIMITED, "h");
+        settle().await;
+        assert_eq!(gates.backlogged_jobs(), vec![job]);
+        drop(held);
+        w.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_gates_are_dropped() {
+        let gates = gates(HostLimits::UNLIMITED);
+        let job = JobId::generate();
+        for i in 0..10 {
+            starts(&gates, job, rate(5.0), &format!("h{i}"), 2, Duration::ZERO).await;
+        }
+        // Each job's bucket is still refilling: its gate stays so that its rate holds.
+        assert_eq!(gates.hosts(), 10);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A gate with nothing to keep goes with its last call.
+        starts(
+            &gates,
+            job,
+            HostLimits::UNLIMITED,
+            "once",
+            1,
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(gates.hosts(), 10);
+        // The ten left over go at the next sweep, when the map has grown to SWEEP_MIN.
+        let mut held = Vec::new();
+        for i in 0..SWEEP_MIN - 10 {
+            held.push(
+                gates
+                    .pass(job, HostLimits::UNLIMITED, host(&format!("x{i}")))
+                    .await,
+            );
+        }
+        assert_eq!(gates.hosts(), SWEEP_MIN);
+        held.push(gates.pass(job, HostLimits::UNLIMITED, host("y")).await);
+        assert_eq!(gates.hosts(), SWEEP_MIN - 10 + 1);
+        held.clear();
+        assert_eq!(gates.hosts(), 0);
+    }
+}
