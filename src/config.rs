@@ -52,6 +52,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the HTTP service.
     Serve(ServeArgs),
+    /// Create the database's schema: a DynamoDB table (on-demand capacity, with its
+    /// indexes), or a SQLite file's tables. Waits until it is ready.
+    Migrate(MigrateArgs),
     /// Run one job in-process (no server), print its final document, exit 0 if Complete.
     Run(RunArgs),
     /// Print a new webhook signing secret (for --webhook-secret).
@@ -77,7 +80,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DOPARALLEL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Database URL: sqlite://PATH (created with its schema if missing).
+    /// Database URL: sqlite://PATH (created with its schema if missing), or
+    /// dynamodb://TABLE?region=REGION[&endpoint=URL] (created by `doparallel migrate`).
     #[arg(
         long,
         env = "DOPARALLEL_DATABASE_URL",
@@ -132,6 +136,13 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Database URL, as given to serve.
+    #[arg(long, env = "DOPARALLEL_DATABASE_URL")]
+    pub database: String,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Migrate(args) => {
+                println!("{}", store::migrate(&args.database).await?);
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Run(args) => run(args).await,
             Command::Secret => {
                 println!("{}", WebhookSecret::generate());
@@ -77,6 +81,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.listen
         );
     }
+    if args.database.starts_with("dynamodb:") {
+        dynamodb_limits(&args)?;
+    }
     let store = store::open(&args.database).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -95,6 +102,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     doparallel::serve(listener, store, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a DynamoDB item can hold: parameters that cannot be stored are refused at start,
+/// and answers larger than a stored result are worth failing before they are read whole.
+fn dynamodb_limits(args: &ServeArgs) -> anyhow::Result<()> {
+    use doparallel::store::dynamodb::{MAX_PARAMS_BYTES, MAX_RESULT_BYTES};
+    if args.engine.max_params_bytes > MAX_PARAMS_BYTES {
+        anyhow::bail!(
+            "--max-params-bytes {} is more than the DynamoDB store can keep in one item \
+             ({MAX_PARAMS_BYTES}); lower it",
+            args.engine.max_params_bytes
+        );
+    }
+    if args.engine.max_response_bytes > MAX_RESULT_BYTES {
+        tracing::warn!(
+            max_response_bytes = args.engine.max_response_bytes,
+            stored_at_most = MAX_RESULT_BYTES,
+            "task results larger than the DynamoDB store keeps are stored as failures \
+             (response_too_large); set --max-response-bytes {MAX_RESULT_BYTES} to stop such \
+             calls as soon as the limit is read"
+        );
+    }
+    Ok(())
 }
 
 /// The tokens of --api-token and --api-token-file together.

@@ -5,6 +5,7 @@
 //! records at once (a submission, a claim, a batch of task outcomes) are atomic: either all
 //! of it is stored or none.
 
+pub mod dynamodb;
 mod postgres;
 mod sqlite;
 
@@ -16,6 +17,7 @@ use url::Url;
 
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
+pub use dynamodb::DynamoStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -56,20 +58,47 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Milliseconds since the Unix epoch; every time the store keeps is one of these.
 pub type Millis = i64;
 
-/// Opens the backend named by the URL's scheme, creating its schema when missing.
+/// Opens the backend named by the URL's scheme. SQLite creates its schema when missing;
+/// a DynamoDB table must have been created by [`migrate`] (creating a table is an
+/// administrator's decision: it costs money and needs permissions a service should not hold).
 pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PostgresStore::open(url).await?))
+    } else if url.starts_with("dynamodb:") {
+        Ok(Arc::new(DynamoStore::open(url).await?))
     } else {
-        // Only the scheme: the rest may hold a password.
-        let scheme = url.split_once(':').map_or(url, |(scheme, _)| scheme);
-        Err(StoreError::Other(format!(
-            "unsupported database URL scheme {scheme:?}: expected sqlite://PATH, \
-             sqlite::memory: or postgres://USER@HOST:PORT/DATABASE"
-        )))
+        Err(unsupported(url))
     }
+}
+
+/// Creates or brings up to date the schema of the database at `url`; says what it did.
+pub async fn migrate(url: &str) -> StoreResult<String> {
+    if url.starts_with("sqlite:") {
+        SqliteStore::open(url).await?;
+        Ok(format!("database {url} is up to date"))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        PostgresStore::open(url).await?;
+        Ok("the PostgreSQL schema is up to date".into())
+    } else if url.starts_with("dynamodb:") {
+        let (outcome, what) = DynamoStore::migrate(url).await?;
+        Ok(match outcome {
+            dynamodb::Migrated::Created => format!("{what} created and active"),
+            dynamodb::Migrated::AlreadyThere => format!("{what} exists and is active"),
+        })
+    } else {
+        Err(unsupported(url))
+    }
+}
+
+fn unsupported(url: &str) -> StoreError {
+    // Only the scheme: the rest may hold a password.
+    let scheme = url.split_once(':').map_or(url, |(scheme, _)| scheme);
+    StoreError::Other(format!(
+        "unsupported database URL scheme {scheme:?}: expected sqlite://PATH, sqlite::memory:, \
+         postgres://USER@HOST:PORT/DATABASE or dynamodb://TABLE?region=REGION[&endpoint=URL]"
+    ))
 }
 
 /// A job as stored, without its tasks.

@@ -1,4 +1,5 @@
-//! Several `doparallel serve` processes on one PostgreSQL database: a node killed mid-job is
+//! Several `doparallel serve` processes on one PostgreSQL database (and, for the kill, one
+//! DynamoDB table): a node killed mid-job is
 //! taken over, nodes wake each other through the database, a cancel stops calls on every
 //! node, and an idle node stays quiet.
 
@@ -29,11 +30,27 @@ async fn metric(api: &Api, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
-    const TASKS: usize = 1500;
-    const IN_FLIGHT: usize = 16;
     let Some(db) = pg::database().await else {
         return;
     };
+    killed_node_is_taken_over(&db.url, 1500).await;
+}
+
+/// The same on DynamoDB (moto): two nodes that hear of each other's work only by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamodb_node_killed_mid_job_is_taken_over_by_the_other() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    // moto runs one request at a time: fewer tasks than on PostgreSQL, the same story.
+    killed_node_is_taken_over(&url, 300).await;
+}
+
+/// Two nodes on the database at `url` share a job of `tasks` tasks; one is SIGKILLed midway;
+/// the other finishes the job, each result stored once, the callback delivered once.
+async fn killed_node_is_taken_over(url: &str, tasks: usize) {
+    const IN_FLIGHT: usize = 16;
+    let db_url = url;
     let endpoint = Endpoint::start().await;
     let mut receiver = Receiver::start(0, 200).await;
     let in_flight = IN_FLIGHT.to_string();
@@ -44,13 +61,13 @@ async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
         "--lease-timeout",
         "2s",
     ];
-    let mut doomed = ServerProcess::start_url(&db.url, &args);
-    let survivor = ServerProcess::start_url(&db.url, &args);
+    let mut doomed = ServerProcess::start_url(db_url, &args);
+    let survivor = ServerProcess::start_url(db_url, &args);
 
     let id = doomed
         .api
         .submit(&job_of(
-            TASKS,
+            tasks,
             // Slow enough that the doomed node always has calls under way.
             &endpoint.url("slow?ms=40"),
             Some(&receiver.url()),
@@ -61,13 +78,13 @@ async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
     eventually("both nodes to finish tasks of the job", || async {
         let here = metric(&doomed.api, "doparallel_tasks_finished_total").await;
         let there = metric(&survivor.api, "doparallel_tasks_finished_total").await;
-        (here > 0.0 && there > 0.0 && endpoint.call_count() >= TASKS / 3).then_some(())
+        (here > 0.0 && there > 0.0 && endpoint.call_count() >= tasks / 3).then_some(())
     })
     .await;
     doomed.sigkill();
     let killed_at = Instant::now();
     assert!(
-        endpoint.call_count() < TASKS,
+        endpoint.call_count() < tasks,
         "the job finished before the kill"
     );
 
@@ -77,8 +94,8 @@ async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
     assert_eq!(delivery.body["job_id"], id.as_str());
     assert_eq!(delivery.body["status"], "Complete");
     let result = delivery.body["result"].as_object().unwrap();
-    assert_eq!(result.len(), TASKS);
-    for i in 1..=TASKS {
+    assert_eq!(result.len(), tasks);
+    for i in 1..=tasks {
         let entry = &result[&i.to_string()];
         assert_eq!(entry["status"], "Complete", "task {i}");
         assert_eq!(entry["result"], json!({"i": i}), "task {i}");
@@ -87,7 +104,7 @@ async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
     // Every task was called; only those in flight on the killed node were called again,
     // with the same Idempotency-Key, each once more.
     let per_key = endpoint.calls_per_key();
-    assert_eq!(per_key.len(), TASKS);
+    assert_eq!(per_key.len(), tasks);
     let repeated: HashMap<_, _> = per_key.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         repeated.len() <= IN_FLIGHT,
@@ -102,7 +119,7 @@ async fn a_node_killed_mid_job_is_taken_over_by_the_other() {
 
     // Each result stored once: the counters add up to the tasks, none left running.
     let job = survivor.api.wait_settled(&id).await;
-    assert_eq!(job["counts"]["complete"], TASKS);
+    assert_eq!(job["counts"]["complete"], tasks);
     assert_eq!(job["counts"]["running"], 0);
     assert_eq!(job["callback"]["state"], "delivered");
     assert_eq!(job["callback"]["attempts"], 1);

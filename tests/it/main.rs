@@ -13,6 +13,7 @@ mod faults;
 mod helpers;
 mod hosts;
 mod lifecycle;
+mod moto;
 mod observe;
 mod pg;
 mod reports;

@@ -1,6 +1,6 @@
 //! The store conformance suite: the same scenarios, written once against the `Store` trait,
 //! run on every backend (SQLite on a temporary file, PostgreSQL on a fresh database of the
-//! test cluster, see `pg.rs`). A backend that passes them keeps the engine's contract:
+//! test cluster, see `pg.rs`; DynamoDB on a fresh table of moto's server, see `moto.rs`). A backend that passes them keeps the engine's contract:
 //! submissions, claims, settles, fan-in, leases, the callback outbox, cancel, delete, purge
 //! and recovery behave the same whatever is behind the trait.
 //!
@@ -25,8 +25,8 @@ use serde_json::value::RawValue;
 /// How long a claim's lease lasts in these scenarios.
 const LEASE: Millis = 30_000;
 
-/// Writes one scenario's test for each backend: `store::sqlite::NAME` and
-/// `store::postgres::NAME`.
+/// Writes one scenario's test for each backend: `store::sqlite::NAME`,
+/// `store::postgres::NAME` and `store::dynamodb::NAME` (on moto, see `moto.rs`).
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -46,6 +46,15 @@ macro_rules! conformance {
                 async fn $name() {
                     let Some(db) = crate::pg::database().await else { return };
                     super::$name(db.store().await).await;
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(url) = crate::moto::fresh_table().await else { return };
+                    super::$name(doparallel::store::open(&url).await.unwrap()).await;
                 }
             )*
         }
@@ -81,6 +90,9 @@ conformance!(
     awaited_attempts_wait_for_their_report,
     awaited_attempts_time_out,
     task_token_key_is_stable,
+    numbers_round_trip_exactly,
+    jobs_larger_than_a_transaction,
+    submission_of_many_tasks,
 );
 
 // ---- helpers ----
@@ -1561,6 +1573,84 @@ async fn task_token_key_is_stable(store: Arc<dyn Store>) {
 // Each `db.store()` is a store of its own with its own connections, as a separate node
 // would have.
 
+/// Parameters and results are kept as the exact text: numbers that DynamoDB's number type
+/// or a float would change come back digit for digit.
+async fn numbers_round_trip_exactly(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let text = r#"{"big":1e400,"tenth":0.1,"int":12345678901234567890,"neg":-0.0,"e":-0.0e-7,"k":[1.10,2E+3]}"#;
+    let mut job = new_job(1, options(), false);
+    job.tasks[0].params = raw(text);
+    let id = insert(&store, &job, t0).await;
+    let node = NodeId::random();
+    let c = claim(&store, node, 1, t0).await;
+    assert_eq!(c.tasks[0].params.get(), text);
+    settle_all(&store, node, vec![settle(&c.tasks[0], complete(text), t0)]).await;
+    let stored = all_tasks(&store, id).await;
+    assert_eq!(stored[0].result.as_ref().unwrap().get(), text);
+}
+
+/// A job of more tasks than one DynamoDB transaction holds (100 items) is claimed and
+/// settled whole, and finished once.
+async fn jobs_larger_than_a_transaction(store: Arc<dyn Store>) {
+    const TASKS: usize = 250;
+    let t0 = now_millis();
+    let id = insert(&store, &new_job(TASKS, options(), true), t0).await;
+    assert_eq!(store.queue_depth().await.unwrap(), TASKS as u64);
+    let node = NodeId::random();
+    let c = claim(&store, node, 512, t0).await;
+    assert_eq!(indexes(&c, id).len(), TASKS);
+    let batch = c
+        .tasks
+        .iter()
+        .map(|t| settle(t, complete("1"), t0))
+        .collect();
+    let report = settle_all(&store, node, batch).await;
+    assert_eq!(report.complete, TASKS as u64);
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(job_of(&store, id).await.complete, TASKS as u64);
+    let last = store
+        .tasks_page(
+            id,
+            &TaskPageQuery {
+                after: TASKS as u64 - 2,
+                limit: 10,
+                status: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(last.iter().map(|t| t.index).collect::<Vec<_>>(), [249, 250]);
+}
+
+/// Storing a job of 20,000 tasks takes seconds, not minutes.
+async fn submission_of_many_tasks(store: Arc<dyn Store>) {
+    const TASKS: usize = 20_000;
+    let t0 = now_millis();
+    let started = std::time::Instant::now();
+    let id = insert(&store, &new_job(TASKS, options(), false), t0).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "{TASKS} tasks took {took:?}"
+    );
+    assert_eq!(store.queue_depth().await.unwrap(), TASKS as u64);
+    let last = store
+        .tasks_page(
+            id,
+            &TaskPageQuery {
+                after: TASKS as u64 - 1,
+                limit: 10,
+                status: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        last.iter().map(|t| t.index).collect::<Vec<_>>(),
+        [TASKS as u64]
+    );
+}
+
 /// The next `n` notices (in any order, sorted), then checks that no more come.
 async fn notices(stream: &mut doparallel::store::Notices, n: usize) -> Vec<Notice> {
     let mut seen = Vec::new();
@@ -1804,4 +1894,155 @@ async fn postgres_unreachable_database_is_named_without_its_password() {
     let message = e.to_string();
     assert!(message.contains("\"mysql\""), "{message}");
     assert!(!message.contains("s3cret"), "{message}");
+}
+
+// ---- DynamoDB only: separate clients on one table, as separate processes would have ----
+
+/// Two clients claiming one job at once never get the same task (conditional transactions;
+/// see `moto.rs` for why moto runs one request at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_two_clients_never_claim_the_same_task() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    const TASKS: usize = 120;
+    let a = doparallel::store::open(&url).await.unwrap();
+    let b = doparallel::store::open(&url).await.unwrap();
+    let t0 = now_millis();
+    let id = insert(&a, &new_job(TASKS, options(), false), t0).await;
+    let drain = |store: Arc<dyn Store>| async move {
+        let node = NodeId::random();
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            let c = claim(&store, node, 7, t0).await;
+            if c.tasks.is_empty() && store.queue_depth().await.unwrap() == 0 {
+                break;
+            }
+            got.extend(indexes(&c, id));
+        }
+        got
+    };
+    let (x, y) = tokio::join!(drain(a.clone()), drain(b.clone()));
+    let mut seen = HashSet::new();
+    for index in x.iter().chain(&y) {
+        assert!(seen.insert(*index), "task {index} was claimed twice");
+    }
+    assert_eq!(seen.len(), TASKS);
+    assert!(!x.is_empty() && !y.is_empty(), "both clients claimed");
+    assert_eq!(job_of(&a, id).await.running, TASKS as u64);
+}
+
+/// A client's sweep takes back the tasks of another whose lease ran out, and that one's
+/// late outcome is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_another_client_takes_over_an_expired_lease() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    let a = doparallel::store::open(&url).await.unwrap();
+    let b = doparallel::store::open(&url).await.unwrap();
+    let t0 = now_millis();
+    let (dead, alive) = (NodeId::random(), NodeId::random());
+    let id = insert(&a, &new_job(2, options(), false), t0).await;
+    let lost = a
+        .tasks_claim(&ClaimParams {
+            limit: 2,
+            now: t0,
+            node: dead,
+            lease_until: t0 + 1_000,
+            skip_jobs: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .tasks;
+    assert_eq!(b.tasks_expire(t0 + 2_000).await.unwrap(), 2);
+    let again = claim(&b, alive, 5, t0 + 2_000).await;
+    assert_eq!(indexes(&again, id), vec![1, 2]);
+    let late = settle_all(&a, dead, vec![settle(&lost[0], complete("1"), t0)]).await;
+    assert_eq!(applied(&late), 0);
+    let batch = again
+        .tasks
+        .iter()
+        .map(|t| settle(t, complete("2"), t0))
+        .collect();
+    assert_eq!(settle_all(&b, alive, batch).await.finished.len(), 1);
+    assert_eq!(job_of(&a, id).await.complete, 2);
+}
+
+/// A result too large for a DynamoDB item is stored as a failure that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_refuses_a_result_over_its_item_limit() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    let store = doparallel::store::open(&url).await.unwrap();
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let id = insert(&store, &new_job(1, options(), false), t0).await;
+    let c = claim(&store, node, 1, t0).await;
+    let big = format!(
+        "\"{}\"",
+        "x".repeat(doparallel::store::dynamodb::MAX_RESULT_BYTES)
+    );
+    let report = settle_all(&store, node, vec![settle(&c.tasks[0], complete(&big), t0)]).await;
+    assert_eq!((report.failed, report.finished.len()), (1, 1));
+    let error = all_tasks(&store, id).await[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .get()
+        .to_string();
+    assert!(
+        error.contains("response_too_large") && error.contains("400 KB"),
+        "{error}"
+    );
+}
+
+/// What a job costs in DynamoDB requests, counted by the store: the README's cost notes
+/// come from this test's output (`cargo test dynamodb_requests_per_task -- --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_requests_per_task() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    const TASKS: usize = 200;
+    let store = doparallel::store::DynamoStore::open(&url).await.unwrap();
+    let counts = store.counts.clone();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = crate::helpers::Api::new(listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = doparallel::ServeOptions {
+        engine: crate::helpers::engine_config(),
+        shutdown_grace: Duration::from_secs(5),
+        max_body_bytes: 4 * 1024 * 1024,
+        tokens: Default::default(),
+    };
+    let server = tokio::spawn(doparallel::serve(listener, store, options, async {
+        let _ = stopped.await;
+    }));
+    let job = crate::helpers::job_of(TASKS, "/v1/test", None, serde_json::json!({}));
+    let before = counts.snapshot();
+    let id = api.submit(&job).await;
+    let done = api.wait_settled(&id).await;
+    assert_eq!(done["counts"]["complete"], TASKS);
+    let after = counts.snapshot();
+    let _ = stop.send(());
+    let _ = server.await;
+    let mut lines = Vec::new();
+    for (op, n) in &after {
+        let n = n - before.get(op).copied().unwrap_or(0);
+        lines.push(format!(
+            "{op}: {n} ({:.2} per task)",
+            n as f64 / TASKS as f64
+        ));
+    }
+    eprintln!(
+        "DynamoDB requests for a job of {TASKS} tasks, submit to finish:\n  {}",
+        lines.join("\n  ")
+    );
+    // Transactions carry up to 99 tasks: far fewer requests than tasks.
+    let transactions =
+        after["TransactWriteItems"] - before.get("TransactWriteItems").copied().unwrap_or(0);
+    assert!(transactions < TASKS as u64, "{transactions} transactions");
 }
