@@ -5,6 +5,7 @@
 //! records at once (a submission, a claim, a batch of task outcomes) are atomic: either all
 //! of it is stored or none.
 
+mod codec;
 pub mod dynamodb;
 mod postgres;
 mod sqlite;

@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use serde_json::value::RawValue;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, Row, Transaction};
 
+use super::codec::{parse_id, parse_options, raw};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -389,54 +389,21 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// Status codes are SMALLINT here (0 to 4, see `codec`).
 fn job_status_code(s: JobStatus) -> i16 {
-    match s {
-        JobStatus::Pending => 0,
-        JobStatus::Running => 1,
-        JobStatus::Complete => 2,
-        JobStatus::Failed => 3,
-        JobStatus::Cancelled => 4,
-    }
-}
-
-fn job_status_from(code: i16) -> StoreResult<JobStatus> {
-    Ok(match code {
-        0 => JobStatus::Pending,
-        1 => JobStatus::Running,
-        2 => JobStatus::Complete,
-        3 => JobStatus::Failed,
-        4 => JobStatus::Cancelled,
-        other => {
-            return Err(StoreError::Other(format!(
-                "unknown job status code {other}"
-            )));
-        }
-    })
+    super::codec::job_status_code(s) as i16
 }
 
 fn task_status_code(s: TaskStatus) -> i16 {
-    match s {
-        TaskStatus::Pending => 0,
-        TaskStatus::Running => 1,
-        TaskStatus::Complete => 2,
-        TaskStatus::Failed => 3,
-        TaskStatus::Cancelled => 4,
-    }
+    super::codec::task_status_code(s) as i16
+}
+
+fn job_status_from(code: i16) -> StoreResult<JobStatus> {
+    super::codec::job_status_from(code.into())
 }
 
 fn task_status_from(code: i16) -> StoreResult<TaskStatus> {
-    Ok(match code {
-        0 => TaskStatus::Pending,
-        1 => TaskStatus::Running,
-        2 => TaskStatus::Complete,
-        3 => TaskStatus::Failed,
-        4 => TaskStatus::Cancelled,
-        other => {
-            return Err(StoreError::Other(format!(
-                "unknown task status code {other}"
-            )));
-        }
-    })
+    super::codec::task_status_from(code.into())
 }
 
 const CB_PENDING: i16 = 1;
@@ -467,24 +434,6 @@ async fn notify(tx: &mut Transaction<'_, Postgres>, payload: &str) -> StoreResul
         .await
         .map_err(map_err)?;
     Ok(())
-}
-
-fn raw(text: Option<String>) -> StoreResult<Option<Box<RawValue>>> {
-    text.map(|t| {
-        RawValue::from_string(t)
-            .map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
-    })
-    .transpose()
-}
-
-fn parse_options(text: &str) -> StoreResult<JobOptions> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
-}
-
-fn parse_id(text: &str) -> StoreResult<JobId> {
-    text.parse()
-        .map_err(|e| StoreError::Other(format!("stored job id {text:?} is invalid: {e}")))
 }
 
 const JOB_COLUMNS: &str = "j.id::text AS id, j.owner, j.status, j.options, j.total, j.n_running, \

@@ -14,13 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::value::RawValue;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::codec::{
+    job_status_code, job_status_from, parse_id, parse_options, raw, task_status_code,
+    task_status_from,
+};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -28,7 +31,7 @@ use super::{
     SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskReport,
     TaskSettle, url_text,
 };
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
+use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob};
 
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
 /// SQLite's limit on bound parameters).
@@ -428,77 +431,9 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn job_status_code(s: JobStatus) -> i64 {
-    match s {
-        JobStatus::Pending => 0,
-        JobStatus::Running => 1,
-        JobStatus::Complete => 2,
-        JobStatus::Failed => 3,
-        JobStatus::Cancelled => 4,
-    }
-}
-
-fn job_status_from(code: i64) -> StoreResult<JobStatus> {
-    Ok(match code {
-        0 => JobStatus::Pending,
-        1 => JobStatus::Running,
-        2 => JobStatus::Complete,
-        3 => JobStatus::Failed,
-        4 => JobStatus::Cancelled,
-        other => {
-            return Err(StoreError::Other(format!(
-                "unknown job status code {other}"
-            )));
-        }
-    })
-}
-
-fn task_status_code(s: TaskStatus) -> i64 {
-    match s {
-        TaskStatus::Pending => 0,
-        TaskStatus::Running => 1,
-        TaskStatus::Complete => 2,
-        TaskStatus::Failed => 3,
-        TaskStatus::Cancelled => 4,
-    }
-}
-
-fn task_status_from(code: i64) -> StoreResult<TaskStatus> {
-    Ok(match code {
-        0 => TaskStatus::Pending,
-        1 => TaskStatus::Running,
-        2 => TaskStatus::Complete,
-        3 => TaskStatus::Failed,
-        4 => TaskStatus::Cancelled,
-        other => {
-            return Err(StoreError::Other(format!(
-                "unknown task status code {other}"
-            )));
-        }
-    })
-}
-
 const CB_PENDING: i64 = 1;
 const CB_DELIVERED: i64 = 2;
 const CB_FAILED: i64 = 3;
-
-fn raw(text: Option<String>) -> StoreResult<Option<Box<RawValue>>> {
-    text.map(|t| {
-        RawValue::from_string(t)
-            .map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
-    })
-    .transpose()
-}
-
-fn parse_options(text: &str) -> StoreResult<JobOptions> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
-}
-
-fn parse_id(text: &str) -> StoreResult<JobId> {
-    text.parse()
-        .map_err(|e| StoreError::Other(format!("stored job id {text:?} is invalid: {e}")))
-}
 
 const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
      j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";

@@ -92,6 +92,7 @@ use serde_json::value::RawValue;
 use self::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s};
 pub use self::schema::Migrated;
 use self::schema::{Location, sdk_error};
+use super::codec::{self, parse_id, parse_options};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -217,11 +218,6 @@ fn queue_sk(run_at: Millis, index: u64) -> String {
     format!("{}#{index:010}", pad_time(run_at))
 }
 
-fn parse_id(text: &str) -> StoreResult<JobId> {
-    text.parse()
-        .map_err(|e| StoreError::Other(format!("stored job id {text:?} is invalid: {e}")))
-}
-
 /// The job id in a `JOB#<id>` key.
 fn id_of_pk(pk: &str) -> StoreResult<JobId> {
     parse_id(pk.strip_prefix("JOB#").unwrap_or(pk))
@@ -235,13 +231,7 @@ fn index_of_sk(sk: &str) -> StoreResult<u64> {
 }
 
 fn raw(text: &str) -> StoreResult<Box<RawValue>> {
-    RawValue::from_string(text.to_string())
-        .map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
-}
-
-fn parse_options(text: &str) -> StoreResult<JobOptions> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
+    Ok(codec::raw(Some(text.to_string()))?.expect("some text"))
 }
 
 /// Requests made, per operation: the README's cost figures come from these.
