@@ -956,8 +956,8 @@ async fn job_events(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TaskReportBody<'a> {
-    /// `Complete` or `Failed`; a reported failure is final (no retry).
-    status: String,
+    /// A reported failure is final (no retry).
+    status: ReportedStatus,
     /// The task's result (any JSON, kept exactly as sent); with `Complete`.
     #[serde(borrow, default)]
     #[schema(value_type = Option<serde_json::Value>)]
@@ -966,6 +966,12 @@ struct TaskReportBody<'a> {
     #[serde(borrow, default)]
     #[schema(value_type = Option<serde_json::Value>)]
     error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, ToSchema)]
+enum ReportedStatus {
+    Complete,
+    Failed,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -987,7 +993,6 @@ struct ReportAnswer {
         (status = 404, description = "No attempt waits for this token (unknown, timed out, superseded, or the job was cancelled)", body = ErrorBody),
         (status = 409, description = "This attempt's outcome was already reported", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "Unknown status", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     )
 )]
@@ -1003,19 +1008,13 @@ async fn report_task(
             format!("body is not a task report ({{\"status\":\"Complete\",\"result\":...}} or {{\"status\":\"Failed\",\"error\":...}}): {e}"),
         )
     })?;
-    let outcome = match report.status.as_str() {
-        "Complete" => SettleOutcome::Complete {
+    let outcome = match report.status {
+        ReportedStatus::Complete => SettleOutcome::Complete {
             result: compact_json(report.result.unwrap_or(null_json())),
         },
-        "Failed" => SettleOutcome::Failed {
+        ReportedStatus::Failed => SettleOutcome::Failed {
             error: compact_json(report.error.unwrap_or(null_json())),
         },
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("status: expected \"Complete\" or \"Failed\", got {other:?}"),
-            ));
-        }
     };
     match state.engine.report(&token, outcome).await? {
         ReportOutcome::Applied(_) => Ok(Json(ReportAnswer { status: "Stored" })),
