@@ -760,15 +760,11 @@ async fn notice_loop(engine: Arc<Engine>, mut notices: Notices, stop: Cancellati
             Some(Notice::Work) => engine.work.notify_one(),
             Some(Notice::CallbackDue) => engine.callbacks_due.notify_one(),
             Some(Notice::Cancelled(id)) => {
-                let here = engine
-                    .running_jobs
-                    .lock()
-                    .expect("not poisoned")
-                    .contains_key(&id);
-                if here {
-                    tracing::info!(job_id = %id, "job cancelled on another node; aborting its calls here");
-                    engine.abort_calls(id);
-                }
+                // Even when this node has no token for the job yet: a claim that committed
+                // just before the cancel may be about to look one up, and must find it
+                // cancelled (as in `Engine::cancel`).
+                tracing::debug!(job_id = %id, "job cancelled; aborting its calls here, if any");
+                engine.abort_calls(id);
             }
             None => {
                 // The backend reconnects inside its stream; an ended stream means it gave

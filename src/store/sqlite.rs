@@ -1052,7 +1052,7 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
         let mut recovered = 0;
         for seq in seqs {
-            recovered += sqlx::query(
+            let n = sqlx::query(
                 "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
                  lease_until = NULL WHERE job_seq = ? AND status = 1 \
                  AND (node IS NOT NULL OR lease_until IS NULL)",
@@ -1062,11 +1062,14 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?
             .rows_affected();
-            sqlx::query("UPDATE jobs SET n_running = 0 WHERE seq = ?")
+            // Only the calls taken back: awaited attempts stay Running, and counted.
+            sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
+                .bind(n as i64)
                 .bind(seq)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
+            recovered += n;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(recovered)

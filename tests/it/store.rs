@@ -1364,6 +1364,8 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
         all_tasks(&store, awaited).await[0].status,
         TaskStatus::Running
     );
+    // ... and still counted, so its report or its deadline can finish the job.
+    assert_eq!(job_of(&store, awaited).await.running, 1);
     let tasks = all_tasks(&store, id).await;
     assert!(tasks.iter().all(|t| t.status == TaskStatus::Pending));
     assert!(tasks.iter().all(|t| t.attempts == 0));
