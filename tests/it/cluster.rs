@@ -81,6 +81,13 @@ async fn killed_node_is_taken_over(url: &str, tasks: usize) {
         (here > 0.0 && there > 0.0 && endpoint.call_count() >= tasks / 3).then_some(())
     })
     .await;
+    // Killed while it has calls under way (each takes 40 ms), so that there is something to
+    // take over: between claims, a node on a slow database may have none for a moment.
+    eventually("the doomed node to have calls under way", || async {
+        let busy = metric(&doomed.api, "doparallel_calls_in_flight").await;
+        (busy > 0.0).then_some(())
+    })
+    .await;
     doomed.sigkill();
     let killed_at = Instant::now();
     assert!(
