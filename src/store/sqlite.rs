@@ -126,6 +126,48 @@ impl SqliteStore {
         self.writer.begin().await.map_err(map_err)
     }
 
+    /// Puts the running tasks that match `which` (a condition on `node` and `lease_until`,
+    /// with one `?` for `now` when given) back to pending, their interrupted attempt not
+    /// counted, and takes them off their jobs' running counts: the shared part of
+    /// [`Store::tasks_recover`] and [`Store::tasks_expire`]. Attempts awaiting a report
+    /// (no node, a deadline) never match, so they stay Running and counted. Goes through
+    /// the jobs with calls running, each job's tasks by the `tasks_due` index.
+    async fn take_back(&self, which: &str, now: Option<Millis>) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let sql = format!(
+            "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
+             lease_until = NULL WHERE job_seq = ? AND status = 1 AND {which}"
+        );
+        let mut taken = 0;
+        for seq in seqs {
+            let mut query = sqlx::query(&sql).bind(seq);
+            if let Some(now) = now {
+                query = query.bind(now);
+            }
+            let n = query
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+            if n > 0 {
+                sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
+                    .bind(n as i64)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                taken += n;
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(taken)
+    }
+
     /// Settles a batch in one transaction: see [`Store::tasks_settle`]. Without `node`, an
     /// attempt is settled whichever node holds it (a report).
     async fn settle(
@@ -1044,35 +1086,10 @@ impl Store for SqliteStore {
     }
 
     async fn tasks_recover(&self) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let seqs: Vec<i64> =
-            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let mut recovered = 0;
-        for seq in seqs {
-            let n = sqlx::query(
-                "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-                 lease_until = NULL WHERE job_seq = ? AND status = 1 \
-                 AND (node IS NOT NULL OR lease_until IS NULL)",
-            )
-            .bind(seq)
-            .execute(&mut *tx)
+        // Every call left running by the previous process, whatever its lease; and rows
+        // from before leases existed (no node, no lease).
+        self.take_back("(node IS NOT NULL OR lease_until IS NULL)", None)
             .await
-            .map_err(map_err)?
-            .rows_affected();
-            // Only the calls taken back: awaited attempts stay Running, and counted.
-            sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
-                .bind(n as i64)
-                .bind(seq)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            recovered += n;
-        }
-        tx.commit().await.map_err(map_err)?;
-        Ok(recovered)
     }
 
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
@@ -1092,37 +1109,8 @@ impl Store for SqliteStore {
     }
 
     async fn tasks_expire(&self, now: Millis) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let seqs: Vec<i64> =
-            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let mut expired = 0;
-        for seq in seqs {
-            let n = sqlx::query(
-                "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-                 lease_until = NULL WHERE job_seq = ? AND status = 1 AND node IS NOT NULL \
-                 AND lease_until < ?",
-            )
-            .bind(seq)
-            .bind(now)
-            .execute(&mut *tx)
+        self.take_back("node IS NOT NULL AND lease_until < ?", Some(now))
             .await
-            .map_err(map_err)?
-            .rows_affected();
-            if n > 0 {
-                sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
-                    .bind(n as i64)
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                expired += n;
-            }
-        }
-        tx.commit().await.map_err(map_err)?;
-        Ok(expired)
     }
 
     async fn callbacks_due(
