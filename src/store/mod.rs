@@ -7,6 +7,7 @@
 
 mod codec;
 pub mod dynamodb;
+mod fault;
 mod postgres;
 mod sqlite;
 

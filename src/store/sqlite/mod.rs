@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
 
 use super::codec::{
     job_status_code, job_status_from, parse_id, parse_options, raw, task_status_code,
@@ -57,8 +57,13 @@ const CLAIM_SQL: &str = "UPDATE tasks SET status = 1, attempts = attempts + 1, n
     UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?16 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?17)\
     ) RETURNING job_seq, idx, attempts, endpoint, params";
 
+mod writer;
+
+use writer::{WriteTx, Writer};
+
 pub struct SqliteStore {
-    writer: SqlitePool,
+    /// Every write goes through it: see `writer` for why `Ok` means committed.
+    writer: Writer,
     reader: SqlitePool,
     /// Held for the life of the store; the OS releases it when the process dies, even by
     /// SIGKILL, so a crash never leaves a stale lock behind.
@@ -116,14 +121,14 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?
         };
         Ok(SqliteStore {
-            writer,
+            writer: Writer::new(writer, in_memory),
             reader,
             _lock: lock,
         })
     }
 
-    async fn begin(&self) -> StoreResult<Transaction<'_, Sqlite>> {
-        self.writer.begin().await.map_err(map_err)
+    async fn begin(&self) -> StoreResult<WriteTx> {
+        self.writer.begin().await
     }
 
     /// Puts the running tasks that match `which` (a condition on `node` and `lease_until`,
@@ -136,7 +141,7 @@ impl SqliteStore {
         let mut tx = self.begin().await?;
         let seqs: Vec<i64> =
             sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
-                .fetch_all(&mut *tx)
+                .fetch_all(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
         let sql = format!(
@@ -150,7 +155,7 @@ impl SqliteStore {
                 query = query.bind(now);
             }
             let n = query
-                .execute(&mut *tx)
+                .execute(tx.conn().await?)
                 .await
                 .map_err(map_err)?
                 .rows_affected();
@@ -158,13 +163,13 @@ impl SqliteStore {
                 sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
                     .bind(n as i64)
                     .bind(seq)
-                    .execute(&mut *tx)
+                    .execute(tx.conn().await?)
                     .await
                     .map_err(map_err)?;
                 taken += n;
             }
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(taken)
     }
 
@@ -203,7 +208,7 @@ impl SqliteStore {
             for id in chunk {
                 query = query.bind(id.to_string());
             }
-            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+            for row in query.fetch_all(tx.conn().await?).await.map_err(map_err)? {
                 seqs.insert(parse_id(row.get("id"))?, row.get("seq"));
             }
         }
@@ -222,7 +227,7 @@ impl SqliteStore {
                      WHERE job_seq = ? AND fail_seq IS NOT NULL",
                 )
                 .bind(seq)
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
                 next_fail.insert(seq, last + 1);
@@ -297,7 +302,7 @@ impl SqliteStore {
             if let Some(node) = node {
                 query = query.bind(node.0);
             }
-            for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+            for row in query.fetch_all(tx.conn().await?).await.map_err(map_err)? {
                 let d = deltas
                     .get_mut(&row.get::<i64, _>(0))
                     .expect("a job of this batch");
@@ -342,7 +347,7 @@ impl SqliteStore {
                     .bind(d.complete)
                     .bind(d.failed);
             }
-            let rows = query.fetch_all(&mut *tx).await.map_err(map_err)?;
+            let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;
             for row in rows {
                 let status = job_status_from(row.get("status"))?;
                 let total: i64 = row.get("total");
@@ -369,7 +374,7 @@ impl SqliteStore {
                     .bind(job_status_code(final_status))
                     .bind(now)
                     .bind(seq)
-                    .execute(&mut *tx)
+                    .execute(tx.conn().await?)
                     .await
                     .map_err(map_err)?;
                 let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
@@ -383,7 +388,7 @@ impl SqliteStore {
                 });
             }
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(report)
     }
 }
@@ -528,10 +533,10 @@ fn task_from_row(row: &SqliteRow) -> StoreResult<TaskRecord> {
 }
 
 /// Deletes a job; its tasks and callback record go with it (ON DELETE CASCADE).
-async fn delete_job(tx: &mut Transaction<'_, Sqlite>, seq: i64) -> StoreResult<()> {
+async fn delete_job(tx: &mut WriteTx, seq: i64) -> StoreResult<()> {
     sqlx::query("DELETE FROM jobs WHERE seq = ?")
         .bind(seq)
-        .execute(&mut **tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
     Ok(())
@@ -565,7 +570,7 @@ impl Store for SqliteStore {
             )
             .bind(&idem.key)
             .bind(job.owner.as_deref())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(tx.conn().await?)
             .await
             .map_err(map_err)?;
             if let Some(row) = earlier {
@@ -593,7 +598,7 @@ impl Store for SqliteStore {
         .bind(idempotency.map(|i| i.key.as_str()))
         .bind(idempotency.map(|i| i.request_hash.as_str()))
         .bind(job.owner.as_deref())
-        .fetch_one(&mut *tx)
+        .fetch_one(tx.conn().await?)
         .await
         .map_err(map_err)?;
 
@@ -618,13 +623,13 @@ impl Store for SqliteStore {
                     .bind(task.endpoint.as_str())
                     .bind(task.params.get());
             }
-            query.execute(&mut *tx).await.map_err(map_err)?;
+            query.execute(tx.conn().await?).await.map_err(map_err)?;
         }
 
         if empty && callback_url.is_some() {
             insert_callback(&mut tx, seq, now).await?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(InsertOutcome::Inserted)
     }
 
@@ -706,7 +711,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let Some(row) = sqlx::query("SELECT seq, status, callback_url FROM jobs WHERE id = ?")
             .bind(id.to_string())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(tx.conn().await?)
             .await
             .map_err(map_err)?
         else {
@@ -730,7 +735,7 @@ impl Store for SqliteStore {
         )
         .bind(now)
         .bind(seq)
-        .execute(&mut *tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?
         .rows_affected();
@@ -741,13 +746,13 @@ impl Store for SqliteStore {
         .bind(cancelled as i64)
         .bind(now)
         .bind(seq)
-        .execute(&mut *tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
         if has_callback {
             insert_callback(&mut tx, seq, now).await?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(CancelOutcome::Cancelled {
             has_callback,
             newly: true,
@@ -762,7 +767,7 @@ impl Store for SqliteStore {
              LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?",
         )
         .bind(id.to_string())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(tx.conn().await?)
         .await
         .map_err(map_err)?
         else {
@@ -775,7 +780,7 @@ impl Store for SqliteStore {
             return Ok(DeleteOutcome::CallbackPending);
         }
         delete_job(&mut tx, row.get("seq")).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(DeleteOutcome::Deleted)
     }
 
@@ -789,13 +794,13 @@ impl Store for SqliteStore {
         )
         .bind(finished_before)
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
         for &seq in &seqs {
             delete_job(&mut tx, seq).await?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(seqs.len() as u64)
     }
 
@@ -841,7 +846,7 @@ impl Store for SqliteStore {
         }
         let jobs = query
             .bind(i64::from(params.limit) * 2 + 8)
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn().await?)
             .await
             .map_err(map_err)?;
 
@@ -912,7 +917,7 @@ impl Store for SqliteStore {
                     query = query.bind(seq).bind(want);
                 }
                 let rows = query.bind(params.node.0).bind(params.lease_until);
-                let rows = rows.fetch_all(&mut *tx).await.map_err(map_err)?;
+                let rows = rows.fetch_all(tx.conn().await?).await.map_err(map_err)?;
                 for row in rows {
                     let i = by_seq[&row.get::<i64, _>("job_seq")];
                     *got.entry(i).or_default() += 1;
@@ -972,7 +977,7 @@ impl Store for SqliteStore {
             }
             query
                 .bind(params.now)
-                .execute(&mut *tx)
+                .execute(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
         }
@@ -984,7 +989,7 @@ impl Store for SqliteStore {
                     "SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = 0",
                 )
                 .bind(c.seq)
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
                 if let Some(due) = due {
@@ -992,7 +997,7 @@ impl Store for SqliteStore {
                 }
             }
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(claim)
     }
 
@@ -1021,7 +1026,7 @@ impl Store for SqliteStore {
         .bind(report.job_id.to_string())
         .bind(report.index as i64)
         .bind(i64::from(report.attempt))
-        .fetch_optional(&self.writer)
+        .fetch_optional(&self.reader)
         .await
         .map_err(map_err)?;
         Ok(if done.is_some() {
@@ -1046,7 +1051,7 @@ impl Store for SqliteStore {
         .bind(params.lease_until)
         .bind(params.now)
         .bind(i64::from(params.limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
         let mut jobs: HashMap<i64, (JobId, Arc<JobOptions>)> = HashMap::new();
@@ -1056,7 +1061,7 @@ impl Store for SqliteStore {
             if let std::collections::hash_map::Entry::Vacant(entry) = jobs.entry(seq) {
                 let job = sqlx::query("SELECT id, options FROM jobs WHERE seq = ?")
                     .bind(seq)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn().await?)
                     .await
                     .map_err(map_err)?;
                 entry.insert((
@@ -1074,7 +1079,7 @@ impl Store for SqliteStore {
                 options: options.clone(),
             });
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(tasks)
     }
 
@@ -1095,16 +1100,18 @@ impl Store for SqliteStore {
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
         // Through the jobs that have calls running: each job's running tasks are found by the
         // `tasks_due` index, never by reading every task.
+        let mut tx = self.begin().await?;
         let renewed = sqlx::query(
             "UPDATE tasks SET lease_until = ? WHERE status = 1 AND node = ? AND job_seq IN \
              (SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0)",
         )
         .bind(until)
         .bind(node.0)
-        .execute(&self.writer)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?
         .rows_affected();
+        tx.commit().await?;
         Ok(renewed)
     }
 
@@ -1127,7 +1134,7 @@ impl Store for SqliteStore {
         )
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
         let mut due = Vec::with_capacity(rows.len());
@@ -1136,7 +1143,7 @@ impl Store for SqliteStore {
             sqlx::query("UPDATE callbacks SET next_attempt_at = ? WHERE job_seq = ?")
                 .bind(lease_until)
                 .bind(seq)
-                .execute(&mut *tx)
+                .execute(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
             due.push(CallbackDue {
@@ -1145,7 +1152,7 @@ impl Store for SqliteStore {
                 attempts: row.get::<i64, _>("attempts") as u32,
             });
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(due)
     }
 
@@ -1164,6 +1171,7 @@ impl Store for SqliteStore {
             }
             CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
         };
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
              last_error = COALESCE(?, last_error), delivered_at = ? \
@@ -1176,9 +1184,10 @@ impl Store for SqliteStore {
         .bind(delivered)
         .bind(record.job_id.to_string())
         .bind(i64::from(record.attempts) - 1)
-        .execute(&self.writer)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -1196,15 +1205,11 @@ impl Store for SqliteStore {
     }
 }
 
-async fn insert_callback(
-    tx: &mut Transaction<'_, Sqlite>,
-    seq: i64,
-    now: Millis,
-) -> StoreResult<()> {
+async fn insert_callback(tx: &mut WriteTx, seq: i64, now: Millis) -> StoreResult<()> {
     sqlx::query("INSERT INTO callbacks (job_seq, state, next_attempt_at) VALUES (?, 1, ?)")
         .bind(seq)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
     Ok(())
@@ -1245,13 +1250,102 @@ mod tests {
         );
         let store = SqliteStore::open(&url).await.unwrap();
         let big = format!("'{}'", "x".repeat(400 * 1024));
+        let mut tx = store.begin().await.unwrap();
         let err = sqlx::query(&format!("CREATE TABLE ballast AS SELECT {big} AS b"))
-            .execute(&store.writer)
+            .execute(tx.conn().await.unwrap())
             .await
             .map_err(map_err)
             .unwrap_err();
+        drop(tx);
         // Unavailable, which the engine waits out, and full, which the API says.
         assert!(err.is_full(), "{err}");
         store.health().await.unwrap();
+    }
+
+    /// A job whose acknowledged insert must be readable through the readers.
+    async fn insert_and_read_back(store: &SqliteStore) {
+        let job = crate::job::parse_submission(
+            br#"{"tasks":[{"endpoint":"/v1/test","params":{}}]}"#,
+            &crate::job::Limits::defaults(),
+            &crate::egress::EgressPolicy::guarded(vec![]),
+        )
+        .unwrap();
+        let outcome = store.job_insert(&job, None, 1).await.unwrap();
+        assert_eq!(outcome, InsertOutcome::Inserted);
+        let read = store.job_get(job.id).await.unwrap();
+        assert!(read.is_some(), "an acknowledged insert is not committed");
+    }
+
+    /// What trapped sqlx's own transactions (seen with a real full disk, reproduced here
+    /// without one): SQLite rolling a transaction back underneath the driver, then a COMMIT
+    /// that fails and leaves its transaction open (a full disk does that too; a deferred
+    /// foreign key does it every time). With sqlx's transactions every later write then
+    /// answered `Ok` inside a transaction nobody committed, and the readers never saw it.
+    #[tokio::test]
+    async fn writes_after_failed_commits_are_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+             CREATE TABLE child (parent REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .execute(tx.conn().await.unwrap())
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        for _ in 0..2 {
+            // Rolled back underneath: the COMMIT fails, and must say so.
+            let mut tx = store.begin().await.unwrap();
+            sqlx::query("INSERT INTO settings (name, value) VALUES ('lost', x'00')")
+                .execute(tx.conn().await.unwrap())
+                .await
+                .unwrap();
+            sqlx::raw_sql("ROLLBACK")
+                .execute(tx.conn().await.unwrap())
+                .await
+                .unwrap();
+            assert!(tx.commit().await.is_err());
+            // A COMMIT that fails with its transaction left open.
+            let mut tx = store.begin().await.unwrap();
+            sqlx::raw_sql("INSERT INTO child VALUES (7)")
+                .execute(tx.conn().await.unwrap())
+                .await
+                .unwrap();
+            assert!(tx.commit().await.is_err());
+            insert_and_read_back(&store).await;
+        }
+
+        // A transaction dropped uncommitted.
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query("INSERT INTO settings (name, value) VALUES ('dropped', x'00')")
+            .execute(tx.conn().await.unwrap())
+            .await
+            .unwrap();
+        drop(tx);
+        insert_and_read_back(&store).await;
+
+        // A connection left inside a transaction by someone else: the next write must not
+        // land inside it.
+        let mut conn = store.writer.pool().acquire().await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+        drop(conn);
+        insert_and_read_back(&store).await;
+
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM settings")
+            .fetch_all(&store.reader)
+            .await
+            .unwrap();
+        assert!(
+            !names.iter().any(|n| n == "lost" || n == "dropped"),
+            "{names:?}"
+        );
+        let children: i64 = sqlx::query_scalar("SELECT count(*) FROM child")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(children, 0);
     }
 }
