@@ -141,12 +141,24 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is asked to wait before trying again after a 503: the database was
+/// unreachable or full, conditions that pass, but not at once.
+const RETRY_AFTER_SECS: &str = "2";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             status: "Error".into(),
             msg: self.msg,
         };
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            return (
+                self.status,
+                [(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS)],
+                Json(body),
+            )
+                .into_response();
+        }
         (self.status, Json(body)).into_response()
     }
 }
@@ -1079,9 +1091,25 @@ struct Health {
     )
 )]
 async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    state.engine.store().health().await?;
+    // A probe must answer promptly: a database that does not answer within this is as good
+    // as down, whatever it is waiting on (a connection being re-established, a stall).
+    match tokio::time::timeout(HEALTH_TIMEOUT, state.engine.store().health()).await {
+        Ok(answer) => answer?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the database did not answer within {} ms",
+                    HEALTH_TIMEOUT.as_millis()
+                ),
+            ));
+        }
+    }
     Ok(Json(Health { status: "ok" }))
 }
+
+/// The longest `/healthz` waits for the database.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 

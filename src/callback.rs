@@ -373,6 +373,16 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
     };
+    if !job.status.is_finished() {
+        // The store makes a callback due in the transaction that finishes its job, so this
+        // means a store that contradicts itself. The document of a job still running would
+        // tell the receiver a falsehood that no later attempt could take back: nothing is
+        // sent or recorded, and the lease brings the delivery back later, when the store
+        // may agree with itself again.
+        tracing::error!(job_id = %due.job_id, status = job.status.as_str(), "a callback is due for a job that is not finished; not sent");
+        engine.metrics.callback_attempt("refused");
+        return;
+    }
     let blocked = Url::parse(&due.url)
         .map_err(|e| format!("invalid callback URL: {e}"))
         .and_then(|url| engine.config.egress.check_url(&url));

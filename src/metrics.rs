@@ -87,7 +87,7 @@ impl Metrics {
         let callback_deliveries = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "callback_deliveries",
-            "Callback attempts, by outcome (delivered, retry, gave_up)",
+            "Callback attempts, by outcome (delivered, retry, gave_up; refused: due for a job the store says is not finished, not sent)",
             callback_deliveries.clone(),
         );
         let queue_depth = Gauge::default();

@@ -245,12 +245,36 @@ pub enum EngineError {
     TokenKey(#[source] StoreError),
 }
 
+/// Runs one start-up step, retrying while the store is unavailable (a lost answer, a
+/// throttled request, a database still starting), as every later store call does: a
+/// passing condition must not keep a node from starting. Other errors (a missing table, a
+/// refused permission) end the start at once.
+async fn at_start<T, F, Fut>(what: &str, mut step: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match step().await {
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} failed at start; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Recovers what a previous process left in flight, then starts the loops.
 pub async fn start(
     store: Arc<dyn Store>,
     config: EngineConfig,
 ) -> Result<EngineHandle, EngineError> {
-    let recovered = store.tasks_recover().await.map_err(EngineError::Recover)?;
+    let recovered = at_start("recovering interrupted tasks", || store.tasks_recover())
+        .await
+        .map_err(EngineError::Recover)?;
     if recovered > 0 {
         tracing::info!(
             recovered,
@@ -261,10 +285,11 @@ pub async fn start(
         .tcp_nodelay(true)
         .build()
         .map_err(EngineError::Http)?;
-    let notices = store.listen().await.map_err(EngineError::Listen)?;
+    let notices = at_start("listening for other nodes", || store.listen())
+        .await
+        .map_err(EngineError::Listen)?;
     let tokens = report::TaskTokens::new(
-        &store
-            .task_token_key()
+        &at_start("reading the task token key", || store.task_token_key())
             .await
             .map_err(EngineError::TokenKey)?,
     );
@@ -576,9 +601,17 @@ async fn finish(
 
 /// Writes one batch, retrying while the store is unavailable (a full disk, a lost
 /// connection): the outcomes are not lost as long as the process lives.
+///
+/// A failed attempt may still have committed (a COMMIT whose answer was lost with its
+/// connection): the settle is then retried as "unknown". The store applies an outcome only
+/// to the attempt that is running under this node's lease, so the retry cannot store
+/// anything twice; but what the first attempt did apply, the retry reports as nothing. So
+/// after a retry the batch's jobs are read back, and those found finished are announced
+/// (logged, counted, their callback woken) as this batch's, never trusting an empty report.
 async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &CancellationToken) {
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
+    let mut unknown = false;
     let report = loop {
         match engine.store.tasks_settle(engine.node, batch).await {
             Ok(report) => {
@@ -587,6 +620,9 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
                     micros = started.elapsed().as_micros() as u64,
                     "settle"
                 );
+                if unknown {
+                    break with_jobs_finished_meanwhile(engine, batch, report, stop).await;
+                }
                 break report;
             }
             Err(e) if !matches!(e, StoreError::Unavailable(_)) => {
@@ -598,6 +634,7 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             }
             Err(e) => {
                 tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; retrying");
+                unknown = true;
                 if stop.is_cancelled() {
                     // Shutting down: these tasks stay running in the store and are called
                     // again at next start.
@@ -616,6 +653,52 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
             .observe(settle.latency_ms as f64 / 1000.0);
     }
     engine.after_settle(report);
+}
+
+/// Adds to a report the jobs of `batch` that are finished in the store although the report
+/// does not say so: finished by an earlier attempt of this settle whose COMMIT took effect
+/// but whose answer was lost. (A job that another node, or a report, finished meanwhile is
+/// announced here too: a second log line and count, on this node; its callback is owed
+/// once either way, by the outbox.) Cancelled jobs were announced by their cancel.
+async fn with_jobs_finished_meanwhile(
+    engine: &Engine,
+    batch: &[TaskSettle],
+    mut report: SettleReport,
+    stop: &CancellationToken,
+) -> SettleReport {
+    let mut jobs: Vec<JobId> = batch.iter().map(|s| s.job_id).collect();
+    jobs.sort();
+    jobs.dedup();
+    jobs.retain(|id| report.finished.iter().all(|f| f.job_id != *id));
+    let mut delay = Duration::from_millis(50);
+    for id in jobs {
+        let job = loop {
+            match engine.store.job_get(id).await {
+                Ok(job) => break job,
+                Err(e) if stop.is_cancelled() => {
+                    tracing::warn!(error = %e, job_id = %id, "cannot read back a settled job while stopping");
+                    break None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, job_id = %id, "reading back a settled job failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(IDLE_POLL * 5);
+                }
+            }
+        };
+        if let Some(job) = job
+            && job.status.is_finished()
+            && job.status != JobStatus::Cancelled
+        {
+            tracing::info!(job_id = %id, "a settle whose answer was lost had finished this job");
+            report.finished.push(crate::store::JobFinished {
+                job_id: id,
+                status: job.status,
+                has_callback: job.callback_url.is_some(),
+            });
+        }
+    }
+    report
 }
 
 impl Engine {

@@ -80,7 +80,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, KeysAndAttributes, Put, PutRequest, ReturnValue, Select,
@@ -355,6 +355,18 @@ impl DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(TxOutcome::Done),
+            Err(
+                e @ (SdkError::TimeoutError(_)
+                | SdkError::DispatchFailure(_)
+                | SdkError::ResponseError(_)),
+            ) => Err(sdk_error("TransactWriteItems", e)),
+            Err(SdkError::ServiceError(s)) if s.raw().status().is_server_error() => {
+                Err(StoreError::Unavailable(format!(
+                    "DynamoDB TransactWriteItems: answered {} ({})",
+                    s.raw().status(),
+                    aws_sdk_dynamodb::error::DisplayErrorContext(s.err())
+                )))
+            }
             Err(e) => match e.into_service_error() {
                 TransactWriteItemsError::TransactionCanceledException(c) => {
                     Ok(TxOutcome::Cancelled(
@@ -1480,8 +1492,26 @@ impl Store for DynamoStore {
         }
         let outcome = self.transact(actions).await?;
         if let TxOutcome::Cancelled(reasons) = outcome {
-            // Only the key's item can exist already (job ids are new): another request with
-            // the same key won the race. Its job stands; this one's tasks go.
+            // Cancelled by items that exist already. They may be this very request's: when
+            // the answer to its TransactWriteItems is lost, the SDK sends it again, and the
+            // second one meets the job and key the first one wrote. Job ids are new, so a job
+            // item with this id is this request's own, applied: the job was stored. Its tasks
+            // are then never deleted (a strongly consistent read, before anything else).
+            if self.get(job_key(id)).await?.is_some() {
+                tracing::debug!(job_id = %id, "job creation retried after its answer was lost; it had been applied");
+                return Ok(InsertOutcome::Inserted);
+            }
+            // Otherwise nothing of this job is visible; if another request with the same key
+            // won the race, its job stands and this one's tasks go.
+            let existing = match idempotency {
+                Some(idem)
+                    if reasons.get(1).and_then(|r| r.as_deref())
+                        == Some("ConditionalCheckFailed") =>
+                {
+                    self.get(idem_key(owner, &idem.key)).await?
+                }
+                _ => None,
+            };
             let tasks: Vec<WriteRequest> = (1..=job.tasks.len() as u64)
                 .map(|index| {
                     DeleteRequest::builder()
@@ -1492,10 +1522,7 @@ impl Store for DynamoStore {
                 })
                 .collect::<StoreResult<_>>()?;
             self.batch_write(tasks).await?;
-            if let Some(idem) = idempotency
-                && reasons.get(1).and_then(|r| r.as_deref()) == Some("ConditionalCheckFailed")
-                && let Some(existing) = self.get(idem_key(owner, &idem.key)).await?
-            {
+            if let (Some(idem), Some(existing)) = (idempotency, existing) {
                 return Ok(InsertOutcome::Existing {
                     job_id: parse_id(need_s(&existing, "job_id")?)?,
                     same_request: get_s(&existing, "request_hash")
@@ -1902,12 +1929,16 @@ impl Store for DynamoStore {
             .into_iter()
             .map(|(id, settles)| self.settle_job(Some(node), id, settles))
             .collect();
-        let reports: Vec<SettleReport> = stream::iter(jobs)
+        // Every job's transaction runs to its end, even when another's fails: a request
+        // dropped midway may still commit, unseen. The first error is returned (the
+        // engine then retries the batch and reads back the jobs it finished).
+        let reports: Vec<StoreResult<SettleReport>> = stream::iter(jobs)
             .buffer_unordered(PARALLEL)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
         let mut report = SettleReport::default();
         for r in reports {
+            let r = r?;
             report.complete += r.complete;
             report.failed += r.failed;
             report.retried += r.retried;

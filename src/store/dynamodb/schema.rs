@@ -6,6 +6,7 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
@@ -296,18 +297,22 @@ pub async fn check_table(client: &Client, location: &Location, region: &str) -> 
     Ok(())
 }
 
-/// A failed request as a store error: throttling, timeouts and lost connections pass
-/// (`Unavailable`); the rest are bugs or misconfiguration.
-pub fn sdk_error<E, R>(operation: &str, e: aws_sdk_dynamodb::error::SdkError<E, R>) -> StoreError
+/// A failed request as a store error: throttling, timeouts, lost connections and any answer
+/// in the 5xx range (a proxy's or load balancer's too, which carries no DynamoDB error code)
+/// pass (`Unavailable`); the rest are bugs or misconfiguration.
+pub fn sdk_error<E>(
+    operation: &str,
+    e: aws_sdk_dynamodb::error::SdkError<E, HttpResponse>,
+) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     use aws_sdk_dynamodb::error::SdkError;
     let passing = match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
         }
+        SdkError::ServiceError(s) if s.raw().status().is_server_error() => true,
         SdkError::ServiceError(s) => matches!(
             s.err().code(),
             Some(

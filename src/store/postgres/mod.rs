@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Postgres, Row, Transaction};
+use sqlx::{Connection, Row};
 
 use super::codec::{parse_id, parse_options, raw};
 use super::{
@@ -45,11 +45,19 @@ use super::{
 };
 use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
 
+mod tx;
+
+use tx::PgTx;
+
 /// The one channel every node listens on and notifies.
 const CHANNEL: &str = "doparallel";
 
 /// Connections per node, besides the one that listens for notices.
 const POOL_SIZE: u32 = 16;
+
+/// How long a statement waits for a connection of the pool (opening one included) before
+/// it fails as `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Tasks per INSERT when storing a job (two arrays of that many texts).
 const INSERT_CHUNK: usize = 5000;
@@ -103,7 +111,10 @@ impl PostgresStore {
         let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
-            .acquire_timeout(Duration::from_secs(30))
+            // Short, so that a request meets an unreachable database with a prompt 503 (and
+            // Retry-After) rather than hanging while the pool tries to connect; the engine's
+            // loops retry on their own.
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await
             .map_err(|e| {
@@ -118,8 +129,8 @@ impl PostgresStore {
         })
     }
 
-    async fn begin(&self) -> StoreResult<Transaction<'_, Postgres>> {
-        self.pool.begin().await.map_err(map_err)
+    async fn begin(&self) -> StoreResult<PgTx> {
+        Ok(PgTx::new(self.pool.begin().await.map_err(map_err)?))
     }
 
     /// Forgets the callback hint: this node changed the outbox.
@@ -159,7 +170,7 @@ impl PostgresStore {
              ORDER BY seq FOR UPDATE",
         )
         .bind(&ids)
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
         let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(rows.len());
@@ -187,7 +198,7 @@ impl PostgresStore {
                  FROM unnest($1::bigint[]) AS f(seq)",
             )
             .bind(&failing)
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn().await?)
             .await
             .map_err(map_err)?;
             for row in rows {
@@ -253,7 +264,7 @@ impl PostgresStore {
             .bind(&fail_seq)
             .bind(&lease)
             .bind(node.map(|n| n.0))
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn().await?)
             .await
             .map_err(map_err)?;
         for row in rows {
@@ -297,7 +308,7 @@ impl PostgresStore {
                 .bind(&d_complete)
                 .bind(&d_failed)
                 .bind(&d_now)
-                .fetch_all(&mut *tx)
+                .fetch_all(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
             for row in rows {
@@ -325,7 +336,7 @@ impl PostgresStore {
         if !callbacks.0.is_empty() {
             insert_callbacks(&mut tx, &callbacks.0, &callbacks.1).await?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         if !callbacks.0.is_empty() {
             self.callbacks_changed();
         }
@@ -426,11 +437,11 @@ fn parse_notice(payload: &str) -> Option<Notice> {
 }
 
 /// Sends a notice to every node (this one included) when the transaction commits.
-async fn notify(tx: &mut Transaction<'_, Postgres>, payload: &str) -> StoreResult<()> {
+async fn notify(tx: &mut PgTx, payload: &str) -> StoreResult<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANNEL)
         .bind(payload)
-        .execute(&mut **tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
     Ok(())
@@ -549,18 +560,14 @@ const CALLBACKS_DUE_SQL: &str = "WITH due AS (\
      SELECT NULL, NULL, NULL, (SELECT MIN(next_attempt_at) FROM callbacks \
          WHERE state = 1 AND job_seq NOT IN (SELECT job_seq FROM leased))";
 
-async fn insert_callbacks(
-    tx: &mut Transaction<'_, Postgres>,
-    seqs: &[i64],
-    at: &[Millis],
-) -> StoreResult<()> {
+async fn insert_callbacks(tx: &mut PgTx, seqs: &[i64], at: &[Millis]) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO callbacks (job_seq, state, next_attempt_at) \
          SELECT seq, 1, at FROM unnest($1::bigint[], $2::bigint[]) AS c(seq, at)",
     )
     .bind(seqs)
     .bind(at)
-    .execute(&mut **tx)
+    .execute(tx.conn().await?)
     .await
     .map_err(map_err)?;
     notify(tx, NOTICE_CALLBACK).await
@@ -607,11 +614,11 @@ impl Store for PostgresStore {
         .bind(idempotency.map(|i| i.key.as_str()))
         .bind(idempotency.map(|i| i.request_hash.as_str()))
         .bind(job.owner.as_deref())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(tx.conn().await?)
         .await
         .map_err(map_err)?;
         let Some(seq) = seq else {
-            tx.rollback().await.map_err(map_err)?;
+            tx.rollback().await?;
             let idem = idempotency.expect("only an idempotency key can conflict");
             let row = sqlx::query(
                 "SELECT id::text AS id, request_hash FROM jobs \
@@ -643,7 +650,7 @@ impl Store for PostgresStore {
             .bind(now)
             .bind(&endpoints)
             .bind(&params)
-            .execute(&mut *tx)
+            .execute(tx.conn().await?)
             .await
             .map_err(map_err)?;
             offset += chunk.len() as i64;
@@ -656,7 +663,7 @@ impl Store for PostgresStore {
         if !empty {
             notify(&mut tx, NOTICE_WORK).await?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         if callback_due {
             self.callbacks_changed();
         }
@@ -747,11 +754,11 @@ impl Store for PostgresStore {
             "SELECT seq, status, callback_url FROM jobs WHERE id = $1::uuid FOR UPDATE",
         )
         .bind(id.to_string())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(tx.conn().await?)
         .await
         .map_err(map_err)?
         else {
-            tx.rollback().await.map_err(map_err)?;
+            tx.rollback().await?;
             return Ok(CancelOutcome::NotFound);
         };
         let seq: i64 = row.get("seq");
@@ -768,7 +775,7 @@ impl Store for PostgresStore {
         if let Some(outcome) = unchanged {
             // At once, not when the dropped transaction is rolled back later: the row lock
             // would keep claims off meanwhile.
-            tx.rollback().await.map_err(map_err)?;
+            tx.rollback().await?;
             return Ok(outcome);
         }
         let cancelled = sqlx::query(
@@ -777,7 +784,7 @@ impl Store for PostgresStore {
         )
         .bind(now)
         .bind(seq)
-        .execute(&mut *tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?
         .rows_affected();
@@ -788,7 +795,7 @@ impl Store for PostgresStore {
         .bind(cancelled as i64)
         .bind(now)
         .bind(seq)
-        .execute(&mut *tx)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
         if has_callback {
@@ -796,7 +803,7 @@ impl Store for PostgresStore {
         }
         // Every node aborts its calls of this job.
         notify(&mut tx, &format!("{NOTICE_CANCEL}{id}")).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         if has_callback {
             self.callbacks_changed();
         }
@@ -814,11 +821,11 @@ impl Store for PostgresStore {
              LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = $1::uuid FOR UPDATE OF j",
         )
         .bind(id.to_string())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(tx.conn().await?)
         .await
         .map_err(map_err)?
         else {
-            tx.rollback().await.map_err(map_err)?;
+            tx.rollback().await?;
             return Ok(DeleteOutcome::NotFound);
         };
         let refused = if !job_status_from(row.get("status"))?.is_finished() {
@@ -830,21 +837,22 @@ impl Store for PostgresStore {
         };
         if let Some(outcome) = refused {
             // Releases the row lock at once (see `job_cancel`).
-            tx.rollback().await.map_err(map_err)?;
+            tx.rollback().await?;
             return Ok(outcome);
         }
         // Its tasks and callback record go with it (ON DELETE CASCADE).
         sqlx::query("DELETE FROM jobs WHERE seq = $1")
             .bind(row.get::<i64, _>("seq"))
-            .execute(&mut *tx)
+            .execute(tx.conn().await?)
             .await
             .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(DeleteOutcome::Deleted)
     }
 
     async fn jobs_purge(&self, finished_before: Millis, limit: u32) -> StoreResult<u64> {
         // One statement; jobs another transaction holds are left for the next round.
+        let mut tx = self.begin().await?;
         let purged = sqlx::query(
             "DELETE FROM jobs WHERE seq IN (\
                  SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
@@ -854,10 +862,11 @@ impl Store for PostgresStore {
         )
         .bind(finished_before)
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?
         .rows_affected();
+        tx.commit().await?;
         Ok(purged)
     }
 
@@ -904,7 +913,7 @@ impl Store for PostgresStore {
              ORDER BY last_claim_at, seq FOR UPDATE SKIP LOCKED"
         ))
         .bind(&window)
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
         let contended = jobs.len() < window.len();
@@ -969,7 +978,7 @@ impl Store for PostgresStore {
                 .bind(params.now)
                 .bind(params.node.0)
                 .bind(params.lease_until)
-                .fetch_all(&mut *tx)
+                .fetch_all(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
             let mut got: HashMap<usize, u64> = HashMap::with_capacity(wants.len());
@@ -1025,7 +1034,7 @@ impl Store for PostgresStore {
             .bind(params.now)
             .bind(&served)
             .bind(&counts)
-            .execute(&mut *tx)
+            .execute(tx.conn().await?)
             .await
             .map_err(map_err)?;
         }
@@ -1042,12 +1051,12 @@ impl Store for PostgresStore {
                   ORDER BY run_at LIMIT 1) t",
             )
             .bind(&exhausted)
-            .fetch_one(&mut *tx)
+            .fetch_one(tx.conn().await?)
             .await
             .map_err(map_err)?;
             claim.next_due = due;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         if contended && claim.tasks.len() < params.limit as usize {
             // A job was busy on another node at that instant: look again soon rather than
             // at the next idle poll.
@@ -1152,6 +1161,7 @@ impl Store for PostgresStore {
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
         // Tasks locked by a transaction under way (this node's own settle, a cancel) are
         // finishing anyway: skipped rather than waited for.
+        let mut tx = self.begin().await?;
         let renewed = sqlx::query(
             "UPDATE tasks SET lease_until = $1 FROM (\
                  SELECT job_seq, idx FROM tasks WHERE status = 1 AND node = $2 \
@@ -1160,10 +1170,11 @@ impl Store for PostgresStore {
         )
         .bind(until)
         .bind(node.0)
-        .execute(&self.pool)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?
         .rows_affected();
+        tx.commit().await?;
         Ok(renewed)
     }
 
@@ -1197,7 +1208,7 @@ impl Store for PostgresStore {
         // under those locks (a settle may have just finished them).
         sqlx::query("SELECT seq FROM jobs WHERE seq = ANY($1) ORDER BY seq FOR UPDATE")
             .bind(&seqs)
-            .execute(&mut *tx)
+            .execute(tx.conn().await?)
             .await
             .map_err(map_err)?;
         let counts: Vec<i64> = sqlx::query_scalar(
@@ -1213,14 +1224,14 @@ impl Store for PostgresStore {
         )
         .bind(&seqs)
         .bind(now)
-        .fetch_all(&mut *tx)
+        .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
         let expired: i64 = counts.iter().sum();
         if expired > 0 {
             notify(&mut tx, NOTICE_WORK).await?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(expired as u64)
     }
 
@@ -1287,6 +1298,7 @@ impl Store for PostgresStore {
             }
             CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
         };
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE callbacks SET state = $1, attempts = $2, next_attempt_at = $3, \
              last_error = COALESCE($4, last_error), delivered_at = $5 \
@@ -1300,9 +1312,10 @@ impl Store for PostgresStore {
         .bind(delivered)
         .bind(record.job_id.to_string())
         .bind(record.attempts as i32 - 1)
-        .execute(&self.pool)
+        .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
+        tx.commit().await?;
         self.callbacks_changed();
         Ok(done.rows_affected() == 1)
     }
