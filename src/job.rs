@@ -341,12 +341,130 @@ struct WireTask<'a> {
     params: Option<&'a RawValue>,
 }
 
-/// serde_json appends " at line L column C" to its messages; inside a task that position is
-/// relative to the task, not the body, so it would mislead. The task number says where.
-fn serde_message(e: &serde_json::Error) -> String {
+/// Deserializes one part of a submission, or says what is wrong in words a client can act
+/// on, at the JSON path of the offending value: `place` names the part (`None` for the
+/// whole body) and the path inside it follows, e.g. `task 1: endpoint: expected a string
+/// (an http(s) URL or /v1/test), got the number 5`.
+fn from_json<'a, T: Deserialize<'a>>(
+    text: &'a str,
+    place: Option<&str>,
+) -> Result<T, SubmissionError> {
+    // serde reads a struct from a list too (its fields in order), which no client means.
+    if text.trim_start().starts_with('[') {
+        let expected = match std::any::type_name::<T>().rsplit("::").next() {
+            Some(name) if name.starts_with("WireJob") => WIRE_JOB,
+            Some(name) if name.starts_with("WireTask") => WIRE_TASK,
+            _ => "an object of options",
+        };
+        return Err(invalid(format!(
+            "{}: expected {expected}, got a list",
+            place.unwrap_or("job")
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let mut segments: Vec<_> = e.path().iter().collect();
+        // An unknown field's path ends with the field, which the message names already.
+        if e.inner().to_string().starts_with("unknown field") {
+            segments.pop();
+        }
+        let path = json_path(&segments);
+        let field = e.path().iter().rev().find_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.as_str()),
+            _ => None,
+        });
+        let at = match (place, path.is_empty()) {
+            (None, true) => "job".to_string(),
+            (None, false) => path,
+            (Some(place), true) => place.to_string(),
+            // Options read as `options.timeout_ms`, as their range errors do.
+            (Some("options"), false) => format!("options.{path}"),
+            (Some(place), false) => format!("{place}: {path}"),
+        };
+        invalid(format!("{at}: {}", explain(field, e.inner())))
+    })
+}
+
+const WIRE_JOB: &str =
+    "an object with \"tasks\" (and optionally \"callback\" and \"options\")";
+const WIRE_TASK: &str = "an object with \"endpoint\" (and optionally \"params\")";
+
+/// A path as `a.b[2].c`, without the leading `.` of an empty one.
+fn json_path(segments: &[&serde_path_to_error::Segment]) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => out.push('?'),
+        }
+    }
+    out
+}
+
+/// serde's message in a client's words: "invalid type: map, expected a sequence" becomes
+/// "expected a list of tasks, got an object". Other messages (a missing or unknown field)
+/// are serde's own, without the line and column that serde_json appends, which inside a
+/// task would count from the task and mislead.
+fn explain(field: Option<&str>, e: &serde_json::Error) -> String {
     let text = e.to_string();
     let suffix = format!(" at line {} column {}", e.line(), e.column());
-    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
+    let text = text.strip_suffix(&suffix).unwrap_or(&text);
+    let Some((got, expected)) = text
+        .strip_prefix("invalid type: ")
+        .or_else(|| text.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "))
+    else {
+        return text.to_string();
+    };
+    let expected = match (field, expected) {
+        (Some("tasks"), _) => "a list of tasks",
+        (Some("endpoint"), _) => "a string (an http(s) URL or /v1/test)",
+        (Some("callback"), _) => "a string (an http(s) URL)",
+        (_, "a sequence") => "a list",
+        (_, "u32") => "a whole number from 0 to 4294967295",
+        (_, "u64") => "a whole number, 0 or more",
+        (_, "f64") => "a number",
+        (_, "struct WireJob") => {
+            "an object with \"tasks\" (and optionally \"callback\" and \"options\")"
+        }
+        (_, "struct WireTask") => "an object with \"endpoint\" (and optionally \"params\")",
+        (_, "struct JobOptions") => "an object of options",
+        (_, other) => other,
+    };
+    let got = match got {
+        "map" => "an object".to_string(),
+        "sequence" => "a list".to_string(),
+        "unit value" => "null".to_string(),
+        other => {
+            let value = |prefix: &str| {
+                other
+                    .strip_prefix(prefix)
+                    .map(|v| v.trim_matches('`').to_string())
+            };
+            if let Some(n) = value("integer ").or_else(|| value("floating point ")) {
+                format!("the number {n}")
+            } else if let Some(b) = value("boolean ") {
+                b
+            } else if let Some(text) = other.strip_prefix("string ") {
+                // A long string is cut: the message says what kind of value it was.
+                let mut cut: String = text.chars().take(60).collect();
+                if cut.len() < text.len() {
+                    cut.push_str("...");
+                }
+                format!("the string {cut}")
+            } else {
+                other.to_string()
+            }
+        }
+    };
+    format!("expected {expected}, got {got}")
 }
 
 /// Parses and validates a submitted job body (the seed's shape plus optional `options`),
@@ -366,8 +484,8 @@ pub fn parse_submission(
             limits.max_depth
         )));
     }
-    let wire: WireJob<'_> = serde_json::from_slice(body)
-        .map_err(|e| SubmissionError::Invalid(format!("job: {}", serde_message(&e))))?;
+    let text = std::str::from_utf8(body).map_err(|e| SubmissionError::Malformed(e.to_string()))?;
+    let wire: WireJob<'_> = from_json(text, None)?;
     if wire.tasks.len() > limits.max_tasks {
         return Err(invalid(format!(
             "tasks: {} tasks; at most {} are accepted in one job",
@@ -387,16 +505,14 @@ pub fn parse_submission(
     let options = match wire.options {
         None => JobOptions::defaults(),
         Some(raw) if raw.get() == "null" => JobOptions::defaults(),
-        Some(raw) => serde_json::from_str::<JobOptions>(raw.get())
-            .map_err(|e| invalid(format!("options: {}", serde_message(&e))))?,
+        Some(raw) => from_json::<JobOptions>(raw.get(), Some("options"))?,
     };
     options.validate().map_err(invalid)?;
 
     let mut tasks = Vec::with_capacity(wire.tasks.len());
     for (i, raw) in wire.tasks.iter().enumerate() {
         let n = i + 1;
-        let task: WireTask<'_> = serde_json::from_str(raw.get())
-            .map_err(|e| invalid(format!("task {n}: {}", serde_message(&e))))?;
+        let task: WireTask<'_> = from_json(raw.get(), Some(&format!("task {n}")))?;
         if task.endpoint != TEST_ENDPOINT {
             checked_url(&task.endpoint, limits, egress)
                 .map_err(|why| invalid(format!("task {n}: endpoint {why}")))?;
@@ -529,7 +645,30 @@ mod tests {
             Err("unknown field `calback`"),
         );
         check(r#"{"callback":"http://x/"}"#, Err("missing field `tasks`"));
-        check(r#"{"tasks":{}}"#, Err("job: invalid type"));
+        check(
+            r#"{"tasks":{}}"#,
+            Err("tasks: expected a list of tasks, got an object"),
+        );
+        check(
+            r#"{"tasks":{"a":1}}"#,
+            Err("tasks: expected a list of tasks, got an object"),
+        );
+        check(
+            r#"{"tasks":[{"endpoint":5}]}"#,
+            Err(
+                "task 1: endpoint: expected a string (an http(s) URL or /v1/test), got the number 5",
+            ),
+        );
+        check(
+            r#"{"tasks":[],"callback":true}"#,
+            Err("callback: expected a string (an http(s) URL), got true"),
+        );
+        check(
+            r#"[1,2]"#,
+            Err(
+                "job: expected an object with \"tasks\" (and optionally \"callback\" and \"options\"), got a list",
+            ),
+        );
         check(
             r#"{"tasks":[{"endpoint":"/v1/test"},{"endpoint":"ftp://x/"}]}"#,
             Err("task 2: endpoint \"ftp://x/\" is not an absolute http(s) URL"),
@@ -542,7 +681,12 @@ mod tests {
             r#"{"tasks":[{"params":1}]}"#,
             Err("task 1: missing field `endpoint`"),
         );
-        check(r#"{"tasks":[7]}"#, Err("task 1: invalid type"));
+        check(
+            r#"{"tasks":[{"endpoint":"/v1/test"},7]}"#,
+            Err(
+                "task 2: expected an object with \"endpoint\" (and optionally \"params\"), got the number 7",
+            ),
+        );
         check(
             r#"{"callback":"not a url","tasks":[]}"#,
             Err("callback: \"not a url\" is not an absolute http(s) URL"),
@@ -561,7 +705,7 @@ mod tests {
         );
         check(
             r#"{"tasks":[],"options":{"timeout_ms":-1}}"#,
-            Err("options: invalid value"),
+            Err("options.timeout_ms: expected a whole number, 0 or more, got the number -1"),
         );
         check(
             r#"{"tasks":[],"options":{"per_host_concurrency":0}}"#,
@@ -569,7 +713,9 @@ mod tests {
         );
         check(
             r#"{"tasks":[],"options":{"per_host_concurrency":-2}}"#,
-            Err("options: invalid value"),
+            Err(
+                "options.per_host_concurrency: expected a whole number from 0 to 4294967295, got the number -2",
+            ),
         );
         check(
             r#"{"tasks":[],"options":{"per_host_rate":0}}"#,
@@ -590,7 +736,11 @@ mod tests {
         check(r#"{"tasks":[],"options":{"per_host_rate":0.001}}"#, Ok(0));
         check(
             r#"{"tasks":[],"options":{"per_host_rate":"fast"}}"#,
-            Err("options: invalid type"),
+            Err("options.per_host_rate: expected a number, got the string \"fast\""),
+        );
+        check(
+            r#"{"tasks":[],"options":[]}"#,
+            Err("options: expected an object of options, got a list"),
         );
     }
 

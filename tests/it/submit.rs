@@ -54,7 +54,23 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
         "missing field `tasks`",
     )
     .await;
-    check(&app, json, r#"[1,2]"#, 422, "job: invalid type").await;
+    check(&app, json, r#"[1,2]"#, 422, "job: expected an object").await;
+    check(
+        &app,
+        json,
+        r#"{"tasks":{"a":1}}"#,
+        422,
+        "tasks: expected a list of tasks, got an object",
+    )
+    .await;
+    check(
+        &app,
+        json,
+        r#"{"tasks":[{"endpoint":5}]}"#,
+        422,
+        "task 1: endpoint: expected a string (an http(s) URL or /v1/test), got the number 5",
+    )
+    .await;
     check(
         &app,
         json,
