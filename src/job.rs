@@ -385,8 +385,7 @@ fn from_json<'a, T: Deserialize<'a>>(
     })
 }
 
-const WIRE_JOB: &str =
-    "an object with \"tasks\" (and optionally \"callback\" and \"options\")";
+const WIRE_JOB: &str = "an object with \"tasks\" (and optionally \"callback\" and \"options\")";
 const WIRE_TASK: &str = "an object with \"endpoint\" (and optionally \"params\")";
 
 /// A path as `a.b[2].c`, without the leading `.` of an empty one.

@@ -781,6 +781,18 @@ impl ServerProcess {
         Self::spawn(url, extra, Some(log.to_path_buf()), &[])
     }
 
+    /// `doparallel serve` on the database at `url` with extra environment variables,
+    /// copying every stderr line to `log`.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))] // the injected-fault tests
+    pub fn start_url_env_logging(
+        url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Self {
+        Self::spawn(url, extra, Some(log.to_path_buf()), env)
+    }
+
     fn spawn(url: &str, extra: &[&str], log: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
         let mut child = std::process::Command::new(binary())
             .arg("serve")

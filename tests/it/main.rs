@@ -18,6 +18,7 @@ mod observe;
 mod pg;
 mod reports;
 mod security;
+mod storage;
 mod store;
 mod submit;
 mod tasks;

@@ -1,0 +1,542 @@
+//! Storage faults for real: an acknowledged write is a committed write, and the engine acts
+//! only on what is committed (RELIABILITY.md, "Storage faults").
+//!
+//! The disk-full tests put the SQLite database on a small tmpfs of its own and fill that file
+//! system to ENOSPC with another file, as a user's full disk would: unlike SQLite's
+//! `max_page_count`, which fails a statement, a real full disk fails the COMMIT, and that is
+//! the path that used to break. They need to mount a tmpfs (root, as in CI); elsewhere they
+//! are skipped with a notice, and under `CI=true` they fail.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    DEADLINE, RawEndpoint, Receiver, ServerProcess, assert_database_intact, eventually, job_of,
+    respond, sqlite_url,
+};
+
+/// A tmpfs mounted on a temporary directory for one test, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// A tmpfs of `mib` MiB, or `None` (after a loud notice) where this process may not
+    /// mount one; under `CI=true` that fails the test instead.
+    fn mount(mib: u32) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let target = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        let options = std::ffi::CString::new(format!("size={mib}m,mode=0755")).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            let why = std::io::Error::last_os_error();
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a test")
+                .to_string();
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{test}: cannot mount a tmpfs ({why}); CI runs as root and must");
+            }
+            eprintln!(
+                "\n!!!!!!!!\n!!! SKIPPED {test}: cannot mount a tmpfs here ({why}); run as root\n!!!!!!!!\n"
+            );
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the file system has not one byte left; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        for size in [1 << 20, 1 << 16, 1 << 12, 1 << 9, 1] {
+            while file.write_all(&chunk[..size]).is_ok() {}
+        }
+        let err = file.write_all(&[0u8]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target =
+            std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; a lazy unmount, so open files do not hold it up.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Whether the server's log has a line containing `text`.
+fn logged(log: &Path, text: &str) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|all| all.contains(text))
+}
+
+/// How many of the server's log lines contain `text`.
+fn logged_times(log: &Path, text: &str) -> usize {
+    std::fs::read_to_string(log).map_or(0, |all| all.matches(text).count())
+}
+
+/// A task endpoint that holds every call until `gate` opens, then answers
+/// `{"task":INDEX,"pad":...}` with `pad` bytes of padding.
+async fn held_endpoint(gate: &tokio::sync::watch::Sender<bool>, pad: usize) -> RawEndpoint {
+    let gate = gate.subscribe();
+    RawEndpoint::start(move |_, call, mut stream| {
+        let mut gate = gate.clone();
+        async move {
+            let _ = tokio::time::timeout(DEADLINE, gate.wait_for(|open| *open)).await;
+            let task = call.header("doparallel-task");
+            let body = format!(r#"{{"task":{task},"pad":"{}"}}"#, "p".repeat(pad));
+            let headers = [("content-type", "application/json")];
+            respond(&mut stream, "200 OK", &headers, body.as_bytes()).await;
+        }
+    })
+    .await
+}
+
+/// Sends SIGTERM and waits for the process to exit successfully.
+async fn stop(mut server: ServerProcess) {
+    server.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Posts a job body; the status, the `Retry-After` header and the JSON answer.
+async fn post_job(api: &crate::helpers::Api, job: &Value) -> (u16, Option<String>, Value) {
+    let resp = api
+        .http
+        .post(format!("{}/v1/job", api.base))
+        .json(job)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (
+        status,
+        retry_after,
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// The disk fills while calls are held; their answers cannot be committed, a new job is
+/// refused, and nothing is acted on until space returns. Then the held job finishes with
+/// every result and one callback, a job accepted afterwards is readable and runs, and a
+/// restart calls nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_results_are_committed() {
+    const TASKS: usize = 16;
+    const HELD: usize = 8;
+    // Eight answers take half a MiB of WAL; the whole document stays under the test
+    // receiver's 2 MB body limit.
+    const PAD: usize = 64 * 1024;
+    let Some(fs) = Tmpfs::mount(16) else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let db = fs.path().join("doparallel.db");
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let endpoint = held_endpoint(&gate, PAD).await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &[], &log);
+    let api = &server.api;
+
+    let options = json!({"concurrency": HELD, "backoff_ms": 50, "timeout_ms": 60000});
+    let held = api
+        .submit(&job_of(
+            TASKS,
+            &endpoint.url("/big"),
+            Some(&receiver.url()),
+            options,
+        ))
+        .await;
+    eventually("the first calls to be held", || async {
+        (endpoint.call_count() == HELD).then_some(())
+    })
+    .await;
+
+    let filler = fs.fill();
+    // A submission that cannot be committed is refused, and nothing of it is stored.
+    let pad = "q".repeat(4096);
+    let tasks: Vec<Value> = (0..100)
+        .map(|i| json!({"endpoint": "/v1/test", "params": {"i": i, "pad": pad}}))
+        .collect();
+    let (status, retry_after, body) = post_job(api, &json!({ "tasks": tasks })).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some(), "a 503 says when to try again");
+    let msg = body["msg"].as_str().unwrap();
+    assert!(msg.contains("the database is full"), "{msg}");
+
+    // The held calls answer; their outcomes cannot be committed, and nothing follows from
+    // them: no slot is freed (no new call), the job does not finish, no callback goes.
+    gate.send_replace(true);
+    eventually("two failed commits of the held outcomes", || async {
+        (logged_times(&log, "storing task outcomes failed; retrying") >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        endpoint.call_count(),
+        HELD,
+        "a call made on uncommitted state"
+    );
+    let job = api.job(&held).await;
+    assert_eq!(job["status"], "Running", "{job}");
+    assert_eq!(job["counts"]["complete"], 0, "{job}");
+    assert_eq!(job["counts"]["running"], HELD, "{job}");
+    assert!(receiver.all().is_empty(), "a callback of an unfinished job");
+    let (_, list) = api.get("/v1/jobs?limit=10").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.body["job_id"], held.as_str());
+    assert_eq!(delivery.body["status"], "Complete", "{}", delivery.body);
+    for i in 1..=TASKS {
+        let result = &delivery.body["result"][i.to_string()];
+        assert_eq!(result["status"], "Complete", "task {i}");
+        assert_eq!(result["result"]["task"], i, "task {i}");
+        assert_eq!(result["result"]["pad"].as_str().unwrap().len(), PAD);
+    }
+    let job = api.wait_settled(&held).await;
+    assert_eq!(job["callback"]["state"], "delivered", "{job}");
+    assert_eq!(job["counts"]["complete"], TASKS, "{job}");
+    // Each task was called once: nothing was stored twice, nothing lost.
+    let mut keys: Vec<String> = endpoint
+        .calls()
+        .iter()
+        .map(|c| c.header("idempotency-key"))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((endpoint.call_count(), keys.len()), (TASKS, TASKS));
+
+    // Accepted once space is back: readable, run, and kept across a restart.
+    let after = api.submit(&job_of(3, "/v1/test", None, json!({}))).await;
+    assert_eq!(api.wait_settled(&after).await["status"], "Complete");
+    stop(server).await;
+    assert_database_intact(&db).await;
+
+    let restarted_log = logs.path().join("restarted.log");
+    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &[], &restarted_log);
+    for id in [&held, &after] {
+        let job = server.api.job(id).await;
+        assert_eq!(job["status"], "Complete", "{job}");
+    }
+    // Every task's outcome was committed: the restart has nothing to call again.
+    assert!(
+        !logged(&restarted_log, "will be called again"),
+        "the restart recovered tasks"
+    );
+    assert_eq!(endpoint.call_count(), TASKS);
+    assert_eq!(receiver.all().len(), 1, "the callback was sent once");
+    stop(server).await;
+    assert_database_intact(&db).await;
+}
+
+/// The disk fills while a delivered callback is being recorded. The record is not
+/// acknowledged, so the job's callback stays owed; once space returns the callback is sent
+/// again with the same `webhook-id` (at least once, never lost) and recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_a_callback_is_recorded() {
+    let Some(fs) = Tmpfs::mount(16) else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let db = fs.path().join("doparallel.db");
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let receiver = held_endpoint(&gate, 0).await;
+    let args = ["--callback-timeout", "1s"];
+    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &args, &log);
+    let api = &server.api;
+    let id = api
+        .submit(&job_of(
+            3,
+            "/v1/test",
+            Some(&receiver.url("/cb")),
+            json!({}),
+        ))
+        .await;
+    eventually("the callback to arrive", || async {
+        (receiver.call_count() == 1).then_some(())
+    })
+    .await;
+
+    let filler = fs.fill();
+    gate.send_replace(true);
+    eventually("a callback record that fails", || async {
+        logged(&log, "cannot record callback attempt").then_some(())
+    })
+    .await;
+    let job = api.job(&id).await;
+    assert_eq!(job["status"], "Complete", "{job}");
+    assert_eq!(job["callback"]["state"], "pending", "{job}");
+    assert_eq!(job["callback"]["attempts"], 0, "{job}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let job = api.wait_settled(&id).await;
+    assert_eq!(job["callback"]["state"], "delivered", "{job}");
+    assert_eq!(job["callback"]["attempts"], 1, "{job}");
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 2, "sent again once the first was not recorded");
+    assert_eq!(calls[0].header("webhook-id"), format!("msg_{id}"));
+    assert_eq!(calls[1].header("webhook-id"), calls[0].header("webhook-id"));
+
+    stop(server).await;
+    let server = ServerProcess::start_url(&sqlite_url(&db), &args);
+    assert_eq!(server.api.job(&id).await["callback"]["state"], "delivered");
+    stop(server).await;
+    assert_database_intact(&db).await;
+    assert_eq!(receiver.call_count(), 2);
+}
+
+/// The callback loop's backstop, on its own: a delivery record that the store says is due
+/// for a job it also says is running (here written into the database behind the server's
+/// back) is not sent, and is counted as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_of_an_unfinished_job_is_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("doparallel.db");
+    let log = dir.path().join("server.log");
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let endpoint = held_endpoint(&gate, 0).await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &[], &log);
+    let api = &server.api;
+    let id = api
+        .submit(&job_of(
+            2,
+            &endpoint.url("/held"),
+            Some(&receiver.url()),
+            json!({}),
+        ))
+        .await;
+    eventually("the calls to be held", || async {
+        (endpoint.call_count() == 2).then_some(())
+    })
+    .await;
+
+    let forged = format!(
+        "INSERT INTO callbacks (job_seq, state, next_attempt_at) \
+         SELECT seq, 1, 0 FROM jobs WHERE id = '{id}'"
+    );
+    write_behind_the_back(&db, &forged).await;
+    eventually("the forged delivery to be refused", || async {
+        logged(
+            &log,
+            "a callback is due for a job that is not finished; not sent",
+        )
+        .then_some(())
+    })
+    .await;
+    let refused = api
+        .metric("doparallel_callback_deliveries_total{outcome=\"refused\"}")
+        .await;
+    assert!(refused >= Some(1.0), "{refused:?}");
+    assert!(receiver.all().is_empty(), "sent: {:?}", receiver.all());
+
+    // Take the forgery back and let the job finish: its own callback goes out, once.
+    write_behind_the_back(&db, "DELETE FROM callbacks").await;
+    gate.send_replace(true);
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.body["status"], "Complete");
+    api.wait_settled(&id).await;
+    assert_eq!(receiver.all().len(), 1);
+}
+
+/// Runs one statement on a SQLite database that a server has open.
+async fn write_behind_the_back(db: &Path, sql: &str) {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Each statement and each COMMIT of every write transaction fails in turn (`store::fault`:
+/// the failpoints `store-statement` and `store-commit`), on SQLite and PostgreSQL, in a
+/// run of a small job with a callback; every run must end the same way as a run without
+/// faults.
+#[cfg(feature = "failpoints")]
+mod injected {
+    use super::*;
+    use crate::helpers::Endpoint;
+
+    const TASKS: usize = 4;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Backend {
+        Sqlite,
+        Postgres,
+    }
+
+    /// Runs the job on a server armed with `failpoints`, on a fresh database; checks its
+    /// end; returns whether the fault was injected (it was not when the run made fewer
+    /// writes than its place). `None` when the backend is not available here.
+    async fn one_run(backend: Backend, failpoints: &str) -> Option<bool> {
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("server.log");
+        let url = match backend {
+            Backend::Sqlite => sqlite_url(&logs.path().join("doparallel.db")),
+            Backend::Postgres => crate::pg::database().await?.url,
+        };
+        let url = url.as_str();
+        let endpoint = Endpoint::start().await;
+        let mut receiver = Receiver::start(0, 200).await;
+        let args = [
+            "--max-in-flight",
+            "2",
+            "--lease-timeout",
+            "1s",
+            "--callback-timeout",
+            "1s",
+        ];
+        let env = [("FAILPOINTS", failpoints)];
+        let server = ServerProcess::start_url_env_logging(url, &args, &env, &log);
+        let api = &server.api;
+        let job = job_of(
+            TASKS,
+            &endpoint.url("echo"),
+            Some(&receiver.url()),
+            json!({"backoff_ms": 10}),
+        );
+        // A client that gets a 503 sends the same request again, with the same key.
+        let id = eventually(&format!("{failpoints}: the job accepted"), || async {
+            let resp = api
+                .http
+                .post(format!("{}/v1/job", api.base))
+                .header("idempotency-key", "the-one-job")
+                .json(&job)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap();
+            match status {
+                200 | 202 => Some(body["job_id"].as_str().unwrap().to_string()),
+                503 => None,
+                _ => panic!("{failpoints}: the submission answered {status}: {body}"),
+            }
+        })
+        .await;
+        let view = api.wait_settled(&id).await;
+        let context = format!("{failpoints}: {view}");
+        assert_eq!(view["status"], "Complete", "{context}");
+        assert_eq!(view["callback"]["state"], "delivered", "{context}");
+        let (_, list) = api.get("/v1/jobs").await;
+        assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{context}");
+        // Announced once, even when the settle that finished it had its answer lost.
+        let finished = api
+            .metric("doparallel_jobs_finished_total{status=\"Complete\"}")
+            .await;
+        assert_eq!(finished, Some(1.0), "{context}");
+        for i in 1..=TASKS {
+            let task = &view["result"][i.to_string()];
+            assert_eq!(task["result"], json!({"i": i}), "{context}");
+        }
+        // Calls are made at least once; again only for a claim whose COMMIT was lost (its
+        // lease runs out unrenewed) or an outcome never committed.
+        for (key, calls) in endpoint.calls_per_key() {
+            assert!(calls <= 2, "{failpoints}: {key} called {calls} times");
+        }
+        assert_eq!(endpoint.calls_per_key().len(), TASKS, "{context}");
+        // One callback, or the same one twice when its delivery could not be recorded.
+        let deliveries = receiver.all();
+        let first = receiver.next().await;
+        assert_eq!(first.body["status"], "Complete", "{context}");
+        assert_eq!(first.body["result"], view["result"], "{context}");
+        for d in &deliveries {
+            assert_eq!(d.webhook_id, first.webhook_id, "{context}");
+            assert_eq!(d.body, first.body, "{context}");
+        }
+        let unrecorded = logged(&log, "cannot record callback attempt");
+        assert!(
+            deliveries.len() == 1 || (deliveries.len() == 2 && unrecorded),
+            "{context}: {} deliveries",
+            deliveries.len()
+        );
+        stop(server).await;
+        Some(logged(&log, "injected storage fault"))
+    }
+
+    /// Runs the job once for every place `point` (`store-statement` or `store-commit`) is
+    /// reached, failing it there with `mode`, a few runs at a time.
+    async fn every_place(backend: Backend, point: &str, mode: &str) {
+        const AT_ONCE: usize = 4;
+        let mut places = 0;
+        'runs: for first in (0..).step_by(AT_ONCE) {
+            let runs = (first..first + AT_ONCE).map(|k| {
+                let arm = if k == 0 {
+                    format!("{point}=1*return({mode})->off")
+                } else {
+                    format!("{point}={k}*off->1*return({mode})->off")
+                };
+                async move { one_run(backend, &arm).await }
+            });
+            for injected in futures_util::future::join_all(runs).await {
+                match injected {
+                    None => return, // skipped, loudly, by the backend's harness
+                    Some(false) => break 'runs,
+                    Some(true) => places += 1,
+                }
+            }
+            assert!(
+                first < 400,
+                "{point} is reached more often than a run can write"
+            );
+        }
+        assert!(places > 3, "{point} failed only {places} times");
+        eprintln!("{backend:?}: {point} failed with {mode} at each of {places} places in turn");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_each_statement_fails_in_turn() {
+        every_place(Backend::Sqlite, "store-statement", "rollback").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_each_commit_fails_in_turn() {
+        for mode in ["fail", "rollback", "lost"] {
+            every_place(Backend::Sqlite, "store-commit", mode).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_each_statement_fails_in_turn() {
+        every_place(Backend::Postgres, "store-statement", "rollback").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_each_commit_fails_in_turn() {
+        for mode in ["fail", "rollback", "lost"] {
+            every_place(Backend::Postgres, "store-commit", mode).await;
+        }
+    }
+}
