@@ -228,6 +228,10 @@ fn document_stream(
                     Some((head, Part::Pages(0)))
                 }
                 Part::Pages(after) => {
+                    if after > 0 {
+                        // A pause for the test that stops the database mid-stream.
+                        fail::fail_point!("callback-next-page");
+                    }
                     let query = TaskPageQuery {
                         after,
                         limit: PAGE,

@@ -195,9 +195,39 @@ static RUNNING: Mutex<Option<(i32, PathBuf)>> = Mutex::new(None);
 fn start(bin: &Path) -> Cluster {
     let started = Instant::now();
     let user = server_user();
+    let durable = std::env::var_os("DOPARALLEL_PG_DURABLE").is_some();
+    let (dir, data) = init(bin, user, durable);
+    // The port is free when looked at; another process may take it before the server
+    // binds, so a failed start is tried again on another.
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        let port = free_port();
+        match pg_ctl_start(bin, user, &dir, port) {
+            Ok(()) => {
+                let pid = postmaster_pid(&data).expect("postmaster.pid names the server");
+                *RUNNING.lock().unwrap() = Some((pid, dir.clone()));
+                // SAFETY: registers a plain extern "C" function with no captured state.
+                unsafe { libc::atexit(stop_at_exit) };
+                watchdog(&dir);
+                eprintln!(
+                    "test PostgreSQL cluster on 127.0.0.1:{port} in {} (started in {:.1}s)",
+                    dir.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                return Cluster { port, dir };
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    panic!("the test PostgreSQL cluster did not start: {last_error}");
+}
+
+/// A new cluster's directory (its data directory under `data/`, owned by `user`), made by
+/// initdb and configured for the tests.
+fn init(bin: &Path, user: Option<(u32, u32)>, durable: bool) -> (PathBuf, PathBuf) {
     // In memory when the system has a tmpfs for it: nothing here outlives the run, and
     // CREATE DATABASE (a database per test) is ten times faster there than on a slow disk.
-    let durable = std::env::var_os("DOPARALLEL_PG_DURABLE").is_some();
     let shm = Path::new("/dev/shm");
     let base = if shm.is_dir() && !durable {
         shm.to_path_buf()
@@ -247,45 +277,118 @@ fn start(bin: &Path) -> Cluster {
         .open(data.join("postgresql.conf"))
         .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
         .expect("postgresql.conf is writable");
+    (dir, data)
+}
 
-    // The port is free when looked at; another process may take it before the server
-    // binds, so a failed start is tried again on another.
+/// Starts the cluster in `dir` on `port` and waits until it accepts connections.
+fn pg_ctl_start(bin: &Path, user: Option<(u32, u32)>, dir: &Path, port: u16) -> Result<(), String> {
     let log = dir.join("server.log");
-    let mut last_error = String::new();
-    for _ in 0..5 {
-        let port = free_port();
-        let out = command(bin, "pg_ctl", user, &dir)
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "60", "-o"])
-            .arg(format!("-p {port}"))
-            .arg("start")
-            .stdout(Stdio::null())
-            .output()
-            .expect("pg_ctl runs");
-        if out.status.success() {
-            let pid = postmaster_pid(&data).expect("postmaster.pid names the server");
-            *RUNNING.lock().unwrap() = Some((pid, dir.clone()));
-            // SAFETY: registers a plain extern "C" function with no captured state.
-            unsafe { libc::atexit(stop_at_exit) };
-            watchdog(pid, &dir);
-            eprintln!(
-                "test PostgreSQL cluster on 127.0.0.1:{port} in {} (started in {:.1}s)",
-                dir.display(),
-                started.elapsed().as_secs_f64()
-            );
-            return Cluster { port, dir };
-        }
-        last_error = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+    let out = command(bin, "pg_ctl", user, dir)
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "60", "-o"])
+        .arg(format!("-p {port}"))
+        .arg("start")
+        .stdout(Stdio::null())
+        .output()
+        .expect("pg_ctl runs");
+    if out.status.success() {
+        return Ok(());
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    panic!("the test PostgreSQL cluster did not start: {last_error}");
+    Err(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    ))
+}
+
+/// Stops the cluster in `dir` at once, as a crash would (`pg_ctl stop -m immediate`).
+fn pg_ctl_stop(bin: &Path, user: Option<(u32, u32)>, dir: &Path) {
+    let out = command(bin, "pg_ctl", user, dir)
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["-m", "immediate", "-w", "stop"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("pg_ctl runs");
+    assert!(
+        out.status.success(),
+        "pg_ctl stop failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A cluster of one test's own, which that test may stop and start again as a database
+/// outage would (the shared cluster serves every other test meanwhile). Stopped and
+/// removed when dropped.
+pub struct PrivateCluster {
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivateCluster {
+    /// A new running cluster, or `None` (after the same notice as [`database`]) where
+    /// PostgreSQL is not installed outside CI.
+    pub fn start() -> Option<Self> {
+        let Some(bin) = find_bin() else {
+            missing("initdb and pg_ctl were not found on PATH nor under /usr/lib/postgresql/*/bin");
+            return None;
+        };
+        let user = server_user();
+        let (dir, _) = init(&bin, user, false);
+        watchdog(&dir);
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            match pg_ctl_start(&bin, user, &dir, port) {
+                Ok(()) => {
+                    return Some(PrivateCluster {
+                        bin,
+                        user,
+                        dir,
+                        port,
+                    });
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("a private PostgreSQL cluster did not start: {last_error}");
+    }
+
+    /// The URL of the `postgres` database of this cluster.
+    pub fn url(&self) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server at once, as a crash or a lost host would.
+    pub fn stop(&self) {
+        pg_ctl_stop(&self.bin, self.user, &self.dir);
+    }
+
+    /// Starts the server again, on the same port.
+    pub fn start_again(&self) {
+        pg_ctl_start(&self.bin, self.user, &self.dir, self.port)
+            .expect("the private cluster starts again");
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        if postmaster_pid(&self.dir.join("data")).is_some() {
+            let _ = command(&self.bin, "pg_ctl", self.user, &self.dir)
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn free_port() -> u16 {
@@ -323,12 +426,15 @@ extern "C" fn stop_at_exit() {
 }
 
 /// Should this process die without running its exit handlers (SIGKILL, abort), a small
-/// shell process stops the cluster once this one is gone. It gives up after two hours.
-fn watchdog(postmaster: i32, dir: &Path) {
+/// shell process stops the cluster in `dir` once this one is gone (whichever postmaster
+/// runs there then: a private cluster may have been started again). It gives up after two
+/// hours.
+fn watchdog(dir: &Path) {
     let me = std::process::id();
     let script = format!(
         "i=0; while kill -0 {me} 2>/dev/null && [ $i -lt 7200 ]; do sleep 1; i=$((i+1)); done; \
-         if [ -f '{dir}/data/postmaster.pid' ]; then kill -QUIT {postmaster} 2>/dev/null; sleep 2; rm -rf '{dir}'; fi",
+         if [ -f '{dir}/data/postmaster.pid' ]; then kill -QUIT $(head -n 1 '{dir}/data/postmaster.pid') 2>/dev/null; sleep 2; fi; \
+         [ -d '{dir}/data' ] && rm -rf '{dir}'",
         dir = dir.display()
     );
     let _ = Command::new("sh")

@@ -540,3 +540,282 @@ mod injected {
         }
     }
 }
+
+/// PostgreSQL stops while the API is asked: `/healthz` and a submission answer 503 (with
+/// `Retry-After`) promptly instead of hanging until the pool gives up; outcomes that arrive
+/// meanwhile wait in the engine; once the database is back, the job held across the outage
+/// finishes with its callback and new jobs are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_answers_503_promptly() {
+    let Some(cluster) = crate::pg::PrivateCluster::start() else {
+        return;
+    };
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let endpoint = held_endpoint(&gate, 0).await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let server = ServerProcess::start_url(&cluster.url(), &[]);
+    let api = &server.api;
+    let id = api
+        .submit(&job_of(
+            4,
+            &endpoint.url("/held"),
+            Some(&receiver.url()),
+            json!({}),
+        ))
+        .await;
+    eventually("the calls to be held", || async {
+        (endpoint.call_count() == 4).then_some(())
+    })
+    .await;
+
+    cluster.stop();
+    // Prompt: well under the few seconds a load balancer's probe or a client waits.
+    let prompt = Duration::from_secs(4);
+    for _ in 0..3 {
+        let asked = std::time::Instant::now();
+        let (status, body) = api.get("/healthz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            asked.elapsed() < prompt,
+            "/healthz took {:?}",
+            asked.elapsed()
+        );
+        eprintln!(
+            "/healthz with PostgreSQL down: 503 in {:?}",
+            asked.elapsed()
+        );
+    }
+    let asked = std::time::Instant::now();
+    let (status, retry_after, body) = post_job(api, &job_of(2, "/v1/test", None, json!({}))).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some(), "a 503 says when to try again");
+    assert!(
+        asked.elapsed() < prompt,
+        "a submission took {:?}",
+        asked.elapsed()
+    );
+    eprintln!(
+        "a submission with PostgreSQL down: 503 in {:?}",
+        asked.elapsed()
+    );
+    // The held calls answer into the outage.
+    gate.send_replace(true);
+
+    cluster.start_again();
+    eventually("/healthz to answer 200 again", || async {
+        (api.get("/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.body["job_id"], id.as_str());
+    assert_eq!(delivery.body["status"], "Complete", "{}", delivery.body);
+    let after = api.submit(&job_of(2, "/v1/test", None, json!({}))).await;
+    assert_eq!(api.wait_settled(&after).await["status"], "Complete");
+    assert_eq!(endpoint.call_count(), 4);
+    assert_eq!(receiver.all().len(), 1);
+}
+
+/// One connection a [`StreamReceiver`] accepted: what it declared and what arrived.
+#[derive(Clone, Debug, Default)]
+struct Received {
+    webhook_id: String,
+    declared: usize,
+    body: Vec<u8>,
+    /// The sender closed the connection or the whole body arrived.
+    ended: bool,
+}
+
+/// A callback receiver on a bare socket that records each body as its bytes arrive, so a
+/// test can see a delivery cut off midway; answers 200 to a whole body.
+struct StreamReceiver {
+    addr: std::net::SocketAddr,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl StreamReceiver {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Received>::new()));
+        let log = received.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = vec![0u8; 64 * 1024];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let header = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                            .map(|v| v.trim().to_string())
+                            .unwrap_or_default()
+                    };
+                    let me = {
+                        let mut log = log.lock().unwrap();
+                        log.push(Received {
+                            webhook_id: header("webhook-id"),
+                            declared: header("content-length").parse().unwrap_or(0),
+                            body: buf[head_end..].to_vec(),
+                            ended: false,
+                        });
+                        log.len() - 1
+                    };
+                    loop {
+                        let (have, want) = {
+                            let log = log.lock().unwrap();
+                            (log[me].body.len(), log[me].declared)
+                        };
+                        if have >= want {
+                            break;
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                log.lock().unwrap()[me].ended = true;
+                                return;
+                            }
+                            Ok(n) => log.lock().unwrap()[me].body.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    log.lock().unwrap()[me].ended = true;
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        StreamReceiver { addr, received }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/cb", self.addr)
+    }
+
+    fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// The database dies while a callback is being streamed from it: the delivery is aborted,
+/// so the receiver sees fewer bytes than the declared length (never a shorter body it could
+/// take for whole), and the callback is sent again in full, with the same `webhook-id`, once
+/// the database is back. A failpoint only holds the stream between two pages long enough
+/// for the test to stop the database there.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_cut_off_by_a_lost_database_is_aborted() {
+    const TASKS: usize = 2500;
+    let Some(cluster) = crate::pg::PrivateCluster::start() else {
+        return;
+    };
+    let receiver = StreamReceiver::start().await;
+    let env = [("FAILPOINTS", "callback-next-page=1*sleep(3000)->off")];
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let args = ["--callback-timeout", "2s"];
+    let server = ServerProcess::start_url_env_logging(&cluster.url(), &args, &env, &log);
+    let id = server
+        .api
+        .submit(&job_of(TASKS, "/v1/test", Some(&receiver.url()), json!({})))
+        .await;
+    eventually("the first page of the callback", || async {
+        receiver
+            .all()
+            .first()
+            .is_some_and(|r| !r.body.is_empty())
+            .then_some(())
+    })
+    .await;
+    cluster.stop();
+    let cut = eventually("the cut-off delivery to end", || async {
+        receiver.all().first().filter(|r| r.ended).cloned()
+    })
+    .await;
+    assert!(
+        cut.body.len() < cut.declared,
+        "the receiver got {} of {} bytes",
+        cut.body.len(),
+        cut.declared
+    );
+    assert!(serde_json::from_slice::<Value>(&cut.body).is_err());
+
+    cluster.start_again();
+    let whole = eventually("a whole delivery", || async {
+        receiver
+            .all()
+            .into_iter()
+            .find(|r| r.ended && r.body.len() == r.declared)
+    })
+    .await;
+    assert_eq!(whole.webhook_id, cut.webhook_id);
+    assert_eq!(whole.webhook_id, format!("msg_{id}"));
+    let document: Value = serde_json::from_slice(&whole.body).unwrap();
+    assert_eq!(document["status"], "Complete");
+    assert_eq!(document["result"].as_object().unwrap().len(), TASKS);
+    let job = server.api.wait_settled(&id).await;
+    assert_eq!(job["callback"]["state"], "delivered", "{job}");
+}
+
+/// The connection of a settle is terminated (`pg_terminate_backend`) just before its
+/// COMMIT: the outcomes are not stored, the engine retries them, and the job ends as if
+/// nothing happened: each task called once, each result stored once, one callback.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_settle_whose_connection_is_terminated() {
+    const TASKS: usize = 6;
+    let Some(db) = crate::pg::database().await else {
+        return;
+    };
+    let endpoint = crate::helpers::Endpoint::start().await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let env = [("FAILPOINTS", "settle-before-commit=1*sleep(3000)->off")];
+    let server = ServerProcess::start_url_env_logging(&db.url, &[], &env, &log);
+    let id = server
+        .api
+        .submit(&job_of(
+            TASKS,
+            &endpoint.url("echo"),
+            Some(&receiver.url()),
+            json!({}),
+        ))
+        .await;
+    let terminate = format!(
+        "SELECT count(pg_terminate_backend(pid))::bigint FROM pg_stat_activity \
+         WHERE datname = '{}' AND state = 'idle in transaction' \
+           AND now() - state_change > interval '300 milliseconds'",
+        db.name
+    );
+    eventually("the settle's connection to be terminated", || async {
+        (db.query_scalar(&terminate).await > 0).then_some(())
+    })
+    .await;
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.body["status"], "Complete", "{}", delivery.body);
+    let job = server.api.wait_settled(&id).await;
+    for i in 1..=TASKS {
+        assert_eq!(job["result"][i.to_string()]["result"], json!({"i": i}));
+    }
+    assert!(logged(&log, "storing task outcomes failed; retrying"));
+    assert!(endpoint.calls_per_key().values().all(|&n| n == 1));
+    assert_eq!(endpoint.calls_per_key().len(), TASKS);
+    let finished = server
+        .api
+        .metric("doparallel_jobs_finished_total{status=\"Complete\"}")
+        .await;
+    assert_eq!(finished, Some(1.0));
+    assert_eq!(receiver.all().len(), 1);
+}

@@ -336,6 +336,8 @@ impl PostgresStore {
         if !callbacks.0.is_empty() {
             insert_callbacks(&mut tx, &callbacks.0, &callbacks.1).await?;
         }
+        // A pause for the test that cuts this transaction's connection before its COMMIT.
+        fail::fail_point!("settle-before-commit");
         tx.commit().await?;
         if !callbacks.0.is_empty() {
             self.callbacks_changed();
