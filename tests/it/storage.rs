@@ -819,3 +819,159 @@ async fn postgres_a_settle_whose_connection_is_terminated() {
     assert_eq!(finished, Some(1.0));
     assert_eq!(receiver.all().len(), 1);
 }
+
+/// DynamoDB (moto): the answer to a job's creation is lost after moto applied it, and the
+/// SDK sends the request again, which the job's own items cancel. The job is stored, and
+/// answered as stored: it keeps its tasks and finishes, with and without an
+/// Idempotency-Key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_lost_answer_to_a_job_creation() {
+    use crate::moto::{FaultyProxy, ProxyFault};
+    let Some(table) = crate::moto::fresh_table().await else {
+        return;
+    };
+    let proxy = FaultyProxy::start(crate::moto::moto().unwrap()).await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let server = ServerProcess::start_url(&proxy.url(&table), &[]);
+    let api = &server.api;
+    for key in [None, Some("key-1")] {
+        let faulted = proxy.faulted();
+        // A job's creation is the one transaction that puts a job item (`META`).
+        proxy.arm(
+            |op, body| {
+                op == "TransactWriteItems" && body.contains("\"Put\"") && body.contains("META")
+            },
+            ProxyFault::ResetAfter,
+            1,
+        );
+        let job = job_of(5, "/v1/test", Some(&receiver.url()), json!({}));
+        let mut request = api.http.post(format!("{}/v1/job", api.base)).json(&job);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let resp = request.send().await.unwrap();
+        assert_eq!(resp.status(), 202, "key {key:?}");
+        assert_eq!(proxy.faulted(), faulted + 1, "the answer was lost");
+        let id = resp.json::<Value>().await.unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let view = api.wait_settled(&id).await;
+        assert_eq!(view["status"], "Complete", "{view}");
+        assert_eq!(view["counts"]["complete"], 5, "{view}");
+        let delivery = receiver.next().await;
+        assert_eq!(delivery.body["job_id"], id.as_str());
+        assert_eq!(delivery.body["result"].as_object().unwrap().len(), 5);
+    }
+    assert_eq!(receiver.all().len(), 2);
+}
+
+/// DynamoDB (moto): every request the engine makes at start fails for a while (answers
+/// 500 from a proxy, beyond the SDK's own retries); the node retries its start-up steps and
+/// starts, then runs a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_start_up_that_meets_failed_requests_still_starts() {
+    use crate::moto::{FaultyProxy, ProxyFault};
+    let Some(table) = crate::moto::fresh_table().await else {
+        return;
+    };
+    let proxy = FaultyProxy::start(crate::moto::moto().unwrap()).await;
+    // Opening the store checks the table (DescribeTable); the engine's start follows.
+    proxy.arm(|op, _| op != "DescribeTable", ProxyFault::Error500, 5);
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let server = ServerProcess::start_url_logging(&proxy.url(&table), &[], &log);
+    assert_eq!(proxy.faulted(), 5);
+    assert!(logged(&log, "failed at start; retrying"));
+    let id = server
+        .api
+        .submit(&job_of(3, "/v1/test", None, json!({})))
+        .await;
+    assert_eq!(server.api.wait_settled(&id).await["status"], "Complete");
+}
+
+/// DynamoDB (moto): a settle batch holds two jobs' outcomes; one job's transaction fails
+/// (answers 500, beyond the SDK's retries) while the other's commits. Both jobs finish,
+/// each announced once, each with one callback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
+    use crate::moto::{FaultyProxy, ProxyFault};
+    const TASKS: usize = 10;
+    let Some(table) = crate::moto::fresh_table().await else {
+        return;
+    };
+    let proxy = FaultyProxy::start(crate::moto::moto().unwrap()).await;
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let endpoint = held_endpoint(&gate, 0).await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let server = ServerProcess::start_url_logging(&proxy.url(&table), &[], &log);
+    let api = &server.api;
+    let job = job_of(
+        TASKS,
+        &endpoint.url("/held"),
+        Some(&receiver.url()),
+        json!({}),
+    );
+    let first = api.submit(&job).await;
+    let second = api.submit(&job).await;
+    eventually("every call to be held", || async {
+        (endpoint.call_count() == 2 * TASKS).then_some(())
+    })
+    .await;
+    // From here the only transactions of the two jobs are their settles. The first settle
+    // (of whichever job's outcome comes first) is held up a little, so that every other
+    // outcome queues meanwhile and the next batch holds both jobs'; in that batch the first
+    // job's transaction fails, beyond the SDK's three attempts.
+    let (a, b) = (first.clone(), second.clone());
+    proxy.arm(
+        move |op, body| op == "TransactWriteItems" && (body.contains(&a) || body.contains(&b)),
+        ProxyFault::Delay(Duration::from_millis(500)),
+        1,
+    );
+    let failing = first.clone();
+    proxy.arm(
+        move |op, body| op == "TransactWriteItems" && body.contains(&failing),
+        ProxyFault::Error500,
+        3,
+    );
+    gate.send_replace(true);
+    let mut delivered: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        let d = receiver.next().await;
+        assert_eq!(d.body["status"], "Complete", "{}", d.body);
+        assert_eq!(d.body["result"].as_object().unwrap().len(), TASKS);
+        delivered.push(d.body["job_id"].as_str().unwrap().to_string());
+    }
+    delivered.sort();
+    let mut expected = vec![first.clone(), second.clone()];
+    expected.sort();
+    assert_eq!(delivered, expected);
+    assert_eq!(proxy.faulted(), 3);
+    // The batch that failed held outcomes of both jobs.
+    let failed_batch = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("storing task outcomes failed; retrying"))
+        .filter_map(|l| {
+            l.split("outcomes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max();
+    assert!(failed_batch > Some(TASKS), "{failed_batch:?}");
+    for id in [&first, &second] {
+        let view = api.wait_settled(id).await;
+        assert_eq!(view["counts"]["complete"], TASKS, "{view}");
+    }
+    let finished = api
+        .metric("doparallel_jobs_finished_total{status=\"Complete\"}")
+        .await;
+    assert_eq!(finished, Some(2.0));
+    assert_eq!(endpoint.call_count(), 2 * TASKS, "a task was called twice");
+    assert_eq!(receiver.all().len(), 2);
+}
