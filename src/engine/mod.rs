@@ -21,6 +21,7 @@
 
 pub mod call;
 pub mod hosts;
+mod names;
 pub mod report;
 
 use hosts::HostGates;
@@ -77,8 +78,8 @@ pub enum Event {
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: EngineConfig,
-    /// This process's name on its leases.
-    pub(crate) node: NodeId,
+    /// This process's names on its leases (see `names`).
+    names: Arc<names::Names>,
     /// See [`IDLE_POLL`] and [`SHARED_IDLE_POLL`].
     pub(crate) idle_poll: Duration,
     /// Mints and checks the tokens of calls that may answer 202.
@@ -293,8 +294,8 @@ pub async fn start(
             .await
             .map_err(EngineError::TokenKey)?,
     );
-    let node = NodeId::random();
-    tracing::info!(%node, shared = notices.is_some(), "engine starting");
+    let names = names::Names::new();
+    tracing::info!(node = %names.current(), shared = notices.is_some(), "engine starting");
     let (events, _) = broadcast::channel(1024);
     let metrics = Metrics::new();
     let hosts = Arc::new(HostGates::new(
@@ -304,7 +305,7 @@ pub async fn start(
     ));
     let engine = Arc::new(Engine {
         store,
-        node,
+        names,
         idle_poll: if notices.is_some() {
             SHARED_IDLE_POLL
         } else {
@@ -339,7 +340,6 @@ pub async fn start(
         .map(|keep| tokio::spawn(purge_loop(engine.clone(), keep, stop.clone())));
     let leases = tokio::spawn(lease_loop(
         engine.clone(),
-        in_flight.clone(),
         stop.clone(),
         finisher_stop.clone(),
     ));
@@ -413,20 +413,31 @@ async fn dispatch(
         // Jobs whose calls already queue at a host's gates beyond what the gates can start
         // soon: more of their tasks would only hold slots that other jobs can use.
         let skip_jobs = engine.hosts.backlogged_jobs();
+        let node = engine.names.current();
         let claim = match engine
             .store
             .tasks_claim(&ClaimParams {
                 limit: free as u32,
                 now: now_millis(),
-                node: engine.node,
+                node,
                 lease_until: now_millis() + engine.config.lease_timeout.as_millis() as i64,
                 skip_jobs,
             })
             .await
         {
+            Ok(claim) if answer_lost(&claim) => {
+                tracing::error!(
+                    "claiming tasks failed (its answer was lost); trying again shortly"
+                );
+                engine.names.forsake(node, "a claim failed");
+                drop(permits);
+                continue;
+            }
             Ok(claim) => claim,
             Err(e) => {
                 tracing::error!(error = %e, "claiming tasks failed; trying again shortly");
+                // It may have committed all the same, leasing tasks that no call will make.
+                engine.names.forsake(node, "a claim failed");
                 drop(permits);
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -447,7 +458,10 @@ async fn dispatch(
         // A claim lists each job's tasks together: one token lookup per job.
         let mut token: Option<(JobId, CancellationToken)> = None;
         for task in claim.tasks {
-            let permit = permits.split(1).expect("one permit per claimed task");
+            let slot = Slot {
+                _permit: permits.split(1).expect("one permit per claimed task"),
+                lease: engine.names.hold(node),
+            };
             let cancelled = match &token {
                 Some((job, t)) if *job == task.job_id => t.clone(),
                 _ => {
@@ -461,7 +475,7 @@ async fn dispatch(
                 task,
                 cancelled,
                 stop.clone(),
-                permit,
+                slot,
                 outcomes.clone(),
             ));
         }
@@ -485,12 +499,22 @@ async fn dispatch(
     }
 }
 
+/// Whether the fault tests (`claim-answer-lost`) want this committed claim treated as one
+/// whose answer was lost: the engine then holds leases it knows nothing of.
+fn answer_lost(claim: &crate::store::Claim) -> bool {
+    if claim.tasks.is_empty() {
+        return false;
+    }
+    fail::fail_point!("claim-answer-lost", |_| true);
+    false
+}
+
 async fn run_call(
     engine: Arc<Engine>,
     task: ClaimedTask,
     cancelled: CancellationToken,
     stop: CancellationToken,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     outcomes: mpsc::Sender<Settled>,
 ) {
     // The built-in test task has no host and meets no gate.
@@ -555,11 +579,18 @@ async fn run_call(
     };
     // The finisher only goes away at shutdown, after the grace period: an outcome that comes
     // later is dropped and the task is called again at next start.
-    let _ = outcomes.send((settle, permit)).await;
+    let _ = outcomes.send((settle, slot)).await;
 }
 
-/// An outcome on its way to the store, with the permit it frees once written.
-type Settled = (TaskSettle, OwnedSemaphorePermit);
+/// What a call holds from its claim until its outcome is committed (or it is abandoned):
+/// its permit of `max_in_flight`, and its place under the name it was claimed under.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    lease: names::Held,
+}
+
+/// An outcome on its way to the store, with the slot it frees once written.
+type Settled = (TaskSettle, Slot);
 
 async fn finish(
     engine: Arc<Engine>,
@@ -567,7 +598,7 @@ async fn finish(
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_BATCH);
-    let mut permits = Vec::with_capacity(SETTLE_BATCH);
+    let mut slots: Vec<Slot> = Vec::with_capacity(SETTLE_BATCH);
     loop {
         let first = tokio::select! {
             biased;
@@ -578,24 +609,42 @@ async fn finish(
                 outcomes.recv().await
             }
         };
-        let Some((settle, permit)) = first else {
+        let Some((settle, slot)) = first else {
             return;
         };
         batch.push(settle);
-        permits.push(permit);
+        slots.push(slot);
         while batch.len() < SETTLE_BATCH {
             match outcomes.try_recv() {
-                Ok((settle, permit)) => {
+                Ok((settle, slot)) => {
                     batch.push(settle);
-                    permits.push(permit);
+                    slots.push(slot);
                 }
                 Err(_) => break,
             }
         }
-        settle_batch(&engine, &batch, &stop).await;
+        // Each outcome is settled under the name its task was claimed under: nearly always
+        // one name for the whole batch.
+        let first_node = slots[0].lease.node;
+        if slots.iter().all(|s| s.lease.node == first_node) {
+            settle_batch(&engine, first_node, &batch, &stop).await;
+        } else {
+            let mut nodes: Vec<NodeId> = slots.iter().map(|s| s.lease.node).collect();
+            nodes.sort_by_key(|n| n.0);
+            nodes.dedup();
+            for node in nodes {
+                let part: Vec<TaskSettle> = batch
+                    .iter()
+                    .zip(&slots)
+                    .filter(|(_, slot)| slot.lease.node == node)
+                    .map(|(settle, _)| settle.clone())
+                    .collect();
+                settle_batch(&engine, node, &part, &stop).await;
+            }
+        }
         batch.clear();
         // Only now may these tasks' slots be claimed again.
-        permits.clear();
+        slots.clear();
     }
 }
 
@@ -608,12 +657,17 @@ async fn finish(
 /// anything twice; but what the first attempt did apply, the retry reports as nothing. So
 /// after a retry the batch's jobs are read back, and those found finished are announced
 /// (logged, counted, their callback woken) as this batch's, never trusting an empty report.
-async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &CancellationToken) {
+async fn settle_batch(
+    engine: &Engine,
+    node: NodeId,
+    batch: &[TaskSettle],
+    stop: &CancellationToken,
+) {
     let mut delay = Duration::from_millis(50);
     let started = Instant::now();
     let mut unknown = false;
     let report = loop {
-        match engine.store.tasks_settle(engine.node, batch).await {
+        match engine.store.tasks_settle(node, batch).await {
             Ok(report) => {
                 tracing::trace!(
                     outcomes = batch.len(),
@@ -629,7 +683,8 @@ async fn settle_batch(engine: &Engine, batch: &[TaskSettle], stop: &Cancellation
                 // Not a passing condition: retrying would hold these slots and every later
                 // batch forever. The tasks stay Running in the store; the next start calls
                 // them again.
-                tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; they are left to the next start");
+                tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; their tasks will be called again");
+                engine.names.forsake(node, "storing task outcomes failed");
                 return;
             }
             Err(e) => {
@@ -739,7 +794,6 @@ impl Engine {
 /// within the lease timeout plus one sweep.
 async fn lease_loop(
     engine: Arc<Engine>,
-    in_flight: Arc<Semaphore>,
     stop: CancellationToken,
     finisher_stop: CancellationToken,
 ) {
@@ -751,10 +805,10 @@ async fn lease_loop(
             _ = tokio::time::sleep(every) => {}
         }
         let now = now_millis();
-        if in_flight.available_permits() < engine.config.max_in_flight {
+        for node in engine.names.in_use() {
             let until = now + engine.config.lease_timeout.as_millis() as i64;
-            if let Err(e) = engine.store.tasks_renew(engine.node, until).await {
-                tracing::error!(error = %e, "renewing this node's leases failed");
+            if let Err(e) = engine.store.tasks_renew(node, until).await {
+                tracing::error!(error = %e, %node, "renewing this node's leases failed");
             }
         }
         if stop.is_cancelled() {
@@ -779,12 +833,13 @@ async fn lease_loop(
 /// Awaited attempts that came to their deadline without a report: each is settled as a
 /// timeout (retried or failed by the job's options, like any timeout).
 async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken) {
+    let node = engine.names.current();
     let overdue = match engine
         .store
         .tasks_overdue(&OverdueParams {
             limit: SETTLE_BATCH as u32,
             now,
-            node: engine.node,
+            node,
             lease_until: now + engine.config.lease_timeout.as_millis() as i64,
         })
         .await
@@ -829,7 +884,9 @@ async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken
         tasks = batch.len(),
         "awaited tasks timed out without a report"
     );
-    settle_batch(engine, &batch, stop).await;
+    // Leased to this node until settled: renewed like calls in flight meanwhile.
+    let _held: Vec<names::Held> = batch.iter().map(|_| engine.names.hold(node)).collect();
+    settle_batch(engine, node, &batch, stop).await;
 }
 
 /// Acts on what other nodes announce: new work, a callback due, a cancelled job.
