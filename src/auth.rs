@@ -65,11 +65,19 @@ impl ApiTokens {
         for known in &self.digests {
             found |= known.ct_eq(&digest);
         }
-        bool::from(found).then(|| {
-            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-            Owner(Some(hex))
-        })
+        bool::from(found).then(|| Owner(Some(owner_name(&digest))))
     }
+}
+
+/// The name a token's jobs are stored under: the first 8 bytes of its SHA-256, in hex.
+fn owner_name(digest: &[u8; 32]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The owner name of a configured token (for settings given per token, such as a
+/// tenant's own callback secret).
+pub fn owner_of_token(token: &str) -> String {
+    owner_name(&Sha256::digest(token.trim().as_bytes()).into())
 }
 
 /// The token a request presents: Bearer, Basic (as the password), or, for the events stream

@@ -264,11 +264,15 @@ async fn callback_body(
     timestamp: u64,
 ) -> StoreResult<(reqwest::Body, u64, Option<String>)> {
     let store = engine.store.as_ref();
-    let mut signing = engine.config.signer.start(id, timestamp);
+    let signer = engine
+        .config
+        .callback_signers
+        .for_owner(job.owner.as_deref());
+    let mut signing = signer.start(id, timestamp);
     let length = feed_document(store, &job, |bytes| signing.update(bytes)).await?;
     if length > engine.config.max_callback_bytes as u64 {
         let body = head_only(&job);
-        let signature = engine.config.signer.signature(id, timestamp, &body);
+        let signature = signer.signature(id, timestamp, &body);
         let length = body.len() as u64;
         return Ok((reqwest::Body::from(body), length, signature));
     }

@@ -18,7 +18,7 @@ use url::Url;
 use crate::egress::EgressPolicy;
 use crate::engine::hosts::HostLimits;
 use crate::job::{JobStatus, Limits, PER_HOST_RATES};
-use crate::webhook::{Signer, WebhookSecret};
+use crate::webhook::{CallbackSigners, Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -208,9 +208,10 @@ pub struct EngineArgs {
     #[arg(long, env = "DOPARALLEL_MAX_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
     pub max_response_bytes: usize,
 
-    /// Secret that signs callbacks and task calls (Standard Webhooks `whsec_...`; make one
-    /// with `doparallel secret`). Repeatable, or comma-separated, to rotate: every call is
-    /// signed with each.
+    /// Secret that signs callbacks (Standard Webhooks `whsec_...`; make one with `doparallel
+    /// secret`), never task calls (--task-secret signs those). Repeatable, or
+    /// comma-separated, to rotate: every callback is signed with each. An argument shows in
+    /// `ps`: prefer --webhook-secret-file or the environment.
     #[arg(
         long,
         env = "DOPARALLEL_WEBHOOK_SECRET",
@@ -219,6 +220,27 @@ pub struct EngineArgs {
         hide_env_values = true
     )]
     pub webhook_secret: Vec<WebhookSecret>,
+
+    /// File of callback signing secrets, one per line (blank lines and lines starting with #
+    /// are skipped); added to --webhook-secret.
+    #[arg(long, env = "DOPARALLEL_WEBHOOK_SECRET_FILE", value_name = "PATH")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Secret that signs task calls (`whsec_...`), never callbacks; it must differ from every
+    /// callback secret. Repeatable, or comma-separated, to rotate. Prefer
+    /// --task-secret-file or the environment.
+    #[arg(
+        long,
+        env = "DOPARALLEL_TASK_SECRET",
+        value_delimiter = ',',
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub task_secret: Vec<WebhookSecret>,
+
+    /// File of task signing secrets, one per line; added to --task-secret.
+    #[arg(long, env = "DOPARALLEL_TASK_SECRET_FILE", value_name = "PATH")]
+    pub task_secret_file: Option<PathBuf>,
 
     /// Most tasks in one job.
     #[arg(long, env = "DOPARALLEL_MAX_TASKS_PER_JOB", default_value_t = Limits::defaults().max_tasks)]
@@ -253,15 +275,36 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The callback secrets and the task secrets, each from its option and its file; an
+    /// error when a file cannot be read or a secret is in both.
+    pub fn secrets(&self) -> Result<(Vec<WebhookSecret>, Vec<WebhookSecret>), String> {
+        let mut callbacks = self.webhook_secret.clone();
+        if let Some(path) = &self.webhook_secret_file {
+            callbacks.extend(read_secret_file(path)?);
+        }
+        let mut tasks = self.task_secret.clone();
+        if let Some(path) = &self.task_secret_file {
+            tasks.extend(read_secret_file(path)?);
+        }
+        refuse_shared(&callbacks, &tasks, "--webhook-secret")?;
+        Ok((callbacks, tasks))
+    }
+
+    /// The engine's configuration; see [`EngineArgs::secrets`] for its errors.
     pub fn to_config(
         &self,
         callback_schedule: &Schedule,
         retention: Option<Duration>,
         egress: EgressPolicy,
-    ) -> EngineConfig {
-        EngineConfig {
+    ) -> Result<EngineConfig, String> {
+        let (callbacks, tasks) = self.secrets()?;
+        Ok(EngineConfig {
             egress: Arc::new(egress),
-            signer: Arc::new(Signer::new(self.webhook_secret.clone())),
+            callback_signers: Arc::new(CallbackSigners::new(
+                Signer::new(callbacks),
+                Default::default(),
+            )),
+            task_signer: Arc::new(Signer::new(tasks)),
             limits: Limits {
                 max_tasks: self.max_tasks_per_job,
                 max_params_bytes: self.max_params_bytes,
@@ -280,8 +323,44 @@ impl EngineArgs {
             retention,
             lease_timeout: self.lease_timeout,
             public_url: None,
-        }
+        })
     }
+}
+
+/// Reads a file of `whsec_` secrets, one per line; blank lines and `#` comments are skipped.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Vec<WebhookSecret>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .enumerate()
+        .map(|(i, line)| {
+            line.parse()
+                .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Refuses a task secret that is also a callback secret (`what` names where the callback
+/// one came from): a task call's body is its submitter's, so a shared key would let any
+/// submitter have the server sign a forged callback.
+pub fn refuse_shared(
+    callbacks: &[WebhookSecret],
+    tasks: &[WebhookSecret],
+    what: &str,
+) -> Result<(), String> {
+    if tasks
+        .iter()
+        .any(|t| callbacks.iter().any(|c| c.same_key(t)))
+    {
+        return Err(format!(
+            "one secret is both a task secret and a callback secret ({what}): task calls carry \
+             their submitter's params, so a shared key would let any submitter have this server \
+             sign a forged callback; give --task-secret a secret of its own (`doparallel secret`)"
+        ));
+    }
+    Ok(())
 }
 
 /// What the engine needs to know; built by each entry point.
@@ -300,8 +379,10 @@ pub struct EngineConfig {
     pub retention: Option<Duration>,
     /// Which addresses task calls and callbacks may reach.
     pub egress: Arc<EgressPolicy>,
-    /// Signs callbacks and task calls (Standard Webhooks); signs nothing without secrets.
-    pub signer: Arc<Signer>,
+    /// Signs callbacks (Standard Webhooks): the server's secrets, or a tenant's own.
+    pub callback_signers: Arc<CallbackSigners>,
+    /// Signs task calls, with keys no callback is signed with; signs nothing without secrets.
+    pub task_signer: Arc<Signer>,
     /// Bounds on a submission.
     pub limits: Limits,
     /// A callback body larger than this is sent without `result` (see `callback::callback_body`).

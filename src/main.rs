@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use doparallel::auth::ApiTokens;
-use doparallel::config::{Cli, Command, LogFormat, RunArgs, ServeArgs};
+use std::collections::HashMap;
+
+use doparallel::auth::{self, ApiTokens};
+use doparallel::config::{self, Cli, Command, LogFormat, RunArgs, ServeArgs};
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
-use doparallel::webhook::WebhookSecret;
+use doparallel::webhook::{CallbackSigners, Signer, WebhookSecret};
 use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
 
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let tokens = api_tokens(&args)?;
+    let (tokens, tenant_secrets) = api_tokens(&args)?;
     if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
         anyhow::bail!(
             "refusing to listen on {} without an API token: set --api-token (or \
@@ -84,16 +86,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.database.starts_with("dynamodb:") {
         dynamodb_limits(&args)?;
     }
-    let store = store::open(&args.database).await?;
+    let mut engine = args
+        .engine
+        .to_config(
+            &args.callback_retry_schedule,
+            Some(args.retention),
+            EgressPolicy::guarded(args.engine.allow_net.clone()),
+        )
+        .map_err(anyhow::Error::msg)?;
+    engine.public_url = args.public_url.clone();
+    if !tenant_secrets.is_empty() {
+        let (callbacks, tasks) = args.engine.secrets().map_err(anyhow::Error::msg)?;
+        let tenant: Vec<WebhookSecret> = tenant_secrets.values().cloned().collect();
+        config::refuse_shared(&tenant, &tasks, "a tenant's secret in --api-token-file")
+            .map_err(anyhow::Error::msg)?;
+        let by_owner = tenant_secrets
+            .into_iter()
+            .map(|(owner, secret)| (owner, Signer::new(vec![secret])))
+            .collect();
+        engine.callback_signers = Arc::new(CallbackSigners::new(Signer::new(callbacks), by_owner));
+    }
+    // The port first: a port in use must not leave a new database behind.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let mut engine = args.engine.to_config(
-        &args.callback_retry_schedule,
-        Some(args.retention),
-        EgressPolicy::guarded(args.engine.allow_net.clone()),
-    );
-    engine.public_url = args.public_url.clone();
+    let store = store::open(&args.database).await?;
     let options = ServeOptions {
         engine,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
@@ -127,19 +144,39 @@ fn dynamodb_limits(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The tokens of --api-token and --api-token-file together.
-fn api_tokens(args: &ServeArgs) -> anyhow::Result<ApiTokens> {
+/// The tokens of --api-token and --api-token-file together, and the callback secrets that
+/// the file gives some of them (`TOKEN whsec_...` on a line), by owner.
+fn api_tokens(args: &ServeArgs) -> anyhow::Result<(ApiTokens, HashMap<String, WebhookSecret>)> {
     let file_text = match &args.api_token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read API token file {}", path.display()))?,
         None => String::new(),
     };
-    let from_file = file_text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'));
+    let mut from_file = Vec::new();
+    let mut secrets = HashMap::new();
+    for (i, line) in file_text.lines().map(str::trim).enumerate() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let token = words.next().expect("a non-empty line has a word");
+        if let Some(secret) = words.next() {
+            let secret: WebhookSecret = secret.parse().map_err(|e| {
+                anyhow::anyhow!("API token file line {}: the callback secret: {e}", i + 1)
+            })?;
+            secrets.insert(auth::owner_of_token(token), secret);
+        }
+        if words.next().is_some() {
+            anyhow::bail!(
+                "API token file line {}: expected TOKEN or TOKEN whsec_SECRET",
+                i + 1
+            );
+        }
+        from_file.push(token);
+    }
     let given = args.api_token.iter().map(|t| t.expose());
-    ApiTokens::new(given.chain(from_file)).map_err(anyhow::Error::msg)
+    let tokens = ApiTokens::new(given.chain(from_file)).map_err(anyhow::Error::msg)?;
+    Ok((tokens, secrets))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -162,7 +199,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let config = args
         .engine
-        .to_config(&args.callback_retry_schedule, None, egress);
+        .to_config(&args.callback_retry_schedule, None, egress)
+        .map_err(anyhow::Error::msg)?;
     let job = parse_submission(&body, &config.limits, &config.egress)
         .with_context(|| format!("{name} is not a valid job"))?;
 

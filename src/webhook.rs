@@ -2,6 +2,14 @@
 //! `webhook-id`, `webhook-timestamp` and, when secrets are configured, `webhook-signature`:
 //! `v1,` + base64 of HMAC-SHA256 over `id.timestamp.body`, one entry per secret so that a
 //! secret can be rotated without a gap. Receivers verify with any Standard Webhooks library.
+//!
+//! Callbacks and task calls never share a key. A task call's body is its submitter's own
+//! `params`: signed with the callbacks' key, any submitter could have the server sign a
+//! forged callback document and replay it to another tenant's receiver. So callbacks are
+//! signed with `--webhook-secret` (or the tenant's own secret, [`CallbackSigners`]), task
+//! calls with `--task-secret`, and the server refuses to start with one secret in both.
+
+use std::collections::HashMap;
 
 use std::fmt;
 use std::str::FromStr;
@@ -45,6 +53,13 @@ impl FromStr for WebhookSecret {
     }
 }
 
+impl WebhookSecret {
+    /// Whether two secrets hold the same key (compared at start, not on a request path).
+    pub fn same_key(&self, other: &WebhookSecret) -> bool {
+        self.key == other.key
+    }
+}
+
 impl fmt::Debug for WebhookSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("WebhookSecret(<redacted>)")
@@ -85,6 +100,29 @@ impl Signer {
             })
             .collect();
         Signing { macs }
+    }
+}
+
+/// Who signs a job's callback: the secret of the tenant (API token) that submitted it when
+/// that token has one, alone, so that no other tenant's jobs can produce bytes its receiver
+/// accepts; else the server's `--webhook-secret`s.
+#[derive(Clone, Debug, Default)]
+pub struct CallbackSigners {
+    server: Signer,
+    /// By owner (`auth::Owner`'s digest of the token).
+    by_owner: HashMap<String, Signer>,
+}
+
+impl CallbackSigners {
+    pub fn new(server: Signer, by_owner: HashMap<String, Signer>) -> Self {
+        CallbackSigners { server, by_owner }
+    }
+
+    /// The signer of the callbacks of jobs submitted by `owner`.
+    pub fn for_owner(&self, owner: Option<&str>) -> &Signer {
+        owner
+            .and_then(|owner| self.by_owner.get(owner))
+            .unwrap_or(&self.server)
     }
 }
 
@@ -154,6 +192,23 @@ mod tests {
         assert!(entries.iter().all(|e| e.starts_with("v1,")));
         assert_ne!(entries[0], entries[1]);
         assert_eq!(Signer::default().signature("msg_1", 1, b"{}"), None);
+    }
+
+    #[test]
+    fn a_tenant_with_a_secret_of_its_own_is_signed_with_it_alone() {
+        let server: WebhookSecret = WebhookSecret::generate().parse().unwrap();
+        let tenant: WebhookSecret = WebhookSecret::generate().parse().unwrap();
+        let signers = CallbackSigners::new(
+            Signer::new(vec![server.clone()]),
+            HashMap::from([("aaaa".to_string(), Signer::new(vec![tenant.clone()]))]),
+        );
+        let sign = |owner: Option<&str>| signers.for_owner(owner).signature("msg_1", 1, b"{}");
+        let by_tenant = Signer::new(vec![tenant]).signature("msg_1", 1, b"{}");
+        let by_server = Signer::new(vec![server]).signature("msg_1", 1, b"{}");
+        assert_eq!(sign(Some("aaaa")), by_tenant);
+        assert_eq!(sign(Some("bbbb")), by_server);
+        assert_eq!(sign(None), by_server);
+        assert_ne!(by_tenant, by_server);
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub async fn attempt(
         .header("Idempotency-Key", format!("{}:{}", task.job_id, task.index))
         .header("webhook-id", &message_id)
         .header("webhook-timestamp", timestamp.to_string());
-    if let Some(signature) = config.signer.signature(&message_id, timestamp, body) {
+    if let Some(signature) = config.task_signer.signature(&message_id, timestamp, body) {
         request = request.header("webhook-signature", signature);
     }
     let awaitable = report_to.is_some();

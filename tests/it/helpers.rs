@@ -69,7 +69,8 @@ pub fn engine_config() -> EngineConfig {
         egress: std::sync::Arc::new(doparallel::egress::EgressPolicy::guarded(vec![
             "127.0.0.0/8".parse().unwrap(),
         ])),
-        signer: Default::default(),
+        callback_signers: Default::default(),
+        task_signer: Default::default(),
         limits: doparallel::job::Limits::defaults(),
         max_callback_bytes: 10 * 1024 * 1024,
         lease_timeout: Duration::from_secs(30),

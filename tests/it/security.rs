@@ -340,6 +340,48 @@ fn serve_refuses_an_open_non_loopback_listen() {
     assert!(!db_path(&dir).exists(), "nothing was created");
 }
 
+/// Callbacks and task calls never share a key: a task call's body is its submitter's, so a
+/// shared key would let any submitter have the server sign a forged callback (the replay
+/// itself is checked with the Standard Webhooks library in `tests/webhooks/verify.py`).
+#[test]
+fn serve_refuses_one_secret_for_callbacks_and_task_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = doparallel::webhook::WebhookSecret::generate();
+    let other = doparallel::webhook::WebhookSecret::generate();
+    let secret_file = dir.path().join("task-secrets");
+    std::fs::write(&secret_file, format!("# rotated\n{other}\n{secret}\n")).unwrap();
+    let token_file = dir.path().join("tokens");
+    std::fs::write(&token_file, format!("tenant-token-0123456789 {other}\n")).unwrap();
+    let refused = |args: &[&str]| {
+        let out = std::process::Command::new(crate::helpers::binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--database"])
+            .arg(format!("sqlite://{}", db_path(&dir).display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            stderr.contains("both a task secret and a callback secret"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(&secret["whsec_".len()..]), "{stderr}");
+        stderr
+    };
+    refused(&["--webhook-secret", &secret, "--task-secret", &secret]);
+    let file = secret_file.to_str().unwrap();
+    refused(&["--webhook-secret", &secret, "--task-secret-file", file]);
+    // A tenant's own callback secret may not be a task secret either.
+    let stderr = refused(&[
+        "--api-token-file",
+        token_file.to_str().unwrap(),
+        "--task-secret",
+        &other,
+    ]);
+    assert!(stderr.contains("a tenant's secret"), "{stderr}");
+    assert!(!db_path(&dir).exists(), "nothing was created");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
