@@ -51,7 +51,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the database's schema: a DynamoDB table (on-demand capacity, with its
     /// indexes), or a SQLite file's tables. Waits until it is ready.
     Migrate(MigrateArgs),
@@ -136,6 +136,26 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Most incoming connections open at once; one more is closed as soon as it is
+    /// accepted. Default: half the open-file limit (raised to its hard limit at start), the
+    /// other half left to task calls, callbacks and the database.
+    #[arg(long, env = "DOPARALLEL_MAX_CONNECTIONS", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+
+    /// How long a client has to send a request's head (headers): from the connection's
+    /// start, or from the first byte of the next request on a kept-alive connection.
+    #[arg(long, env = "DOPARALLEL_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a client has to send a request's whole body (`408` after it).
+    #[arg(long, env = "DOPARALLEL_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// How long a kept-alive connection may wait for its next request.
+    #[arg(long, env = "DOPARALLEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

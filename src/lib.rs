@@ -27,6 +27,7 @@ pub mod dashboard;
 pub mod egress;
 pub mod engine;
 pub mod job;
+pub mod listener;
 pub mod metrics;
 pub mod progress;
 pub mod store;
@@ -49,7 +50,8 @@ use crate::store::{Store, StoreError};
 pub struct ServeOptions {
     pub engine: EngineConfig,
     pub shutdown_grace: Duration,
-    pub max_body_bytes: usize,
+    /// Limits on incoming connections and request bodies.
+    pub listen: listener::ListenLimits,
     /// Empty: no authentication.
     pub tokens: auth::ApiTokens,
 }
@@ -65,8 +67,9 @@ pub enum ServeError {
 }
 
 /// Serves the API on `listener` with the engine running over `store`, until `shutdown`
-/// resolves; then stops accepting, gives calls in flight `shutdown_grace` to finish, and
-/// returns. Whatever is left unfinished is in the store for the next start.
+/// resolves; then stops accepting, gives requests and calls in flight `shutdown_grace` to
+/// finish (side by side), closes every connection still open, and returns. Whatever is left
+/// unfinished is in the store for the next start.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
@@ -81,18 +84,32 @@ pub async fn serve(
     let app = api::router(
         handle.engine.clone(),
         Arc::new(options.tokens),
-        options.max_body_bytes,
+        options.listen.max_body_bytes,
     );
     tracing::info!("listening on {}", listener.local_addr()?);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    tracing::info!(
-        grace_secs = options.shutdown_grace.as_secs(),
-        "shutting down"
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let signal = stopping.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal.cancel();
+    });
+    let grace = options.shutdown_grace;
+    let connections = handle.engine.metrics.connections.clone();
+    let http = listener::serve(
+        listener,
+        app,
+        options.listen,
+        connections,
+        stopping.clone().cancelled_owned(),
+        grace,
     );
-    handle.shutdown(options.shutdown_grace).await;
-    Ok(served?)
+    let engine = async {
+        stopping.cancelled().await;
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down");
+        handle.shutdown(grace).await;
+    };
+    tokio::join!(http, engine);
+    Ok(())
 }
 
 /// Where endpoints report outcomes when no public URL is given: this listener's address,

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => {
                 println!("{}", store::migrate(&args.database).await?);
                 Ok(ExitCode::SUCCESS)
@@ -75,6 +75,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let open_files = raise_open_file_limit();
     let (tokens, tenant_secrets) = api_tokens(&args)?;
     if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
         anyhow::bail!(
@@ -114,7 +115,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = ServeOptions {
         engine,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
-        max_body_bytes: args.max_body_bytes,
+        listen: doparallel::listener::ListenLimits {
+            max_connections: args
+                .max_connections
+                .map_or(open_files / 2, |n| n as u64)
+                .max(1) as usize,
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            idle_timeout: args.idle_timeout,
+            max_body_bytes: args.max_body_bytes,
+        },
         tokens,
     };
     doparallel::serve(listener, store, options, shutdown_signal()).await?;
@@ -232,6 +242,38 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// A client command's exit code, or its error (printed by `main` as one line, exit 2).
 fn client_command(result: Result<u8, client::ClientError>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(result?))
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit of
+/// 1024 is easily reached by a server of many connections); returns the soft limit then in
+/// force.
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid pointer to an rlimit of this process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            } else {
+                tracing::warn!(
+                    soft = limit.rlim_cur,
+                    hard = limit.rlim_max,
+                    "cannot raise the open-file limit"
+                );
+            }
+        }
+    }
+    limit.rlim_cur
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub host_gate_waiting: Gauge,
     pub host_pauses: Counter,
+    /// Incoming connections (see `crate::listener`).
+    pub connections: crate::listener::ConnectionMetrics,
 }
 
 impl Metrics {
@@ -108,8 +110,25 @@ impl Metrics {
             "Pauses of all calls to a host set or extended by its 429 or 503 answers",
             host_pauses.clone(),
         );
+        let connections = crate::listener::ConnectionMetrics::default();
+        registry.register(
+            "http_connections_open",
+            "Incoming connections open",
+            connections.open.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "Incoming connections closed at once because --max-connections were open",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "http_connections_timed_out",
+            "Incoming connections closed for a request head not sent in time, or idle too long",
+            connections.timed_out.clone(),
+        );
         Metrics {
             registry,
+            connections,
             jobs_submitted,
             jobs_finished,
             tasks_finished,

@@ -215,6 +215,17 @@ pub struct TestApp {
     _shutdown: oneshot::Sender<()>,
 }
 
+/// The limits on incoming connections of an in-process server: the service's defaults.
+pub fn listen_limits(max_body_bytes: usize) -> doparallel::listener::ListenLimits {
+    doparallel::listener::ListenLimits {
+        max_connections: 1000,
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        max_body_bytes,
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(engine_config()).await
 }
@@ -239,7 +250,7 @@ pub async fn spawn_app_full(
     let options = ServeOptions {
         engine: config,
         shutdown_grace: Duration::from_secs(5),
-        max_body_bytes,
+        listen: listen_limits(max_body_bytes),
         tokens,
     };
     tokio::spawn(async move {

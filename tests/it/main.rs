@@ -5,6 +5,7 @@ mod callbacks;
 mod cli;
 mod client;
 mod cluster;
+mod connections;
 mod crash;
 mod dashboard;
 #[cfg(feature = "failpoints")]

@@ -2017,7 +2017,7 @@ async fn dynamodb_requests_per_task() {
     let options = doparallel::ServeOptions {
         engine: crate::helpers::engine_config(),
         shutdown_grace: Duration::from_secs(5),
-        max_body_bytes: 4 * 1024 * 1024,
+        listen: crate::helpers::listen_limits(4 * 1024 * 1024),
         tokens: Default::default(),
     };
     let server = tokio::spawn(doparallel::serve(listener, store, options, async {
