@@ -282,16 +282,6 @@ async fn callback_body(
 
 /// Sends due callbacks until `stop`; then waits for the deliveries under way.
 pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
-    let client = match crate::engine::http_client(&engine.config)
-        .timeout(engine.config.callback_timeout)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the callback HTTP client; no callback will be sent");
-            return;
-        }
-    };
     // Deliveries under way, by job: a lease that runs out while its delivery is still
     // building the body or waiting to record must not start a second one beside it.
     // Keyed by task id, so that a delivery that panicked is forgotten too.
@@ -331,7 +321,7 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
                 for d in due {
                     if in_flight.values().all(|job| *job != d.job_id) {
                         let job = d.job_id;
-                        let handle = running.spawn(deliver(engine.clone(), client.clone(), d));
+                        let handle = running.spawn(deliver(engine.clone(), d));
                         in_flight.insert(handle.id(), job);
                     }
                 }
@@ -363,7 +353,7 @@ pub(crate) async fn deliver_loop(engine: Arc<Engine>, stop: CancellationToken) {
     while running.join_next().await.is_some() {}
 }
 
-async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue) {
+async fn deliver(engine: Arc<Engine>, due: CallbackDue) {
     let store = engine.store.as_ref();
     let attempts = due.attempts + 1;
     let job = match store.job_get(due.job_id).await {
@@ -410,8 +400,11 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             return;
         }
     };
-    let mut request = client
+    let mut request = engine
+        .outbound
+        .client()
         .post(&due.url)
+        .timeout(engine.config.callback_timeout)
         .header(CONTENT_TYPE, "application/json")
         .header(CONTENT_LENGTH, length)
         .header("webhook-id", &id)
@@ -440,7 +433,12 @@ async fn deliver(engine: Arc<Engine>, client: reqwest::Client, due: CallbackDue)
             record(&engine, due.job_id, attempts, outcome).await;
             return;
         }
-        Err(e) => Some(error_chain(&e.without_url())),
+        Err(e) => {
+            if crate::engine::outbound::out_of_descriptors(&e) {
+                engine.outbound.out_of_descriptors();
+            }
+            Some(error_chain(&e.without_url()))
+        }
     };
     let outcome = match error {
         None => CallbackOutcome::Delivered,

@@ -289,6 +289,11 @@ pub struct EngineArgs {
     #[arg(long, env = "DOPARALLEL_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub lease_timeout: Duration,
 
+    /// How long an idle outgoing connection (to a task endpoint or a callback receiver) is
+    /// kept for the next call to its `host:port`.
+    #[arg(long, env = "DOPARALLEL_OUTBOUND_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub outbound_idle_timeout: Duration,
+
     /// How long one callback attempt may take (connect, send, answer).
     #[arg(long, env = "DOPARALLEL_CALLBACK_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub callback_timeout: Duration,
@@ -342,6 +347,7 @@ impl EngineArgs {
             callback_timeout: self.callback_timeout,
             retention,
             lease_timeout: self.lease_timeout,
+            outbound_idle_timeout: self.outbound_idle_timeout,
             public_url: None,
         })
     }
@@ -410,6 +416,8 @@ pub struct EngineConfig {
     /// How long a claimed task stays leased to this node without renewal; after that any
     /// node may take it back and call it again.
     pub lease_timeout: Duration,
+    /// How long an idle outgoing connection is kept for the next call to its host.
+    pub outbound_idle_timeout: Duration,
     /// The base URL endpoints post reported outcomes to (`/v1/tasks/{token}/result` is
     /// added). `None` when there is no API to report to (`doparallel run`): a 202 then
     /// counts as a success like any 2xx.

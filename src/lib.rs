@@ -95,6 +95,7 @@ pub async fn serve(
     });
     let grace = options.shutdown_grace;
     let connections = handle.engine.metrics.connections.clone();
+    let outbound = handle.engine.outbound.clone();
     let http = listener::serve(
         listener,
         app,
@@ -102,6 +103,7 @@ pub async fn serve(
         connections,
         stopping.clone().cancelled_owned(),
         grace,
+        move || outbound.out_of_descriptors(),
     );
     let engine = async {
         stopping.cancelled().await;

@@ -60,7 +60,9 @@ pub struct ConnectionMetrics {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains: open connections get
-/// `grace` to finish their requests, and are closed after it.
+/// `grace` to finish their requests, and are closed after it. `out_of_descriptors` is
+/// called when an accept fails for want of a file descriptor (so that idle outgoing
+/// connections can be let go).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -68,6 +70,7 @@ pub async fn serve(
     metrics: ConnectionMetrics,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    out_of_descriptors: impl Fn(),
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let stopping = CancellationToken::new();
@@ -95,6 +98,9 @@ pub async fn serve(
                     });
                 }
                 Err(e) => {
+                    if matches!(e.raw_os_error(), Some(code) if code == libc::EMFILE || code == libc::ENFILE) {
+                        out_of_descriptors();
+                    }
                     // Out of file descriptors, most likely: wait a little rather than spin,
                     // and say so at most once a second.
                     if last_accept_error.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {

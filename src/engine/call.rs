@@ -77,8 +77,8 @@ pub struct ReportTo {
 /// Makes the call for `task`: a POST of its params, or the built-in test task in-process.
 /// With `report_to`, a 202 answer means the outcome comes later; without (no API to report
 /// to, as in `doparallel run`), a 202 is a success like any 2xx.
-pub async fn attempt(
-    http: &reqwest::Client,
+pub(crate) async fn attempt(
+    outbound: &super::outbound::Outbound,
     task: &ClaimedTask,
     config: &EngineConfig,
     report_to: Option<ReportTo>,
@@ -99,7 +99,8 @@ pub async fn attempt(
     // Stable across attempts and restarts, like the callback's.
     let message_id = format!("msg_{}_{}", task.job_id, task.index);
     let timestamp = timestamp_now();
-    let mut request = http
+    let mut request = outbound
+        .client()
         .post(url)
         .header(CONTENT_TYPE, "application/json")
         .header("DoParallel-Job-Id", task.job_id.to_string())
@@ -117,11 +118,14 @@ pub async fn attempt(
             .header("DoParallel-Task-Token", to.token)
             .header("DoParallel-Result-Url", to.url);
     }
-    let request = request.body(body.to_vec());
+    let request = match request.body(body.to_vec()).build() {
+        Ok(request) => request,
+        Err(e) => return transport_error(&e),
+    };
     let max_body = config.max_response_bytes;
     // One deadline covers connecting, sending and reading the whole body, so a server that
     // drips its answer cannot hold a slot past the timeout.
-    match tokio::time::timeout(timeout, send(request, max_body, awaitable)).await {
+    match tokio::time::timeout(timeout, send(outbound, request, max_body, awaitable)).await {
         Ok(outcome) => outcome,
         Err(_) => Attempt::Retryable {
             error: TaskError::new(
@@ -133,10 +137,34 @@ pub async fn attempt(
     }
 }
 
-async fn send(request: reqwest::RequestBuilder, max_body: usize, awaitable: bool) -> Attempt {
-    let mut response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => return transport_error(&e),
+async fn send(
+    outbound: &super::outbound::Outbound,
+    request: reqwest::Request,
+    max_body: usize,
+    awaitable: bool,
+) -> Attempt {
+    let mut request = request;
+    let mut wait = Duration::from_millis(20);
+    let mut response = loop {
+        let again = request.try_clone();
+        // The client of the moment: a call that waited must not hold on to a replaced one,
+        // whose idle sockets close only once nobody holds it.
+        match outbound.client().execute(request).await {
+            Ok(r) => break r,
+            // Refused by this process's own open-file limit, not by the endpoint: the idle
+            // outgoing connections are let go, and the call waits for a descriptor and tries
+            // again, within its timeout, rather than fail.
+            Err(e) if super::outbound::out_of_descriptors(&e) && again.is_some() => {
+                if wait == Duration::from_millis(20) {
+                    tracing::warn!("every file descriptor is in use; the call waits for one");
+                }
+                outbound.out_of_descriptors();
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+                request = again.expect("checked");
+            }
+            Err(e) => return transport_error(&e),
+        }
     };
     let status = response.status();
     if response

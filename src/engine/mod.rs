@@ -22,6 +22,7 @@
 pub mod call;
 pub mod hosts;
 mod names;
+pub(crate) mod outbound;
 pub mod report;
 
 use hosts::HostGates;
@@ -84,7 +85,8 @@ pub struct Engine {
     pub(crate) idle_poll: Duration,
     /// Mints and checks the tokens of calls that may answer 202.
     tokens: report::TaskTokens,
-    http: reqwest::Client,
+    /// The HTTP client of task calls and callbacks.
+    pub(crate) outbound: Arc<outbound::Outbound>,
     work: Notify,
     pub(crate) callbacks_due: Notify,
     events: broadcast::Sender<Event>,
@@ -282,10 +284,7 @@ pub async fn start(
             "tasks interrupted by the last stop will be called again"
         );
     }
-    let http = http_client(&config)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(EngineError::Http)?;
+    let outbound = outbound::Outbound::new(&config).map_err(EngineError::Http)?;
     let notices = at_start("listening for other nodes", || store.listen())
         .await
         .map_err(EngineError::Listen)?;
@@ -312,7 +311,7 @@ pub async fn start(
             IDLE_POLL
         },
         tokens,
-        http,
+        outbound,
         work: Notify::new(),
         callbacks_due: Notify::new(),
         events,
@@ -547,7 +546,7 @@ async fn run_call(
         call::ReportTo { token, url }
     });
     let attempt = tokio::select! {
-        a = call::attempt(&engine.http, &task, &engine.config, report_to) => Some(a),
+        a = call::attempt(&engine.outbound, &task, &engine.config, report_to) => Some(a),
         _ = cancelled.cancelled() => None,
     };
     engine.metrics.calls_in_flight.dec();
@@ -941,17 +940,4 @@ async fn purge_loop(engine: Arc<Engine>, keep: Duration, stop: CancellationToken
             _ = tokio::time::sleep(every) => {}
         }
     }
-}
-
-/// The settings every outbound client shares: no redirects, and the address guard in its
-/// resolver (so the connection goes to the address that was checked).
-pub(crate) fn http_client(config: &EngineConfig) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        // A proxy would resolve the target's name itself, out of the guard's sight.
-        .no_proxy()
-        .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
-        .dns_resolver(Arc::new(crate::egress::GuardedResolver::new(
-            config.egress.clone(),
-        )))
 }

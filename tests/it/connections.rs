@@ -251,3 +251,74 @@ async fn sigterm_with_a_half_sent_request_exits_within_the_grace_period() {
         asked.elapsed()
     );
 }
+
+/// A job over 200 ports leaves an idle socket per port in the client's pool; after
+/// `--outbound-idle-timeout` they are closed, and the server's sockets are back to where
+/// they were before the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outgoing_sockets_go_back_after_a_job_to_many_ports() {
+    const PORTS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&db_path(&dir), &["--outbound-idle-timeout", "1s"]);
+    let pid = server.child.id();
+    assert_eq!(server.api.get("/healthz").await.0, 200);
+    let before = open_sockets(pid);
+    let mut endpoints = Vec::new();
+    for _ in 0..PORTS {
+        endpoints.push(crate::helpers::Endpoint::start().await);
+    }
+    let tasks: Vec<serde_json::Value> = (0..2 * PORTS)
+        .map(|i| serde_json::json!({"endpoint": endpoints[i % PORTS].url("echo"), "params": {"i": i}}))
+        .collect();
+    let id = server
+        .api
+        .submit(&serde_json::json!({ "tasks": tasks }))
+        .await;
+    let job = server.api.wait_settled(&id).await;
+    assert_eq!(job["status"], "Complete", "{job}");
+    let after_job = open_sockets(pid);
+    eprintln!("server sockets: {before} before the job, {after_job} as it ended");
+    let settled = eventually("the idle outgoing sockets to close", || async {
+        let now = open_sockets(pid);
+        (now <= before + 2).then_some(now)
+    })
+    .await;
+    eprintln!("server sockets after the idle timeout: {settled}");
+    assert!(
+        after_job > before + PORTS / 2,
+        "the job left no idle sockets to close"
+    );
+}
+
+/// Under an open-file limit of 160, a job of 240 tasks to 240 ports: calls that find no
+/// descriptor wait for one (idle outgoing connections are let go) instead of failing, so
+/// every task completes at its first attempt, and the API still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_for_a_file_descriptor_rather_than_fail() {
+    const PORTS: usize = 240;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let server = ServerProcess::start_with_file_limit(&db_path(&dir), &[], 160, &log);
+    let mut endpoints = Vec::new();
+    for _ in 0..PORTS {
+        endpoints.push(crate::helpers::Endpoint::start().await);
+    }
+    let tasks: Vec<serde_json::Value> = (0..PORTS)
+        .map(|i| serde_json::json!({"endpoint": endpoints[i].url("slow?ms=200"), "params": {"i": i}}))
+        .collect();
+    let id = server
+        .api
+        .submit(&serde_json::json!({ "tasks": tasks }))
+        .await;
+    let job = server.api.wait_settled(&id).await;
+    assert_eq!(job["status"], "Complete", "{}", job["counts"]);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("every file descriptor is in use"),
+        "the limit was never reached"
+    );
+    for task in crate::helpers::Api::tasks(&server.api, &id).await {
+        assert_eq!(task["attempts"], 1, "{task}");
+    }
+    assert_eq!(server.api.get("/healthz").await.0, 200);
+}

@@ -74,6 +74,7 @@ pub fn engine_config() -> EngineConfig {
         limits: doparallel::job::Limits::defaults(),
         max_callback_bytes: 10 * 1024 * 1024,
         lease_timeout: Duration::from_secs(30),
+        outbound_idle_timeout: Duration::from_secs(30),
         // `serve` puts its own address here.
         public_url: None,
     }
@@ -805,8 +806,47 @@ impl ServerProcess {
         Self::spawn(url, extra, Some(log.to_path_buf()), env)
     }
 
+    /// Like [`ServerProcess::start_logging`], with the open-file limit (soft and hard) set
+    /// to `files` for the server.
+    pub fn start_with_file_limit(db: &Path, extra: &[&str], files: u64, log: &Path) -> Self {
+        Self::spawn_limited(
+            &sqlite_url(db),
+            extra,
+            Some(log.to_path_buf()),
+            &[],
+            Some(files),
+        )
+    }
+
     fn spawn(url: &str, extra: &[&str], log: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
-        let mut child = std::process::Command::new(binary())
+        Self::spawn_limited(url, extra, log, env, None)
+    }
+
+    fn spawn_limited(
+        url: &str,
+        extra: &[&str],
+        log: Option<PathBuf>,
+        env: &[(&str, &str)],
+        files: Option<u64>,
+    ) -> Self {
+        let mut command = std::process::Command::new(binary());
+        if let Some(files) = files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit only, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: files,
+                        rlim_max: files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(["--database", url])

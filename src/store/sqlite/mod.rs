@@ -114,8 +114,13 @@ impl SqliteStore {
         let reader = if in_memory {
             writer.clone()
         } else {
+            // Opened at start and kept: reads must not depend on finding a free file
+            // descriptor later, when many connections may have taken them all.
             SqlitePoolOptions::new()
                 .max_connections(4)
+                .min_connections(4)
+                .idle_timeout(None)
+                .max_lifetime(None)
                 .connect_with(options.read_only(true))
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?
