@@ -1028,6 +1028,22 @@ async fn report_task(
             error: compact_json(report.error.unwrap_or(null_json())),
         },
     };
+    // A reported outcome is stored within the bound of a call's answer.
+    let max = state.engine.config.max_response_bytes;
+    let stored = match &outcome {
+        SettleOutcome::Complete { result } => result.get().len(),
+        SettleOutcome::Failed { error } => error.get().len(),
+        _ => 0,
+    };
+    if stored > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the reported result or error takes {stored} bytes; at most {max} are stored \
+                 (--max-response-bytes)"
+            ),
+        ));
+    }
     match state.engine.report(&token, outcome).await? {
         ReportOutcome::Applied(_) => Ok(Json(ReportAnswer { status: "Stored" })),
         ReportOutcome::AlreadyReported => Err(ApiError::new(

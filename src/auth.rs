@@ -88,10 +88,13 @@ fn presented_token(request: &Request) -> Option<String> {
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
-        if let Some(token) = value.strip_prefix("Bearer ") {
-            return Some(token.trim().to_string());
+        // The scheme is case-insensitive (RFC 9110, 11.1): `bearer` is `Bearer`.
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("Bearer") {
+            return Some(rest.trim().to_string());
         }
-        if let Some(encoded) = value.strip_prefix("Basic ") {
+        if scheme.eq_ignore_ascii_case("Basic") {
+            let encoded = rest;
             let decoded = BASE64.decode(encoded.trim()).ok()?;
             let text = String::from_utf8(decoded).ok()?;
             return text
@@ -148,6 +151,24 @@ pub async fn require_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        let presented = |value: &str| {
+            let request = Request::builder()
+                .uri("/v1/jobs")
+                .header(AUTHORIZATION, value)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            presented_token(&request)
+        };
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            assert_eq!(presented(&format!("{scheme} tok")), Some("tok".into()));
+        }
+        let basic = BASE64.encode("user:tok");
+        assert_eq!(presented(&format!("basic {basic}")), Some("tok".into()));
+        assert_eq!(presented("Token tok"), None);
+    }
 
     #[test]
     fn tokens_are_matched_by_digest_and_never_shown() {

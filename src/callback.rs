@@ -230,7 +230,7 @@ fn document_stream(
                 Part::Pages(after) => {
                     if after > 0 {
                         // A pause for the test that stops the database mid-stream.
-                        fail::fail_point!("callback-next-page");
+                        crate::pause_point("callback-next-page").await;
                     }
                     let query = TaskPageQuery {
                         after,

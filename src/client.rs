@@ -62,7 +62,9 @@ pub enum ClientError {
         "the server at {server} did not answer within {secs} s (it may be overloaded; try again, or check its log)"
     )]
     Timeout { server: String, secs: u64 },
-    #[error("cannot {action}: {msg} (HTTP {status}; set --token or DOPARALLEL_TOKEN)")]
+    #[error(
+        "cannot {action}: {msg} (HTTP {status}; set --token-file, DOPARALLEL_TOKEN or --token)"
+    )]
     Unauthorized {
         action: String,
         status: u16,
@@ -246,7 +248,17 @@ impl Client {
     }
 
     pub fn from_args(args: &ClientArgs) -> Result<Self, ClientError> {
-        Client::new(&args.server, args.token.clone())
+        let token = match (&args.token, &args.token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::Setup(format!("cannot read token file {}: {e}", path.display()))
+                })?;
+                Some(crate::config::Secret::new(text.trim().to_string()))
+            }
+            (None, None) => None,
+        };
+        Client::new(&args.server, token)
     }
 
     /// The base URL with `segments` appended, each percent-encoded (an id cannot walk the
@@ -1262,7 +1274,7 @@ mod tests {
         check(
             401,
             r#"{"status":"Error","msg":"missing bearer token"}"#,
-            "cannot cancel job J: missing bearer token (HTTP 401; set --token or DOPARALLEL_TOKEN)",
+            "cannot cancel job J: missing bearer token (HTTP 401; set --token-file, DOPARALLEL_TOKEN or --token)",
         );
         check(
             502,

@@ -95,7 +95,8 @@ pub struct ServeArgs {
 
     /// The URL task endpoints reach this service at, for reporting the outcome of a task
     /// they answered with 202 (`DoParallel-Result-Url` is this plus
-    /// `/v1/tasks/{token}/result`). Default: http:// and the listening address.
+    /// `/v1/tasks/{token}/result`). Without it, only the calls of jobs with the option
+    /// `async_reports` carry a result URL, made of the listening address.
     #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<url::Url>,
 
@@ -178,7 +179,8 @@ pub struct RunArgs {
     pub engine: EngineArgs,
 
     /// Guard outbound calls as `serve` does (deny loopback, private, link-local, ... ranges).
-    /// Without it `run` may reach any address: the person running it chose the job.
+    /// Without it (and without --allow-net, which implies it) `run` may reach any address:
+    /// the person running it chose the job.
     #[arg(long, env = "DOPARALLEL_DENY_PRIVATE")]
     pub deny_private: bool,
 
@@ -210,6 +212,13 @@ pub struct EngineArgs {
     #[arg(long, env = "DOPARALLEL_MAX_IN_FLIGHT", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+
+    /// Task calls of one owner (API token) in flight at once on this node, so that another
+    /// always finds a slot. Default: half of --max-in-flight when API tokens are
+    /// configured; no limit without tokens.
+    #[arg(long, env = "DOPARALLEL_OWNER_MAX_IN_FLIGHT", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub owner_max_in_flight: Option<u32>,
 
     /// Calls in flight at once to one endpoint host (`host:port`), across all jobs on this
     /// node. Unlimited when not given.
@@ -274,6 +283,11 @@ pub struct EngineArgs {
     #[arg(long, env = "DOPARALLEL_MAX_URL_LENGTH", default_value_t = Limits::defaults().max_url_len)]
     pub max_url_length: usize,
 
+    /// The longest `timeout_ms` a job may ask for (units ms, s, m, h; at most 24h): a call
+    /// in flight holds one of the server's slots for that long.
+    #[arg(long, env = "DOPARALLEL_MAX_TASK_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    pub max_task_timeout: Duration,
+
     /// Deepest nesting of arrays and objects in a job body.
     #[arg(long, env = "DOPARALLEL_MAX_JSON_DEPTH", default_value_t = Limits::defaults().max_depth)]
     pub max_json_depth: usize,
@@ -335,9 +349,11 @@ impl EngineArgs {
                 max_params_bytes: self.max_params_bytes,
                 max_url_len: self.max_url_length,
                 max_depth: self.max_json_depth,
+                max_task_timeout_ms: self.max_task_timeout.as_millis() as u64,
             },
             max_callback_bytes: self.max_callback_bytes,
             max_in_flight: self.max_in_flight as usize,
+            owner_max_in_flight: self.owner_max_in_flight.map(u64::from),
             per_host: HostLimits {
                 concurrency: self.per_host_concurrency,
                 rate: self.per_host_rate,
@@ -349,6 +365,7 @@ impl EngineArgs {
             lease_timeout: self.lease_timeout,
             outbound_idle_timeout: self.outbound_idle_timeout,
             public_url: None,
+            local_url: None,
         })
     }
 }
@@ -393,6 +410,8 @@ pub fn refuse_shared(
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub max_in_flight: usize,
+    /// Most calls of one owner in flight on this node; `None`: no limit.
+    pub owner_max_in_flight: Option<u64>,
     /// The server's limits on calls to one endpoint host, for all jobs together on this
     /// node (see `engine::hosts`).
     pub per_host: HostLimits,
@@ -422,6 +441,9 @@ pub struct EngineConfig {
     /// added). `None` when there is no API to report to (`doparallel run`): a 202 then
     /// counts as a success like any 2xx.
     pub public_url: Option<url::Url>,
+    /// This server's own address, where endpoints of jobs with `async_reports` report when
+    /// no public URL is configured; `None` without an API (`doparallel run`).
+    pub local_url: Option<url::Url>,
 }
 
 /// A secret given on the command line or in the environment: its `Debug` never shows it.
@@ -429,6 +451,10 @@ pub struct EngineConfig {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -529,9 +555,14 @@ pub struct ClientArgs {
     )]
     pub server: Url,
 
-    /// Bearer token sent with every request (never printed).
+    /// Bearer token sent with every request (never printed). An argument shows in `ps`:
+    /// prefer --token-file or DOPARALLEL_TOKEN.
     #[arg(long, env = "DOPARALLEL_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
+
+    /// File holding the bearer token (its first line).
+    #[arg(long, env = "DOPARALLEL_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 
     /// Print the server's JSON answer as is, for scripts.
     #[arg(long)]

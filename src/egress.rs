@@ -80,6 +80,8 @@ pub fn denied_range(ip: IpAddr) -> Option<&'static str> {
 fn denied_v4(ip: Ipv4Addr) -> Option<&'static str> {
     const RANGES: &[(&str, &str)] = &[
         ("0.0.0.0/8", "this network"),
+        // Azure's platform address (metadata, DNS, DHCP, health probes), public in form.
+        ("168.63.129.16/32", "cloud platform metadata"),
         ("10.0.0.0/8", "private"),
         ("100.64.0.0/10", "carrier-grade NAT"),
         ("127.0.0.0/8", "loopback"),
@@ -257,6 +259,8 @@ mod tests {
             "http://0/",
             "http://[::]/",
             "http://169.254.169.254/latest/meta-data/",
+            "http://168.63.129.16/metadata/instance",
+            "http://[::ffff:168.63.129.16]/",
             "http://2852039166/",
             "http://[::ffff:169.254.169.254]/",
             "http://10.0.0.1/",

@@ -141,6 +141,12 @@ pub struct JobOptions {
     /// counts as timed out (and is retried like any timeout).
     #[serde(default = "JobOptions::default_async_timeout_ms")]
     pub async_timeout_ms: u64,
+    /// Whether this job's endpoints may answer 202 and report their outcome later. Without
+    /// a `--public-url` on the server, only such jobs' calls carry `DoParallel-Task-Token`
+    /// and `DoParallel-Result-Url` (then made of the server's listening address); with one,
+    /// every call does.
+    #[serde(default)]
+    pub async_reports: bool,
     /// Most calls of this job in flight at once to one endpoint host (`host:port`), on top
     /// of the server's `--per-host-concurrency`; `None` is limited only by the server.
     #[serde(default)]
@@ -187,6 +193,7 @@ impl JobOptions {
             backoff_ms: Self::default_backoff_ms(),
             tolerated_failures: 0,
             async_timeout_ms: Self::default_async_timeout_ms(),
+            async_reports: false,
             per_host_concurrency: None,
             per_host_rate: None,
         }
@@ -200,13 +207,15 @@ impl JobOptions {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self, limits: &Limits) -> Result<(), String> {
         if self.concurrency == Some(0) {
             return Err("options.concurrency: must be at least 1".into());
         }
-        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+        let max_timeout = limits.max_task_timeout_ms.min(MAX_TIMEOUT_MS);
+        if self.timeout_ms == 0 || self.timeout_ms > max_timeout {
             return Err(format!(
-                "options.timeout_ms: must be between 1 and {MAX_TIMEOUT_MS} (24 hours)"
+                "options.timeout_ms: must be between 1 and {max_timeout} (this server's \
+                 --max-task-timeout): a call in flight holds one of the server's slots"
             ));
         }
         if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
@@ -222,6 +231,12 @@ impl JobOptions {
         if self.async_timeout_ms == 0 || self.async_timeout_ms > MAX_ASYNC_TIMEOUT_MS {
             return Err(format!(
                 "options.async_timeout_ms: must be between 1 and {MAX_ASYNC_TIMEOUT_MS} (7 days)"
+            ));
+        }
+        if self.tolerated_failures > i64::MAX as u64 {
+            return Err(format!(
+                "options.tolerated_failures: must be at most {} (what the store can hold)",
+                i64::MAX
             ));
         }
         if self.per_host_concurrency == Some(0) {
@@ -250,6 +265,8 @@ pub struct Limits {
     pub max_url_len: usize,
     /// Nesting of arrays and objects in the whole body.
     pub max_depth: usize,
+    /// The longest `timeout_ms` a job may ask for.
+    pub max_task_timeout_ms: u64,
 }
 
 impl Limits {
@@ -260,6 +277,7 @@ impl Limits {
             max_params_bytes: 256 * 1024,
             max_url_len: 2048,
             max_depth: 64,
+            max_task_timeout_ms: 15 * 60 * 1000,
         }
     }
 }
@@ -506,7 +524,7 @@ pub fn parse_submission(
         Some(raw) if raw.get() == "null" => JobOptions::defaults(),
         Some(raw) => from_json::<JobOptions>(raw.get(), Some("options"))?,
     };
-    options.validate().map_err(invalid)?;
+    options.validate(limits).map_err(invalid)?;
 
     let mut tasks = Vec::with_capacity(wire.tasks.len());
     for (i, raw) in wire.tasks.iter().enumerate() {
@@ -733,6 +751,15 @@ mod tests {
             Err("options.per_host_rate: must be between"),
         );
         check(r#"{"tasks":[],"options":{"per_host_rate":0.001}}"#, Ok(0));
+        // What the store cannot hold is refused, not stored as a negative number.
+        check(
+            r#"{"tasks":[],"options":{"tolerated_failures":9223372036854775808}}"#,
+            Err("options.tolerated_failures: must be at most 9223372036854775807"),
+        );
+        check(
+            r#"{"tasks":[],"options":{"tolerated_failures":9223372036854775807}}"#,
+            Ok(0),
+        );
         check(
             r#"{"tasks":[],"options":{"per_host_rate":"fast"}}"#,
             Err("options.per_host_rate: expected a number, got the string \"fast\""),
@@ -804,6 +831,7 @@ mod tests {
             max_params_bytes: 10,
             max_url_len: 30,
             max_depth: 5,
+            max_task_timeout_ms: 60_000,
         };
         check_with(body, &limits, &EgressPolicy::guarded(Vec::new()), expected);
     }
@@ -815,6 +843,13 @@ mod tests {
         check_limited(
             &format!(r#"{{"tasks":[{t},{t},{t},{t}]}}"#),
             Err("tasks: 4 tasks; at most 3"),
+        );
+        check_limited(r#"{"tasks":[],"options":{"timeout_ms":60000}}"#, Ok(0));
+        check_limited(
+            r#"{"tasks":[],"options":{"timeout_ms":60001}}"#,
+            Err(
+                "options.timeout_ms: must be between 1 and 60000 (this server's --max-task-timeout)",
+            ),
         );
         // "1234567890" is 12 bytes with its quotes; 10 digits are 10.
         check_limited(

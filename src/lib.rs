@@ -18,6 +18,23 @@ macro_rules! crash_point {
     };
 }
 
+/// A place where the fault tests hold the code still while they bring a fault about
+/// (`FAILPOINTS=name=return(MILLISECONDS)`). The wait is asynchronous, so the rest of the
+/// process goes on meanwhile (a response already produced is sent, other requests are
+/// served). Inert unless `FAILPOINTS` names the point, and compiled out without the
+/// `failpoints` feature.
+pub(crate) async fn pause_point(name: &str) {
+    fn requested(name: &str) -> Option<u64> {
+        let _ = name;
+        fail::fail_point!(name, |arg: Option<String>| arg.and_then(|a| a.parse().ok()));
+        None
+    }
+    if let Some(ms) = requested(name) {
+        tracing::warn!(point = name, ms, "pause point reached");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
 pub mod api;
 pub mod auth;
 pub mod callback;
@@ -77,9 +94,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let mut config = options.engine;
-    if config.public_url.is_none() {
-        config.public_url = Some(default_public_url(listener.local_addr()?));
-    }
+    config.local_url = Some(default_public_url(listener.local_addr()?));
     let handle = engine::start(store, config).await?;
     let app = api::router(
         handle.engine.clone(),

@@ -96,6 +96,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
         .map_err(anyhow::Error::msg)?;
     engine.public_url = args.public_url.clone();
+    if engine.owner_max_in_flight.is_none() && !tokens.is_empty() {
+        // Several tenants: none may take every slot.
+        engine.owner_max_in_flight = Some((engine.max_in_flight as u64 / 2).max(1));
+    }
     if !tenant_secrets.is_empty() {
         let (callbacks, tasks) = args.engine.secrets().map_err(anyhow::Error::msg)?;
         let tenant: Vec<WebhookSecret> = tenant_secrets.values().cloned().collect();
@@ -202,7 +206,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         (args.job.display().to_string(), body)
     };
 
-    let egress = if args.deny_private {
+    // --allow-net means nothing without the guard: it implies it.
+    let egress = if args.deny_private || !args.engine.allow_net.is_empty() {
         EgressPolicy::guarded(args.engine.allow_net.clone())
     } else {
         EgressPolicy::open()

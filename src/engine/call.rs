@@ -189,7 +189,23 @@ async fn send(
     if awaitable && status == StatusCode::ACCEPTED {
         return Attempt::Accepted;
     }
-    classify(status, response.headers(), &body, SystemTime::now())
+    match classify(status, response.headers(), &body, SystemTime::now()) {
+        // The stored form is bounded too: a body that is not JSON becomes a JSON string, and
+        // one of control bytes grows six times as it does. Allowed: the two quotes, so that
+        // a plain text of exactly the limit is kept.
+        Attempt::Complete(result) if result.get().len() > max_body + 2 => {
+            Attempt::Fatal(TaskError {
+                kind: "response_too_large",
+                http_status: Some(status.as_u16()),
+                message: format!(
+                    "response body stored as JSON takes {} bytes, more than {max_body}",
+                    result.get().len()
+                ),
+                body: None,
+            })
+        }
+        attempt => attempt,
+    }
 }
 
 fn too_large(status: StatusCode, max_body: usize) -> TaskError {

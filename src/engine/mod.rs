@@ -24,6 +24,7 @@ pub mod hosts;
 mod names;
 pub(crate) mod outbound;
 pub mod report;
+mod tenants;
 
 use hosts::HostGates;
 
@@ -81,6 +82,8 @@ pub struct Engine {
     pub(crate) config: EngineConfig,
     /// This process's names on its leases (see `names`).
     names: Arc<names::Names>,
+    /// Calls in flight per owner, for `--owner-max-in-flight`.
+    tenants: Arc<tenants::Tenants>,
     /// See [`IDLE_POLL`] and [`SHARED_IDLE_POLL`].
     pub(crate) idle_poll: Duration,
     /// Mints and checks the tokens of calls that may answer 202.
@@ -305,6 +308,7 @@ pub async fn start(
     let engine = Arc::new(Engine {
         store,
         names,
+        tenants: tenants::Tenants::new(config.owner_max_in_flight),
         idle_poll: if notices.is_some() {
             SHARED_IDLE_POLL
         } else {
@@ -421,6 +425,7 @@ async fn dispatch(
                 node,
                 lease_until: now_millis() + engine.config.lease_timeout.as_millis() as i64,
                 skip_jobs,
+                owners: engine.tenants.limits(),
             })
             .await
         {
@@ -460,6 +465,7 @@ async fn dispatch(
             let slot = Slot {
                 _permit: permits.split(1).expect("one permit per claimed task"),
                 lease: engine.names.hold(node),
+                _tenant: engine.tenants.hold(task.owner.as_ref()),
             };
             let cancelled = match &token {
                 Some((job, t)) if *job == task.job_id => t.clone(),
@@ -537,7 +543,15 @@ async fn run_call(
     };
     let started = Instant::now();
     engine.metrics.calls_in_flight.inc();
-    let report_to = engine.config.public_url.as_ref().map(|base| {
+    // Where the endpoint may report an outcome later: the configured public URL, or for a
+    // job that asks for reports, this server's own address; otherwise no task token and no
+    // result URL are sent (the listening address is nobody's business).
+    let report_base = engine.config.public_url.as_ref().or(engine
+        .config
+        .local_url
+        .as_ref()
+        .filter(|_| task.options.async_reports));
+    let report_to = report_base.map(|base| {
         let token = engine.tokens.mint(task.job_id, task.index, task.attempt);
         let url = format!(
             "{}/v1/tasks/{token}/result",
@@ -586,6 +600,7 @@ async fn run_call(
 struct Slot {
     _permit: OwnedSemaphorePermit,
     lease: names::Held,
+    _tenant: Option<tenants::TenantHeld>,
 }
 
 /// An outcome on its way to the store, with the slot it frees once written.

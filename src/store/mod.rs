@@ -8,6 +8,7 @@
 mod codec;
 pub mod dynamodb;
 mod fault;
+pub mod plan;
 mod postgres;
 mod sqlite;
 
@@ -135,7 +136,7 @@ pub struct CallbackInfo {
 }
 
 /// One task as stored. `result` and `error` are JSON text.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TaskRecord {
     pub index: u64,
     pub status: TaskStatus,
@@ -246,10 +247,12 @@ pub struct ClaimParams {
     pub lease_until: Millis,
     /// Jobs to leave out of this claim (their calls already queue at a host's limit).
     pub skip_jobs: Vec<JobId>,
+    /// How much of this node each owner may still take (see `plan`).
+    pub owners: plan::OwnerLimits,
 }
 
 /// What a claim hands to the engine: everything needed to make the call.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClaimedTask {
     pub job_id: JobId,
     pub index: u64,
@@ -258,6 +261,8 @@ pub struct ClaimedTask {
     pub endpoint: String,
     pub params: Box<RawValue>,
     pub options: Arc<JobOptions>,
+    /// Who submitted the job (`auth::Owner`), for the engine's count per owner.
+    pub owner: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -281,7 +286,7 @@ pub struct TaskSettle {
     pub outcome: SettleOutcome,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum SettleOutcome {
     Complete {
         result: Box<RawValue>,
@@ -301,6 +306,62 @@ pub enum SettleOutcome {
     Await {
         deadline: Millis,
     },
+}
+
+/// The size of a body, where its `Debug` would otherwise print it: logs carry sizes and
+/// ids, never the data of tasks (it may be large, and it is the submitter's).
+struct Size(usize);
+
+impl std::fmt::Debug for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
+}
+
+impl std::fmt::Debug for SettleOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SettleOutcome::Complete { result } => f
+                .debug_struct("Complete")
+                .field("result", &Size(result.get().len()))
+                .finish(),
+            SettleOutcome::Failed { error } => f
+                .debug_struct("Failed")
+                .field("error", &Size(error.get().len()))
+                .finish(),
+            SettleOutcome::Retry { run_at, error } => f
+                .debug_struct("Retry")
+                .field("run_at", run_at)
+                .field("error", &Size(error.get().len()))
+                .finish(),
+            SettleOutcome::Await { deadline } => {
+                f.debug_struct("Await").field("deadline", deadline).finish()
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ClaimedTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimedTask")
+            .field("job_id", &self.job_id)
+            .field("index", &self.index)
+            .field("attempt", &self.attempt)
+            .field("params", &Size(self.params.get().len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TaskRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskRecord")
+            .field("index", &self.index)
+            .field("status", &self.status)
+            .field("attempts", &self.attempts)
+            .field("result", &self.result.as_ref().map(|r| Size(r.get().len())))
+            .field("error", &self.error.as_ref().map(|e| Size(e.get().len())))
+            .finish_non_exhaustive()
+    }
 }
 
 /// An outcome reported for an attempt that answered 202, through its task token.
@@ -445,7 +506,8 @@ pub trait Store: Send + Sync + 'static {
     /// Marks up to `limit` due tasks as running (their attempt counted), leased to
     /// `params.node` until `params.lease_until`, and returns them. Jobs are served
     /// round-robin, least recently served first, each within its `concurrency` (counted over
-    /// every node), except those in `params.skip_jobs`.
+    /// every node), except those in `params.skip_jobs` and those of owners with no room left
+    /// in `params.owners`; how many each job gets is [`plan::FairShare`]'s to say.
     async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim>;
 
     /// Records a batch of attempt outcomes of `node`'s calls in one transaction, together

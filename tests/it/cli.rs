@@ -94,3 +94,17 @@ async fn run_posts_the_document_to_the_callback() {
         "stdout and the callback carry the same document"
     );
 }
+
+/// `--allow-net` means nothing without the guard, so it brings the guard with it: a range
+/// allowed, every other special-purpose range still denied.
+#[test]
+fn run_with_allow_net_guards_the_rest() {
+    let job =
+        json!({"tasks": [{"endpoint": "http://127.0.0.1:9/x"}], "options": {"max_attempts": 1}});
+    let (code, doc, stderr) = run(&["--allow-net", "10.0.0.0/8", "-"], Some(&job.to_string()));
+    assert_eq!(code, 2, "{doc} {stderr}");
+    assert!(
+        stderr.contains("127.0.0.1 is a denied address (loopback)"),
+        "{stderr}"
+    );
+}

@@ -447,7 +447,7 @@ async fn the_token_is_sent_as_bearer_and_never_printed() {
         out.assert_one_line_error(&format!("cannot read job {id}: "));
         assert!(
             out.stderr
-                .contains("(HTTP 401; set --token or DOPARALLEL_TOKEN)"),
+                .contains("(HTTP 401; set --token-file, DOPARALLEL_TOKEN or --token)"),
             "{out:?}"
         );
         assert!(!out.stderr.contains("not-a-token"), "{out:?}");

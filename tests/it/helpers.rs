@@ -60,6 +60,7 @@ where
 pub fn engine_config() -> EngineConfig {
     EngineConfig {
         max_in_flight: 64,
+        owner_max_in_flight: None,
         per_host: doparallel::engine::hosts::HostLimits::UNLIMITED,
         max_response_bytes: 1024 * 1024,
         callback_schedule: vec![Duration::from_millis(50); 3],
@@ -77,6 +78,7 @@ pub fn engine_config() -> EngineConfig {
         outbound_idle_timeout: Duration::from_secs(30),
         // `serve` puts its own address here.
         public_url: None,
+        local_url: None,
     }
 }
 

@@ -23,6 +23,7 @@ mod storage;
 mod store;
 mod submit;
 mod tasks;
+mod tenants;
 
 /// The crash-point tests exist only in a build with the `failpoints` feature (as `.ci/run`
 /// and the README's test command make it); say so, and fail in CI, where they must run.

@@ -30,7 +30,7 @@ async fn an_accepted_task_finishes_with_its_reported_outcome_once() {
         .submit(&json!({"tasks": [
             {"endpoint": endpoint.url("accept"), "params": {"n": 1}},
             {"endpoint": endpoint.url("accept"), "params": {"n": 2}},
-        ]}))
+        ], "options": {"async_reports": true}}))
         .await;
     let calls = eventually("both calls", || async {
         let calls = endpoint.calls();
@@ -84,7 +84,7 @@ async fn a_bad_report_is_refused_and_changes_nothing() {
     let app = spawn_app().await;
     let endpoint = Endpoint::start().await;
     let id = app
-        .submit(&json!({"tasks": [{"endpoint": endpoint.url("accept"), "params": {}}]}))
+        .submit(&json!({"tasks": [{"endpoint": endpoint.url("accept"), "params": {}}], "options": {"async_reports": true}}))
         .await;
     let call = eventually("the call", || async { endpoint.calls().pop() }).await;
     let token = call.header("doparallel-task-token");
@@ -121,7 +121,7 @@ async fn a_report_may_come_before_the_202() {
     let app = spawn_app().await;
     let endpoint = Endpoint::start().await;
     let id = app
-        .submit(&json!({"tasks": [{"endpoint": endpoint.url("report-first"), "params": {"a": 1}}]}))
+        .submit(&json!({"tasks": [{"endpoint": endpoint.url("report-first"), "params": {"a": 1}}], "options": {"async_reports": true}}))
         .await;
     let job = app.wait_settled(&id).await;
     assert_eq!(job["status"], "Complete", "{job}");
@@ -138,7 +138,7 @@ async fn an_unreported_task_times_out_and_is_retried_then_fails() {
     let id = app
         .submit(&json!({
             "tasks": [{"endpoint": endpoint.url("accept"), "params": {}}],
-            "options": {"async_timeout_ms": 200, "max_attempts": 2, "backoff_ms": 0},
+            "options": {"async_timeout_ms": 200, "max_attempts": 2, "backoff_ms": 0, "async_reports": true},
         }))
         .await;
     let job = app.wait_settled(&id).await;
@@ -161,4 +161,36 @@ async fn an_unreported_task_times_out_and_is_retried_then_fails() {
     )
     .await;
     assert_eq!(status, 404, "{body}");
+}
+
+/// Without `--public-url`, a job that does not ask for reports tells its endpoints nothing
+/// of the server's address: no task token, no result URL; a 202 is then a success like any
+/// 2xx. With `async_reports`, its calls carry both.
+#[tokio::test]
+async fn only_jobs_that_ask_for_reports_learn_where_to_send_them() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let plain = app
+        .submit(&json!({"tasks": [{"endpoint": endpoint.url("accept"), "params": {}}]}))
+        .await;
+    let job = app.wait_settled(&plain).await;
+    assert_eq!(job["status"], "Complete", "{job}");
+    let call = &endpoint.calls()[0];
+    assert_eq!(call.header("doparallel-result-url"), "");
+    assert_eq!(call.header("doparallel-task-token"), "");
+
+    app.submit(
+        &json!({"tasks": [{"endpoint": endpoint.url("accept"), "params": {}}],
+        "options": {"async_reports": true}}),
+    )
+    .await;
+    let call = eventually("the second call", || async {
+        endpoint.calls().get(1).cloned()
+    })
+    .await;
+    assert!(
+        call.header("doparallel-result-url")
+            .starts_with("http://127.0.0.1:")
+    );
+    assert!(!call.header("doparallel-task-token").is_empty());
 }

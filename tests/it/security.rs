@@ -564,3 +564,77 @@ fn arbitrary_bodies_never_give_a_server_error() {
         prop_assert!(status < 500, "status {} for {}", status, value);
     });
 }
+
+/// A hostile endpoint's answer is stored within `--max-response-bytes` in its stored form
+/// too: a 1 MiB answer of NUL bytes (6 MiB as a JSON string) fails the task as
+/// `response_too_large`; a report past the bound (2 MiB, under the body limit) is refused
+/// with 413 and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_results_stay_within_the_response_bound() {
+    use crate::helpers::{RawEndpoint, respond};
+    let nul = RawEndpoint::start(|_, _, mut stream| async move {
+        let body = vec![0u8; 1024 * 1024 - 16];
+        respond(
+            &mut stream,
+            "200 OK",
+            &[("content-type", "text/plain")],
+            &body,
+        )
+        .await;
+    })
+    .await;
+    let app = spawn_app_with(engine_config()).await;
+    let id = app
+        .submit(&json!({"tasks": [{"endpoint": nul.url("/nul")}]}))
+        .await;
+    let job = app.wait_settled(&id).await;
+    assert_eq!(job["status"], "Failed", "{job}");
+    let error = &job["result"]["1"]["error"];
+    assert_eq!(error["kind"], "response_too_large", "{error}");
+
+    let accepting = Endpoint::start().await;
+    let id = app
+        .submit(&json!({"tasks": [{"endpoint": accepting.url("accept")}], "options": {"async_reports": true}}))
+        .await;
+    let call = crate::helpers::eventually("the call", || async { accepting.calls().pop() }).await;
+    let url = call.header("doparallel-result-url");
+    let huge = format!(
+        r#"{{"status":"Complete","result":"{}"}}"#,
+        "r".repeat(2 * 1024 * 1024)
+    );
+    let resp = app.http.post(&url).body(huge).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "Running", "{job}");
+    let small = r#"{"status":"Complete","result":{"ok":true}}"#;
+    let resp = app.http.post(&url).body(small).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// Logs carry sizes and ids, never task data, at every level: a job with a large,
+/// recognisable result run with `RUST_LOG=trace` leaves none of it in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_data_never_reaches_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let server = ServerProcess::start_url_env_logging(
+        &crate::helpers::sqlite_url(&db_path(&dir)),
+        &[],
+        &[("RUST_LOG", "trace")],
+        &log,
+    );
+    let marker = "recognisable-payload-".repeat(5000);
+    let id = server
+        .api
+        .submit(&json!({"tasks": [{"endpoint": "/v1/test", "params": {"p": marker}}]}))
+        .await;
+    server.api.wait_settled(&id).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("attempt over"), "the trace level was not on");
+    assert!(
+        !text.contains("recognisable-payload-"),
+        "task data in the log"
+    );
+    let longest = text.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 4096, "a log line of {longest} bytes");
+}

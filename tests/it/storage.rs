@@ -730,7 +730,7 @@ async fn a_callback_cut_off_by_a_lost_database_is_aborted() {
         return;
     };
     let receiver = StreamReceiver::start().await;
-    let env = [("FAILPOINTS", "callback-next-page=1*sleep(3000)->off")];
+    let env = [("FAILPOINTS", "callback-next-page=1*return(3000)->off")];
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
     let args = ["--callback-timeout", "2s"];
@@ -791,7 +791,7 @@ async fn postgres_a_settle_whose_connection_is_terminated() {
     let mut receiver = Receiver::start(0, 200).await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
-    let env = [("FAILPOINTS", "settle-before-commit=1*sleep(3000)->off")];
+    let env = [("FAILPOINTS", "settle-before-commit=1*return(3000)->off")];
     let server = ServerProcess::start_url_env_logging(&db.url, &[], &env, &log);
     let id = server
         .api

@@ -72,6 +72,7 @@ conformance!(
     claim_serves_a_new_job_next,
     claim_respects_job_concurrency,
     claim_skips_jobs,
+    claim_shares_between_owners_first,
     claim_reports_next_due_in_backoff,
     settle_complete_failed_retry,
     settle_ignores_stale_attempt_and_wrong_node,
@@ -147,6 +148,7 @@ async fn claim_skipping(
             node,
             lease_until: now + LEASE,
             skip_jobs,
+            owners: Default::default(),
         })
         .await
         .unwrap()
@@ -557,6 +559,64 @@ async fn claim_shares_fairly_between_jobs(store: Arc<dyn Store>) {
     assert_eq!(indexes(&c, big).len(), 15);
 }
 
+/// Owners (API tokens) share a claim first, then their jobs; an owner with no room left
+/// under its limit gets nothing, and one with a little gets that much.
+async fn claim_shares_between_owners_first(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let owned = |owner: &str| {
+        let mut job = new_job(50, options(), false);
+        job.owner = Some(owner.to_string());
+        job
+    };
+    let a1 = insert(&store, &owned("a"), t0).await;
+    let a2 = insert(&store, &owned("a"), t0).await;
+    let a3 = insert(&store, &owned("a"), t0).await;
+    let b = insert(&store, &owned("b"), t0).await;
+    let node = NodeId::random();
+    let c = claim(&store, node, 12, t0).await;
+    for (job, n) in [(a1, 2), (a2, 2), (a3, 2), (b, 6)] {
+        assert_eq!(indexes(&c, job).len(), n, "{job}");
+    }
+    assert!(
+        c.tasks
+            .iter()
+            .all(|t| t.owner.as_deref() == Some(if t.job_id == b { "b" } else { "a" }))
+    );
+
+    // A at its limit (4 in flight, at most 4): B alone; then A with one place left.
+    let limits = |a: u64| doparallel::store::plan::OwnerLimits {
+        max_in_flight: Some(4),
+        in_flight: std::collections::HashMap::from([("a".to_string(), a)]),
+    };
+    let c = store
+        .tasks_claim(&ClaimParams {
+            limit: 10,
+            now: t0,
+            node,
+            lease_until: t0 + LEASE,
+            skip_jobs: Vec::new(),
+            owners: limits(4),
+        })
+        .await
+        .unwrap();
+    assert_eq!(indexes(&c, b).len(), 4);
+    assert_eq!(c.tasks.len(), 4, "nothing of a");
+    let c = store
+        .tasks_claim(&ClaimParams {
+            limit: 10,
+            now: t0,
+            node,
+            lease_until: t0 + LEASE,
+            skip_jobs: Vec::new(),
+            owners: limits(3),
+        })
+        .await
+        .unwrap();
+    let of_a = c.tasks.iter().filter(|t| t.job_id != b).count();
+    assert_eq!(of_a, 1, "one place left for a");
+    assert_eq!(indexes(&c, b).len(), 4);
+}
+
 async fn claim_serves_a_new_job_next(store: Arc<dyn Store>) {
     let t0 = now_millis();
     let node = NodeId::random();
@@ -872,6 +932,7 @@ async fn leases_renew_and_expire(store: Arc<dyn Store>) {
             node: a,
             lease_until: t0 + 1000,
             skip_jobs: Vec::new(),
+            owners: Default::default(),
         })
         .await
         .unwrap();
@@ -1344,6 +1405,7 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
             node: dead,
             lease_until: t0 + 1000,
             skip_jobs: Vec::new(),
+            owners: Default::default(),
         })
         .await
         .unwrap();
@@ -1953,6 +2015,7 @@ async fn dynamodb_another_client_takes_over_an_expired_lease() {
             node: dead,
             lease_until: t0 + 1_000,
             skip_jobs: Vec::new(),
+            owners: Default::default(),
         })
         .await
         .unwrap()

@@ -93,6 +93,7 @@ use self::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s
 pub use self::schema::Migrated;
 use self::schema::{Location, sdk_error};
 use super::codec::{self, parse_id, parse_options};
+use super::plan::FairShare;
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -874,11 +875,11 @@ impl JobCounters {
 /// A job as gsi1 shows it to a claim.
 struct Candidate {
     id: JobId,
+    /// gsi1 carries it since tables made by this version; `None` on older ones.
+    owner: Option<Arc<str>>,
     options: Arc<JobOptions>,
     concurrency: Option<u64>,
     headroom: u64,
-    claimed: u64,
-    exhausted: bool,
 }
 
 impl DynamoStore {
@@ -1224,6 +1225,7 @@ impl DynamoStore {
                                 endpoint: endpoint.clone(),
                                 params: raw(params_text)?,
                                 options: candidate.options.clone(),
+                                owner: candidate.owner.clone(),
                             });
                         }
                         break;
@@ -1838,10 +1840,15 @@ impl Store for DynamoStore {
             return Ok(claim);
         }
         let window = params.limit as usize * 2 + 8;
+        let full_owners = params.owners.full();
         let mut candidates = Vec::new();
         for item in self.active_jobs(window).await? {
             let id = parse_id(need_s(&item, "id")?)?;
             if params.skip_jobs.contains(&id) {
+                continue;
+            }
+            let owner = get_s(&item, "owner");
+            if owner.is_some_and(|o| full_owners.iter().any(|f| f == o)) {
                 continue;
             }
             let total: u64 = need_n(&item, "total")?;
@@ -1857,11 +1864,10 @@ impl Store for DynamoStore {
             }
             candidates.push(Candidate {
                 id,
+                owner: owner.map(Arc::from),
                 options: Arc::new(parse_options(need_s(&item, "options")?)?),
                 concurrency,
                 headroom,
-                claimed: 0,
-                exhausted: false,
             });
         }
         if candidates.is_empty() {
@@ -1871,26 +1877,17 @@ impl Store for DynamoStore {
         self.node_alive(params.node, params.lease_until, true)
             .await?;
 
-        // Fair share, as the SQLite backend: each round offers every job an equal part of
-        // the free slots; what a job cannot use goes to the others in the next round.
-        let mut left = u64::from(params.limit);
+        // The plan says how many tasks each job gives in each round (see `plan`); a job's
+        // part is one transaction. At most four rounds: each costs a request per job.
+        let mut plan = FairShare::new(
+            u64::from(params.limit),
+            candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+            &params.owners,
+        );
         for _round in 0..4 {
-            let open: Vec<usize> = (0..candidates.len())
-                .filter(|&i| !candidates[i].exhausted && candidates[i].headroom > 0)
-                .collect();
-            if left == 0 || open.is_empty() {
+            let wants = plan.round();
+            if wants.is_empty() {
                 break;
-            }
-            let share = (left / open.len() as u64).max(1);
-            let mut wants = Vec::new();
-            let mut planned = 0;
-            for i in open {
-                if planned == left {
-                    break;
-                }
-                let want = share.min(candidates[i].headroom).min(left - planned);
-                planned += want;
-                wants.push((i, want));
             }
             let results: Vec<(usize, u64, (Vec<ClaimedTask>, bool, Option<Millis>))> =
                 stream::iter(wants)
@@ -1903,13 +1900,8 @@ impl Store for DynamoStore {
                     .await?;
             for (i, want, (tasks, exhausted, next_due)) in results {
                 let got = tasks.len() as u64;
-                let c = &mut candidates[i];
-                c.claimed += got;
-                c.headroom = c.headroom.saturating_sub(got);
-                left -= got;
-                if exhausted || got < want {
-                    c.exhausted = true;
-                }
+                // A job that said it has nothing more due counts as having given less.
+                plan.got(i, if exhausted { want.max(got + 1) } else { want }, got);
                 if let Some(due) = next_due {
                     claim.next_due = Some(claim.next_due.map_or(due, |d: Millis| d.min(due)));
                 }
@@ -1992,7 +1984,8 @@ impl Store for DynamoStore {
         // The lease first, as for a claim.
         self.node_alive(params.node, params.lease_until, true)
             .await?;
-        let mut options: HashMap<JobId, Option<Arc<JobOptions>>> = HashMap::new();
+        type JobOf = Option<(Arc<JobOptions>, Option<Arc<str>>)>;
+        let mut options: HashMap<JobId, JobOf> = HashMap::new();
         let mut tasks = Vec::with_capacity(items.len());
         for item in items {
             let id = id_of_pk(need_s(&item, "pk")?)?;
@@ -2000,12 +1993,15 @@ impl Store for DynamoStore {
             let attempts: u32 = need_n(&item, "attempts")?;
             if let std::collections::hash_map::Entry::Vacant(entry) = options.entry(id) {
                 let parsed = match self.job_item(id).await? {
-                    Some(job) => Some(Arc::new(parse_options(need_s(&job, "options")?)?)),
+                    Some(job) => Some((
+                        Arc::new(parse_options(need_s(&job, "options")?)?),
+                        get_s(&job, "owner").map(Arc::from),
+                    )),
                     None => None,
                 };
                 entry.insert(parsed);
             }
-            let Some(job_options) = options[&id].clone() else {
+            let Some((job_options, owner)) = options[&id].clone() else {
                 continue;
             };
             let node = params.node;
@@ -2030,6 +2026,7 @@ impl Store for DynamoStore {
                 endpoint: need_s(&task, "endpoint")?.to_string(),
                 params: raw(need_s(&task, "params")?)?,
                 options: job_options,
+                owner,
             });
         }
         Ok(tasks)

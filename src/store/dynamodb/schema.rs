@@ -132,6 +132,7 @@ pub const INDEXES: [(&str, &str, &str, &[&str]); 5] = [
         "g1sk",
         &[
             "id",
+            "owner",
             "status",
             "options",
             "concurrency",

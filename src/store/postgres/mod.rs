@@ -36,6 +36,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Connection, Row};
 
 use super::codec::{parse_id, parse_options, raw};
+use super::plan::FairShare;
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -337,7 +338,7 @@ impl PostgresStore {
             insert_callbacks(&mut tx, &callbacks.0, &callbacks.1).await?;
         }
         // A pause for the test that cuts this transaction's connection before its COMMIT.
-        fail::fail_point!("settle-before-commit");
+        crate::pause_point("settle-before-commit").await;
         tx.commit().await?;
         if !callbacks.0.is_empty() {
             self.callbacks_changed();
@@ -889,16 +890,20 @@ impl Store for PostgresStore {
             return Ok(claim);
         }
         let skip: Vec<String> = params.skip_jobs.iter().map(|id| id.to_string()).collect();
+        let full_owners = params.owners.full();
         // Unfinished jobs with pending tasks and room under their concurrency, least
-        // recently served first, read without a lock and outside a transaction: on an idle
+        // recently served first, but for the jobs the claim leaves out and those of owners
+        // with no room left; read without a lock and outside a transaction: on an idle
         // cluster this is the only statement. No more than twice the free slots can be
         // served, since each gets at least one.
         let window: Vec<i64> = sqlx::query_scalar(&format!(
             "SELECT seq FROM jobs WHERE {CLAIMABLE} AND id <> ALL($1::uuid[]) \
+               AND (owner IS NULL OR owner <> ALL($3::text[])) \
              ORDER BY last_claim_at, seq LIMIT $2"
         ))
         .bind(&skip)
         .bind(i64::from(params.limit) * 2 + 8)
+        .bind(&full_owners)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
@@ -910,7 +915,7 @@ impl Store for PostgresStore {
         // Lock them, skipping those another node is claiming or settling right now, and
         // check again under the lock (another node may have filled a job's concurrency).
         let jobs = sqlx::query(&format!(
-            "SELECT seq, id::text AS id, options, concurrency, n_running FROM jobs \
+            "SELECT seq, id::text AS id, owner, options, concurrency, n_running FROM jobs \
              WHERE seq = ANY($1) AND {CLAIMABLE} \
              ORDER BY last_claim_at, seq FOR UPDATE SKIP LOCKED"
         ))
@@ -923,12 +928,11 @@ impl Store for PostgresStore {
         struct Candidate {
             seq: i64,
             id: JobId,
+            owner: Option<Arc<str>>,
             options_text: String,
             /// Parsed once, for the jobs this claim serves.
             options: Option<Arc<JobOptions>>,
             headroom: u64,
-            claimed: u64,
-            exhausted: bool,
         }
         let mut candidates = Vec::with_capacity(jobs.len());
         for row in &jobs {
@@ -937,11 +941,10 @@ impl Store for PostgresStore {
             candidates.push(Candidate {
                 seq: row.get("seq"),
                 id: parse_id(row.get("id"))?,
+                owner: row.get::<Option<String>, _>("owner").map(Arc::from),
                 options_text: row.get("options"),
                 options: None,
                 headroom: concurrency.map_or(u64::MAX, |c| (c - running).max(0) as u64),
-                claimed: 0,
-                exhausted: false,
             });
         }
         let by_seq: HashMap<i64, usize> = candidates
@@ -950,27 +953,17 @@ impl Store for PostgresStore {
             .map(|(i, c)| (c.seq, i))
             .collect();
 
-        // Fair share, as in the SQLite backend: each round offers every job an equal part of
-        // the free slots, and what a job cannot use goes to the others in the next round.
-        // A round is one statement whatever the number of jobs.
-        let mut left = u64::from(params.limit);
-        while left > 0 {
-            let open: Vec<usize> = (0..candidates.len())
-                .filter(|&i| !candidates[i].exhausted && candidates[i].headroom > 0)
-                .collect();
-            if open.is_empty() {
+        // The plan says how many tasks each job gives in each round (see `plan`); a round is
+        // one statement whatever the number of jobs.
+        let mut plan = FairShare::new(
+            u64::from(params.limit),
+            candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+            &params.owners,
+        );
+        loop {
+            let wants = plan.round();
+            if wants.is_empty() {
                 break;
-            }
-            let share = (left / open.len() as u64).max(1);
-            let mut wants: Vec<(usize, u64)> = Vec::with_capacity(open.len());
-            let mut planned = 0;
-            for i in open {
-                if planned == left {
-                    break;
-                }
-                let want = share.min(candidates[i].headroom).min(left - planned);
-                planned += want;
-                wants.push((i, want));
             }
             let seqs: Vec<i64> = wants.iter().map(|&(i, _)| candidates[i].seq).collect();
             let ns: Vec<i64> = wants.iter().map(|&(_, n)| n as i64).collect();
@@ -1003,17 +996,11 @@ impl Store for PostgresStore {
                     endpoint: row.get("endpoint"),
                     params: raw(Some(row.get("params")))?.expect("some"),
                     options,
+                    owner: c.owner.clone(),
                 });
             }
             for (i, want) in wants {
-                let got = got.get(&i).copied().unwrap_or(0);
-                let c = &mut candidates[i];
-                c.claimed += got;
-                c.headroom -= got;
-                left -= got;
-                if got < want {
-                    c.exhausted = true;
-                }
+                plan.got(i, want, got.get(&i).copied().unwrap_or(0));
             }
         }
         // Each job's tasks together, in order (the engine looks its cancel token up once
@@ -1022,10 +1009,9 @@ impl Store for PostgresStore {
 
         // The jobs served move to the back of the round robin; so does a job found with
         // nothing due (its tasks all in backoff), so that it cannot starve the jobs behind it.
-        let (served, counts): (Vec<i64>, Vec<i64>) = candidates
-            .iter()
-            .filter(|c| c.claimed > 0 || c.exhausted)
-            .map(|c| (c.seq, c.claimed as i64))
+        let (served, counts): (Vec<i64>, Vec<i64>) = (0..candidates.len())
+            .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i))
+            .map(|i| (candidates[i].seq, plan.claimed(i) as i64))
             .unzip();
         if !served.is_empty() {
             sqlx::query(
@@ -1041,10 +1027,9 @@ impl Store for PostgresStore {
             .map_err(map_err)?;
         }
         // Whatever is left of the exhausted jobs waits in backoff: when is the first due?
-        let exhausted: Vec<i64> = candidates
-            .iter()
-            .filter(|c| c.exhausted)
-            .map(|c| c.seq)
+        let exhausted: Vec<i64> = (0..candidates.len())
+            .filter(|&i| plan.exhausted(i))
+            .map(|i| candidates[i].seq)
             .collect();
         if !exhausted.is_empty() {
             let due: Option<i64> = sqlx::query_scalar(
@@ -1121,8 +1106,8 @@ impl Store for PostgresStore {
                    WHERE status = 1 AND node IS NULL AND lease_until <= $3 \
                    LIMIT $4 FOR UPDATE SKIP LOCKED) o, jobs j \
              WHERE tasks.job_seq = o.job_seq AND tasks.idx = o.idx AND j.seq = tasks.job_seq \
-             RETURNING j.id::text AS id, j.options, tasks.idx, tasks.attempts, tasks.endpoint, \
-                 tasks.params",
+             RETURNING j.id::text AS id, j.options, j.owner, tasks.idx, tasks.attempts, \
+                 tasks.endpoint, tasks.params",
         )
         .bind(params.node.0)
         .bind(params.lease_until)
@@ -1131,15 +1116,20 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        let mut jobs: HashMap<String, (JobId, Arc<JobOptions>)> = HashMap::new();
+        type JobOf = (JobId, Arc<JobOptions>, Option<Arc<str>>);
+        let mut jobs: HashMap<String, JobOf> = HashMap::new();
         let mut tasks = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.get("id");
             if !jobs.contains_key(&id) {
-                let parsed = (parse_id(&id)?, Arc::new(parse_options(row.get("options"))?));
+                let parsed = (
+                    parse_id(&id)?,
+                    Arc::new(parse_options(row.get("options"))?),
+                    row.get::<Option<String>, _>("owner").map(Arc::from),
+                );
                 jobs.insert(id.clone(), parsed);
             }
-            let (job_id, options) = &jobs[&id];
+            let (job_id, options, owner) = &jobs[&id];
             tasks.push(ClaimedTask {
                 job_id: *job_id,
                 index: row.get::<i64, _>("idx") as u64,
@@ -1147,6 +1137,7 @@ impl Store for PostgresStore {
                 endpoint: row.get("endpoint"),
                 params: raw(Some(row.get("params")))?.expect("some"),
                 options: options.clone(),
+                owner: owner.clone(),
             });
         }
         tasks.sort_by_key(|t| (t.job_id, t.index));

@@ -24,6 +24,7 @@ use super::codec::{
     job_status_code, job_status_from, parse_id, parse_options, raw, task_status_code,
     task_status_from,
 };
+use super::plan::FairShare;
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -827,19 +828,26 @@ impl Store for SqliteStore {
         }
         let mut tx = self.begin().await?;
         // Unfinished jobs with pending tasks and room under their concurrency, least
-        // recently served first. No more than twice the free slots can be served, since each
-        // gets at least one; a job found with nothing due (its tasks all in backoff) is
-        // marked served too, so it moves to the back and cannot starve the jobs behind it.
-        let skip = if params.skip_jobs.is_empty() {
-            String::new()
-        } else {
-            format!(
+        // recently served first, but for the jobs the claim leaves out and those of owners
+        // with no room left. No more than twice the free slots can be served, since each gets
+        // at least one; a job found with nothing due (its tasks all in backoff) is marked
+        // served too, so it moves to the back and cannot starve the jobs behind it.
+        let full_owners = params.owners.full();
+        let mut skip = String::new();
+        if !params.skip_jobs.is_empty() {
+            skip.push_str(&format!(
                 "AND id NOT IN ({}) ",
                 vec!["?"; params.skip_jobs.len()].join(",")
-            )
-        };
+            ));
+        }
+        if !full_owners.is_empty() {
+            skip.push_str(&format!(
+                "AND (owner IS NULL OR owner NOT IN ({})) ",
+                vec!["?"; full_owners.len()].join(",")
+            ));
+        }
         let sql = format!(
-            "SELECT seq, id, options, concurrency, n_running, \
+            "SELECT seq, id, owner, options, concurrency, n_running, \
              total - n_running - n_complete - n_failed AS pending FROM jobs \
              WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
                AND (concurrency IS NULL OR n_running < concurrency) {skip}\
@@ -848,6 +856,9 @@ impl Store for SqliteStore {
         let mut query = sqlx::query(&sql);
         for id in &params.skip_jobs {
             query = query.bind(id.to_string());
+        }
+        for owner in &full_owners {
+            query = query.bind(owner);
         }
         let jobs = query
             .bind(i64::from(params.limit) * 2 + 8)
@@ -858,14 +869,13 @@ impl Store for SqliteStore {
         struct Candidate {
             seq: i64,
             id: JobId,
+            owner: Option<Arc<str>>,
             options_text: String,
             /// Parsed once, for the jobs this claim serves.
             options: Option<Arc<JobOptions>>,
             headroom: u64,
             /// Its tasks not yet claimed, due or in backoff.
             pending: u64,
-            claimed: u64,
-            exhausted: bool,
         }
         let mut candidates = Vec::with_capacity(jobs.len());
         for row in &jobs {
@@ -874,42 +884,31 @@ impl Store for SqliteStore {
             candidates.push(Candidate {
                 seq: row.get("seq"),
                 id: parse_id(row.get("id"))?,
+                owner: row.get::<Option<String>, _>("owner").map(Arc::from),
                 options_text: row.get("options"),
                 options: None,
                 headroom: concurrency.map_or(u64::MAX, |c| (c - running).max(0) as u64),
                 pending: row.get::<i64, _>("pending").max(0) as u64,
-                claimed: 0,
-                exhausted: false,
             });
         }
 
-        // Fair share: each round offers every job an equal part of the free slots; what a job
-        // cannot use goes to the others in the next round. The jobs of a round are served
-        // CLAIM_GROUP at a time by one statement (a UNION of per-job picks), so a claim over
-        // many small jobs costs few statements.
-        let mut left = u64::from(params.limit);
+        // The plan says how many tasks each job gives in each round (see `plan`); the jobs of
+        // a round are served CLAIM_GROUP at a time by one statement (a UNION of per-job
+        // picks), so a claim over many small jobs costs few statements.
+        let mut plan = FairShare::new(
+            u64::from(params.limit),
+            candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+            &params.owners,
+        );
         let by_seq: HashMap<i64, usize> = candidates
             .iter()
             .enumerate()
             .map(|(i, c)| (c.seq, i))
             .collect();
-        while left > 0 {
-            let open: Vec<usize> = (0..candidates.len())
-                .filter(|&i| !candidates[i].exhausted && candidates[i].headroom > 0)
-                .collect();
-            if open.is_empty() {
+        loop {
+            let wants = plan.round();
+            if wants.is_empty() {
                 break;
-            }
-            let share = (left / open.len() as u64).max(1);
-            let mut wants: Vec<(usize, u64)> = Vec::with_capacity(open.len());
-            let mut planned = 0;
-            for i in open {
-                if planned == left {
-                    break;
-                }
-                let want = share.min(candidates[i].headroom).min(left - planned);
-                planned += want;
-                wants.push((i, want));
             }
             let mut got: HashMap<usize, u64> = HashMap::with_capacity(wants.len());
             for group in wants.chunks(CLAIM_GROUP) {
@@ -942,18 +941,12 @@ impl Store for SqliteStore {
                         endpoint: row.get("endpoint"),
                         params: raw(Some(row.get("params")))?.expect("some"),
                         options,
+                        owner: c.owner.clone(),
                     });
                 }
             }
             for (i, want) in wants {
-                let got = got.get(&i).copied().unwrap_or(0);
-                let c = &mut candidates[i];
-                c.claimed += got;
-                c.headroom -= got;
-                left -= got;
-                if got < want {
-                    c.exhausted = true;
-                }
+                plan.got(i, want, got.get(&i).copied().unwrap_or(0));
             }
         }
         // Each job's tasks together, in order (the engine looks its cancel token up once
@@ -962,9 +955,9 @@ impl Store for SqliteStore {
 
         // The served jobs' counters and places in the round-robin, a chunk of jobs per
         // statement (a claim over many small jobs serves hundreds).
-        let served: Vec<&Candidate> = candidates
-            .iter()
-            .filter(|c| c.claimed > 0 || c.exhausted)
+        let served: Vec<(i64, u64)> = (0..candidates.len())
+            .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i))
+            .map(|i| (candidates[i].seq, plan.claimed(i)))
             .collect();
         for chunk in served.chunks(SETTLE_CHUNK) {
             let mut sql = String::from("WITH d(seq, claimed) AS (VALUES ");
@@ -977,8 +970,8 @@ impl Store for SqliteStore {
                  FROM d WHERE jobs.seq = d.seq",
             );
             let mut query = sqlx::query(&sql);
-            for c in chunk {
-                query = query.bind(c.seq).bind(c.claimed as i64);
+            for &(seq, claimed) in chunk {
+                query = query.bind(seq).bind(claimed as i64);
             }
             query
                 .bind(params.now)
@@ -986,9 +979,9 @@ impl Store for SqliteStore {
                 .await
                 .map_err(map_err)?;
         }
-        for c in &candidates {
+        for (i, c) in candidates.iter().enumerate() {
             // A job whose every pending task was just claimed has nothing left in backoff.
-            if c.exhausted && c.pending > c.claimed {
+            if plan.exhausted(i) && c.pending > plan.claimed(i) {
                 // Whatever is left of this job waits in backoff: when is the first due?
                 let due: Option<i64> = sqlx::query_scalar(
                     "SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = 0",
@@ -1059,12 +1052,13 @@ impl Store for SqliteStore {
         .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
-        let mut jobs: HashMap<i64, (JobId, Arc<JobOptions>)> = HashMap::new();
+        type JobOf = (JobId, Arc<JobOptions>, Option<Arc<str>>);
+        let mut jobs: HashMap<i64, JobOf> = HashMap::new();
         let mut tasks = Vec::with_capacity(rows.len());
         for row in rows {
             let seq: i64 = row.get("job_seq");
             if let std::collections::hash_map::Entry::Vacant(entry) = jobs.entry(seq) {
-                let job = sqlx::query("SELECT id, options FROM jobs WHERE seq = ?")
+                let job = sqlx::query("SELECT id, options, owner FROM jobs WHERE seq = ?")
                     .bind(seq)
                     .fetch_one(tx.conn().await?)
                     .await
@@ -1072,9 +1066,10 @@ impl Store for SqliteStore {
                 entry.insert((
                     parse_id(job.get("id"))?,
                     Arc::new(parse_options(job.get("options"))?),
+                    job.get::<Option<String>, _>("owner").map(Arc::from),
                 ));
             }
-            let (job_id, options) = &jobs[&seq];
+            let (job_id, options, owner) = &jobs[&seq];
             tasks.push(ClaimedTask {
                 job_id: *job_id,
                 index: row.get::<i64, _>("idx") as u64,
@@ -1082,6 +1077,7 @@ impl Store for SqliteStore {
                 endpoint: row.get("endpoint"),
                 params: raw(Some(row.get("params")))?.expect("some"),
                 options: options.clone(),
+                owner: owner.clone(),
             });
         }
         tx.commit().await?;

@@ -1,0 +1,242 @@
+//! The fair share of a claim, decided here once for every backend: a backend reads the
+//! candidate jobs, asks [`FairShare`] how many tasks to take from each, takes them as it
+//! takes anything (one statement per round, one transaction per job), and says how many
+//! it got.
+//!
+//! Free slots are shared between owners (API tokens) first, then between each owner's jobs:
+//! every round offers each owner an equal part of what is left, and each owner's part is
+//! split equally between its jobs (least recently served first when a part is smaller than
+//! the number of jobs). What a job cannot use (its `concurrency` is reached, or it has no
+//! more due) goes to the others in the next round. An owner never gets more than its room
+//! under `--owner-max-in-flight` on this node.
+
+use std::collections::HashMap;
+
+/// What limits an owner's share of a node's slots.
+#[derive(Clone, Debug, Default)]
+pub struct OwnerLimits {
+    /// Most calls of one owner in flight on this node; `None`: no limit.
+    pub max_in_flight: Option<u64>,
+    /// Calls in flight on this node now, by owner.
+    pub in_flight: HashMap<String, u64>,
+}
+
+impl OwnerLimits {
+    /// How many more calls `owner` may have in flight; `u64::MAX` without a limit (and for
+    /// the anonymous owner of a server without tokens).
+    pub fn room(&self, owner: Option<&str>) -> u64 {
+        match (self.max_in_flight, owner) {
+            (Some(max), Some(owner)) => {
+                max.saturating_sub(self.in_flight.get(owner).copied().unwrap_or(0))
+            }
+            _ => u64::MAX,
+        }
+    }
+
+    /// The owners with no room left, whose jobs a claim should not even read.
+    pub fn full(&self) -> Vec<String> {
+        self.in_flight
+            .keys()
+            .filter(|owner| self.room(Some(owner)) == 0)
+            .cloned()
+            .collect()
+    }
+}
+
+/// One candidate job: whose it is, and how many more calls its `concurrency` allows.
+struct Candidate {
+    owner: usize,
+    headroom: u64,
+    claimed: u64,
+    /// It had no more due tasks than a round asked of it.
+    exhausted: bool,
+}
+
+/// A claim's plan; see the module docs.
+pub struct FairShare {
+    left: u64,
+    candidates: Vec<Candidate>,
+    /// Per owner (index): room left under its limit.
+    owner_room: Vec<u64>,
+}
+
+impl FairShare {
+    /// `limit` free slots; `jobs` in the order they should be served (least recently
+    /// served first): each one's owner and headroom under its concurrency.
+    pub fn new<'a>(
+        limit: u64,
+        jobs: impl IntoIterator<Item = (Option<&'a str>, u64)>,
+        limits: &OwnerLimits,
+    ) -> Self {
+        let mut owners: HashMap<Option<&str>, usize> = HashMap::new();
+        let mut owner_room = Vec::new();
+        let candidates = jobs
+            .into_iter()
+            .map(|(owner, headroom)| {
+                let index = *owners.entry(owner).or_insert_with(|| {
+                    owner_room.push(limits.room(owner));
+                    owner_room.len() - 1
+                });
+                Candidate {
+                    owner: index,
+                    headroom,
+                    claimed: 0,
+                    exhausted: false,
+                }
+            })
+            .collect();
+        FairShare {
+            left: limit,
+            candidates,
+            owner_room,
+        }
+    }
+
+    /// The next round: (candidate, how many tasks to take), or nothing when the claim is
+    /// over. Each pair must be followed by a [`FairShare::got`].
+    pub fn round(&mut self) -> Vec<(usize, u64)> {
+        if self.left == 0 {
+            return Vec::new();
+        }
+        // The open jobs of each open owner, in order.
+        let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); self.owner_room.len()];
+        for (i, c) in self.candidates.iter().enumerate() {
+            if !c.exhausted && c.headroom > 0 && self.owner_room[c.owner] > 0 {
+                by_owner[c.owner].push(i);
+            }
+        }
+        let open: Vec<usize> = (0..by_owner.len())
+            .filter(|&o| !by_owner[o].is_empty())
+            .collect();
+        if open.is_empty() {
+            return Vec::new();
+        }
+        let owner_share = (self.left / open.len() as u64).max(1);
+        let mut wants = Vec::new();
+        let mut planned = 0;
+        for o in open {
+            if planned == self.left {
+                break;
+            }
+            let part = owner_share.min(self.owner_room[o]).min(self.left - planned);
+            let jobs = &by_owner[o];
+            let job_share = (part / jobs.len() as u64).max(1);
+            let mut owner_planned = 0;
+            for &i in jobs {
+                if owner_planned == part {
+                    break;
+                }
+                let want = job_share
+                    .min(self.candidates[i].headroom)
+                    .min(part - owner_planned);
+                owner_planned += want;
+                wants.push((i, want));
+            }
+            planned += owner_planned;
+        }
+        wants
+    }
+
+    /// Candidate `i` was asked for `want` tasks and got `got`.
+    pub fn got(&mut self, i: usize, want: u64, got: u64) {
+        let c = &mut self.candidates[i];
+        c.claimed += got;
+        c.headroom = c.headroom.saturating_sub(got);
+        self.owner_room[c.owner] = self.owner_room[c.owner].saturating_sub(got);
+        self.left = self.left.saturating_sub(got);
+        if got < want {
+            c.exhausted = true;
+        }
+    }
+
+    /// Tasks claimed from candidate `i`.
+    pub fn claimed(&self, i: usize) -> u64 {
+        self.candidates[i].claimed
+    }
+
+    /// Whether candidate `i` ran out of due tasks.
+    pub fn exhausted(&self, i: usize) -> bool {
+        self.candidates[i].exhausted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plays a claim over jobs with `due` tasks each (and the given owners and headroom);
+    /// returns what each job got.
+    fn play(limit: u64, jobs: &[(Option<&str>, u64, u64)], limits: &OwnerLimits) -> Vec<u64> {
+        let mut plan = FairShare::new(limit, jobs.iter().map(|&(o, h, _)| (o, h)), limits);
+        let mut due: Vec<u64> = jobs.iter().map(|&(_, _, d)| d).collect();
+        loop {
+            let round = plan.round();
+            if round.is_empty() {
+                break;
+            }
+            for (i, want) in round {
+                let got = want.min(due[i]);
+                due[i] -= got;
+                plan.got(i, want, got);
+            }
+        }
+        (0..jobs.len()).map(|i| plan.claimed(i)).collect()
+    }
+
+    const NONE: u64 = u64::MAX;
+
+    #[test]
+    fn jobs_share_equally_and_leftovers_go_to_the_others() {
+        let free = OwnerLimits::default();
+        assert_eq!(play(9, &[(None, NONE, 100); 3], &free), [3, 3, 3]);
+        // One job has only 1 due: the other two take the rest.
+        assert_eq!(
+            play(
+                9,
+                &[(None, NONE, 1), (None, NONE, 100), (None, NONE, 100)],
+                &free
+            ),
+            [1, 4, 4]
+        );
+        // Concurrency bounds a job.
+        assert_eq!(play(9, &[(None, 2, 100), (None, NONE, 100)], &free), [2, 7]);
+        // Fewer slots than jobs: the first ones, one each.
+        assert_eq!(play(2, &[(None, NONE, 5); 3], &free), [1, 1, 0]);
+        // Nothing due anywhere.
+        assert_eq!(play(5, &[(None, NONE, 0)], &free), [0]);
+    }
+
+    #[test]
+    fn owners_share_first_then_their_jobs() {
+        let free = OwnerLimits::default();
+        // A has three jobs, B one: half the slots each.
+        let jobs = [
+            (Some("a"), NONE, 100),
+            (Some("a"), NONE, 100),
+            (Some("a"), NONE, 100),
+            (Some("b"), NONE, 100),
+        ];
+        assert_eq!(play(12, &jobs, &free), [2, 2, 2, 6]);
+        // B has only 2 due: A gets the rest.
+        let jobs = [(Some("a"), NONE, 100), (Some("b"), NONE, 2)];
+        assert_eq!(play(12, &jobs, &free), [10, 2]);
+    }
+
+    #[test]
+    fn an_owner_never_exceeds_its_room() {
+        let limits = OwnerLimits {
+            max_in_flight: Some(4),
+            in_flight: HashMap::from([("a".to_string(), 3)]),
+        };
+        assert_eq!(limits.room(Some("a")), 1);
+        assert_eq!(limits.room(Some("b")), 4);
+        assert_eq!(limits.room(None), u64::MAX);
+        let jobs = [(Some("a"), NONE, 100), (Some("b"), NONE, 100)];
+        assert_eq!(play(8, &jobs, &limits), [1, 4]);
+        let full = OwnerLimits {
+            max_in_flight: Some(3),
+            in_flight: HashMap::from([("a".to_string(), 3), ("b".to_string(), 1)]),
+        };
+        assert_eq!(full.full(), ["a"]);
+    }
+}
