@@ -90,7 +90,8 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         title = "DoParallel",
         description = "Fan-out/fan-in job runner: calls every task's endpoint in parallel, \
                        stores each result durably, and POSTs the collected results to the \
-                       job's callback."
+                       job's callback.",
+        license(name = "MIT", identifier = "MIT")
     ),
     paths(
         submit,
@@ -862,15 +863,8 @@ impl Watch {
             Err(_) => return None,
         };
         let more_failures = failures.len() == FAILURES_PER_LOOK as usize;
-        for failed in failures {
-            self.cursor = failed.fail_seq;
-            let data = TaskFailed {
-                index: failed.task.index,
-                attempts: failed.task.attempts,
-                error: failed.task.error,
-            };
-            events.push(sse("task_failed", self.cursor, &data));
-        }
+        // Progress first, on connect as after: a client sees where the job stands before
+        // the backlog of its failures.
         let progress = Progress {
             job_id: job.id,
             status: job.status,
@@ -880,6 +874,15 @@ impl Watch {
         if self.last.as_ref() != Some(&progress) {
             events.push(sse("progress", self.cursor, &progress));
             self.last = Some(progress);
+        }
+        for failed in failures {
+            self.cursor = failed.fail_seq;
+            let data = TaskFailed {
+                index: failed.task.index,
+                attempts: failed.task.attempts,
+                error: failed.task.error,
+            };
+            events.push(sse("task_failed", self.cursor, &data));
         }
         if job.status.is_finished() && !more_failures {
             events.push(sse("finished", self.cursor, &JobView::new(job, None)));

@@ -80,8 +80,10 @@ pub struct ServeArgs {
     #[arg(long, env = "DOPARALLEL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Database URL: sqlite://PATH (created with its schema if missing), or
-    /// dynamodb://TABLE?region=REGION[&endpoint=URL] (created by `doparallel migrate`).
+    /// Database URL: sqlite://PATH (created with its schema if missing),
+    /// postgres://USER@HOST:PORT/DATABASE (its schema created or brought up to date at start;
+    /// several nodes may share it), or dynamodb://TABLE?region=REGION[&endpoint=URL] (created
+    /// by `doparallel migrate`).
     #[arg(
         long,
         env = "DOPARALLEL_DATABASE_URL",
@@ -89,9 +91,10 @@ pub struct ServeArgs {
     )]
     pub database: String,
 
-    /// Seconds that calls in flight get to finish after SIGTERM or Ctrl-C.
-    #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value_t = 30)]
-    pub shutdown_grace: u64,
+    /// How long calls and requests in flight get to finish after SIGTERM or Ctrl-C (units
+    /// ms, s, m, h; a bare number is seconds).
+    #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 
     /// The URL task endpoints reach this service at, for reporting the outcome of a task
     /// they answered with 202 (`DoParallel-Result-Url` is this plus
@@ -161,7 +164,8 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// Database URL, as given to serve.
+    /// Database URL, as given to serve: sqlite://PATH, postgres://USER@HOST:PORT/DATABASE or
+    /// dynamodb://TABLE?region=REGION[&endpoint=URL].
     #[arg(long, env = "DOPARALLEL_DATABASE_URL")]
     pub database: String,
 }
@@ -199,12 +203,14 @@ pub struct RunArgs {
 pub struct EngineArgs {
     /// Allows task calls and callbacks to reach this range, which the address guard denies
     /// (loopback, private, link-local, ...): `serve` always guards, `run` with
-    /// --deny-private. Repeatable; e.g. 127.0.0.0/8 for local development.
+    /// --deny-private. Repeatable; e.g. 127.0.0.0/8 for local development (a bare address
+    /// is that address alone).
     #[arg(
         long = "allow-net",
         env = "DOPARALLEL_ALLOW_NETS",
         value_delimiter = ',',
-        value_name = "CIDR"
+        value_name = "CIDR",
+        value_parser = parse_net
     )]
     pub allow_net: Vec<IpNet>,
 
@@ -512,11 +518,31 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     Ok(rate)
 }
 
-/// One duration with a unit: `250ms`, `5s`, `5m`, `2h`, `7d`.
+/// A range in CIDR form (`10.0.0.0/8`, `fd00::/8`), or a bare address standing for itself
+/// (`127.0.0.1` is `127.0.0.1/32`).
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| {
+            format!("{text:?} is neither a range (CIDR, like 10.0.0.0/8) nor an IP address")
+        })
+}
+
+/// One duration, the same way for every duration option: `250ms`, `5s`, `5m`, `2h`, `7d`; a
+/// bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = text.parse().map_err(|_| format!("{text:?} is too long"))?;
+        return Ok(Duration::from_secs(secs));
+    }
     let split = text
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m, h or d)"))?;
+        .ok_or_else(|| format!("{text:?} is not a duration (use ms, s, m, h or d)"))?;
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
@@ -693,9 +719,40 @@ mod tests {
         check("5s,5m,30m,2h", Ok(&[5_000, 300_000, 1_800_000, 7_200_000]));
         check("100ms, 1s", Ok(&[100, 1000]));
         check("", Ok(&[]));
-        check("5", Err("entry 1: \"5\" has no unit"));
+        // A bare number is seconds, as for every duration option.
+        check("5", Ok(&[5_000]));
         check("1s,5x", Err("entry 2: \"5x\" has unknown unit"));
         check("s", Err("does not start with a whole number"));
+    }
+
+    #[test]
+    fn every_duration_option_takes_units_and_bare_seconds() {
+        let grace = |value: &str| {
+            Cli::try_parse_from(["doparallel", "serve", "--shutdown-grace", value])
+                .map(|cli| match cli.command {
+                    Command::Serve(serve) => serve.shutdown_grace,
+                    _ => unreachable!(),
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(grace("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(grace("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(grace("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(grace("30x").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn allow_net_takes_a_range_or_an_address() {
+        assert_eq!(parse_net("127.0.0.1"), Ok("127.0.0.1/32".parse().unwrap()));
+        assert_eq!(parse_net("::1"), Ok("::1/128".parse().unwrap()));
+        assert_eq!(parse_net("10.0.0.0/8"), Ok("10.0.0.0/8".parse().unwrap()));
+        assert!(
+            parse_net("localhost")
+                .unwrap_err()
+                .contains("neither a range")
+        );
     }
 
     #[test]

@@ -101,7 +101,9 @@ pub async fn serve(
         Arc::new(options.tokens),
         options.listen.max_body_bytes,
     );
-    tracing::info!("listening on {}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    // The address as a field of its own too, for a JSON log's readers.
+    tracing::info!(%addr, "listening on {addr}");
     let stopping = tokio_util::sync::CancellationToken::new();
     let signal = stopping.clone();
     tokio::spawn(async move {

@@ -4,7 +4,6 @@
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -35,7 +34,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Pretty => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
+        LogFormat::Json => {
+            logs.json().init();
+            progress::use_json_lines();
+        }
     }
 
     let runtime = match tokio::runtime::Runtime::new() {
@@ -118,7 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = store::open(&args.database).await?;
     let options = ServeOptions {
         engine,
-        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        shutdown_grace: args.shutdown_grace,
         listen: doparallel::listener::ListenLimits {
             max_connections: args
                 .max_connections
@@ -226,6 +228,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("sqlite://{}", scratch.path().join("run.db").display()),
     };
     let store = store::open(&url).await?;
+    let job_id = job.id;
     let watch = progress::watch_store(Arc::clone(&store), job.id);
     let outcome = doparallel::run_job(Arc::clone(&store), config, job).await;
     watch.stop().await;
@@ -236,7 +239,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     stdout.write_all(b"\n")?;
     stdout.flush()?;
     if outcome.callback_delivered == Some(false) {
-        eprintln!("warning: the callback could not be delivered (see the log above)");
+        tracing::warn!(%job_id, "the callback could not be delivered (see the log above)");
     }
     Ok(match outcome.status {
         JobStatus::Complete => ExitCode::SUCCESS,

@@ -5,6 +5,10 @@
 //! the job ends, because a redrawn bar turns into thousands of lines there. Stdout is never
 //! touched: it carries the command's answer (the job id or the final document).
 //!
+//! With `--log-format json` every line is a JSON object shaped like the log's own lines
+//! (`{"timestamp","level","fields":{"message":"progress",...},"target"}`), so that stderr
+//! stays one JSON object a line.
+//!
 //! The display is fed [`Snapshot`]s by whoever watches the job: the HTTP client
 //! (`client.rs`) or, for `run`, [`watch_store`], which reads the job's record from the store.
 
@@ -48,11 +52,22 @@ impl Snapshot {
     }
 }
 
+/// Whether progress is written as JSON lines (`--log-format json`); set once by `main`.
+static JSON_LINES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes progress as JSON lines from now on.
+pub fn use_json_lines() {
+    JSON_LINES.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 enum Display {
     /// Drawn from the first snapshot on, when the total is known (a bar of length 0 would
     /// show as full).
     Bar(Option<ProgressBar>),
     Lines {
+        last: Option<Instant>,
+    },
+    Json {
         last: Option<Instant>,
     },
 }
@@ -71,7 +86,9 @@ impl Progress {
     /// A bar when stderr is a terminal, plain lines otherwise. Create it when the job is
     /// submitted: the rate counts from then.
     pub fn new(job: impl std::fmt::Display) -> Self {
-        let display = if std::io::stderr().is_terminal() {
+        let display = if JSON_LINES.load(std::sync::atomic::Ordering::Relaxed) {
+            Display::Json { last: None }
+        } else if std::io::stderr().is_terminal() {
             Display::Bar(None)
         } else {
             Display::Lines { last: None }
@@ -114,7 +131,38 @@ impl Progress {
                 *last = Some(Instant::now());
                 write_line(&self.line(&snapshot));
             }
+            Display::Json { last } => {
+                if last.is_some_and(|at| at.elapsed() < LINE_EVERY) {
+                    return;
+                }
+                *last = Some(Instant::now());
+                let line = self.json(&snapshot, None);
+                write_line(&line);
+            }
         }
+    }
+
+    /// One progress line as the JSON log writes its lines.
+    fn json(&self, s: &Snapshot, note: Option<&str>) -> String {
+        let mut fields = serde_json::json!({
+            "message": note.unwrap_or("progress"),
+            "job_id": self.job,
+            "status": s.status.as_str(),
+            "done": s.done,
+            "total": s.total,
+            "failed": s.failed,
+            "rate": (rate(s.done, self.started.elapsed()) * 10.0).round() / 10.0,
+        });
+        if s.status.is_finished() {
+            fields["elapsed_secs"] = serde_json::json!(self.started.elapsed().as_secs_f64());
+        }
+        serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": "INFO",
+            "fields": fields,
+            "target": "doparallel::progress",
+        })
+        .to_string()
     }
 
     /// A passing remark (for example that the server does not answer and the watcher keeps
@@ -133,6 +181,15 @@ impl Progress {
             Display::Bar(None) | Display::Lines { .. } => {
                 write_line(&format!("job {}: {text}", self.job))
             }
+            Display::Json { .. } => {
+                let line = serde_json::json!({
+                    "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                    "level": "WARN",
+                    "fields": {"message": text, "job_id": self.job},
+                    "target": "doparallel::progress",
+                });
+                write_line(&line.to_string());
+            }
         }
     }
 
@@ -148,6 +205,11 @@ impl Progress {
         let Some(last) = self.last else {
             return;
         };
+        if let Display::Json { .. } = self.display {
+            let line = self.json(&last, None);
+            write_line(&line);
+            return;
+        }
         let mut line = self.line(&last);
         if last.status.is_finished() {
             let _ = write!(

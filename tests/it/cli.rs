@@ -108,3 +108,35 @@ fn run_with_allow_net_guards_the_rest() {
         "{stderr}"
     );
 }
+
+/// With `--log-format json` every line on stderr is a JSON object: the progress, the
+/// warning of a callback that could not be delivered, the log itself.
+#[test]
+fn run_with_json_logs_writes_only_json_lines() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let job = json!({
+        "callback": format!("http://127.0.0.1:{port}/gone"),
+        "tasks": [{"endpoint": "/v1/test", "params": {"x": 1}}],
+    });
+    let (code, doc, stderr) = run(
+        &["--log-format", "json", "--callback-retry-schedule", "", "-"],
+        Some(&job.to_string()),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(doc["status"], "Complete");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for line in &lines {
+        let parsed: Result<Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not JSON: {line}");
+    }
+    assert!(
+        stderr.contains("the callback could not be delivered"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"message\":\"progress\""), "{stderr}");
+}

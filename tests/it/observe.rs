@@ -91,6 +91,8 @@ async fn the_events_stream_reports_progress_failures_and_the_end() {
         .collect();
     assert_eq!(again.len(), 2);
     assert_eq!(again[0].id, "2");
+    // Where the job stands comes first, before the backlog of failures.
+    assert_eq!(resumed.first().unwrap().event, "progress", "{resumed:?}");
     assert_eq!(resumed.last().unwrap().event, "finished");
 }
 
@@ -166,6 +168,7 @@ async fn the_openapi_document_is_served() {
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/v1/jobs/{id}/events"]["get"].is_object());
     assert!(doc["components"]["schemas"]["JobView"].is_object());
+    assert_eq!(doc["info"]["license"]["name"], "MIT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,5 +202,11 @@ async fn json_logs_carry_the_job_id() {
             .iter()
             .all(|l| l["fields"]["job_id"] == id.as_str()),
         "{about_job:?}"
+    );
+    // The bound address is a field of its own.
+    let addr = server.api.base.trim_start_matches("http://");
+    assert!(
+        lines.iter().any(|l| l["fields"]["addr"] == addr),
+        "{lines:?}"
     );
 }
