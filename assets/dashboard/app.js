@@ -124,13 +124,29 @@
   }
 
   // Results keep their numbers digit for digit on the server; parse so that the page does too
-  // (where the browser can: JSON.rawJSON), rather than rounding 2^53 + 1 for display.
+  // (where the browser can: JSON.rawJSON), rather than rounding 2^53 + 1 for display. Only
+  // the tasks' own data (`result`, `error`, `params`) is kept so: the API's own numbers
+  // (counts, options such as a `per_host_rate` of `10.0`) are plain numbers, which the page
+  // computes and prints with.
+  const DATA_KEYS = new Set(['result', 'error', 'params']);
+
   function parseJson(text) {
     if (typeof JSON.rawJSON !== 'function') return JSON.parse(text);
-    return JSON.parse(text, (key, value, context) =>
+    const exact = JSON.parse(text, (key, value, context) =>
       typeof value === 'number' && context && context.source !== undefined && String(value) !== context.source
         ? JSON.rawJSON(context.source)
         : value);
+    return plainOutsideData(exact);
+  }
+
+  /** Turns exact numbers back into plain ones everywhere but under the tasks' data keys. */
+  function plainOutsideData(value) {
+    if (value === null || typeof value !== 'object') return value;
+    if (typeof JSON.isRawJSON === 'function' && JSON.isRawJSON(value)) return Number(value.rawJSON);
+    if (Array.isArray(value)) return value.map(plainOutsideData);
+    const out = {};
+    for (const [k, v] of Object.entries(value)) out[k] = DATA_KEYS.has(k) ? v : plainOutsideData(v);
+    return out;
   }
 
   function clip(text, n) {
@@ -196,7 +212,12 @@
   }
 
   function showBanner(error) {
-    let text = error.status ? `The server answered ${error.status}: ${error.message}` : `Cannot reach the server (${error.message}); retrying.`;
+    // Three kinds: the server said no, the server could not be reached, or this page failed
+    // (a bug here, not the network's: say so rather than blame the connection).
+    let text;
+    if (!(error instanceof ApiError)) text = `This page failed to show what the server sent (${error && error.message}); retrying. Please report it.`;
+    else if (error.status) text = `The server answered ${error.status}: ${error.message}`;
+    else text = `Cannot reach the server (${error.message}); retrying.`;
     if (error.status === 401 || error.status === 403) text += ' Set an API token at the top right.';
     banner.replaceChildren(text);
     banner.hidden = false;

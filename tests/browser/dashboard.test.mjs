@@ -132,10 +132,12 @@ function challenges(url) {
 async function submit(job, to = server, token = null) {
   const headers = { 'content-type': 'application/json' };
   if (token) headers.authorization = `Bearer ${token}`;
-  const response = await fetch(`${to.base}/v1/job`, { method: 'POST', headers, body: JSON.stringify(job) });
-  const body = await response.json();
-  assert.equal(response.status, 202, `job refused: ${JSON.stringify(body)}`);
-  return body.job_id;
+  // A string is sent as it is (JSON whose numbers a JavaScript object would round).
+  const body = typeof job === 'string' ? job : JSON.stringify(job);
+  const response = await fetch(`${to.base}/v1/job`, { method: 'POST', headers, body });
+  const answer = await response.json();
+  assert.equal(response.status, 202, `job refused: ${JSON.stringify(answer)}`);
+  return answer.job_id;
 }
 
 // ---- A task endpoint ------------------------------------------------------------------------
@@ -293,6 +295,31 @@ test('a job is listed, runs to Complete on its page, and its failed task shows u
   await page.locator('#jobs-filter [data-status="Failed"]').click();
   await page.locator('#jobs-table td.empty').waitFor();
   assert.equal(await page.locator('tr.job-row').count(), 0, 'a Complete job is not listed under Failed');
+});
+
+test('the page of a job shows every option, whole numbers and fractions alike', { timeout: 120_000 }, async () => {
+  // Every option the API returns, in two spellings of its numbers: the server sends a whole
+  // per_host_rate as 10.0, which once broke the page.
+  for (const [rate, shown] of [[10, '10/s'], [2.5, '2.5/s']]) {
+    const job = JSON.stringify({
+      tasks: [{ endpoint: `${endpoint.base}/work?delay_ms=10`, params: { n: 1 } }, { endpoint: '/v1/test', params: { big: 'BIG' } }],
+      options: {
+        concurrency: 3, timeout_ms: 20000, max_attempts: 2, backoff_ms: 100, tolerated_failures: 1,
+        async_timeout_ms: 60000, async_reports: true, per_host_concurrency: 2, per_host_rate: rate,
+      },
+    }).replace('"BIG"', '12345678901234567891');
+    const id = await submit(job);
+    await page.goto(`${server.base}/#/jobs/${id}`);
+    await page.locator('#job-status[data-status="Complete"]').waitFor();
+    await page.locator('tr.task-row').nth(1).waitFor();
+    const text = await page.locator('main').innerText();
+    assert.ok(text.includes(`2 at once · ${shown}`), `per host, rate ${rate}: ${text}`);
+    assert.ok(text.includes('Tolerated failures'), text);
+    assert.equal(await page.locator('#banner').isVisible(), false, `no banner for rate ${rate}`);
+    // Results keep their digits: only the API's own numbers become plain numbers.
+    const results = await page.locator('tr.task-row[data-index="2"]').innerText();
+    assert.match(results, /12345678901234567891/);
+  }
 });
 
 test('Cancel on the live page of a running job makes it Cancelled', { timeout: 120_000 }, async () => {
