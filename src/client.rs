@@ -49,7 +49,7 @@ const RECONNECT_FOR: Duration = Duration::from_secs(60);
 const EVENTS_IDLE: Duration = Duration::from_secs(45);
 
 /// Widest a result or error is shown in the tasks table.
-const CELL_WIDTH: usize = 60;
+const CELL_WIDTH: usize = 100;
 
 /// What the client can meet, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -213,9 +213,16 @@ pub struct TaskView {
 #[derive(Debug, Deserialize)]
 pub struct TaskErrorView {
     #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    #[serde(default)]
     pub message: String,
     #[serde(default)]
     pub body: Option<String>,
+    /// The most specific cause (servers that record it).
+    #[serde(default)]
+    pub cause: Option<String>,
 }
 
 /// A typed client of one server's API.
@@ -758,9 +765,21 @@ pub const TASK_COLUMNS: [&str; 5] = ["INDEX", "STATUS", "ATTEMPTS", "LATENCY", "
 
 pub fn task_row(task: &TaskView) -> Vec<String> {
     let outcome = if let Some(error) = &task.error {
+        // The kind first, then the most specific cause (the innermost error, which the
+        // message's chain buries at its end), then what the endpoint said.
+        let mut text = error.kind.clone().unwrap_or_default();
+        if let Some(status) = error.http_status {
+            text = format!("{text} {status}");
+        }
+        let detail = error.cause.as_deref().unwrap_or(&error.message);
+        text = if text.is_empty() {
+            detail.to_string()
+        } else {
+            format!("{text}: {detail}")
+        };
         match error.body.as_deref().filter(|b| !b.is_empty()) {
-            Some(body) => format!("{}: {}", error.message, body),
-            None => error.message.clone(),
+            Some(body) => format!("{text}: {body}"),
+            None => text,
         }
     } else if let Some(result) = &task.result {
         result.get().to_string()
@@ -1181,10 +1200,24 @@ mod tests {
                 "error":{"kind":"http_status","http_status":500,"message":"endpoint answered 500","body":"line\nnext"}}"#,
         );
         assert_eq!(failed[3], "2.5s");
-        assert_eq!(failed[4], "endpoint answered 500: line next");
+        assert_eq!(
+            failed[4],
+            "http_status 500: endpoint answered 500: line next"
+        );
+        // The most specific cause, not the chain that buries it.
+        let unreachable = task(
+            r#"{"index":5,"status":"Failed","attempts":3,"latency_ms":3,
+                "error":{"kind":"connect","http_status":null,
+                "message":"error sending request for url (http://example.invalid/): client error (Connect): dns error: failed to lookup address information: Name or service not known",
+                "body":null,"cause":"dns error: failed to lookup address information: Name or service not known"}}"#,
+        );
+        assert_eq!(
+            unreachable[4],
+            "connect: dns error: failed to lookup address information: Name or service not known"
+        );
         let long = task(&format!(
             r#"{{"index":3,"status":"Complete","attempts":1,"result":"{}","latency_ms":null}}"#,
-            "é".repeat(100)
+            "é".repeat(150)
         ));
         assert_eq!(long[3], "-");
         assert_eq!(long[4].chars().count(), CELL_WIDTH);

@@ -620,10 +620,29 @@
     function outcome(t) {
       if (t.error !== undefined && t.error !== null) {
         const e = t.error;
+        // A reported failure's error is any JSON the endpoint chose: shown as JSON.
+        if (typeof e !== 'object' || Array.isArray(e) || typeof e.message !== 'string') {
+          return jsonCell(e, 'error', 'e' + t.index, expanded);
+        }
+        // DoParallel's own errors: the kind and status as a badge, then the most specific
+        // cause (or the message), and the rest (the whole message, the endpoint's answer)
+        // on demand.
         const head = [e.kind, e.http_status].filter((x) => x !== undefined && x !== null).join(' ');
+        const text = e.cause || e.message;
+        const rest = [e.message !== text ? e.message : null, e.body || null].filter(Boolean);
+        let more = null;
+        if (rest.length) {
+          const key = 'e' + t.index;
+          more = el('details', { class: 'error-more', open: expanded.has(key) },
+            el('summary', {}, e.body ? 'answer' : 'details'),
+            ...rest.map((part) => el('pre', {}, part)));
+          more.addEventListener('toggle', () => {
+            if (more.open) expanded.add(key); else expanded.delete(key);
+          });
+        }
         return el('div', { class: 'outcome' },
           head ? el('span', { class: 'error-kind' }, head) : null,
-          jsonCell(t.error, 'error', 'e' + t.index, expanded));
+          el('div', { class: 'error-detail' }, el('span', { class: 'error-text' }, text), more));
       }
       if (t.result !== undefined) return jsonCell(t.result, 'result', 'r' + t.index, expanded);
       return el('span', { class: 'muted' }, '—');

@@ -32,6 +32,10 @@ pub struct TaskError {
     pub message: String,
     /// The first KiB of the response body, when there was one.
     pub body: Option<String>,
+    /// The most specific cause of a transport error (the innermost error of its chain:
+    /// `dns error: ...`, `Connection refused`), for people to read first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl TaskError {
@@ -45,6 +49,7 @@ impl TaskError {
             http_status: None,
             message: message.into(),
             body: None,
+            cause: None,
         }
     }
 
@@ -202,6 +207,7 @@ async fn send(
                     result.get().len()
                 ),
                 body: None,
+                cause: None,
             })
         }
         attempt => attempt,
@@ -214,6 +220,7 @@ fn too_large(status: StatusCode, max_body: usize) -> TaskError {
         http_status: Some(status.as_u16()),
         message: format!("response body is larger than {max_body} bytes"),
         body: None,
+        cause: None,
     }
 }
 
@@ -221,7 +228,9 @@ fn transport_error(e: &reqwest::Error) -> Attempt {
     if crate::egress::is_blocked(e) {
         // A name that resolves to a denied address: no connection was made, and another
         // attempt would be refused the same way.
-        return Attempt::Fatal(TaskError::new("blocked", error_chain(e)));
+        let mut error = TaskError::new("blocked", error_chain(e));
+        error.cause = innermost_cause(e);
+        return Attempt::Fatal(error);
     }
     let kind = if e.is_timeout() {
         "timeout"
@@ -230,9 +239,32 @@ fn transport_error(e: &reqwest::Error) -> Attempt {
     } else {
         "request"
     };
+    let mut error = TaskError::new(kind, error_chain(e));
+    error.cause = innermost_cause(e);
     Attempt::Retryable {
-        error: TaskError::new(kind, error_chain(e)),
+        error,
         retry_after: None,
+    }
+}
+
+/// The most specific part of an error's chain: its innermost error, preceded by the one
+/// that names what it is about when that one is short (`dns error: Name or service not
+/// known` rather than the bare `Name or service not known`). `None` when the error has no
+/// source (its message says it all).
+fn innermost_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut chain: Vec<String> = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        source = s.source();
+    }
+    let last = chain.pop()?;
+    match chain.pop() {
+        // hyper-util's `dns error` / `tcp connect error` wrap the io error without its text.
+        Some(outer) if outer.len() <= 24 && !last.starts_with(&outer) => {
+            Some(format!("{outer}: {last}"))
+        }
+        _ => Some(last),
     }
 }
 
@@ -263,6 +295,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: Syste
         body: (!body.is_empty()).then(|| {
             String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]).into_owned()
         }),
+        cause: None,
     };
     let retryable = matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error();
     if retryable {

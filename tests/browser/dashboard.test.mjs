@@ -277,6 +277,11 @@ test('a job is listed, runs to Complete on its page, and its failed task shows u
   const failed = page.locator('tr.task-row');
   assert.equal(await failed.getAttribute('data-index'), '7');
   assert.match(await failed.innerText(), /http_status 404/);
+  // The message in words, not the raw error JSON; what the endpoint answered on demand.
+  assert.match(await failed.locator('.error-text').innerText(), /^endpoint answered 404/);
+  assert.doesNotMatch(await failed.innerText(), /"kind"/);
+  await failed.locator('details.error-more summary').click();
+  assert.ok(await failed.locator('details.error-more pre').first().isVisible());
   assert.match(page.url(), /\?status=Failed$/, 'the filter is in the address, to link to it');
 
   await page.locator('#tasks-filter [data-status="Complete"]').click();

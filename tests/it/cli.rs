@@ -55,6 +55,16 @@ fn a_failed_job_exits_1_and_bad_input_exits_2() {
     let (code, doc, _) = run(&["-"], Some(&job.to_string()));
     assert_eq!(code, 1);
     assert_eq!(doc["status"], "Failed");
+    // The most specific cause is recorded apart from the whole chain.
+    let error = &doc["result"]["1"]["error"];
+    assert_eq!(error["kind"], "connect", "{error}");
+    assert!(
+        error["cause"]
+            .as_str()
+            .unwrap()
+            .contains("Connection refused"),
+        "{error}"
+    );
 
     let (code, doc, stderr) = run(&["-"], Some(r#"{"tasks":[{"endpoint":"x"}]}"#));
     assert_eq!(code, 2);
