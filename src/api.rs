@@ -29,7 +29,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{ApiTokens, Owner, require_token};
 use crate::callback;
-use crate::engine::Engine;
+use crate::engine::{Engine, Queued};
 use crate::job::{
     CallbackState, JobId, JobOptions, JobStatus, SubmissionError, TaskStatus, compact_json,
     parse_submission,
@@ -410,7 +410,11 @@ fn idempotency_key(headers: &HeaderMap, body: &[u8]) -> Result<Option<Idempotenc
 #[derive(Serialize, ToSchema, PartialEq, Eq, Clone)]
 struct Counts {
     pending: u64,
+    /// Calls truly in flight.
     running: u64,
+    /// Claimed tasks whose call has not started: waiting at a host's limits (or a 429's
+    /// pause), or about to start. Counted by the node that answers, for its own calls.
+    queued: u64,
     complete: u64,
     failed: u64,
     cancelled: u64,
@@ -461,10 +465,13 @@ struct JobView {
     result_url: Option<String>,
 }
 
-fn counts(job: &JobRecord) -> Counts {
+/// The job's counts; `queued` of its running tasks wait on this node rather than run.
+fn counts(job: &JobRecord, queued: u64) -> Counts {
+    let queued = queued.min(job.running);
     Counts {
         pending: job.pending(),
-        running: job.running,
+        running: job.running - queued,
+        queued,
         complete: job.complete,
         failed: job.failed,
         cancelled: job.cancelled,
@@ -472,12 +479,12 @@ fn counts(job: &JobRecord) -> Counts {
 }
 
 impl JobView {
-    fn new(job: JobRecord, result: Option<Box<RawValue>>) -> Self {
+    fn new(job: JobRecord, result: Option<Box<RawValue>>, queued: &Queued) -> Self {
         JobView {
             job_id: job.id,
             status: job.status,
             total: job.total,
-            counts: counts(&job),
+            counts: counts(&job, queued.of(job.id)),
             created_at: rfc3339(job.created_at),
             finished_at: job.finished_at.map(rfc3339),
             callback: CallbackView {
@@ -504,24 +511,23 @@ async fn find_job(store: &dyn Store, id: JobId, owner: &Owner) -> Result<JobReco
 
 /// A job with its result map once finished, within `max_bytes` (else a link to its tasks,
 /// as the callback does).
-async fn job_view(
-    store: &dyn Store,
-    job: JobRecord,
-    max_bytes: usize,
-) -> Result<JobView, ApiError> {
+async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
+    let store = state.engine.store().as_ref();
+    let queued = &state.engine.queued;
     if !job.status.is_finished() {
-        return Ok(JobView::new(job, None));
+        return Ok(JobView::new(job, None, queued));
     }
+    let max_bytes = state.engine.config.max_callback_bytes;
     let mut map = Vec::new();
     if !callback::write_result_map(store, job.id, &mut map, max_bytes).await? {
         let url = format!("/v1/jobs/{}/tasks", job.id);
-        let mut view = JobView::new(job, None);
+        let mut view = JobView::new(job, None, queued);
         view.result_url = Some(url);
         return Ok(view);
     }
     let text = String::from_utf8(map).map_err(|e| StoreError::Other(e.to_string()))?;
     let result = RawValue::from_string(text).map_err(|e| StoreError::Other(e.to_string()))?;
-    Ok(JobView::new(job, Some(result)))
+    Ok(JobView::new(job, Some(result), queued))
 }
 
 /// A job: its status, counts, callback state and, once finished, its results.
@@ -542,9 +548,7 @@ async fn get_job(
     let id = parse_job_id(&id)?;
     let store = state.engine.store().as_ref();
     let job = find_job(store, id, &owner).await?;
-    Ok(Json(
-        job_view(store, job, state.engine.config.max_callback_bytes).await?,
-    ))
+    Ok(Json(job_view(&state, job).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -701,7 +705,10 @@ async fn list_jobs(
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
     Ok(Json(JobPage {
-        jobs: jobs.into_iter().map(|j| JobView::new(j, None)).collect(),
+        jobs: jobs
+            .into_iter()
+            .map(|j| JobView::new(j, None, &state.engine.queued))
+            .collect(),
         next_after,
     }))
 }
@@ -739,9 +746,7 @@ async fn cancel_job(
         CancelOutcome::Cancelled { .. } => {
             let store = state.engine.store().as_ref();
             let job = find_job(store, id, &owner).await?;
-            Ok(Json(
-                job_view(store, job, state.engine.config.max_callback_bytes).await?,
-            ))
+            Ok(Json(job_view(&state, job).await?))
         }
     }
 }
@@ -807,6 +812,7 @@ struct TaskFailed {
 /// Where an events stream stands.
 struct Watch {
     store: Arc<dyn Store>,
+    queued: Arc<Queued>,
     id: JobId,
     /// This node's engine events: a job that finishes here ends its stream at once instead
     /// of at the next look. (A job run by another node is seen at the next look.)
@@ -869,7 +875,7 @@ impl Watch {
             job_id: job.id,
             status: job.status,
             total: job.total,
-            counts: counts(&job),
+            counts: counts(&job, self.queued.of(job.id)),
         };
         if self.last.as_ref() != Some(&progress) {
             events.push(sse("progress", self.cursor, &progress));
@@ -885,7 +891,11 @@ impl Watch {
             events.push(sse("task_failed", self.cursor, &data));
         }
         if job.status.is_finished() && !more_failures {
-            events.push(sse("finished", self.cursor, &JobView::new(job, None)));
+            events.push(sse(
+                "finished",
+                self.cursor,
+                &JobView::new(job, None, &self.queued),
+            ));
             self.done = true;
         }
         if more_failures {
@@ -950,6 +960,7 @@ async fn job_events(
         .unwrap_or(0);
     let watch = Watch {
         store,
+        queued: state.engine.queued.clone(),
         id,
         engine_events: state.engine.subscribe(),
         cursor,

@@ -140,7 +140,12 @@ pub struct JobView {
 #[derive(Debug, Deserialize)]
 pub struct Counts {
     pub pending: u64,
+    /// Calls in flight.
     pub running: u64,
+    /// Claimed tasks waiting to be called (at a host's limits); absent from older servers,
+    /// which counted them as running.
+    #[serde(default)]
+    pub queued: u64,
     pub complete: u64,
     pub failed: u64,
     /// Absent from servers without the cancel route.
@@ -740,7 +745,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub const JOB_COLUMNS: [&str; 6] = ["ID", "STATUS", "PROGRESS", "FAILED", "CALLBACK", "AGE"];
+pub const JOB_COLUMNS: [&str; 8] = [
+    "ID", "STATUS", "PROGRESS", "FAILED", "RUNNING", "QUEUED", "CALLBACK", "AGE",
+];
 
 /// One row of the jobs table; `now` makes the age testable.
 pub fn job_row(job: &JobView, now: SystemTime) -> Vec<String> {
@@ -756,6 +763,8 @@ pub fn job_row(job: &JobView, now: SystemTime) -> Vec<String> {
         job.status.as_str().to_string(),
         format!("{}/{}", snapshot.done, snapshot.total),
         job.counts.failed.to_string(),
+        job.counts.running.to_string(),
+        job.counts.queued.to_string(),
         callback.to_string(),
         age(&job.created_at, now),
     ]
@@ -1169,7 +1178,7 @@ mod tests {
     fn a_job_row_counts_done_tasks_and_age() {
         let now = humantime::parse_rfc3339("2026-01-02T03:04:05Z").unwrap();
         let row = job_row(&job("Running", "2026-01-02T02:59:05.123Z"), now);
-        assert_eq!(row, ["J", "Running", "5/10", "1", "-", "4m"]);
+        assert_eq!(row, ["J", "Running", "5/10", "1", "3", "0", "-", "4m"]);
         // Cancelled tasks never ran: they do not count as done.
         let mut cancelled = job("Cancelled", "2026-01-02T02:59:05.123Z");
         (cancelled.counts.pending, cancelled.counts.running) = (0, 0);

@@ -115,6 +115,7 @@
       'aria-valuenow': done(job),
       title: `${job.counts.complete} complete, ${job.counts.failed} failed, ` +
         `${job.counts.cancelled || 0} cancelled, ${job.counts.running} running, ` +
+        (job.counts.queued ? `${job.counts.queued} queued at a host's limits, ` : '') +
         `${job.counts.pending} pending of ${total}`,
     },
     el('span', { class: 'seg seg-complete', style: { width: pct(job.counts.complete) } }),
@@ -512,6 +513,7 @@
             countBox('failed', job.counts.failed),
             job.counts.cancelled ? countBox('cancelled', job.counts.cancelled) : null,
             countBox('running', job.counts.running),
+            job.counts.queued ? countBox('queued', job.counts.queued) : null,
             countBox('pending', job.counts.pending)),
           progressBar(job, true)),
         el('div', { class: 'card' },

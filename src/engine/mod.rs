@@ -26,6 +26,8 @@ pub(crate) mod outbound;
 pub mod report;
 mod tenants;
 
+pub use tenants::Queued;
+
 use hosts::HostGates;
 
 use std::collections::HashMap;
@@ -84,6 +86,8 @@ pub struct Engine {
     names: Arc<names::Names>,
     /// Calls in flight per owner, for `--owner-max-in-flight`.
     tenants: Arc<tenants::Tenants>,
+    /// Claimed tasks whose call has not started, by job (the API's `queued`).
+    pub queued: Arc<tenants::Queued>,
     /// See [`IDLE_POLL`] and [`SHARED_IDLE_POLL`].
     pub(crate) idle_poll: Duration,
     /// Mints and checks the tokens of calls that may answer 202.
@@ -309,6 +313,7 @@ pub async fn start(
         store,
         names,
         tenants: tenants::Tenants::new(config.owner_max_in_flight),
+        queued: Arc::default(),
         idle_poll: if notices.is_some() {
             SHARED_IDLE_POLL
         } else {
@@ -475,12 +480,13 @@ async fn dispatch(
                     t
                 }
             };
+            let queued = engine.queued.enter(task.job_id);
             tokio::spawn(run_call(
                 engine.clone(),
                 task,
                 cancelled,
                 stop.clone(),
-                slot,
+                (slot, queued),
                 outcomes.clone(),
             ));
         }
@@ -519,7 +525,7 @@ async fn run_call(
     task: ClaimedTask,
     cancelled: CancellationToken,
     stop: CancellationToken,
-    slot: Slot,
+    (slot, queued): (Slot, tenants::QueuedTask),
     outcomes: mpsc::Sender<Settled>,
 ) {
     // The built-in test task has no host and meets no gate.
@@ -541,6 +547,8 @@ async fn run_call(
             }
         },
     };
+    // In flight from here on, no longer queued.
+    drop(queued);
     let started = Instant::now();
     engine.metrics.calls_in_flight.inc();
     // Where the endpoint may report an outcome later: the configured public URL, or for a

@@ -70,3 +70,56 @@ impl Drop for TenantHeld {
         }
     }
 }
+
+/// Claimed tasks of this node whose call has not started yet, by job: they wait at a host's
+/// gate (per-host limits, a 429's pause) or for their turn to be spawned. The store counts
+/// them as running (they are leased); what is truly in flight is the rest. Shown by the API
+/// as `queued`, beside `running`.
+#[derive(Default)]
+pub struct Queued {
+    jobs: Mutex<HashMap<crate::job::JobId, u64>>,
+}
+
+impl Queued {
+    /// How many of `job`'s claimed tasks wait here.
+    pub fn of(&self, job: crate::job::JobId) -> u64 {
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .get(&job)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts one task of `job` as queued until the guard is dropped.
+    pub(crate) fn enter(self: &Arc<Self>, job: crate::job::JobId) -> QueuedTask {
+        *self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .entry(job)
+            .or_insert(0) += 1;
+        QueuedTask {
+            queued: self.clone(),
+            job,
+        }
+    }
+}
+
+/// One claimed task not yet called.
+pub(crate) struct QueuedTask {
+    queued: Arc<Queued>,
+    job: crate::job::JobId,
+}
+
+impl Drop for QueuedTask {
+    fn drop(&mut self) {
+        let mut jobs = self.queued.jobs.lock().expect("not poisoned");
+        if let Some(n) = jobs.get_mut(&self.job) {
+            *n -= 1;
+            if *n == 0 {
+                jobs.remove(&self.job);
+            }
+        }
+    }
+}

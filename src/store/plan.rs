@@ -12,6 +12,26 @@
 
 use std::collections::HashMap;
 
+/// The most tasks of a job one claim takes when the job limits its own calls per host:
+/// about what its gates can start within a second (its `per_host_concurrency`, or a
+/// second's worth of its `per_host_rate`), so that claimed tasks do not sit at a gate
+/// counted as running while others could use the slots. `u64::MAX` without such limits.
+pub fn claim_cap(options: &crate::job::JobOptions) -> u64 {
+    let by_concurrency = options.per_host_concurrency.map(u64::from);
+    let by_rate = options.per_host_rate.map(|r| r.ceil().max(1.0) as u64);
+    match (by_concurrency, by_rate) {
+        (None, None) => u64::MAX,
+        (c, r) => c.unwrap_or(u64::MAX).min(r.unwrap_or(u64::MAX)).max(1),
+    }
+}
+
+/// Whether a job's stored options (as `store::codec` writes them, every field named) may set
+/// per-host limits: a cheap look before [`claim_cap`] needs them parsed.
+pub fn may_limit_hosts(options_text: &str) -> bool {
+    !(options_text.contains("\"per_host_concurrency\":null")
+        && options_text.contains("\"per_host_rate\":null"))
+}
+
 /// What limits an owner's share of a node's slots.
 #[derive(Clone, Debug, Default)]
 pub struct OwnerLimits {
@@ -220,6 +240,25 @@ mod tests {
         // B has only 2 due: A gets the rest.
         let jobs = [(Some("a"), NONE, 100), (Some("b"), NONE, 2)];
         assert_eq!(play(12, &jobs, &free), [10, 2]);
+    }
+
+    #[test]
+    fn a_job_limiting_its_hosts_is_given_a_seconds_worth() {
+        use crate::job::JobOptions;
+        let with = |c: Option<u32>, r: Option<f64>| JobOptions {
+            per_host_concurrency: c,
+            per_host_rate: r,
+            ..JobOptions::defaults()
+        };
+        assert_eq!(claim_cap(&with(None, None)), u64::MAX);
+        assert_eq!(claim_cap(&with(Some(4), None)), 4);
+        assert_eq!(claim_cap(&with(None, Some(10.0))), 10);
+        assert_eq!(claim_cap(&with(None, Some(0.5))), 1);
+        assert_eq!(claim_cap(&with(Some(3), Some(10.0))), 3);
+        let text = |o: &JobOptions| serde_json::to_string(o).unwrap();
+        assert!(!may_limit_hosts(&text(&with(None, None))));
+        assert!(may_limit_hosts(&text(&with(None, Some(2.0)))));
+        assert!(may_limit_hosts(&text(&with(Some(2), None))));
     }
 
     #[test]

@@ -240,10 +240,15 @@ async fn status_and_jobs_print_tables_or_the_servers_json() {
     let table = rows(&out.stdout);
     assert_eq!(
         table[0],
-        ["ID", "STATUS", "PROGRESS", "FAILED", "CALLBACK", "AGE"]
+        [
+            "ID", "STATUS", "PROGRESS", "FAILED", "RUNNING", "QUEUED", "CALLBACK", "AGE"
+        ]
     );
-    assert_eq!(table[1][..5], [&complete, "Complete", "2/2", "0", "-"]);
-    assert!(table[1][5].ends_with('s'), "an age in seconds: {out:?}");
+    assert_eq!(
+        table[1][..7],
+        [&complete, "Complete", "2/2", "0", "0", "0", "-"]
+    );
+    assert!(table[1][7].ends_with('s'), "an age in seconds: {out:?}");
     // Columns line up: every row starts its STATUS column at the same place.
     let at: Vec<_> = out
         .stdout

@@ -242,9 +242,9 @@ async fn a_job_held_by_a_slow_host_does_not_starve_another_host() {
             json!({"per_host_rate": 4}),
         ))
         .await;
-    // It has taken every slot, and its calls queue at the gate.
+    // Its calls queue at the gate (a claim gives it about a second's worth at a time).
     eventually("the limited job's calls to queue", || async {
-        (waiting_at_gates(&app).await >= 10.0).then_some(())
+        (waiting_at_gates(&app).await >= 4.0).then_some(())
     })
     .await;
     let other = app
@@ -270,6 +270,45 @@ async fn a_job_held_by_a_slow_host_does_not_starve_another_host() {
         (waiting_at_gates(&app).await == 0.0).then_some(())
     })
     .await;
+}
+
+/// Calls held at a gate are queued, not running: a job limited to 2 calls a second shows
+/// at most the calls truly in flight as running, the rest claimed as queued, and claims
+/// give it about a second's worth at a time rather than every free slot.
+#[tokio::test]
+async fn tasks_held_at_a_gate_are_queued_not_running() {
+    let app = spawn_app_with(engine_config()).await;
+    let endpoint = Endpoint::start().await;
+    let id = app
+        .submit(&job_of(
+            30,
+            &endpoint.url("slow?ms=100"),
+            None,
+            json!({"per_host_rate": 2}),
+        ))
+        .await;
+    let mut saw_queued = false;
+    for _ in 0..20 {
+        let job = app.job(&id).await;
+        let counts = &job["counts"];
+        let (running, queued) = (
+            counts["running"].as_u64().unwrap(),
+            counts["queued"].as_u64().unwrap(),
+        );
+        // At 2 calls a second of 100 ms each, at most one is in flight at a time.
+        assert!(running <= 1, "{counts}");
+        assert!(
+            running + queued <= 6,
+            "claimed far past a second's worth: {counts}"
+        );
+        saw_queued |= queued > 0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(saw_queued, "nothing was ever queued at the gate");
+    let (status, _) = app
+        .post_raw(&format!("/v1/jobs/{id}/cancel"), None, "")
+        .await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

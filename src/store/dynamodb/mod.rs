@@ -93,7 +93,7 @@ use self::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s
 pub use self::schema::Migrated;
 use self::schema::{Location, sdk_error};
 use super::codec::{self, parse_id, parse_options};
-use super::plan::FairShare;
+use super::plan::{self, FairShare};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -1858,14 +1858,18 @@ impl Store for DynamoStore {
                 continue;
             }
             let concurrency: Option<u64> = get_n(&item, "concurrency");
-            let headroom = concurrency.map_or(u64::MAX, |c| c.saturating_sub(running));
+            let options = Arc::new(parse_options(need_s(&item, "options")?)?);
+            // A job limiting its calls per host gives one claim what its gates start soon.
+            let headroom = concurrency
+                .map_or(u64::MAX, |c| c.saturating_sub(running))
+                .min(plan::claim_cap(&options));
             if headroom == 0 {
                 continue;
             }
             candidates.push(Candidate {
                 id,
                 owner: owner.map(Arc::from),
-                options: Arc::new(parse_options(need_s(&item, "options")?)?),
+                options,
                 concurrency,
                 headroom,
             });

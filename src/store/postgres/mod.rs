@@ -36,7 +36,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Connection, Row};
 
 use super::codec::{parse_id, parse_options, raw};
-use super::plan::FairShare;
+use super::plan::{self, FairShare};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
     ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
@@ -938,13 +938,23 @@ impl Store for PostgresStore {
         for row in &jobs {
             let concurrency: Option<i64> = row.get("concurrency");
             let running: i64 = row.get("n_running");
+            let options_text: String = row.get("options");
+            // A job limiting its calls per host gives one claim what its gates start soon.
+            let options = if plan::may_limit_hosts(&options_text) {
+                Some(Arc::new(parse_options(&options_text)?))
+            } else {
+                None
+            };
+            let cap = options.as_deref().map_or(u64::MAX, plan::claim_cap);
             candidates.push(Candidate {
                 seq: row.get("seq"),
                 id: parse_id(row.get("id"))?,
                 owner: row.get::<Option<String>, _>("owner").map(Arc::from),
-                options_text: row.get("options"),
-                options: None,
-                headroom: concurrency.map_or(u64::MAX, |c| (c - running).max(0) as u64),
+                options_text,
+                options,
+                headroom: concurrency
+                    .map_or(u64::MAX, |c| (c - running).max(0) as u64)
+                    .min(cap),
             });
         }
         let by_seq: HashMap<i64, usize> = candidates
