@@ -2,7 +2,7 @@
 //! sockets from taking every file descriptor.
 //!
 //! Idle connections are kept per endpoint `host:port` for `--outbound-idle-timeout` (not
-//! reqwest's 90 s), at most [`IDLE_PER_HOST`] per host. A job over a thousand ports still
+//! reqwest's 90 s), at most `--max-in-flight` per host. A job over a thousand ports still
 //! leaves up to a thousand idle sockets behind for that long, and reqwest's pool has no
 //! overall cap nor a hook that would let one be counted. So when the process runs out of
 //! descriptors (a call's connect or the listener's accept fails with EMFILE), the client is
@@ -14,10 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::EngineConfig;
-
-/// Idle connections kept per endpoint `host:port` for the next call. Enough for a busy
-/// host's calls to find one after a burst (a claim starts many calls to one host at once).
-const IDLE_PER_HOST: usize = 64;
 
 /// The least time between two replacements of the client.
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
@@ -61,7 +57,12 @@ impl Outbound {
 fn build(config: &EngineConfig) -> Result<reqwest::Client, reqwest::Error> {
     client_builder(config)
         .pool_idle_timeout(config.outbound_idle_timeout)
-        .pool_max_idle_per_host(IDLE_PER_HOST)
+        // As many idle connections per host as calls can be in flight: a claim starts many
+        // calls to one host at once, and each should find a connection rather than open one
+        // (with 64, the benchmark's W2, 1,000 concurrent calls to one host, took 0.94 s
+        // instead of 0.86 s).
+        // Idle ones still go after the idle timeout, and at once when descriptors run out.
+        .pool_max_idle_per_host(config.max_in_flight)
         .tcp_nodelay(true)
         .build()
 }

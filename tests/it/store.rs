@@ -2063,7 +2063,7 @@ async fn dynamodb_refuses_a_result_over_its_item_limit() {
     );
 }
 
-/// What a job costs in DynamoDB requests, counted by the store: the README's cost notes
+/// What a job costs in DynamoDB requests, counted by the store: the cost notes of docs/dynamodb.md
 /// come from this test's output (`cargo test dynamodb_requests_per_task -- --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_requests_per_task() {

@@ -68,7 +68,7 @@
 //! # Notices
 //!
 //! DynamoDB has no LISTEN: [`Store::listen`] returns `None` and the engine looks at the
-//! table every second when idle (see the README for what that costs).
+//! table every second when idle (see docs/dynamodb.md for what that costs).
 
 mod expr;
 mod schema;
@@ -235,7 +235,7 @@ fn raw(text: &str) -> StoreResult<Box<RawValue>> {
     Ok(codec::raw(Some(text.to_string()))?.expect("some text"))
 }
 
-/// Requests made, per operation: the README's cost figures come from these.
+/// Requests made, per operation: the cost figures of docs/dynamodb.md come from these.
 #[derive(Default)]
 pub struct OpCounts(Mutex<BTreeMap<&'static str, u64>>);
 
