@@ -150,3 +150,25 @@ fn run_with_json_logs_writes_only_json_lines() {
     );
     assert!(stderr.contains("\"message\":\"progress\""), "{stderr}");
 }
+
+/// A port in use is refused before anything is created: no database, no lock file.
+#[test]
+fn serve_on_a_port_in_use_leaves_nothing_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("other.db");
+    let out = Command::new(binary())
+        .args(["serve", "--listen", &addr, "--database"])
+        .arg(format!("sqlite://{}", db.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
