@@ -12,6 +12,17 @@
 
 use std::collections::HashMap;
 
+/// A finished job's status: `Complete` when at most `tolerated` of its tasks failed, else
+/// `Failed`. The one place that decides it; every backend asks here in the transaction that
+/// settles a job's last task.
+pub fn final_status(failed: u64, tolerated: u64) -> crate::job::JobStatus {
+    if failed <= tolerated {
+        crate::job::JobStatus::Complete
+    } else {
+        crate::job::JobStatus::Failed
+    }
+}
+
 /// The most tasks of a job one claim takes when the job limits its own calls per host:
 /// about what its gates can start within a second (its `per_host_concurrency`, or a
 /// second's worth of its `per_host_rate`), so that claimed tasks do not sit at a gate
@@ -240,6 +251,16 @@ mod tests {
         // B has only 2 due: A gets the rest.
         let jobs = [(Some("a"), NONE, 100), (Some("b"), NONE, 2)];
         assert_eq!(play(12, &jobs, &free), [10, 2]);
+    }
+
+    #[test]
+    fn a_job_is_complete_within_its_tolerated_failures() {
+        use crate::job::JobStatus;
+        assert_eq!(final_status(0, 0), JobStatus::Complete);
+        assert_eq!(final_status(1, 0), JobStatus::Failed);
+        assert_eq!(final_status(3, 3), JobStatus::Complete);
+        assert_eq!(final_status(4, 3), JobStatus::Failed);
+        assert_eq!(final_status(u64::MAX, u64::MAX), JobStatus::Complete);
     }
 
     #[test]

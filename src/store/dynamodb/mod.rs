@@ -950,11 +950,7 @@ impl DynamoStore {
                 let settled = items.len() as u64 - awaiting;
                 let now = items.iter().map(|(t, _, _)| t.now).max().unwrap_or(0);
                 let finishing = job.done + done == job.total;
-                let final_status = if job.failed + failed <= job.tolerated {
-                    JobStatus::Complete
-                } else {
-                    JobStatus::Failed
-                };
+                let final_status = plan::final_status(job.failed + failed, job.tolerated);
 
                 let mut meta = Change::new()
                     .incr("n_running", -(settled as i64))

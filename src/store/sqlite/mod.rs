@@ -371,11 +371,8 @@ impl SqliteStore {
                     .find(|(s, _)| *s == seq)
                     .map_or(0, |(_, d)| d.now);
                 let tolerated: i64 = row.get("tolerated");
-                let final_status = if n_failed <= tolerated {
-                    JobStatus::Complete
-                } else {
-                    JobStatus::Failed
-                };
+                let final_status =
+                    plan::final_status(n_failed.max(0) as u64, tolerated.max(0) as u64);
                 sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
                     .bind(job_status_code(final_status))
                     .bind(now)
