@@ -1097,8 +1097,8 @@ struct TestAnswer {
 )]
 async fn test_task(body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
-    let params = crate::engine::call::result_json(&body);
-    let answer = crate::engine::call::test_result(&params);
+    let params = crate::job::result_json(&body);
+    let answer = crate::job::test_result(&params);
     Ok((
         [(CONTENT_TYPE, "application/json")],
         answer.get().to_owned(),

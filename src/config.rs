@@ -16,8 +16,7 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::egress::EgressPolicy;
-use crate::engine::hosts::HostLimits;
-use crate::job::{JobStatus, Limits, PER_HOST_RATES};
+use crate::job::{HostLimits, JobStatus, Limits, PER_HOST_RATES};
 use crate::webhook::{CallbackSigners, Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]

@@ -16,7 +16,6 @@ use url::Url;
 use uuid::Uuid;
 
 use crate::egress::EgressPolicy;
-use crate::engine::hosts::HostLimits;
 
 /// The relative endpoint of the built-in test task, run in-process without a network hop.
 pub const TEST_ENDPOINT: &str = "/v1/test";
@@ -158,6 +157,27 @@ pub struct JobOptions {
     #[serde(default)]
     #[schema(minimum = 0.001, maximum = 1000000)]
     pub per_host_rate: Option<f64>,
+}
+
+/// Limits on the calls to one endpoint host: the server's for all jobs, or one job's own
+/// (enforced by `engine::hosts`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HostLimits {
+    /// Most calls in flight at once.
+    pub concurrency: Option<u32>,
+    /// Most calls started per second (a bucket of one token, refilled at this rate).
+    pub rate: Option<f64>,
+}
+
+impl HostLimits {
+    pub const UNLIMITED: HostLimits = HostLimits {
+        concurrency: None,
+        rate: None,
+    };
+
+    pub fn is_unlimited(&self) -> bool {
+        self.concurrency.is_none() && self.rate.is_none()
+    }
 }
 
 /// Upper bound of the retry backoff, whatever the attempt.
@@ -584,6 +604,26 @@ pub fn compact_json(raw: &RawValue) -> Box<RawValue> {
         }
     }
     RawValue::from_string(out).expect("removing whitespace between tokens keeps JSON valid")
+}
+
+/// A response body as a result: its JSON when it is JSON, else its text as a JSON string,
+/// or `null` when it is empty. JSON is kept as sent, so numbers keep every digit.
+pub fn result_json(body: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(body);
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return RawValue::from_string("null".into()).expect("null is JSON");
+    }
+    if let Ok(raw) = serde_json::from_str::<&RawValue>(trimmed) {
+        return compact_json(raw);
+    }
+    serde_json::value::to_raw_value(&text).expect("a string serializes")
+}
+
+/// The built-in test task's answer, the same as `POST /v1/test` gives.
+pub fn test_result(params: &RawValue) -> Box<RawValue> {
+    RawValue::from_string(format!(r#"{{"result":"true","params":{}}}"#, params.get()))
+        .expect("params are JSON")
 }
 
 fn invalid(msg: String) -> SubmissionError {

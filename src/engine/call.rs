@@ -13,7 +13,7 @@ use url::Url;
 
 use crate::config::EngineConfig;
 use crate::engine::hosts;
-use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, compact_json};
+use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, result_json, test_result};
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 use crate::webhook::timestamp_now;
 
@@ -322,26 +322,6 @@ pub fn host_pause(attempt: &Attempt) -> Option<Duration> {
         _ => None,
     }
     .filter(|delay| !delay.is_zero())
-}
-
-/// A response body as a result: its JSON when it is JSON, else its text as a JSON string,
-/// or `null` when it is empty. JSON is kept as sent, so numbers keep every digit.
-pub fn result_json(body: &[u8]) -> Box<RawValue> {
-    let text = String::from_utf8_lossy(body);
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return RawValue::from_string("null".into()).expect("null is JSON");
-    }
-    if let Ok(raw) = serde_json::from_str::<&RawValue>(trimmed) {
-        return compact_json(raw);
-    }
-    serde_json::value::to_raw_value(&text).expect("a string serializes")
-}
-
-/// The built-in test task's answer, the same as `POST /v1/test` gives.
-pub fn test_result(params: &RawValue) -> Box<RawValue> {
-    RawValue::from_string(format!(r#"{{"result":"true","params":{}}}"#, params.get()))
-        .expect("params are JSON")
 }
 
 /// `Retry-After` as seconds or as an HTTP date, capped at [`RETRY_AFTER_CAP`].

@@ -51,7 +51,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use url::Url;
 
-use crate::job::JobId;
+use crate::job::{HostLimits, JobId};
 
 /// The horizon of "soon" in [`HostGates::backlogged_jobs`]: a job may have as many calls
 /// waiting at a host as its gates can start within this time.
@@ -63,33 +63,13 @@ pub const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// Maps are swept no more often than when they reach this size, then twice the size left.
 const SWEEP_MIN: usize = 64;
 
-/// Limits on the calls to one host: the server's for all jobs, or one job's own.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct HostLimits {
-    /// Most calls in flight at once.
-    pub concurrency: Option<u32>,
-    /// Most calls started per second (a bucket of one token, refilled at this rate).
-    pub rate: Option<f64>,
-}
-
-impl HostLimits {
-    pub const UNLIMITED: HostLimits = HostLimits {
-        concurrency: None,
-        rate: None,
-    };
-
-    fn is_unlimited(&self) -> bool {
-        self.concurrency.is_none() && self.rate.is_none()
-    }
-
-    /// How many waiting calls these limits can start within [`SOON`].
-    fn soon(&self) -> u64 {
-        let by_concurrency = self.concurrency.map_or(u64::MAX, u64::from);
-        let by_rate = self.rate.map_or(u64::MAX, |r| {
-            (r * SOON.as_secs_f64()).floor().max(1.0) as u64
-        });
-        by_concurrency.min(by_rate)
-    }
+/// How many waiting calls `limits` can start within [`SOON`].
+fn soon(limits: &HostLimits) -> u64 {
+    let by_concurrency = limits.concurrency.map_or(u64::MAX, u64::from);
+    let by_rate = limits.rate.map_or(u64::MAX, |r| {
+        (r * SOON.as_secs_f64()).floor().max(1.0) as u64
+    });
+    by_concurrency.min(by_rate)
 }
 
 /// The key of an endpoint's host: `host` or `host:port` (an explicit, non-default port),
@@ -452,7 +432,7 @@ impl HostGates {
     /// How many of a job's calls waiting at a host its gates and the host's can start
     /// within [`SOON`].
     fn soon(&self, job: &JobEntry) -> u64 {
-        job.limits.soon().min(self.server.soon())
+        soon(&job.limits).min(soon(&self.server))
     }
 
     /// Resolves when a job that `backlogged_jobs` named has cleared its backlog.

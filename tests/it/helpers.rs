@@ -61,7 +61,7 @@ pub fn engine_config() -> EngineConfig {
     EngineConfig {
         max_in_flight: 64,
         owner_max_in_flight: None,
-        per_host: doparallel::engine::hosts::HostLimits::UNLIMITED,
+        per_host: doparallel::job::HostLimits::UNLIMITED,
         max_response_bytes: 1024 * 1024,
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),

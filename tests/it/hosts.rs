@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use doparallel::config::EngineConfig;
-use doparallel::engine::hosts::HostLimits;
+use doparallel::job::HostLimits;
 use serde_json::json;
 
 use crate::helpers::{
