@@ -316,7 +316,9 @@ test('the page of a job shows every option, whole numbers and fractions alike', 
     const id = await submit(job);
     await page.goto(`${server.base}/#/jobs/${id}`);
     await page.locator('#job-status[data-status="Complete"]').waitFor();
-    await page.locator('tr.task-row').nth(1).waitFor();
+    // The task table is read a little after the job's status changes: wait for the read that
+    // shows the finished task, not merely for a row.
+    await page.locator('tr.task-row[data-index="2"][data-status="Complete"]').waitFor();
     const text = await page.locator('main').innerText();
     assert.ok(text.includes(`2 at once · ${shown}`), `per host, rate ${rate}: ${text}`);
     assert.ok(text.includes('Tolerated failures'), text);
