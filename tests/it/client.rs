@@ -206,7 +206,7 @@ async fn a_failed_job_exits_1_and_tasks_failed_lists_its_failures() {
     assert_eq!(table[1][..3], ["2", "Failed", "1"]);
     assert_eq!(
         table[1][4],
-        "endpoint answered 404 Not Found: no such thing"
+        "http_status 404: endpoint answered 404 Not Found: no such thing"
     );
 
     let out = cli(&app.base, &["tasks", id, "--failed", "--json"]).await;

@@ -645,7 +645,7 @@ async fn sigkill_at_ten_random_moments() {
     assert_eq!(job["callback"]["state"], "delivered");
     assert_eq!(
         job["counts"],
-        json!({"pending": 0, "running": 0, "complete": TASKS, "failed": 0, "cancelled": 0}),
+        json!({"pending": 0, "running": 0, "queued": 0, "complete": TASKS, "failed": 0, "cancelled": 0}),
         "each result counted once"
     );
     // An interrupted attempt is not counted: every task completed on its first counted one.
@@ -943,7 +943,7 @@ async fn sigterm_mid_job() {
     let job = second.api.wait_settled(&id).await;
     assert_eq!(
         job["counts"],
-        json!({"pending": 0, "running": 0, "complete": TASKS, "failed": 0, "cancelled": 0})
+        json!({"pending": 0, "running": 0, "queued": 0, "complete": TASKS, "failed": 0, "cancelled": 0})
     );
     // What was answered before the stop was stored and is not asked again; the calls cut
     // off by it are made once more, with the same Idempotency-Key.

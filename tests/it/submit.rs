@@ -145,7 +145,7 @@ async fn an_accepted_job_answers_as_the_seed_did() {
     assert_eq!(job["total"], 1);
     assert_eq!(
         job["counts"],
-        json!({"pending":0,"running":0,"complete":1,"failed":0,"cancelled":0})
+        json!({"pending":0,"running":0,"queued":0,"complete":1,"failed":0,"cancelled":0})
     );
     assert_eq!(job["callback"]["state"], "none");
     assert!(job["finished_at"].is_string());
