@@ -1,9 +1,9 @@
 //! Command-line options and the typed configuration they become.
 //!
 //! Every option has an environment variable, so a container or a unit file can configure the
-//! service without a command line. The clap structs stay here; the rest of the crate sees
-//! only [`EngineConfig`], whose fields have no defaults of their own: each entry point says
-//! what it wants.
+//! service without a command line. The clap structs stay here; they resolve to the node's
+//! `server::Settings`, whose fields have no defaults of their own (each entry point says
+//! what it wants), and which hand each part its own slice (`Settings::parts`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ use url::Url;
 
 use crate::egress::EgressPolicy;
 use crate::job::{HostLimits, JobStatus, Limits, PER_HOST_RATES};
+use crate::server::Settings;
 use crate::webhook::{CallbackSigners, Signer, WebhookSecret};
 
 #[derive(Debug, Parser)]
@@ -334,15 +335,26 @@ impl EngineArgs {
         Ok((callbacks, tasks))
     }
 
-    /// The engine's configuration; see [`EngineArgs::secrets`] for its errors.
-    pub fn to_config(
+    /// The node's settings from these options; see [`EngineArgs::secrets`] for its errors.
+    /// The entry point adds what is its own (listening limits, tokens, a public URL).
+    pub fn settings(
         &self,
         callback_schedule: &Schedule,
         retention: Option<Duration>,
         egress: EgressPolicy,
-    ) -> Result<EngineConfig, String> {
+    ) -> Result<Settings, String> {
         let (callbacks, tasks) = self.secrets()?;
-        Ok(EngineConfig {
+        Ok(Settings {
+            max_in_flight: self.max_in_flight as usize,
+            owner_max_in_flight: self.owner_max_in_flight.map(u64::from),
+            per_host: HostLimits {
+                concurrency: self.per_host_concurrency,
+                rate: self.per_host_rate,
+            },
+            max_response_bytes: self.max_response_bytes,
+            callback_schedule: callback_schedule.0.clone(),
+            callback_timeout: self.callback_timeout,
+            retention,
             egress: Arc::new(egress),
             callback_signers: Arc::new(CallbackSigners::new(
                 Signer::new(callbacks),
@@ -357,20 +369,9 @@ impl EngineArgs {
                 max_task_timeout_ms: self.max_task_timeout.as_millis() as u64,
             },
             max_callback_bytes: self.max_callback_bytes,
-            max_in_flight: self.max_in_flight as usize,
-            owner_max_in_flight: self.owner_max_in_flight.map(u64::from),
-            per_host: HostLimits {
-                concurrency: self.per_host_concurrency,
-                rate: self.per_host_rate,
-            },
-            max_response_bytes: self.max_response_bytes,
-            callback_schedule: callback_schedule.0.clone(),
-            callback_timeout: self.callback_timeout,
-            retention,
             lease_timeout: self.lease_timeout,
             outbound_idle_timeout: self.outbound_idle_timeout,
             public_url: None,
-            local_url: None,
         })
     }
 }
@@ -409,46 +410,6 @@ pub fn refuse_shared(
         ));
     }
     Ok(())
-}
-
-/// What the engine needs to know; built by each entry point.
-#[derive(Clone, Debug)]
-pub struct EngineConfig {
-    pub max_in_flight: usize,
-    /// Most calls of one owner in flight on this node; `None`: no limit.
-    pub owner_max_in_flight: Option<u64>,
-    /// The server's limits on calls to one endpoint host, for all jobs together on this
-    /// node (see `engine::hosts`).
-    pub per_host: HostLimits,
-    pub max_response_bytes: usize,
-    /// Delays between callback attempts after the first; its length plus one is the number
-    /// of attempts before a callback is given up.
-    pub callback_schedule: Vec<Duration>,
-    pub callback_timeout: Duration,
-    /// How long finished jobs are kept; `None` keeps them until deleted.
-    pub retention: Option<Duration>,
-    /// Which addresses task calls and callbacks may reach.
-    pub egress: Arc<EgressPolicy>,
-    /// Signs callbacks (Standard Webhooks): the server's secrets, or a tenant's own.
-    pub callback_signers: Arc<CallbackSigners>,
-    /// Signs task calls, with keys no callback is signed with; signs nothing without secrets.
-    pub task_signer: Arc<Signer>,
-    /// Bounds on a submission.
-    pub limits: Limits,
-    /// A callback body larger than this is sent without `result` (see `callback::callback_body`).
-    pub max_callback_bytes: usize,
-    /// How long a claimed task stays leased to this node without renewal; after that any
-    /// node may take it back and call it again.
-    pub lease_timeout: Duration,
-    /// How long an idle outgoing connection is kept for the next call to its host.
-    pub outbound_idle_timeout: Duration,
-    /// The base URL endpoints post reported outcomes to (`/v1/tasks/{token}/result` is
-    /// added). `None` when there is no API to report to (`doparallel run`): a 202 then
-    /// counts as a success like any 2xx.
-    pub public_url: Option<url::Url>,
-    /// This server's own address, where endpoints of jobs with `async_reports` report when
-    /// no public URL is configured; `None` without an API (`doparallel run`).
-    pub local_url: Option<url::Url>,
 }
 
 /// A secret given on the command line or in the environment: its `Debug` never shows it.

@@ -89,18 +89,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.database.starts_with("dynamodb:") {
         dynamodb_limits(&args)?;
     }
-    let mut engine = args
+    let mut settings = args
         .engine
-        .to_config(
+        .settings(
             &args.callback_retry_schedule,
             Some(args.retention),
             EgressPolicy::guarded(args.engine.allow_net.clone()),
         )
         .map_err(anyhow::Error::msg)?;
-    engine.public_url = args.public_url.clone();
-    if engine.owner_max_in_flight.is_none() && !tokens.is_empty() {
+    settings.public_url = args.public_url.clone();
+    if settings.owner_max_in_flight.is_none() && !tokens.is_empty() {
         // Several tenants: none may take every slot.
-        engine.owner_max_in_flight = Some((engine.max_in_flight as u64 / 2).max(1));
+        settings.owner_max_in_flight = Some((settings.max_in_flight as u64 / 2).max(1));
     }
     if !tenant_secrets.is_empty() {
         let (callbacks, tasks) = args.engine.secrets().map_err(anyhow::Error::msg)?;
@@ -111,7 +111,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .map(|(owner, secret)| (owner, Signer::new(vec![secret])))
             .collect();
-        engine.callback_signers = Arc::new(CallbackSigners::new(Signer::new(callbacks), by_owner));
+        settings.callback_signers =
+            Arc::new(CallbackSigners::new(Signer::new(callbacks), by_owner));
     }
     // The port first: a port in use must not leave a new database behind.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -119,7 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let store = store::open(&args.database).await?;
     let options = ServeOptions {
-        engine,
+        settings,
         shutdown_grace: args.shutdown_grace,
         listen: doparallel::listener::ListenLimits {
             max_connections: args
@@ -214,11 +215,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         EgressPolicy::open()
     };
-    let config = args
+    let settings = args
         .engine
-        .to_config(&args.callback_retry_schedule, None, egress)
+        .settings(&args.callback_retry_schedule, None, egress)
         .map_err(anyhow::Error::msg)?;
-    let job = parse_submission(&body, &config.limits, &config.egress)
+    let job = parse_submission(&body, &settings.limits, &settings.egress)
         .with_context(|| format!("{name} is not a valid job"))?;
 
     // Without --database the job runs on a fresh database that goes away with the process.
@@ -230,7 +231,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let store = store::open(&url).await?;
     let job_id = job.id;
     let watch = progress::watch_store(Arc::clone(&store), job.id);
-    let outcome = doparallel::run_job(Arc::clone(&store), config, job).await;
+    let outcome = doparallel::run_job(Arc::clone(&store), settings, job).await;
     watch.stop().await;
     let outcome = outcome?;
 

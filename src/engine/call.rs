@@ -11,9 +11,10 @@ use serde_json::value::RawValue;
 
 use url::Url;
 
-use crate::config::EngineConfig;
+use super::EngineConfig;
 use crate::engine::hosts;
 use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, result_json, test_result};
+use crate::outbound::error_chain;
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 use crate::webhook::timestamp_now;
 
@@ -83,7 +84,7 @@ pub struct ReportTo {
 /// With `report_to`, a 202 answer means the outcome comes later; without (no API to report
 /// to, as in `doparallel run`), a 202 is a success like any 2xx.
 pub(crate) async fn attempt(
-    outbound: &super::outbound::Outbound,
+    outbound: &crate::outbound::Outbound,
     task: &ClaimedTask,
     config: &EngineConfig,
     report_to: Option<ReportTo>,
@@ -143,7 +144,7 @@ pub(crate) async fn attempt(
 }
 
 async fn send(
-    outbound: &super::outbound::Outbound,
+    outbound: &crate::outbound::Outbound,
     request: reqwest::Request,
     max_body: usize,
     awaitable: bool,
@@ -159,7 +160,7 @@ async fn send(
             // Refused by this process's own open-file limit, not by the endpoint: the idle
             // outgoing connections are let go, and the call waits for a descriptor and tries
             // again, within its timeout, rather than fail.
-            Err(e) if super::outbound::out_of_descriptors(&e) && again.is_some() => {
+            Err(e) if crate::outbound::out_of_descriptors(&e) && again.is_some() => {
                 if wait == Duration::from_millis(20) {
                     tracing::warn!("every file descriptor is in use; the call waits for one");
                 }
@@ -266,19 +267,6 @@ fn innermost_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         }
         _ => Some(last),
     }
-}
-
-/// An error with its chain of sources, which carries the useful part ("connection
-/// refused", "reset by peer").
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// The decision on a complete HTTP answer. 2xx completes; 408, 425, 429 and 5xx are worth

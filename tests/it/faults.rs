@@ -200,7 +200,7 @@ async fn content_length_shorter_than_the_body() {
 #[tokio::test]
 async fn body_past_the_size_limit() {
     const LIMIT: usize = 4096;
-    let app = spawn_app_with(doparallel::config::EngineConfig {
+    let app = spawn_app_with(doparallel::Settings {
         max_response_bytes: LIMIT,
         ..engine_config()
     })

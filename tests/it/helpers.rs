@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use doparallel::ServeOptions;
-use doparallel::config::EngineConfig;
+use doparallel::Settings;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,8 +57,8 @@ where
     }
 }
 
-pub fn engine_config() -> EngineConfig {
-    EngineConfig {
+pub fn engine_config() -> Settings {
+    Settings {
         max_in_flight: 64,
         owner_max_in_flight: None,
         per_host: doparallel::job::HostLimits::UNLIMITED,
@@ -76,9 +76,8 @@ pub fn engine_config() -> EngineConfig {
         max_callback_bytes: 10 * 1024 * 1024,
         lease_timeout: Duration::from_secs(30),
         outbound_idle_timeout: Duration::from_secs(30),
-        // `serve` puts its own address here.
+        // `serve` reports to its own address.
         public_url: None,
-        local_url: None,
     }
 }
 
@@ -233,13 +232,13 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(engine_config()).await
 }
 
-pub async fn spawn_app_with(config: EngineConfig) -> TestApp {
+pub async fn spawn_app_with(config: Settings) -> TestApp {
     spawn_app_full(config, Default::default(), 4 * 1024 * 1024).await
 }
 
 /// The server with API tokens and a request body limit of its own.
 pub async fn spawn_app_full(
-    config: EngineConfig,
+    config: Settings,
     tokens: doparallel::auth::ApiTokens,
     max_body_bytes: usize,
 ) -> TestApp {
@@ -251,7 +250,7 @@ pub async fn spawn_app_full(
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
     let options = ServeOptions {
-        engine: config,
+        settings: config,
         shutdown_grace: Duration::from_secs(5),
         listen: listen_limits(max_body_bytes),
         tokens,

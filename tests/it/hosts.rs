@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use doparallel::config::EngineConfig;
+use doparallel::Settings;
 use doparallel::job::HostLimits;
 use serde_json::json;
 
@@ -19,8 +19,8 @@ use crate::helpers::{
 /// loopback to the endpoint's handler.
 const JITTER: Duration = Duration::from_millis(100);
 
-fn limited(per_host: HostLimits) -> EngineConfig {
-    EngineConfig {
+fn limited(per_host: HostLimits) -> Settings {
+    Settings {
         per_host,
         ..engine_config()
     }
@@ -227,7 +227,7 @@ async fn a_jobs_own_limits_hold_for_it_alone() {
 
 #[tokio::test]
 async fn a_job_held_by_a_slow_host_does_not_starve_another_host() {
-    let app = spawn_app_with(EngineConfig {
+    let app = spawn_app_with(Settings {
         max_in_flight: 16,
         ..engine_config()
     })

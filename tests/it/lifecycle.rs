@@ -100,7 +100,7 @@ async fn delete_purges_a_finished_job_only() {
 
 #[tokio::test]
 async fn retention_purges_finished_jobs() {
-    let app = spawn_app_with(doparallel::config::EngineConfig {
+    let app = spawn_app_with(doparallel::Settings {
         retention: Some(Duration::from_millis(200)),
         ..engine_config()
     })

@@ -40,8 +40,8 @@ impl Canary {
     }
 }
 
-fn guarded_config() -> doparallel::config::EngineConfig {
-    doparallel::config::EngineConfig {
+fn guarded_config() -> doparallel::Settings {
+    doparallel::Settings {
         egress: Arc::new(EgressPolicy::guarded(Vec::new())),
         ..engine_config()
     }

@@ -244,7 +244,7 @@ async fn a_job_never_exceeds_its_concurrency() {
 
 #[tokio::test]
 async fn max_in_flight_bounds_all_jobs_together() {
-    let app = spawn_app_with(doparallel::config::EngineConfig {
+    let app = spawn_app_with(doparallel::Settings {
         max_in_flight: 4,
         ..engine_config()
     })
@@ -264,7 +264,7 @@ async fn max_in_flight_bounds_all_jobs_together() {
 
 #[tokio::test]
 async fn a_small_job_is_not_held_up_by_a_large_one() {
-    let app = spawn_app_with(doparallel::config::EngineConfig {
+    let app = spawn_app_with(doparallel::Settings {
         max_in_flight: 8,
         ..engine_config()
     })

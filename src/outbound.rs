@@ -13,38 +13,49 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::EngineConfig;
+use crate::egress::EgressPolicy;
+
+/// What the outgoing client is built with.
+#[derive(Clone, Debug)]
+pub struct OutboundSettings {
+    /// Which addresses calls and callbacks may reach.
+    pub egress: Arc<EgressPolicy>,
+    /// How long an idle connection is kept for the next call to its host.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per host: as many as calls can be in flight.
+    pub idle_per_host: usize,
+}
 
 /// The least time between two replacements of the client.
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
-pub(crate) struct Outbound {
-    config: EngineConfig,
+pub struct Outbound {
+    settings: OutboundSettings,
     current: Mutex<(reqwest::Client, Instant)>,
 }
 
 impl Outbound {
-    pub(crate) fn new(config: &EngineConfig) -> Result<Arc<Self>, reqwest::Error> {
-        let client = build(config)?;
+    pub fn new(settings: OutboundSettings) -> Result<Arc<Self>, reqwest::Error> {
+        let client = build(&settings)?;
         Ok(Arc::new(Outbound {
-            config: config.clone(),
+            settings,
             current: Mutex::new((client, Instant::now())),
         }))
     }
 
     /// The client for the next request.
-    pub(crate) fn client(&self) -> reqwest::Client {
+    pub fn client(&self) -> reqwest::Client {
         self.current.lock().expect("not poisoned").0.clone()
     }
 
     /// Every descriptor is in use: replaces the client, so that its idle sockets close once
     /// the calls that use it end (at most once a second, however many calls ask).
-    pub(crate) fn out_of_descriptors(&self) {
+    pub fn out_of_descriptors(&self) {
         let mut current = self.current.lock().expect("not poisoned");
         if current.1.elapsed() < REPLACE_AT_MOST_EVERY {
             return;
         }
-        match build(&self.config) {
+        match build(&self.settings) {
             Ok(client) => {
                 tracing::warn!("out of file descriptors: dropping the idle outgoing connections");
                 *current = (client, Instant::now());
@@ -54,35 +65,35 @@ impl Outbound {
     }
 }
 
-fn build(config: &EngineConfig) -> Result<reqwest::Client, reqwest::Error> {
-    client_builder(config)
-        .pool_idle_timeout(config.outbound_idle_timeout)
+fn build(settings: &OutboundSettings) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(&settings.egress)
+        .pool_idle_timeout(settings.idle_timeout)
         // As many idle connections per host as calls can be in flight: a claim starts many
         // calls to one host at once, and each should find a connection rather than open one
         // (with 64, the benchmark's W2, 1,000 concurrent calls to one host, took 0.94 s
         // instead of 0.86 s).
         // Idle ones still go after the idle timeout, and at once when descriptors run out.
-        .pool_max_idle_per_host(config.max_in_flight)
+        .pool_max_idle_per_host(settings.idle_per_host)
         .tcp_nodelay(true)
         .build()
 }
 
 /// The settings every outbound client shares: no redirects, and the address guard in its
 /// resolver (so the connection goes to the address that was checked).
-pub(crate) fn client_builder(config: &EngineConfig) -> reqwest::ClientBuilder {
+pub fn client_builder(egress: &Arc<EgressPolicy>) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         // A proxy would resolve the target's name itself, out of the guard's sight.
         .no_proxy()
         .user_agent(concat!("doparallel/", env!("CARGO_PKG_VERSION")))
         .dns_resolver(Arc::new(crate::egress::GuardedResolver::new(
-            config.egress.clone(),
+            egress.clone(),
         )))
 }
 
 /// Whether an error comes from this process having no file descriptor left (EMFILE) or the
 /// system none (ENFILE).
-pub(crate) fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+pub fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
@@ -93,4 +104,17 @@ pub(crate) fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool 
         source = err.source();
     }
     false
+}
+
+/// An error with its chain of sources, which carries the useful part ("connection
+/// refused", "reset by peer").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
 }

@@ -1,8 +1,9 @@
 //! The HTTP API: the seed's routes (`POST /v1/job`, `POST /v1/test`), the routes that read,
 //! cancel and delete jobs, the events stream, `/metrics` and `/openapi.json`.
 //!
-//! Handlers validate, call the engine or the store, and shape JSON; they hold no state of
-//! their own. Every error leaves as `{"status":"Error","msg":...}` through [`ApiError`]. The
+//! Handlers validate, read the store or carry out a command (`commands`: commit to the
+//! store, then signal on the bus), and shape JSON; they hold no state of their own, and know
+//! neither the engine nor the outbox. Every error leaves as `{"status":"Error","msg":...}` through [`ApiError`]. The
 //! OpenAPI document is generated from the `#[utoipa::path]` annotations on the handlers and
 //! the `ToSchema` types below, so it cannot drift from the code.
 
@@ -27,11 +28,16 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+pub mod commands;
+
+pub use commands::Services;
+
 use crate::auth::{ApiTokens, Owner, require_token};
-use crate::callback;
-use crate::engine::{Engine, Queued};
+use crate::bus::{Event, Queued};
+use crate::document;
+use crate::egress::EgressPolicy;
 use crate::job::{
-    CallbackState, JobId, JobOptions, JobStatus, SubmissionError, TaskStatus, compact_json,
+    CallbackState, JobId, JobOptions, JobStatus, Limits, SubmissionError, TaskStatus, compact_json,
     parse_submission,
 };
 use crate::store::{
@@ -51,12 +57,31 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 #[derive(Clone)]
 struct AppState {
-    engine: Arc<Engine>,
+    services: Services,
+    config: Arc<ApiConfig>,
 }
 
-/// The API's routes over a running engine. With `tokens`, every route but `POST /v1/test`,
-/// `/healthz` and `/openapi.json` needs one (see `crate::auth`).
-pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize) -> Router {
+/// What the API needs to know.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Bounds on a submission.
+    pub limits: Limits,
+    /// Which addresses a submission's IP literals may name.
+    pub egress: Arc<EgressPolicy>,
+    /// A job's results are shown whole up to this size, else a link to its tasks.
+    pub max_callback_bytes: usize,
+    /// The largest outcome an endpoint may report.
+    pub max_response_bytes: usize,
+}
+
+/// The API's routes over the node's services. With `tokens`, every route but
+/// `POST /v1/test`, `/healthz` and `/openapi.json` needs one (see `crate::auth`).
+pub fn router(
+    services: Services,
+    config: ApiConfig,
+    tokens: Arc<ApiTokens>,
+    max_body_bytes: usize,
+) -> Router {
     let guarded = Router::new()
         .route("/v1/job", post(submit))
         .route("/v1/jobs", post(submit_alias).get(list_jobs))
@@ -80,7 +105,10 @@ pub fn router(engine: Arc<Engine>, tokens: Arc<ApiTokens>, max_body_bytes: usize
         .merge(open)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(AppState { engine })
+        .with_state(AppState {
+            services,
+            config: Arc::new(config),
+        })
 }
 
 /// The OpenAPI 3.1 document of every route.
@@ -328,10 +356,10 @@ async fn submit(
         ));
     }
     let idempotency = idempotency_key(&headers, &body)?;
-    let config = &state.engine.config;
+    let config = &state.config;
     let mut job = parse_submission(&body, &config.limits, &config.egress)?;
     job.owner = owner.0;
-    match state.engine.submit(&job, idempotency.as_ref()).await? {
+    match commands::submit(&state.services, &job, idempotency.as_ref()).await? {
         InsertOutcome::Inserted => {
             tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "job accepted");
             let answer = SubmitAnswer::new(job.id);
@@ -512,14 +540,14 @@ async fn find_job(store: &dyn Store, id: JobId, owner: &Owner) -> Result<JobReco
 /// A job with its result map once finished, within `max_bytes` (else a link to its tasks,
 /// as the callback does).
 async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
-    let store = state.engine.store().as_ref();
-    let queued = &state.engine.queued;
+    let store = state.services.store.as_ref();
+    let queued = &state.services.bus.queued;
     if !job.status.is_finished() {
         return Ok(JobView::new(job, None, queued));
     }
-    let max_bytes = state.engine.config.max_callback_bytes;
+    let max_bytes = state.config.max_callback_bytes;
     let mut map = Vec::new();
-    if !callback::write_result_map(store, job.id, &mut map, max_bytes).await? {
+    if !document::write_result_map(store, job.id, &mut map, max_bytes).await? {
         let url = format!("/v1/jobs/{}/tasks", job.id);
         let mut view = JobView::new(job, None, queued);
         view.result_url = Some(url);
@@ -546,7 +574,7 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
-    let store = state.engine.store().as_ref();
+    let store = state.services.store.as_ref();
     let job = find_job(store, id, &owner).await?;
     Ok(Json(job_view(&state, job).await?))
 }
@@ -636,7 +664,7 @@ async fn list_tasks(
     let id = parse_job_id(&id)?;
     let Query(query) = query.map_err(query_error)?;
     let limit = page_limit(query.limit)?;
-    let store = state.engine.store();
+    let store = state.services.store;
     find_job(store.as_ref(), id, &owner).await?;
     let page = TaskPageQuery {
         after: query.after,
@@ -692,8 +720,8 @@ async fn list_jobs(
     let Query(query) = query.map_err(query_error)?;
     let limit = page_limit(query.limit)?;
     let jobs = state
-        .engine
-        .store()
+        .services
+        .store
         .job_list(&JobListQuery {
             owner: owner.0,
             status: query.status,
@@ -707,7 +735,7 @@ async fn list_jobs(
     Ok(Json(JobPage {
         jobs: jobs
             .into_iter()
-            .map(|j| JobView::new(j, None, &state.engine.queued))
+            .map(|j| JobView::new(j, None, &state.services.bus.queued))
             .collect(),
         next_after,
     }))
@@ -733,8 +761,8 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
-    find_job(state.engine.store().as_ref(), id, &owner).await?;
-    match state.engine.cancel(id).await? {
+    find_job(state.services.store.as_ref(), id, &owner).await?;
+    match commands::cancel(&state.services, id).await? {
         CancelOutcome::NotFound => Err(ApiError::no_job(id)),
         CancelOutcome::AlreadyFinished(status) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -744,7 +772,7 @@ async fn cancel_job(
             ),
         )),
         CancelOutcome::Cancelled { .. } => {
-            let store = state.engine.store().as_ref();
+            let store = state.services.store.as_ref();
             let job = find_job(store, id, &owner).await?;
             Ok(Json(job_view(&state, job).await?))
         }
@@ -768,8 +796,8 @@ async fn delete_job(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_job_id(&id)?;
-    find_job(state.engine.store().as_ref(), id, &owner).await?;
-    match state.engine.store().job_delete(id).await? {
+    find_job(state.services.store.as_ref(), id, &owner).await?;
+    match state.services.store.job_delete(id).await? {
         DeleteOutcome::Deleted => {
             tracing::info!(job_id = %id, "job deleted");
             Ok(StatusCode::NO_CONTENT)
@@ -814,9 +842,9 @@ struct Watch {
     store: Arc<dyn Store>,
     queued: Arc<Queued>,
     id: JobId,
-    /// This node's engine events: a job that finishes here ends its stream at once instead
+    /// This node's events: a job that finishes here ends its stream at once instead
     /// of at the next look. (A job run by another node is seen at the next look.)
-    engine_events: tokio::sync::broadcast::Receiver<crate::engine::Event>,
+    node_events: tokio::sync::broadcast::Receiver<Event>,
     /// The last failure number sent: the `id` of every event.
     cursor: u64,
     last: Option<Progress>,
@@ -837,8 +865,8 @@ impl Watch {
             let id = self.id;
             let finished_here = async {
                 loop {
-                    match self.engine_events.recv().await {
-                        Ok(crate::engine::Event::JobFinished { job_id, .. }) if job_id == id => {
+                    match self.node_events.recv().await {
+                        Ok(Event::JobFinished { job_id, .. }) if job_id == id => {
                             return;
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -951,7 +979,7 @@ async fn job_events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let id = parse_job_id(&id)?;
-    let store = state.engine.store().clone();
+    let store = state.services.store.clone();
     find_job(store.as_ref(), id, &owner).await?;
     let cursor = headers
         .get("last-event-id")
@@ -960,9 +988,9 @@ async fn job_events(
         .unwrap_or(0);
     let watch = Watch {
         store,
-        queued: state.engine.queued.clone(),
+        queued: state.services.bus.queued.clone(),
         id,
-        engine_events: state.engine.subscribe(),
+        node_events: state.services.bus.subscribe(),
         cursor,
         last: None,
         first: true,
@@ -1043,7 +1071,7 @@ async fn report_task(
         },
     };
     // A reported outcome is stored within the bound of a call's answer.
-    let max = state.engine.config.max_response_bytes;
+    let max = state.config.max_response_bytes;
     let stored = match &outcome {
         SettleOutcome::Complete { result } => result.get().len(),
         SettleOutcome::Failed { error } => error.get().len(),
@@ -1058,7 +1086,7 @@ async fn report_task(
             ),
         ));
     }
-    match state.engine.report(&token, outcome).await? {
+    match commands::report(&state.services, &token, outcome).await? {
         ReportOutcome::Applied(_) => Ok(Json(ReportAnswer { status: "Stored" })),
         ReportOutcome::AlreadyReported => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -1123,7 +1151,7 @@ struct Health {
 async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     // A probe must answer promptly: a database that does not answer within this is as good
     // as down, whatever it is waiting on (a connection being re-established, a stall).
-    match tokio::time::timeout(HEALTH_TIMEOUT, state.engine.store().health()).await {
+    match tokio::time::timeout(HEALTH_TIMEOUT, state.services.store.health()).await {
         Ok(answer) => answer?,
         Err(_) => {
             return Err(ApiError::new(
@@ -1151,15 +1179,15 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
     )
 )]
 async fn metrics(State(state): State<AppState>) -> Response {
-    let engine = &state.engine;
+    let services = &state.services;
     // Queue depth is read when asked, not kept up to date on every change.
-    match engine.store().queue_depth().await {
+    match services.store.queue_depth().await {
         Ok(depth) => {
-            engine.metrics.queue_depth.set(depth as i64);
+            services.metrics.queue_depth.set(depth as i64);
         }
         Err(e) => tracing::warn!(error = %e, "cannot read queue depth for metrics"),
     }
-    ([(CONTENT_TYPE, OPENMETRICS)], engine.metrics.encode()).into_response()
+    ([(CONTENT_TYPE, OPENMETRICS)], services.metrics.encode()).into_response()
 }
 
 /// This document.

@@ -1,0 +1,106 @@
+//! What a request asks of the service, each command as it is carried out: commit to the
+//! store, then signal on the bus (the engine and the outbox act on the signal). Also what
+//! `doparallel run` submits its job with.
+
+use std::sync::Arc;
+
+use crate::bus::{Bus, Event};
+use crate::job::{JobId, JobStatus, NewJob};
+use crate::metrics::Metrics;
+use crate::store::{
+    CancelOutcome, IdempotencyKey, InsertOutcome, ReportOutcome, SettleOutcome, Store, StoreResult,
+    TaskReport, now_millis,
+};
+use crate::task_token::TaskTokens;
+
+/// What the commands work with: the node's store, bus, counters and task-token key.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<Bus>,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Arc<TaskTokens>,
+}
+
+/// Stores a new job and wakes the dispatcher. The job and all its tasks are committed
+/// before this returns. With an idempotency key used before, nothing is stored.
+pub async fn submit(
+    services: &Services,
+    job: &NewJob,
+    idempotency: Option<&IdempotencyKey>,
+) -> StoreResult<InsertOutcome> {
+    let outcome = services
+        .store
+        .job_insert(job, idempotency, now_millis())
+        .await?;
+    if outcome != InsertOutcome::Inserted {
+        return Ok(outcome);
+    }
+    services.metrics.jobs_submitted.inc();
+    if job.tasks.is_empty() {
+        services.metrics.job_finished(JobStatus::Complete);
+        if job.callback.is_some() {
+            services.bus.callbacks_due();
+        }
+        services.bus.emit(Event::JobFinished {
+            job_id: job.id,
+            status: JobStatus::Complete,
+        });
+    } else {
+        services.bus.work();
+    }
+    Ok(outcome)
+}
+
+/// Cancels a job: its unfinished tasks become Cancelled, calls in flight on this node are
+/// aborted (other nodes hear of it through the store's notices), and its callback (status
+/// Cancelled) is due.
+pub async fn cancel(services: &Services, id: JobId) -> StoreResult<CancelOutcome> {
+    let outcome = services.store.job_cancel(id, now_millis()).await?;
+    if let CancelOutcome::Cancelled {
+        has_callback,
+        newly: true,
+        tasks,
+    } = outcome
+    {
+        services.metrics.tasks_finished("cancelled", tasks);
+        services.bus.cancel_calls(id);
+        tracing::info!(job_id = %id, "job cancelled");
+        services.metrics.job_finished(JobStatus::Cancelled);
+        if has_callback {
+            services.bus.callbacks_due();
+        }
+        services.bus.work();
+        services.bus.emit(Event::JobFinished {
+            job_id: id,
+            status: JobStatus::Cancelled,
+        });
+    }
+    Ok(outcome)
+}
+
+/// Stores the outcome an endpoint reported for an attempt it answered with 202.
+pub async fn report(
+    services: &Services,
+    token: &str,
+    outcome: SettleOutcome,
+) -> StoreResult<ReportOutcome> {
+    let Some(claims) = services.tokens.verify(token) else {
+        return Ok(ReportOutcome::Unknown);
+    };
+    let outcome = services
+        .store
+        .tasks_report(&TaskReport {
+            job_id: claims.job_id,
+            index: claims.index,
+            attempt: claims.attempt,
+            now: now_millis(),
+            outcome,
+        })
+        .await?;
+    if let ReportOutcome::Applied(report) = &outcome {
+        tracing::debug!(job_id = %claims.job_id, task = claims.index, attempt = claims.attempt, "outcome reported");
+        services.bus.settled(report.clone(), &services.metrics);
+    }
+    Ok(outcome)
+}

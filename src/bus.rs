@@ -1,0 +1,202 @@
+//! The in-process signal bus: how the parts of one node (the API, the engine, the callback
+//! outbox) tell each other what happened, without importing each other. Every change is
+//! committed to the store first; a signal only says "look again" or "this happened".
+//!
+//! - wake-ups: tasks may be claimable ([`Bus::work`]), a callback may be due
+//!   ([`Bus::callbacks_due`]);
+//! - events for whoever listens (`doparallel run`, the events stream): a job finished, a
+//!   callback settled;
+//! - the cancellation of a job's calls on this node, whether the cancel came through this
+//!   node's API or, as a notice, from another node: one path;
+//! - the node's live counts that the store does not keep (tasks claimed but not called yet).
+//!
+//! A shared backend's notices from other nodes (`Store::listen`) are turned into the same
+//! signals by the engine's notice loop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{JobId, JobStatus};
+use crate::metrics::Metrics;
+use crate::store::SettleReport;
+
+/// What happened, for whoever listens.
+#[derive(Clone, Debug)]
+pub enum Event {
+    JobFinished {
+        job_id: JobId,
+        status: JobStatus,
+    },
+    /// The callback of a job was delivered or given up for good.
+    CallbackSettled {
+        job_id: JobId,
+        delivered: bool,
+    },
+}
+
+pub struct Bus {
+    work: Notify,
+    callbacks_due: Notify,
+    events: broadcast::Sender<Event>,
+    /// One token per unfinished job this node has made calls for: cancelling the job
+    /// cancels its token, which aborts those calls. Taken once per job per claim, dropped
+    /// when the job finishes, so a call takes no lock.
+    calls: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Claimed tasks whose call has not started, by job.
+    pub queued: Arc<Queued>,
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Bus {
+            work: Notify::new(),
+            callbacks_due: Notify::new(),
+            events: broadcast::channel(1024).0,
+            calls: Mutex::new(HashMap::new()),
+            queued: Arc::default(),
+        }
+    }
+}
+
+impl Bus {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Bus::default())
+    }
+
+    /// Tasks may have become claimable (a submission, a settled task, a lease taken back).
+    pub fn work(&self) {
+        self.work.notify_one();
+    }
+
+    pub async fn work_signalled(&self) {
+        self.work.notified().await;
+    }
+
+    /// A callback delivery may have become due.
+    pub fn callbacks_due(&self) {
+        self.callbacks_due.notify_one();
+    }
+
+    pub async fn callbacks_signalled(&self) {
+        self.callbacks_due.notified().await;
+    }
+
+    pub fn emit(&self, event: Event) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The token that aborts this node's calls of `job` when it is cancelled.
+    pub fn call_token(&self, job: JobId) -> CancellationToken {
+        let mut calls = self.calls.lock().expect("not poisoned");
+        calls.entry(job).or_default().clone()
+    }
+
+    /// Aborts this node's calls of a cancelled job. The token stays cancelled for a while:
+    /// a claim that committed just before the cancel looks its token up just after, and must
+    /// find it cancelled.
+    pub fn cancel_calls(self: &Arc<Self>, job: JobId) {
+        self.calls
+            .lock()
+            .expect("not poisoned")
+            .entry(job)
+            .or_default()
+            .cancel();
+        let bus = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if let Some(bus) = bus.upgrade() {
+                bus.calls.lock().expect("not poisoned").remove(&job);
+            }
+        });
+    }
+
+    /// What follows outcomes committed to the store (a settle, a report): the counts, the
+    /// wake-ups, and the announcement of the jobs they finished.
+    pub fn settled(&self, report: SettleReport, metrics: &Metrics) {
+        self.work();
+        // Only what the store applied: an outcome for a cancelled task changed nothing.
+        metrics.tasks_finished("complete", report.complete);
+        metrics.tasks_finished("failed", report.failed);
+        metrics.task_retries.inc_by(report.retried);
+        metrics.tasks_accepted.inc_by(report.awaiting);
+        if !report.finished.is_empty() {
+            let mut calls = self.calls.lock().expect("not poisoned");
+            for job in &report.finished {
+                calls.remove(&job.job_id);
+            }
+        }
+        for job in report.finished {
+            metrics.job_finished(job.status);
+            tracing::info!(job_id = %job.job_id, status = job.status.as_str(), "job finished");
+            if job.has_callback {
+                self.callbacks_due();
+            }
+            self.emit(Event::JobFinished {
+                job_id: job.job_id,
+                status: job.status,
+            });
+        }
+    }
+}
+
+/// Claimed tasks of this node whose call has not started yet, by job: they wait at a host's
+/// gate (per-host limits, a 429's pause) or for their turn to be spawned. The store counts
+/// them as running (they are leased); what is truly in flight is the rest. Shown by the API
+/// as `queued`, beside `running`.
+#[derive(Default)]
+pub struct Queued {
+    jobs: Mutex<HashMap<JobId, u64>>,
+}
+
+impl Queued {
+    /// How many of `job`'s claimed tasks wait here.
+    pub fn of(&self, job: JobId) -> u64 {
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .get(&job)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts one task of `job` as queued until the guard is dropped.
+    pub fn enter(self: &Arc<Self>, job: JobId) -> QueuedTask {
+        *self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .entry(job)
+            .or_insert(0) += 1;
+        QueuedTask {
+            queued: self.clone(),
+            job,
+        }
+    }
+}
+
+/// One claimed task not yet called.
+pub struct QueuedTask {
+    queued: Arc<Queued>,
+    job: JobId,
+}
+
+impl Drop for QueuedTask {
+    fn drop(&mut self) {
+        let mut jobs = self.queued.jobs.lock().expect("not poisoned");
+        if let Some(n) = jobs.get_mut(&self.job) {
+            *n -= 1;
+            if *n == 0 {
+                jobs.remove(&self.job);
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The callback outbox: sends the callbacks that the store makes due in the transaction that
+//! finishes a job, until each is delivered or its retry schedule runs out.
+//!
+//! Each attempt leases its record first, so a crash mid-send leaves it due again: callbacks
+//! are delivered at least once, and every attempt of one job carries the same `webhook-id`,
+//! which is what a receiver deduplicates on. A delivery streams the document from the store
+//! (`crate::document`). The outbox imports neither the API nor the engine: it is woken by the
+//! bus, and tells the bus when a callback settled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::bus::{Bus, Event};
+use crate::document::{document_stream, feed_document, head_only};
+use crate::egress::EgressPolicy;
+use crate::job::JobId;
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, error_chain};
+use crate::store::{
+    CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, now_millis,
+    webhook_id,
+};
+use crate::webhook::{CallbackSigners, timestamp_now};
+
+/// How callbacks are sent.
+#[derive(Clone, Debug)]
+pub struct OutboxConfig {
+    /// Delays between attempts after the first; its length plus one is the number of
+    /// attempts before a callback is given up.
+    pub schedule: Vec<Duration>,
+    /// How long one attempt may take (connect, send, answer).
+    pub timeout: Duration,
+    /// A body larger than this is sent without `result`, pointing at the tasks route.
+    pub max_callback_bytes: usize,
+    /// Who signs each job's callback.
+    pub signers: Arc<CallbackSigners>,
+    /// Which addresses a callback may reach.
+    pub egress: Arc<EgressPolicy>,
+}
+
+struct Outbox {
+    store: Arc<dyn Store>,
+    bus: Arc<Bus>,
+    metrics: Arc<Metrics>,
+    outbound: Arc<Outbound>,
+    config: OutboxConfig,
+    /// The longest it sleeps without looking at the store.
+    idle_poll: Duration,
+}
+
+/// Starts the delivery loop; it sends due callbacks until `stop`, then waits for the
+/// deliveries under way.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    store: Arc<dyn Store>,
+    bus: Arc<Bus>,
+    metrics: Arc<Metrics>,
+    outbound: Arc<Outbound>,
+    config: OutboxConfig,
+    idle_poll: Duration,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let outbox = Arc::new(Outbox {
+        store,
+        bus,
+        metrics,
+        outbound,
+        config,
+        idle_poll,
+    });
+    tokio::spawn(deliver_loop(outbox, stop))
+}
+
+/// Deliveries leased per look at the outbox, and at most in flight at once.
+const DELIVERIES_IN_FLIGHT: usize = 32;
+
+/// What an attempt sends: the document in memory when small or cut, or streamed from the
+/// store, with its length and signature computed by a first pass that keeps nothing.
+async fn callback_body(
+    outbox: &Outbox,
+    job: JobRecord,
+    id: &str,
+    timestamp: u64,
+) -> StoreResult<(reqwest::Body, u64, Option<String>)> {
+    let store = outbox.store.as_ref();
+    let signer = outbox.config.signers.for_owner(job.owner.as_deref());
+    let mut signing = signer.start(id, timestamp);
+    let length = feed_document(store, &job, |bytes| signing.update(bytes)).await?;
+    if length > outbox.config.max_callback_bytes as u64 {
+        let body = head_only(&job);
+        let signature = signer.signature(id, timestamp, &body);
+        let length = body.len() as u64;
+        return Ok((reqwest::Body::from(body), length, signature));
+    }
+    let stream = document_stream(outbox.store.clone(), job);
+    Ok((reqwest::Body::wrap_stream(stream), length, signing.finish()))
+}
+
+/// Sends due callbacks until `stop`; then waits for the deliveries under way.
+async fn deliver_loop(outbox: Arc<Outbox>, stop: CancellationToken) {
+    // Deliveries under way, by job: a lease that runs out while its delivery is still
+    // building the body or waiting to record must not start a second one beside it.
+    // Keyed by task id, so that a delivery that panicked is forgotten too.
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut in_flight: HashMap<tokio::task::Id, JobId> = HashMap::new();
+    let task_id = |done: Result<(tokio::task::Id, ()), tokio::task::JoinError>| match done {
+        Ok((id, ())) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "a callback delivery failed unexpectedly");
+            e.id()
+        }
+    };
+    while !stop.is_cancelled() {
+        while let Some(done) = running.try_join_next_with_id() {
+            in_flight.remove(&task_id(done));
+        }
+        let room = DELIVERIES_IN_FLIGHT.saturating_sub(running.len());
+        if room == 0 {
+            // Full: nothing to do until a delivery ends.
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(done) = running.join_next_with_id() => {
+                    in_flight.remove(&task_id(done));
+                }
+            }
+            continue;
+        }
+        let now = now_millis();
+        // The lease outlasts the attempt (building the body from the store, then sending it
+        // within the timeout), so nobody else sends it meanwhile, and a crash leaves it due
+        // again soon after.
+        let lease = now + (outbox.config.timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
+        let leased = match outbox.store.callbacks_due(now, lease, room as u32).await {
+            Ok(due) => {
+                let leased = due.len();
+                for d in due {
+                    if in_flight.values().all(|job| *job != d.job_id) {
+                        let job = d.job_id;
+                        let handle = running.spawn(deliver(outbox.clone(), d));
+                        in_flight.insert(handle.id(), job);
+                    }
+                }
+                leased
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading due callbacks failed");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(outbox.idle_poll) => continue,
+                }
+            }
+        };
+        if leased == room {
+            continue;
+        }
+        let wait = match outbox.store.callback_next_due().await {
+            Ok(Some(due)) => {
+                Duration::from_millis((due - now_millis()).max(0) as u64).min(outbox.idle_poll)
+            }
+            _ => outbox.idle_poll,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = outbox.bus.callbacks_signalled() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
+    let store = outbox.store.as_ref();
+    let attempts = due.attempts + 1;
+    let job = match store.job_get(due.job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return, // purged meanwhile
+        Err(e) => {
+            let error = format!("cannot read the job: {e}");
+            record(
+                &outbox,
+                due.job_id,
+                attempts,
+                failed_attempt(&outbox, attempts, error),
+            )
+            .await;
+            return;
+        }
+    };
+    if !job.status.is_finished() {
+        // The store makes a callback due in the transaction that finishes its job, so this
+        // means a store that contradicts itself. The document of a job still running would
+        // tell the receiver a falsehood that no later attempt could take back: nothing is
+        // sent or recorded, and the lease brings the delivery back later, when the store
+        // may agree with itself again.
+        tracing::error!(job_id = %due.job_id, status = job.status.as_str(), "a callback is due for a job that is not finished; not sent");
+        outbox.metrics.callback_attempt("refused");
+        return;
+    }
+    let blocked = Url::parse(&due.url)
+        .map_err(|e| format!("invalid callback URL: {e}"))
+        .and_then(|url| outbox.config.egress.check_url(&url));
+    if let Err(why) = blocked {
+        let outcome = CallbackOutcome::GaveUp { error: why };
+        record(&outbox, due.job_id, attempts, outcome).await;
+        return;
+    }
+    let id = webhook_id(due.job_id);
+    let timestamp = timestamp_now();
+    let (body, length, signature) = match callback_body(&outbox, job, &id, timestamp).await {
+        Ok(body) => body,
+        Err(e) => {
+            let error = format!("cannot build the callback body: {e}");
+            let outcome = failed_attempt(&outbox, attempts, error);
+            record(&outbox, due.job_id, attempts, outcome).await;
+            return;
+        }
+    };
+    let mut request = outbox
+        .outbound
+        .client()
+        .post(&due.url)
+        .timeout(outbox.config.timeout)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, length)
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(signature) = signature {
+        request = request.header("webhook-signature", signature);
+    }
+    crash_point!("callback-sending");
+    let sent = request.body(body).send().await;
+    let error = match sent {
+        Ok(response) if response.status().is_success() => None,
+        Ok(response) if response.status() == reqwest::StatusCode::GONE => {
+            let outcome = CallbackOutcome::GaveUp {
+                error: "receiver answered 410 Gone: not retried".into(),
+            };
+            record(&outbox, due.job_id, attempts, outcome).await;
+            return;
+        }
+        Ok(response) => Some(format!("receiver answered {}", response.status())),
+        // Callback URLs often hold a secret (a token in the path or query): errors, which
+        // are logged and shown, leave the URL out.
+        Err(e) if crate::egress::is_blocked(&e) => {
+            let outcome = CallbackOutcome::GaveUp {
+                error: error_chain(&e.without_url()),
+            };
+            record(&outbox, due.job_id, attempts, outcome).await;
+            return;
+        }
+        Err(e) => {
+            if crate::outbound::out_of_descriptors(&e) {
+                outbox.outbound.out_of_descriptors();
+            }
+            Some(error_chain(&e.without_url()))
+        }
+    };
+    let outcome = match error {
+        None => CallbackOutcome::Delivered,
+        Some(error) => failed_attempt(&outbox, attempts, error),
+    };
+    record(&outbox, due.job_id, attempts, outcome).await;
+}
+
+/// What follows a failed attempt: the next one on the schedule, or giving up.
+fn failed_attempt(outbox: &Outbox, attempts: u32, error: String) -> CallbackOutcome {
+    match outbox.config.schedule.get(attempts as usize - 1) {
+        Some(delay) => CallbackOutcome::Retry {
+            at: now_millis() + delay.as_millis() as i64,
+            error,
+        },
+        None => CallbackOutcome::GaveUp { error },
+    }
+}
+
+async fn record(outbox: &Outbox, job_id: JobId, attempts: u32, outcome: CallbackOutcome) {
+    match &outcome {
+        CallbackOutcome::Delivered => tracing::info!(%job_id, attempts, "callback delivered"),
+        CallbackOutcome::Retry { error, .. } => {
+            tracing::warn!(%job_id, attempts, %error, "callback attempt failed; will retry")
+        }
+        CallbackOutcome::GaveUp { error } => {
+            tracing::error!(%job_id, attempts, %error, "callback given up")
+        }
+    }
+    outbox.metrics.callback_attempt(match &outcome {
+        CallbackOutcome::Delivered => "delivered",
+        CallbackOutcome::Retry { .. } => "retry",
+        CallbackOutcome::GaveUp { .. } => "gave_up",
+    });
+    let settled = match &outcome {
+        CallbackOutcome::Delivered => Some(true),
+        CallbackOutcome::GaveUp { .. } => Some(false),
+        CallbackOutcome::Retry { .. } => None,
+    };
+    let record = CallbackRecord {
+        job_id,
+        attempts,
+        now: now_millis(),
+        outcome,
+    };
+    if settled == Some(true) {
+        crash_point!("callback-delivered");
+    }
+    match outbox.store.callback_record(&record).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // This attempt outlasted its lease and another node recorded one meanwhile: the
+            // receiver may have had the callback twice, with the same webhook-id.
+            tracing::warn!(%job_id, attempts, "callback attempt already recorded by another node");
+            return;
+        }
+        Err(e) => {
+            // The lease expires and the delivery is made again: at least once, never lost.
+            tracing::error!(%job_id, error = %e, "cannot record callback attempt");
+            return;
+        }
+    }
+    if let Some(delivered) = settled {
+        outbox
+            .bus
+            .emit(Event::CallbackSettled { job_id, delivered });
+    }
+}
