@@ -6,14 +6,13 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
-use serde::Serialize;
 use serde_json::value::RawValue;
 
 use url::Url;
 
 use super::EngineConfig;
 use crate::engine::hosts;
-use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, result_json, test_result};
+use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, TaskError, result_json, test_result};
 use crate::outbound::error_chain;
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 use crate::webhook::timestamp_now;
@@ -23,41 +22,6 @@ const ERROR_BODY_BYTES: usize = 1024;
 
 /// The longest `Retry-After` honoured; a server asking for more is retried after this.
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
-
-/// Why an attempt did not complete, as stored in the task's `error`.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct TaskError {
-    /// `timeout`, `connect`, `http_status`, `response_too_large`, `blocked` or `request`.
-    pub kind: &'static str,
-    pub http_status: Option<u16>,
-    pub message: String,
-    /// The first KiB of the response body, when there was one.
-    pub body: Option<String>,
-    /// The most specific cause of a transport error (the innermost error of its chain:
-    /// `dns error: ...`, `Connection refused`), for people to read first.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cause: Option<String>,
-}
-
-impl TaskError {
-    pub(crate) fn timeout(message: String) -> Self {
-        TaskError::new("timeout", message)
-    }
-
-    fn new(kind: &'static str, message: impl Into<String>) -> Self {
-        TaskError {
-            kind,
-            http_status: None,
-            message: message.into(),
-            body: None,
-            cause: None,
-        }
-    }
-
-    pub fn to_json(&self) -> Box<RawValue> {
-        serde_json::value::to_raw_value(self).expect("a TaskError serializes")
-    }
-}
 
 /// What one attempt came to, before retry policy is applied.
 #[derive(Debug)]
@@ -201,7 +165,7 @@ async fn send(
         // a plain text of exactly the limit is kept.
         Attempt::Complete(result) if result.get().len() > max_body + 2 => {
             Attempt::Fatal(TaskError {
-                kind: "response_too_large",
+                kind: "response_too_large".into(),
                 http_status: Some(status.as_u16()),
                 message: format!(
                     "response body stored as JSON takes {} bytes, more than {max_body}",
@@ -217,7 +181,7 @@ async fn send(
 
 fn too_large(status: StatusCode, max_body: usize) -> TaskError {
     TaskError {
-        kind: "response_too_large",
+        kind: "response_too_large".into(),
         http_status: Some(status.as_u16()),
         message: format!("response body is larger than {max_body} bytes"),
         body: None,
@@ -277,7 +241,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: Syste
         return Attempt::Complete(result_json(body));
     }
     let error = TaskError {
-        kind: "http_status",
+        kind: "http_status".into(),
         http_status: Some(status.as_u16()),
         message: format!("endpoint answered {status}"),
         body: (!body.is_empty()).then(|| {

@@ -82,7 +82,7 @@ async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken
     let batch: Vec<TaskSettle> = overdue
         .iter()
         .map(|task| {
-            let error = call::TaskError::timeout(format!(
+            let error = crate::job::TaskError::timeout(format!(
                 "no outcome reported within {} ms of the 202 answer",
                 task.options.async_timeout_ms
             ));

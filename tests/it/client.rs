@@ -469,7 +469,7 @@ async fn the_token_is_sent_as_bearer_and_never_printed() {
 /// server does not take on its own: a cut event stream, and a server without events.
 #[derive(Clone, Default)]
 struct Stub {
-    /// Once set, `GET /v1/jobs/J` answers the finished job with its result.
+    /// Once set, `GET /v1/jobs/{STUB_ID}` answers the finished job with its result.
     finished: Arc<AtomicBool>,
     job_reads: Arc<AtomicUsize>,
     /// The `Last-Event-ID` of each connection to the event stream.
@@ -484,13 +484,13 @@ impl Stub {
             (
                 StatusCode::ACCEPTED,
                 axum::Json(
-                    json!({"status": "Success", "msg": "Job Executed", "job_id": "J", "status_url": "/v1/jobs/J"}),
+                    json!({"status": "Success", "msg": "Job Executed", "job_id": STUB_ID, "status_url": format!("/v1/jobs/{STUB_ID}")}),
                 ),
             )
         };
         let stub = self.clone();
         let mut app = Router::new().route("/v1/job", post(accept)).route(
-            "/v1/jobs/J",
+            &format!("/v1/jobs/{STUB_ID}"),
             get(move || {
                 let stub = stub.clone();
                 async move {
@@ -511,7 +511,7 @@ impl Stub {
         if events {
             let stub = self.clone();
             app = app.route(
-                "/v1/jobs/J/events",
+                &format!("/v1/jobs/{STUB_ID}/events"),
                 get(move |headers: HeaderMap| {
                     let stub = stub.clone();
                     async move {
@@ -547,7 +547,7 @@ impl Stub {
 /// the real server does (a `Value` would turn `1.10` into `1.1`).
 fn stub_job(status: &str, running: u64, result: Option<&str>) -> String {
     let job = json!({
-        "job_id": "J", "status": status, "total": 1,
+        "job_id": STUB_ID, "status": status, "total": 1,
         "counts": {"pending": 0, "running": running, "complete": 1 - running, "failed": 0, "cancelled": 0},
         "created_at": "2026-01-01T00:00:00.000Z", "finished_at": null,
         "callback": {"url": null, "state": "none", "attempts": 0, "last_error": null},
@@ -560,7 +560,10 @@ fn stub_job(status: &str, running: u64, result: Option<&str>) -> String {
     }
 }
 
-const STUB_DOCUMENT: &str = r#"{"job_id":"J","status":"Complete","msg":"Job Finished","result":{"1":{"status":"Complete","result":1.10}}}"#;
+/// The job id the stub answers with.
+const STUB_ID: &str = "0190f2a8-3c4d-7e5f-8a9b-0c1d2e3f4a5b";
+
+const STUB_DOCUMENT: &str = r#"{"job_id":"0190f2a8-3c4d-7e5f-8a9b-0c1d2e3f4a5b","status":"Complete","msg":"Job Finished","result":{"1":{"status":"Complete","result":1.10}}}"#;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_wait_resumes_a_cut_event_stream_from_its_last_event() {
@@ -580,7 +583,8 @@ async fn submit_wait_resumes_a_cut_event_stream_from_its_last_event() {
         "reconnected after the last event it saw"
     );
     assert!(
-        out.stderr.contains("job J: 1/1 done, 0 failed, "),
+        out.stderr
+            .contains("job 0190f2a8-3c4d-7e5f-8a9b-0c1d2e3f4a5b: 1/1 done, 0 failed, "),
         "{out:?}"
     );
 }
@@ -602,7 +606,8 @@ async fn submit_wait_polls_a_server_without_events() {
         "polled until finished"
     );
     assert!(
-        out.stderr.contains("job J: 0/1 done, 0 failed, "),
+        out.stderr
+            .contains("job 0190f2a8-3c4d-7e5f-8a9b-0c1d2e3f4a5b: 0/1 done, 0 failed, "),
         "{out:?}"
     );
     assert!(out.stderr.contains("; Complete after "), "{out:?}");

@@ -1,0 +1,234 @@
+//! The API's wire types: the JSON documents the routes answer with, as the OpenAPI document
+//! describes them. The server serializes them and the command-line client
+//! (`crate::client`) reads them, so the two cannot drift apart. Reading is lenient where a
+//! field is newer than the route (`#[serde(default)]`), so that this client works with an
+//! older server; unknown fields are ignored for a newer one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use crate::job::{CallbackState, JobId, JobOptions, JobStatus, TaskStatus};
+
+/// Every error's body.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Always `Error`.
+    pub status: String,
+    /// What was wrong, and where (field, task position).
+    pub msg: String,
+}
+
+/// The body of `POST /v1/job`, as documented; `job::parse_submission` is what reads it.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // a schema only
+pub struct JobRequest {
+    /// Where the final document is POSTed (an absolute http(s) URL); optional.
+    pub callback: Option<String>,
+    pub tasks: Vec<TaskRequest>,
+    pub options: Option<JobOptions>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // a schema only
+pub struct TaskRequest {
+    /// An absolute http(s) URL, or `/v1/test` for the built-in test task.
+    pub endpoint: String,
+    /// Sent as the body of each call; `null` when absent.
+    #[schema(value_type = serde_json::Value)]
+    pub params: Option<serde_json::Value>,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubmitAnswer {
+    /// Always `Success`.
+    pub status: String,
+    /// Always `Job Executed` (the seed's wording).
+    pub msg: String,
+    pub job_id: JobId,
+    pub status_url: String,
+}
+
+impl SubmitAnswer {
+    pub fn new(job_id: JobId) -> Self {
+        SubmitAnswer {
+            status: "Success".into(),
+            msg: "Job Executed".into(),
+            job_id,
+            status_url: format!("/v1/jobs/{job_id}"),
+        }
+    }
+}
+
+/// A job's tasks by state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Counts {
+    pub pending: u64,
+    /// Calls truly in flight.
+    pub running: u64,
+    /// Claimed tasks whose call has not started: waiting at a host's limits (or a 429's
+    /// pause), or about to start. Counted by the node that answers, for its own calls.
+    #[serde(default)] // older servers counted them as running
+    pub queued: u64,
+    pub complete: u64,
+    pub failed: u64,
+    #[serde(default)] // servers without the cancel route
+    pub cancelled: u64,
+}
+
+/// Where a job's callback stands.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CallbackView {
+    pub url: Option<String>,
+    pub state: CallbackState,
+    /// Delivery attempts made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// One entry of a finished job's result map.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+pub struct ResultEntry {
+    pub status: TaskStatus,
+    /// What the endpoint answered (Complete tasks).
+    #[schema(value_type = serde_json::Value)]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed (Failed tasks).
+    #[schema(value_type = serde_json::Value)]
+    pub error: Option<serde_json::Value>,
+    /// Attempts made (Failed tasks).
+    pub attempts: Option<u32>,
+}
+
+/// A job: `GET /v1/jobs/{id}`, and in lists (without `result`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub job_id: JobId,
+    pub status: JobStatus,
+    pub total: u64,
+    pub counts: Counts,
+    /// RFC 3339.
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub callback: CallbackView,
+    /// Always there from this server; read as `None` from an older one, or from a newer
+    /// one with options this build does not know.
+    #[serde(default, deserialize_with = "options_if_known")]
+    #[schema(value_type = JobOptions)]
+    pub options: Option<JobOptions>,
+    /// Once finished: the callback's result map, keyed by 1-based task position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<std::collections::HashMap<String, ResultEntry>>)]
+    pub result: Option<Box<RawValue>>,
+    /// Instead of `result` when the map would be larger than `--max-callback-bytes`: the
+    /// paginated tasks route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_url: Option<String>,
+}
+
+/// One task of a job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    /// 1-based position in the job.
+    pub index: u64,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    #[serde(default)]
+    pub endpoint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = serde_json::Value)]
+    pub result: Option<Box<RawValue>>,
+    /// A [`crate::job::TaskError`] when DoParallel decided the failure; any JSON when the
+    /// endpoint reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = serde_json::Value)]
+    pub error: Option<Box<RawValue>>,
+    /// Duration of the last attempt.
+    pub latency_ms: Option<u64>,
+    pub finished_at: Option<String>,
+}
+
+/// A page of a job's tasks.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskPage {
+    pub job_id: JobId,
+    pub tasks: Vec<TaskView>,
+    /// The `after` of the next page; null on the last.
+    pub next_after: Option<u64>,
+}
+
+/// A page of jobs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    /// Newest first, without results.
+    pub jobs: Vec<JobView>,
+    pub next_after: Option<JobId>,
+}
+
+/// The data of a `progress` event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    pub job_id: JobId,
+    pub status: JobStatus,
+    pub total: u64,
+    pub counts: Counts,
+}
+
+/// The data of a `task_failed` event.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskFailed {
+    pub index: u64,
+    pub attempts: u32,
+    #[schema(value_type = serde_json::Value)]
+    pub error: Option<Box<RawValue>>,
+}
+
+/// One event of the stream as the wire carries it; `data` is the event's JSON document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only
+pub struct SseFrame {
+    /// `progress`, `task_failed` or `finished`.
+    pub event: String,
+    /// Failures sent so far: the `Last-Event-ID` to resume from.
+    pub id: String,
+    /// A `Progress`, `TaskFailed` or `JobView` document.
+    pub data: String,
+}
+
+/// The answer to a task report.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReportAnswer {
+    /// `Stored`.
+    pub status: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only
+pub struct TestAnswer {
+    /// Always `"true"`, as the seed answered.
+    pub result: String,
+    /// The request body.
+    #[schema(value_type = serde_json::Value)]
+    pub params: serde_json::Value,
+}
+
+/// The answer of `/healthz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+}
+
+/// A job's options, or `None` when they are not a shape this build knows.
+fn options_if_known<'de, D>(deserializer: D) -> Result<Option<JobOptions>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
+}

@@ -1,0 +1,373 @@
+//! The job and task domain: identifiers, states, options, task errors, and what a job is
+//! once accepted ([`NewJob`]); `submission` reads and validates a submitted body.
+//!
+//! Everything a client sends passes through [`parse_submission`] before anything is stored,
+//! so a rejected request never leaves a trace. Parameters and results are kept as raw JSON
+//! text ([`RawValue`]) from the wire to the database and back: numbers, large integers and
+//! key order round-trip exactly, which the original service got wrong.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+mod submission;
+
+pub use submission::{Limits, NewJob, NewTask, SubmissionError, parse_submission};
+
+/// The relative endpoint of the built-in test task, run in-process without a network hop.
+pub const TEST_ENDPOINT: &str = "/v1/test";
+
+/// A job's public identifier: a UUIDv7, so ids sort by creation time.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(transparent)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    pub fn generate() -> Self {
+        JobId(Uuid::now_v7())
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(JobId)
+    }
+}
+
+/// A job's lifecycle; see ARCHITECTURE.md for the state machine.
+///
+/// `Pending` until the first task is claimed, `Running` until every task is finished, then
+/// `Complete` when at most `tolerated_failures` tasks failed and `Failed` otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Complete,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Complete | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "Pending",
+            JobStatus::Running => "Running",
+            JobStatus::Complete => "Complete",
+            JobStatus::Failed => "Failed",
+            JobStatus::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// A task's lifecycle: `Pending` (waiting, possibly for a retry's backoff) → `Running` (a call
+/// is in flight) → back to `Pending` for a retry, or to `Complete` / `Failed` for good;
+/// `Cancelled` when its job is cancelled before it finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum TaskStatus {
+    Pending,
+    Running,
+    Complete,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "Pending",
+            TaskStatus::Running => "Running",
+            TaskStatus::Complete => "Complete",
+            TaskStatus::Failed => "Failed",
+            TaskStatus::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Where a job's callback delivery stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackState {
+    /// The job has no callback URL.
+    None,
+    /// To be sent: the job is unfinished, or a delivery is due or being retried.
+    Pending,
+    Delivered,
+    /// Every attempt of the retry schedule failed, or the receiver answered 410 Gone.
+    Failed,
+}
+
+/// Per-job options, all optional in the request; defaults are the documented ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobOptions {
+    /// Most calls of this job in flight at once; `None` is limited only by the server.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    #[serde(default = "JobOptions::default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "JobOptions::default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "JobOptions::default_backoff_ms")]
+    pub backoff_ms: u64,
+    #[serde(default)]
+    pub tolerated_failures: u64,
+    /// How long an attempt answered with 202 waits for its reported outcome before it
+    /// counts as timed out (and is retried like any timeout).
+    #[serde(default = "JobOptions::default_async_timeout_ms")]
+    pub async_timeout_ms: u64,
+    /// Whether this job's endpoints may answer 202 and report their outcome later. Without
+    /// a `--public-url` on the server, only such jobs' calls carry `DoParallel-Task-Token`
+    /// and `DoParallel-Result-Url` (then made of the server's listening address); with one,
+    /// every call does.
+    #[serde(default)]
+    pub async_reports: bool,
+    /// Most calls of this job in flight at once to one endpoint host (`host:port`), on top
+    /// of the server's `--per-host-concurrency`; `None` is limited only by the server.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub per_host_concurrency: Option<u32>,
+    /// Most calls of this job started per second to one endpoint host (fractions allowed:
+    /// 0.5 is one every 2 s), spaced evenly, on top of the server's `--per-host-rate`;
+    /// `None` is limited only by the server.
+    #[serde(default)]
+    #[schema(minimum = 0.001, maximum = 1000000)]
+    pub per_host_rate: Option<f64>,
+}
+
+/// Limits on the calls to one endpoint host: the server's for all jobs, or one job's own
+/// (enforced by `engine::hosts`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HostLimits {
+    /// Most calls in flight at once.
+    pub concurrency: Option<u32>,
+    /// Most calls started per second (a bucket of one token, refilled at this rate).
+    pub rate: Option<f64>,
+}
+
+impl HostLimits {
+    pub const UNLIMITED: HostLimits = HostLimits {
+        concurrency: None,
+        rate: None,
+    };
+
+    pub fn is_unlimited(&self) -> bool {
+        self.concurrency.is_none() && self.rate.is_none()
+    }
+}
+
+/// Upper bound of the retry backoff, whatever the attempt.
+pub const BACKOFF_CAP_MS: u64 = 60_000;
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+const MAX_ATTEMPTS: u32 = 100;
+/// The per-host rates accepted, in calls per second (a job's or the server's): from one call
+/// every 1000 s (a slower rate is more likely a mistake, and its interval must stay a
+/// sensible `Duration`) to one a microsecond, past which the limit means nothing.
+pub const PER_HOST_RATES: RangeInclusive<f64> = 0.001..=1_000_000.0;
+const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+impl JobOptions {
+    fn default_timeout_ms() -> u64 {
+        30_000
+    }
+    fn default_max_attempts() -> u32 {
+        3
+    }
+    fn default_backoff_ms() -> u64 {
+        500
+    }
+    fn default_async_timeout_ms() -> u64 {
+        3_600_000
+    }
+
+    /// The options of a request that sent none.
+    pub fn defaults() -> Self {
+        JobOptions {
+            concurrency: None,
+            timeout_ms: Self::default_timeout_ms(),
+            max_attempts: Self::default_max_attempts(),
+            backoff_ms: Self::default_backoff_ms(),
+            tolerated_failures: 0,
+            async_timeout_ms: Self::default_async_timeout_ms(),
+            async_reports: false,
+            per_host_concurrency: None,
+            per_host_rate: None,
+        }
+    }
+
+    /// This job's own limits on the calls to each host.
+    pub fn host_limits(&self) -> HostLimits {
+        HostLimits {
+            concurrency: self.per_host_concurrency,
+            rate: self.per_host_rate,
+        }
+    }
+
+    fn validate(&self, limits: &Limits) -> Result<(), String> {
+        if self.concurrency == Some(0) {
+            return Err("options.concurrency: must be at least 1".into());
+        }
+        let max_timeout = limits.max_task_timeout_ms.min(MAX_TIMEOUT_MS);
+        if self.timeout_ms == 0 || self.timeout_ms > max_timeout {
+            return Err(format!(
+                "options.timeout_ms: must be between 1 and {max_timeout} (this server's \
+                 --max-task-timeout): a call in flight holds one of the server's slots"
+            ));
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+            return Err(format!(
+                "options.max_attempts: must be between 1 and {MAX_ATTEMPTS}"
+            ));
+        }
+        if self.backoff_ms > BACKOFF_CAP_MS {
+            return Err(format!(
+                "options.backoff_ms: must be at most {BACKOFF_CAP_MS} (the backoff cap)"
+            ));
+        }
+        if self.async_timeout_ms == 0 || self.async_timeout_ms > MAX_ASYNC_TIMEOUT_MS {
+            return Err(format!(
+                "options.async_timeout_ms: must be between 1 and {MAX_ASYNC_TIMEOUT_MS} (7 days)"
+            ));
+        }
+        if self.tolerated_failures > i64::MAX as u64 {
+            return Err(format!(
+                "options.tolerated_failures: must be at most {} (what the store can hold)",
+                i64::MAX
+            ));
+        }
+        if self.per_host_concurrency == Some(0) {
+            return Err("options.per_host_concurrency: must be at least 1".into());
+        }
+        if let Some(rate) = self.per_host_rate
+            && !PER_HOST_RATES.contains(&rate)
+        {
+            return Err(format!(
+                "options.per_host_rate: must be between {} and {} calls per second",
+                PER_HOST_RATES.start(),
+                PER_HOST_RATES.end()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The same JSON without the whitespace between tokens. Unlike a round trip through
+/// `serde_json::Value`, it keeps every number's digits and every key's order.
+pub fn compact_json(raw: &RawValue) -> Box<RawValue> {
+    let text = raw.get();
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            in_string = c == '"';
+            out.push(c);
+        }
+    }
+    RawValue::from_string(out).expect("removing whitespace between tokens keeps JSON valid")
+}
+
+/// A response body as a result: its JSON when it is JSON, else its text as a JSON string,
+/// or `null` when it is empty. JSON is kept as sent, so numbers keep every digit.
+pub fn result_json(body: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(body);
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return RawValue::from_string("null".into()).expect("null is JSON");
+    }
+    if let Ok(raw) = serde_json::from_str::<&RawValue>(trimmed) {
+        return compact_json(raw);
+    }
+    serde_json::value::to_raw_value(&text).expect("a string serializes")
+}
+
+/// The built-in test task's answer, the same as `POST /v1/test` gives.
+pub fn test_result(params: &RawValue) -> Box<RawValue> {
+    RawValue::from_string(format!(r#"{{"result":"true","params":{}}}"#, params.get()))
+        .expect("params are JSON")
+}
+
+/// Why an attempt did not complete, as DoParallel stores it in the task's `error` (a
+/// failure an endpoint reports is stored as it sent it instead).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskError {
+    /// `timeout`, `connect`, `http_status`, `response_too_large`, `blocked` or `request`.
+    pub kind: Cow<'static, str>,
+    pub http_status: Option<u16>,
+    pub message: String,
+    /// The first KiB of the response body, when there was one.
+    pub body: Option<String>,
+    /// The most specific cause of a transport error (the innermost error of its chain:
+    /// `dns error: ...`, `Connection refused`), for people to read first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+}
+
+impl TaskError {
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        TaskError {
+            kind: Cow::Borrowed(kind),
+            http_status: None,
+            message: message.into(),
+            body: None,
+            cause: None,
+        }
+    }
+
+    pub fn timeout(message: String) -> Self {
+        TaskError::new("timeout", message)
+    }
+
+    pub fn to_json(&self) -> Box<RawValue> {
+        serde_json::value::to_raw_value(self).expect("a TaskError serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compacting_keeps_strings_and_numbers() {
+        let raw: Box<RawValue> =
+            serde_json::from_str(r#" { "a b" : [ 1.50 , "x \" y\\" ] , "c":{ } } "#).unwrap();
+        assert_eq!(
+            compact_json(&raw).get(),
+            r#"{"a b":[1.50,"x \" y\\"],"c":{}}"#
+        );
+    }
+}
