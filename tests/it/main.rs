@@ -13,6 +13,7 @@ mod failpoints;
 mod faults;
 mod helpers;
 mod hosts;
+mod layers;
 mod lifecycle;
 mod moto;
 mod observe;
