@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{Receiver, engine_config, job_of, spawn_app, spawn_app_with};
+use crate::helpers::{Receiver, job_of, spawn_app, spawn_app_with, test_settings};
 
 #[tokio::test]
 async fn a_receiver_that_is_down_gets_the_callback_once_it_is_up() {
@@ -63,7 +63,7 @@ async fn gone_stops_the_retries() {
 
 #[tokio::test]
 async fn a_callback_is_given_up_when_the_schedule_runs_out() {
-    let mut config = engine_config();
+    let mut config = test_settings();
     config.callback_schedule = vec![std::time::Duration::from_millis(10); 2];
     let app = spawn_app_with(config).await;
     let receiver = Receiver::start(usize::MAX, 500).await;

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Receiver, binary};
+use crate::helpers::{Receiver, ServerProcess, binary};
 
 fn run(args: &[&str], stdin: Option<&str>) -> (i32, Value, String) {
     let mut child = Command::new(binary())
@@ -158,13 +158,7 @@ fn serve_on_a_port_in_use_leaves_nothing_behind() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("other.db");
-    let out = Command::new(binary())
-        .args(["serve", "--listen", &addr, "--database"])
-        .arg(format!("sqlite://{}", db.display()))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = ServerProcess::on(&db).listen(&addr).refused();
     assert!(
         stderr.contains(&format!("cannot listen on {addr}")),
         "{stderr}"

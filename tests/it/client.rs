@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use doparallel::auth::ApiTokens;
 
-use crate::helpers::{Endpoint, binary, engine_config, eventually, spawn_app, spawn_app_full};
+use crate::helpers::{Endpoint, binary, eventually, spawn_app, spawn_app_full, test_settings};
 
 /// What one run of the binary left behind.
 #[derive(Debug)]
@@ -420,7 +420,7 @@ async fn the_token_is_sent_as_bearer_and_never_printed() {
     let token = "client-test-token-0001";
     let other = "client-test-token-0002";
     let tokens = ApiTokens::new([token, other]).unwrap();
-    let app = spawn_app_full(engine_config(), tokens, 1024 * 1024).await;
+    let app = spawn_app_full(test_settings(), tokens, 1024 * 1024).await;
 
     // From the environment, through the submission and the event stream alike.
     let out = doparallel(

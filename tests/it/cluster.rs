@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{Api, Endpoint, Receiver, ServerProcess, binary, eventually, job_of};
+use crate::helpers::{Api, Endpoint, Receiver, ServerProcess, eventually, job_of};
 use crate::pg;
 
 /// A metric's value as a node reports it (the sum over its label sets), 0 when absent.
@@ -61,8 +61,8 @@ async fn killed_node_is_taken_over(url: &str, tasks: usize) {
         "--lease-timeout",
         "2s",
     ];
-    let mut doomed = ServerProcess::start_url(db_url, &args);
-    let survivor = ServerProcess::start_url(db_url, &args);
+    let mut doomed = ServerProcess::on_url(db_url).args(&args).start();
+    let survivor = ServerProcess::on_url(db_url).args(&args).start();
 
     let id = doomed
         .api
@@ -145,7 +145,9 @@ async fn a_job_submitted_to_a_busy_node_starts_at_once_on_another() {
     };
     let endpoint = Endpoint::start().await;
     // Node a has one slot, which a call that never answers keeps busy.
-    let a = ServerProcess::start_url(&db.url, &["--max-in-flight", "1"]);
+    let a = ServerProcess::on_url(&db.url)
+        .args(&["--max-in-flight", "1"])
+        .start();
     a.api
         .submit(&job_of(
             1,
@@ -158,7 +160,7 @@ async fn a_job_submitted_to_a_busy_node_starts_at_once_on_another() {
         (endpoint.call_count() == 1).then_some(())
     })
     .await;
-    let b = ServerProcess::start_url(&db.url, &[]);
+    let b = ServerProcess::on_url(&db.url).start();
     assert_eq!(b.api.get("/healthz").await.0, 200);
 
     // Each job submitted to a can only run on b. b looks at the database every 3 s when
@@ -197,7 +199,11 @@ async fn a_job_concurrency_holds_across_nodes() {
     // Four nodes of one slot each: three calls at once can only be three nodes' calls, and
     // a fourth would be the cluster exceeding the job's concurrency.
     let nodes: Vec<ServerProcess> = (0..4)
-        .map(|_| ServerProcess::start_url(&db.url, &["--max-in-flight", "1"]))
+        .map(|_| {
+            ServerProcess::on_url(&db.url)
+                .args(&["--max-in-flight", "1"])
+                .start()
+        })
         .collect();
     let id = nodes[0]
         .api
@@ -223,8 +229,10 @@ async fn a_cancel_stops_the_calls_of_every_node() {
         return;
     };
     let endpoint = Endpoint::start().await;
-    let a = ServerProcess::start_url(&db.url, &["--max-in-flight", "5"]);
-    let b = ServerProcess::start_url(&db.url, &[]);
+    let a = ServerProcess::on_url(&db.url)
+        .args(&["--max-in-flight", "5"])
+        .start();
+    let b = ServerProcess::on_url(&db.url).start();
     // Calls that would hang for longer than any wait of this test.
     let id = a
         .api
@@ -293,8 +301,8 @@ async fn an_idle_node_makes_at_most_one_query_a_second() {
             .count()
     };
     // Two nodes, so that a notice answered by a query that notifies again would show.
-    let a = ServerProcess::start_url(&db.url, &[]);
-    let b = ServerProcess::start_url(&db.url, &[]);
+    let a = ServerProcess::on_url(&db.url).start();
+    let b = ServerProcess::on_url(&db.url).start();
     // Whatever they do at start (migrations, a first purge) is over within a second.
     eventually("both nodes up", || async {
         (a.api.get("/healthz").await.0 == 200 && b.api.get("/healthz").await.0 == 200).then_some(())
@@ -317,13 +325,7 @@ async fn an_idle_node_makes_at_most_one_query_a_second() {
 
 #[test]
 fn serve_names_an_unreachable_database_without_its_password() {
-    let out = std::process::Command::new(binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
-        .arg("postgres://someone:s3cret-pw@127.0.0.1:1/jobs")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = ServerProcess::on_url("postgres://someone:s3cret-pw@127.0.0.1:1/jobs").refused();
     assert!(stderr.contains("127.0.0.1:1/jobs"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }

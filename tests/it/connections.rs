@@ -298,7 +298,10 @@ async fn calls_wait_for_a_file_descriptor_rather_than_fail() {
     const PORTS: usize = 240;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("server.log");
-    let server = ServerProcess::start_with_file_limit(&db_path(&dir), &[], 160, &log);
+    let server = ServerProcess::on(&db_path(&dir))
+        .open_files(160)
+        .log(&log)
+        .start();
     let mut endpoints = Vec::new();
     for _ in 0..PORTS {
         endpoints.push(crate::helpers::Endpoint::start().await);

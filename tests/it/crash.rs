@@ -45,13 +45,7 @@ async fn a_sigkilled_server_finishes_the_job_after_restart() {
 
     let second = ServerProcess::start(&db, &args);
     // A second server on the same database is refused while this one runs.
-    let refused = std::process::Command::new(crate::helpers::binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
-        .arg(format!("sqlite://{}", db.display()))
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = ServerProcess::on(&db).refused();
     assert!(
         stderr.contains("in use by another doparallel process"),
         "{stderr}"

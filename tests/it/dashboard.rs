@@ -1,7 +1,7 @@
 //! The dashboard through the real server: the page and its assets are served beside the API,
 //! whose answer for an unknown route stays its JSON 404.
 
-use crate::helpers::{engine_config, spawn_app, spawn_app_full};
+use crate::helpers::{spawn_app, spawn_app_full, test_settings};
 
 #[tokio::test]
 async fn the_page_and_its_assets_are_served_beside_the_api() {
@@ -35,7 +35,7 @@ async fn the_page_and_its_assets_are_served_beside_the_api() {
 async fn with_tokens_the_page_asks_for_one() {
     let token = "dashboard-token-0123456789";
     let tokens = doparallel::auth::ApiTokens::new([token]).unwrap();
-    let app = spawn_app_full(engine_config(), tokens, 1024 * 1024).await;
+    let app = spawn_app_full(test_settings(), tokens, 1024 * 1024).await;
     for path in ["/", "/v1/jobs"] {
         let resp = app
             .http

@@ -37,7 +37,10 @@ async fn check(
     ];
 
     let failpoints = format!("{point}={arm}");
-    let mut first = ServerProcess::start_with_env(&db, &args, &[("FAILPOINTS", &failpoints)]);
+    let mut first = ServerProcess::on(&db)
+        .args(&args)
+        .envs(&[("FAILPOINTS", &failpoints)])
+        .start();
     let id = first
         .api
         .submit(&job_of(

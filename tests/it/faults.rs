@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::helpers::{
     DEADLINE, Endpoint, RawEndpoint, Receiver, ServerProcess, TestApp, assert_database_intact,
-    db_path, engine_config, eventually, job_of, respond, spawn_app, spawn_app_with, sqlite_url,
+    db_path, eventually, job_of, respond, spawn_app, spawn_app_with, sqlite_url, test_settings,
 };
 
 /// Runs a one-task job against `url` (an endpoint of `raw`) with quick retries. While its
@@ -202,7 +202,7 @@ async fn body_past_the_size_limit() {
     const LIMIT: usize = 4096;
     let app = spawn_app_with(doparallel::Settings {
         max_response_bytes: LIMIT,
-        ..engine_config()
+        ..test_settings()
     })
     .await;
     // One route declares its length, one streams chunks without any.
@@ -475,7 +475,7 @@ fn free_port() -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn callback_receiver_down_then_up() {
-    let mut config = engine_config();
+    let mut config = test_settings();
     config.callback_schedule = vec![Duration::from_millis(100); 20];
     let app = spawn_app_with(config).await;
     let addr = free_port();
@@ -521,7 +521,7 @@ async fn callback_receiver_down_then_up() {
 
 #[tokio::test]
 async fn callback_410_gone_stops_the_retries() {
-    let mut config = engine_config();
+    let mut config = test_settings();
     config.callback_schedule = vec![Duration::from_millis(20); 20];
     let app = spawn_app_with(config).await;
     let receiver = Receiver::start_at("127.0.0.1:0".parse().unwrap(), vec![503, 500, 410]).await;
@@ -735,7 +735,7 @@ async fn fill_database() -> FullDatabase {
     let (gate, _) = tokio::sync::watch::channel(false);
     let endpoint = gated_endpoint(&gate).await;
     let receiver = Receiver::start(0, 200).await;
-    let server = ServerProcess::start_url_logging(&url, &[], &log);
+    let server = ServerProcess::on_url(&url).log(&log).start();
     let api = &server.api;
     let pad = "b".repeat(4096);
 
@@ -850,7 +850,7 @@ async fn disk_full_then_sigkill() {
     full.server.sigkill();
     assert_database_intact(&full.db).await;
     let log = full.dir.path().join("restarted.log");
-    full.server = ServerProcess::start_url_logging(&full.url, &[], &log);
+    full.server = ServerProcess::on_url(&full.url).log(&log).start();
     let (status, body) = full
         .server
         .api

@@ -57,7 +57,9 @@ where
     }
 }
 
-pub fn engine_config() -> Settings {
+/// The settings of an in-process test server: loopback endpoints allowed, callbacks retried
+/// quickly, no secrets.
+pub fn test_settings() -> Settings {
     Settings {
         max_in_flight: 64,
         owner_max_in_flight: None,
@@ -229,7 +231,7 @@ pub fn listen_limits(max_body_bytes: usize) -> doparallel::listener::ListenLimit
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(engine_config()).await
+    spawn_app_with(test_settings()).await
 }
 
 pub async fn spawn_app_with(config: Settings) -> TestApp {
@@ -767,71 +769,51 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_doparallel")
 }
 
-impl ServerProcess {
-    /// Starts `doparallel serve` on `db` with extra arguments and waits for its
-    /// `listening on ADDR` line.
-    pub fn start(db: &Path, extra: &[&str]) -> Self {
-        Self::spawn(&sqlite_url(db), extra, None, &[])
+/// How a `doparallel serve` process is started: every test that runs the binary as a
+/// server goes through here. It listens on a free loopback port, may call loopback
+/// endpoints, and retries callbacks quickly, unless the arguments say otherwise.
+pub struct ServerBuilder {
+    url: String,
+    listen: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: Option<PathBuf>,
+    open_files: Option<u64>,
+}
+
+impl ServerBuilder {
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
-    /// Like [`ServerProcess::start`], with extra environment variables.
-    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))] // the crash-point tests
-    pub fn start_with_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn(&sqlite_url(db), extra, None, env)
+    pub fn listen(mut self, addr: &str) -> Self {
+        self.listen = addr.to_string();
+        self
     }
 
-    /// Like [`ServerProcess::start`], also copying every stderr line to `log`.
-    pub fn start_logging(db: &Path, extra: &[&str], log: &Path) -> Self {
-        Self::spawn(&sqlite_url(db), extra, Some(log.to_path_buf()), &[])
+    /// Extra environment variables (`FAILPOINTS` for the injected-fault tests).
+    pub fn envs(mut self, env: &[(&str, &str)]) -> Self {
+        self.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
     }
 
-    /// `doparallel serve` on the database at `url` (any backend).
-    pub fn start_url(url: &str, extra: &[&str]) -> Self {
-        Self::spawn(url, extra, None, &[])
+    /// Copies every stderr line of the server to `path`.
+    pub fn log(mut self, path: &Path) -> Self {
+        self.log = Some(path.to_path_buf());
+        self
     }
 
-    /// Like [`ServerProcess::start_logging`], on the database at `url`.
-    pub fn start_url_logging(url: &str, extra: &[&str], log: &Path) -> Self {
-        Self::spawn(url, extra, Some(log.to_path_buf()), &[])
+    /// The server's open-file limit, soft and hard.
+    pub fn open_files(mut self, files: u64) -> Self {
+        self.open_files = Some(files);
+        self
     }
 
-    /// `doparallel serve` on the database at `url` with extra environment variables,
-    /// copying every stderr line to `log`.
-    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))] // the injected-fault tests
-    pub fn start_url_env_logging(
-        url: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-        log: &Path,
-    ) -> Self {
-        Self::spawn(url, extra, Some(log.to_path_buf()), env)
-    }
-
-    /// Like [`ServerProcess::start_logging`], with the open-file limit (soft and hard) set
-    /// to `files` for the server.
-    pub fn start_with_file_limit(db: &Path, extra: &[&str], files: u64, log: &Path) -> Self {
-        Self::spawn_limited(
-            &sqlite_url(db),
-            extra,
-            Some(log.to_path_buf()),
-            &[],
-            Some(files),
-        )
-    }
-
-    fn spawn(url: &str, extra: &[&str], log: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
-        Self::spawn_limited(url, extra, log, env, None)
-    }
-
-    fn spawn_limited(
-        url: &str,
-        extra: &[&str],
-        log: Option<PathBuf>,
-        env: &[(&str, &str)],
-        files: Option<u64>,
-    ) -> Self {
+    fn command(&self) -> std::process::Command {
         let mut command = std::process::Command::new(binary());
-        if let Some(files) = files {
+        if let Some(files) = self.open_files {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit only, between fork and exec.
             unsafe {
@@ -847,21 +829,38 @@ impl ServerProcess {
                 });
             }
         }
-        let mut child = command
+        command
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--database", url])
+            .args(["--listen", &self.listen])
+            .args(["--database", &self.url])
             .args(["--callback-retry-schedule", "50ms,50ms,50ms"])
             .args(["--allow-net", "127.0.0.0/8"])
-            .args(extra)
+            .args(&self.args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// Runs a server that must refuse to start: checks that it exits with the usage error
+    /// code, and returns what it said.
+    pub fn refused(self) -> String {
+        let out = self.command().output().expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        stderr
+    }
+
+    /// Starts the server and waits for its `listening on ADDR` line.
+    pub fn start(self) -> ServerProcess {
+        let mut child = self
+            .command()
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .expect("the binary starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = self.log;
         // Drains stderr for the life of the process, so it never blocks on a full pipe.
         std::thread::spawn(move || {
             let echo = std::env::var_os("TEST_LOG").is_some();
@@ -890,6 +889,30 @@ impl ServerProcess {
             child,
             api: Api::new(addr),
         }
+    }
+}
+
+impl ServerProcess {
+    /// A server on the database at `url` (any backend), to be configured and started.
+    pub fn on_url(url: &str) -> ServerBuilder {
+        ServerBuilder {
+            url: url.to_string(),
+            listen: "127.0.0.1:0".to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+            log: None,
+            open_files: None,
+        }
+    }
+
+    /// A server on the SQLite database at `db`.
+    pub fn on(db: &Path) -> ServerBuilder {
+        Self::on_url(&sqlite_url(db))
+    }
+
+    /// The common case: a server on the SQLite database at `db` with extra arguments.
+    pub fn start(db: &Path, extra: &[&str]) -> Self {
+        Self::on(db).args(extra).start()
     }
 
     pub fn sigkill(&mut self) {

@@ -12,7 +12,7 @@ use doparallel::job::HostLimits;
 use serde_json::json;
 
 use crate::helpers::{
-    Endpoint, ServerProcess, TestApp, db_path, engine_config, eventually, job_of, spawn_app_with,
+    Endpoint, ServerProcess, TestApp, db_path, eventually, job_of, spawn_app_with, test_settings,
 };
 
 /// How far an arrival may be from the gate's slot: a late timer, then the trip over
@@ -22,7 +22,7 @@ const JITTER: Duration = Duration::from_millis(100);
 fn limited(per_host: HostLimits) -> Settings {
     Settings {
         per_host,
-        ..engine_config()
+        ..test_settings()
     }
 }
 
@@ -229,7 +229,7 @@ async fn a_jobs_own_limits_hold_for_it_alone() {
 async fn a_job_held_by_a_slow_host_does_not_starve_another_host() {
     let app = spawn_app_with(Settings {
         max_in_flight: 16,
-        ..engine_config()
+        ..test_settings()
     })
     .await;
     let (slow_host, other_host) = (Endpoint::start().await, Endpoint::start().await);
@@ -277,7 +277,7 @@ async fn a_job_held_by_a_slow_host_does_not_starve_another_host() {
 /// give it about a second's worth at a time rather than every free slot.
 #[tokio::test]
 async fn tasks_held_at_a_gate_are_queued_not_running() {
-    let app = spawn_app_with(engine_config()).await;
+    let app = spawn_app_with(test_settings()).await;
     let endpoint = Endpoint::start().await;
     let id = app
         .submit(&job_of(

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::helpers::{
-    Endpoint, Receiver, engine_config, eventually, job_of, spawn_app, spawn_app_with,
+    Endpoint, Receiver, eventually, job_of, spawn_app, spawn_app_with, test_settings,
 };
 
 #[tokio::test]
@@ -102,7 +102,7 @@ async fn delete_purges_a_finished_job_only() {
 async fn retention_purges_finished_jobs() {
     let app = spawn_app_with(doparallel::Settings {
         retention: Some(Duration::from_millis(200)),
-        ..engine_config()
+        ..test_settings()
     })
     .await;
     let endpoint = Endpoint::start().await;
@@ -165,7 +165,7 @@ async fn an_idempotency_key_makes_a_retried_submission_safe() {
 
 #[tokio::test]
 async fn a_job_whose_callback_is_still_owed_is_not_deleted() {
-    let mut config = engine_config();
+    let mut config = test_settings();
     config.callback_schedule = vec![std::time::Duration::from_secs(3600)];
     let app = spawn_app_with(config).await;
     let mut receiver = Receiver::start(usize::MAX, 503).await;

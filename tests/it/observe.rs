@@ -175,7 +175,10 @@ async fn the_openapi_document_is_served() {
 async fn json_logs_carry_the_job_id() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log.jsonl");
-    let server = ServerProcess::start_logging(&db_path(&dir), &["--log-format", "json"], &log);
+    let server = ServerProcess::on(&db_path(&dir))
+        .args(&["--log-format", "json"])
+        .log(&log)
+        .start();
     let id = server
         .api
         .submit(&json!({"tasks": [{"endpoint": "/v1/test"}]}))

@@ -130,7 +130,7 @@ async fn a_report_may_come_before_the_202() {
 
 #[tokio::test]
 async fn an_unreported_task_times_out_and_is_retried_then_fails() {
-    let mut config = crate::helpers::engine_config();
+    let mut config = crate::helpers::test_settings();
     // The sweep that finds overdue tasks runs every third of the lease timeout.
     config.lease_timeout = Duration::from_millis(300);
     let app = spawn_app_with(config).await;

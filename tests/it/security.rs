@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Endpoint, Receiver, ServerProcess, db_path, engine_config, spawn_app_full, spawn_app_with,
+    Endpoint, Receiver, ServerProcess, db_path, spawn_app_full, spawn_app_with, test_settings,
 };
 
 /// A listener that counts every connection made to it; nothing should ever reach it.
@@ -43,7 +43,7 @@ impl Canary {
 fn guarded_config() -> doparallel::Settings {
     doparallel::Settings {
         egress: Arc::new(EgressPolicy::guarded(Vec::new())),
-        ..engine_config()
+        ..test_settings()
     }
 }
 
@@ -167,7 +167,7 @@ async fn tokens_guard_the_api_and_each_sees_its_own_jobs() {
     let bob = "bob-token-0123456789ab";
     let carol = "carol+token/with=odd chars";
     let tokens = ApiTokens::new([alice, bob, carol]).unwrap();
-    let app = spawn_app_full(engine_config(), tokens, 1024 * 1024).await;
+    let app = spawn_app_full(test_settings(), tokens, 1024 * 1024).await;
     let url = |path: &str| format!("{}{path}", app.base);
     let job = json!({"tasks": [{"endpoint": "/v1/test"}]});
 
@@ -325,13 +325,9 @@ async fn tokens_guard_the_api_and_each_sees_its_own_jobs() {
 #[test]
 fn serve_refuses_an_open_non_loopback_listen() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(crate::helpers::binary())
-        .args(["serve", "--listen", "0.0.0.0:0", "--database"])
-        .arg(format!("sqlite://{}", db_path(&dir).display()))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = ServerProcess::on(&db_path(&dir))
+        .listen("0.0.0.0:0")
+        .refused();
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("refusing to listen on 0.0.0.0:0 without an API token"),
@@ -353,14 +349,7 @@ fn serve_refuses_one_secret_for_callbacks_and_task_calls() {
     let token_file = dir.path().join("tokens");
     std::fs::write(&token_file, format!("tenant-token-0123456789 {other}\n")).unwrap();
     let refused = |args: &[&str]| {
-        let out = std::process::Command::new(crate::helpers::binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--database"])
-            .arg(format!("sqlite://{}", db_path(&dir).display()))
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let stderr = ServerProcess::on(&db_path(&dir)).args(args).refused();
         assert!(
             stderr.contains("both a task secret and a callback secret"),
             "{stderr}"
@@ -388,18 +377,17 @@ async fn secrets_never_reach_the_logs() {
     let log = dir.path().join("log");
     let token = "never-log-this-token-123";
     let secret = doparallel::webhook::WebhookSecret::generate();
-    let server = ServerProcess::start_logging(
-        &db_path(&dir),
-        &[
+    let server = ServerProcess::on(&db_path(&dir))
+        .args(&[
             "--api-token",
             token,
             "--webhook-secret",
             &secret,
             "--log-format",
             "json",
-        ],
-        &log,
-    );
+        ])
+        .log(&log)
+        .start();
     let api = &server.api;
     let mut receiver = Receiver::start(1, 500).await;
     let job = json!({"callback": receiver.url(), "tasks": [{"endpoint": "/v1/test"}]});
@@ -440,7 +428,7 @@ async fn secrets_never_reach_the_logs() {
 
 #[tokio::test]
 async fn limits_hold_at_the_limit_and_refuse_one_past_it() {
-    let mut config = engine_config();
+    let mut config = test_settings();
     config.max_response_bytes = 1000;
     config.max_callback_bytes = 2000;
     let app = spawn_app_full(config, Default::default(), 3000).await;
@@ -583,7 +571,7 @@ async fn stored_results_stay_within_the_response_bound() {
         .await;
     })
     .await;
-    let app = spawn_app_with(engine_config()).await;
+    let app = spawn_app_with(test_settings()).await;
     let id = app
         .submit(&json!({"tasks": [{"endpoint": nul.url("/nul")}]}))
         .await;
@@ -617,12 +605,10 @@ async fn stored_results_stay_within_the_response_bound() {
 async fn task_data_never_reaches_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let server = ServerProcess::start_url_env_logging(
-        &crate::helpers::sqlite_url(&db_path(&dir)),
-        &[],
-        &[("RUST_LOG", "trace")],
-        &log,
-    );
+    let server = ServerProcess::on(&db_path(&dir))
+        .envs(&[("RUST_LOG", "trace")])
+        .log(&log)
+        .start();
     let marker = "recognisable-payload-".repeat(5000);
     let id = server
         .api

@@ -172,7 +172,7 @@ async fn a_full_disk_while_results_are_committed() {
     let (gate, _) = tokio::sync::watch::channel(false);
     let endpoint = held_endpoint(&gate, PAD).await;
     let mut receiver = Receiver::start(0, 200).await;
-    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &[], &log);
+    let server = ServerProcess::on(&db).log(&log).start();
     let api = &server.api;
 
     let options = json!({"concurrency": HELD, "backoff_ms": 50, "timeout_ms": 60000});
@@ -251,7 +251,7 @@ async fn a_full_disk_while_results_are_committed() {
     assert_database_intact(&db).await;
 
     let restarted_log = logs.path().join("restarted.log");
-    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &[], &restarted_log);
+    let server = ServerProcess::on(&db).log(&restarted_log).start();
     for id in [&held, &after] {
         let job = server.api.job(id).await;
         assert_eq!(job["status"], "Complete", "{job}");
@@ -281,7 +281,7 @@ async fn a_full_disk_while_a_callback_is_recorded() {
     let (gate, _) = tokio::sync::watch::channel(false);
     let receiver = held_endpoint(&gate, 0).await;
     let args = ["--callback-timeout", "1s"];
-    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &args, &log);
+    let server = ServerProcess::on(&db).args(&args).log(&log).start();
     let api = &server.api;
     let id = api
         .submit(&job_of(
@@ -317,7 +317,7 @@ async fn a_full_disk_while_a_callback_is_recorded() {
     assert_eq!(calls[1].header("webhook-id"), calls[0].header("webhook-id"));
 
     stop(server).await;
-    let server = ServerProcess::start_url(&sqlite_url(&db), &args);
+    let server = ServerProcess::on(&db).args(&args).start();
     assert_eq!(server.api.job(&id).await["callback"]["state"], "delivered");
     stop(server).await;
     assert_database_intact(&db).await;
@@ -335,7 +335,7 @@ async fn a_callback_of_an_unfinished_job_is_not_sent() {
     let (gate, _) = tokio::sync::watch::channel(false);
     let endpoint = held_endpoint(&gate, 0).await;
     let mut receiver = Receiver::start(0, 200).await;
-    let server = ServerProcess::start_url_logging(&sqlite_url(&db), &[], &log);
+    let server = ServerProcess::on(&db).log(&log).start();
     let api = &server.api;
     let id = api
         .submit(&job_of(
@@ -430,7 +430,11 @@ mod injected {
             "1s",
         ];
         let env = [("FAILPOINTS", failpoints)];
-        let server = ServerProcess::start_url_env_logging(url, &args, &env, &log);
+        let server = ServerProcess::on_url(url)
+            .args(&args)
+            .envs(&env)
+            .log(&log)
+            .start();
         let api = &server.api;
         let job = job_of(
             TASKS,
@@ -562,7 +566,7 @@ async fn postgres_down_answers_503_promptly() {
     let (gate, _) = tokio::sync::watch::channel(false);
     let endpoint = held_endpoint(&gate, 0).await;
     let mut receiver = Receiver::start(0, 200).await;
-    let server = ServerProcess::start_url(&cluster.url(), &[]);
+    let server = ServerProcess::on_url(&cluster.url()).start();
     let api = &server.api;
     let id = api
         .submit(&job_of(
@@ -734,7 +738,11 @@ async fn a_callback_cut_off_by_a_lost_database_is_aborted() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
     let args = ["--callback-timeout", "2s"];
-    let server = ServerProcess::start_url_env_logging(&cluster.url(), &args, &env, &log);
+    let server = ServerProcess::on_url(&cluster.url())
+        .args(&args)
+        .envs(&env)
+        .log(&log)
+        .start();
     let id = server
         .api
         .submit(&job_of(TASKS, "/v1/test", Some(&receiver.url()), json!({})))
@@ -792,7 +800,7 @@ async fn postgres_a_settle_whose_connection_is_terminated() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
     let env = [("FAILPOINTS", "settle-before-commit=1*return(3000)->off")];
-    let server = ServerProcess::start_url_env_logging(&db.url, &[], &env, &log);
+    let server = ServerProcess::on_url(&db.url).envs(&env).log(&log).start();
     let id = server
         .api
         .submit(&job_of(
@@ -837,7 +845,7 @@ async fn dynamodb_a_lost_answer_to_a_job_creation() {
     };
     let proxy = FaultyProxy::start(crate::moto::moto().unwrap()).await;
     let mut receiver = Receiver::start(0, 200).await;
-    let server = ServerProcess::start_url(&proxy.url(&table), &[]);
+    let server = ServerProcess::on_url(&proxy.url(&table)).start();
     let api = &server.api;
     for key in [None, Some("key-1")] {
         let faulted = proxy.faulted();
@@ -885,7 +893,7 @@ async fn dynamodb_a_start_up_that_meets_failed_requests_still_starts() {
     proxy.arm(|op, _| op != "DescribeTable", ProxyFault::Error500, 5);
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
-    let server = ServerProcess::start_url_logging(&proxy.url(&table), &[], &log);
+    let server = ServerProcess::on_url(&proxy.url(&table)).log(&log).start();
     assert_eq!(proxy.faulted(), 5);
     assert!(logged(&log, "failed at start; retrying"));
     let id = server
@@ -911,7 +919,7 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
     let mut receiver = Receiver::start(0, 200).await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
-    let server = ServerProcess::start_url_logging(&proxy.url(&table), &[], &log);
+    let server = ServerProcess::on_url(&proxy.url(&table)).log(&log).start();
     let api = &server.api;
     let job = job_of(
         TASKS,
@@ -993,7 +1001,11 @@ async fn a_claim_whose_answer_is_lost_does_not_hold_its_tasks() {
     let endpoint = crate::helpers::Endpoint::start().await;
     let env = [("FAILPOINTS", "claim-answer-lost=1*off->1*return->off")];
     let args = ["--lease-timeout", "1s"];
-    let server = ServerProcess::start_url_env_logging(&sqlite_url(&db), &args, &env, &log);
+    let server = ServerProcess::on(&db)
+        .args(&args)
+        .envs(&env)
+        .log(&log)
+        .start();
     let api = &server.api;
     // Keeps the node busy for about a minute, one call at a time.
     let busy = api

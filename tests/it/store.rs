@@ -2078,7 +2078,7 @@ async fn dynamodb_requests_per_task() {
     let api = crate::helpers::Api::new(listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let options = doparallel::ServeOptions {
-        settings: crate::helpers::engine_config(),
+        settings: crate::helpers::test_settings(),
         shutdown_grace: Duration::from_secs(5),
         listen: crate::helpers::listen_limits(4 * 1024 * 1024),
         tokens: Default::default(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Endpoint, TestApp, engine_config, eventually, job_of, spawn_app, spawn_app_with,
+    Endpoint, TestApp, eventually, job_of, spawn_app, spawn_app_with, test_settings,
 };
 
 /// Runs a one-task job against `route` with fast retries; returns the task as listed.
@@ -246,7 +246,7 @@ async fn a_job_never_exceeds_its_concurrency() {
 async fn max_in_flight_bounds_all_jobs_together() {
     let app = spawn_app_with(doparallel::Settings {
         max_in_flight: 4,
-        ..engine_config()
+        ..test_settings()
     })
     .await;
     let endpoint = Endpoint::start().await;
@@ -266,7 +266,7 @@ async fn max_in_flight_bounds_all_jobs_together() {
 async fn a_small_job_is_not_held_up_by_a_large_one() {
     let app = spawn_app_with(doparallel::Settings {
         max_in_flight: 8,
-        ..engine_config()
+        ..test_settings()
     })
     .await;
     let endpoint = Endpoint::start().await;
