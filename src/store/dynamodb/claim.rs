@@ -17,7 +17,7 @@ use super::items::{
     task_key,
 };
 use super::requests::PARALLEL;
-use super::tx::{TX_TASKS, TX_TRIES, TxOutcome};
+use super::tx::{Cancelled, TX_TASKS, TaskTx, Then, TxEnd};
 use crate::job::{JobId, JobOptions};
 use crate::store::codec::{parse_id, parse_options};
 use crate::store::plan::{self, FairShare};
@@ -38,6 +38,82 @@ struct Candidate {
 /// What a claim took of one job: its tasks, whether it had fewer due than wanted, and when
 /// its next waiting task is due.
 type JobClaim = (Vec<ClaimedTask>, bool, Option<Millis>);
+
+/// A due task as a claim reads it from its job's queue: index, attempts, endpoint, params.
+type Due = (u64, u32, String, String);
+
+/// The claim of one job's due tasks, as its transactions see the job.
+struct ClaimTx<'a> {
+    params: &'a ClaimParams,
+    candidate: &'a Candidate,
+    /// How many more of its tasks the job may run.
+    headroom: u64,
+}
+
+impl TaskTx<&Due> for ClaimTx<'_> {
+    fn job(&self) -> JobId {
+        self.candidate.id
+    }
+
+    fn job_change(&self, items: &[&Due]) -> Change {
+        let (id, params) = (self.candidate.id, self.params);
+        let k = items.len() as u64;
+        let mut meta = Change::new()
+            .incr("n_running", k as i64)
+            .set("status", s("Running"))
+            .set("last_claim_at", n(params.now))
+            .set("g1sk", s(format!("{}#{id}", pad_time(params.now))))
+            .when(|e| is_in(e, "status", &UNFINISHED))
+            .when(|e| format!("attribute_exists({})", e.n("g1pk")));
+        if let Some(limit) = self.candidate.concurrency {
+            let at_most = limit.saturating_sub(k);
+            meta = meta.when(|e| format!("{} <= {}", e.n("n_running"), e.v(n(at_most))));
+        }
+        meta
+    }
+
+    fn task_change(&self, (index, attempts, _, _): &&Due) -> (u64, Change) {
+        let (id, params) = (self.candidate.id, self.params);
+        let change = Change::new()
+            .set("status", s("Running"))
+            .incr("attempts", 1)
+            .set("node", s(params.node.to_string()))
+            .set("g3pk", s(format!("N#{}", params.node)))
+            .set("g3sk", s(format!("{id}#{index:010}")))
+            .remove("g2pk")
+            .remove("g2sk")
+            .when(|e| eq(e, "status", s("Pending")))
+            .when(|e| eq(e, "attempts", n(*attempts)))
+            .when(|e| format!("{} <= {}", e.n("run_at"), e.v(n(params.now))));
+        (*index, change)
+    }
+
+    /// Tasks taken meanwhile (by another node, or seen late by the index) are left out.
+    async fn cancelled(
+        &mut self,
+        store: &DynamoStore,
+        items: &mut Vec<&Due>,
+        cancelled: Cancelled,
+    ) -> StoreResult<Then> {
+        if cancelled.job_refused {
+            // Finished, cancelled, or at its concurrency: look again.
+            let Some(item) = store.job_item(self.candidate.id).await? else {
+                return Ok(Then::Stop);
+            };
+            let status = job_status_from(need_s(&item, "status")?)?;
+            if status.is_finished() {
+                return Ok(Then::Stop);
+            }
+            let running: u64 = need_n(&item, "n_running")?;
+            self.headroom = self
+                .candidate
+                .concurrency
+                .map_or(u64::MAX, |c| c.saturating_sub(running));
+            items.truncate(self.headroom.min(items.len() as u64) as usize);
+        }
+        Ok(Then::Continue)
+    }
+}
 
 impl DynamoStore {
     /// `Store::tasks_claim`: the candidate jobs, then rounds of [`FairShare`], a transaction
@@ -160,91 +236,32 @@ impl DynamoStore {
         }
         let exhausted = (due.len() as u64) < want;
         let mut claimed = Vec::new();
-        let mut headroom = candidate.headroom;
+        let mut tx = ClaimTx {
+            params,
+            candidate,
+            headroom: candidate.headroom,
+        };
         for chunk in due.chunks(TX_TASKS) {
             let mut items: Vec<_> = chunk.iter().collect();
-            for _ in 0..TX_TRIES {
-                items.truncate(headroom.min(items.len() as u64) as usize);
-                if items.is_empty() {
-                    break;
-                }
-                let k = items.len() as u64;
-                let mut meta = Change::new()
-                    .incr("n_running", k as i64)
-                    .set("status", s("Running"))
-                    .set("last_claim_at", n(params.now))
-                    .set("g1sk", s(format!("{}#{id}", pad_time(params.now))))
-                    .when(|e| is_in(e, "status", &UNFINISHED))
-                    .when(|e| format!("attribute_exists({})", e.n("g1pk")));
-                if let Some(limit) = candidate.concurrency {
-                    let at_most = limit.saturating_sub(k);
-                    meta = meta.when(|e| format!("{} <= {}", e.n("n_running"), e.v(n(at_most))));
-                }
-                let mut actions = vec![self.tx_update(job_key(id), meta)?];
-                for (index, attempts, _, _) in &items {
-                    let change = Change::new()
-                        .set("status", s("Running"))
-                        .incr("attempts", 1)
-                        .set("node", s(params.node.to_string()))
-                        .set("g3pk", s(format!("N#{}", params.node)))
-                        .set("g3sk", s(format!("{id}#{index:010}")))
-                        .remove("g2pk")
-                        .remove("g2sk")
-                        .when(|e| eq(e, "status", s("Pending")))
-                        .when(|e| eq(e, "attempts", n(*attempts)))
-                        .when(|e| format!("{} <= {}", e.n("run_at"), e.v(n(params.now))));
-                    actions.push(self.tx_update(task_key(id, *index), change)?);
-                }
-                match self.transact(actions).await? {
-                    TxOutcome::Done => {
-                        headroom -= k;
-                        for (index, attempts, endpoint, params_text) in items {
-                            claimed.push(ClaimedTask {
-                                job_id: id,
-                                index: *index,
-                                attempt: attempts + 1,
-                                endpoint: endpoint.clone(),
-                                params: raw(params_text)?,
-                                options: candidate.options.clone(),
-                                owner: candidate.owner.clone(),
-                            });
-                        }
-                        break;
-                    }
-                    TxOutcome::Cancelled(reasons) => {
-                        if reasons.first().and_then(|r| r.as_deref())
-                            == Some("ConditionalCheckFailed")
-                        {
-                            // Finished, cancelled, or at its concurrency: look again.
-                            let Some(item) = self.job_item(id).await? else {
-                                return Ok((claimed, true, None));
-                            };
-                            let status = job_status_from(need_s(&item, "status")?)?;
-                            if status.is_finished() {
-                                return Ok((claimed, true, None));
-                            }
-                            let running: u64 = need_n(&item, "n_running")?;
-                            headroom = candidate
-                                .concurrency
-                                .map_or(u64::MAX, |c| c.saturating_sub(running));
-                        }
-                        // Tasks taken meanwhile (by another node, or seen late by the
-                        // index) are left out.
-                        let stale: Vec<usize> = reasons
-                            .iter()
-                            .enumerate()
-                            .skip(1)
-                            .filter(|(_, r)| r.as_deref() == Some("ConditionalCheckFailed"))
-                            .map(|(i, _)| i - 1)
-                            .collect();
-                        items = items
-                            .into_iter()
-                            .enumerate()
-                            .filter(|(i, _)| !stale.contains(i))
-                            .map(|(_, t)| t)
-                            .collect();
+            items.truncate(tx.headroom.min(items.len() as u64) as usize);
+            match self.transact_tasks(&mut tx, items).await? {
+                TxEnd::Committed(items) => {
+                    tx.headroom -= items.len() as u64;
+                    for (index, attempts, endpoint, params_text) in items {
+                        claimed.push(ClaimedTask {
+                            job_id: id,
+                            index: *index,
+                            attempt: attempts + 1,
+                            endpoint: endpoint.clone(),
+                            params: raw(params_text)?,
+                            options: candidate.options.clone(),
+                            owner: candidate.owner.clone(),
+                        });
                     }
                 }
+                TxEnd::NoneLeft | TxEnd::GaveUp => {}
+                // The job finished or is gone.
+                TxEnd::Stopped => return Ok((claimed, true, None)),
             }
         }
         if claimed.is_empty() {

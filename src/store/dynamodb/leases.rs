@@ -9,17 +9,76 @@ use aws_sdk_dynamodb::types::Select;
 use super::DynamoStore;
 use super::expr::{Change, Ex, Item, eq, is_in, n, need_n, need_s, s};
 use super::items::{
-    UNFINISHED, id_of_pk, index_of_sk, job_key, job_status_from, node_key, queue_pk, queue_sk,
-    task_key,
+    UNFINISHED, id_of_pk, index_of_sk, job_status_from, node_key, queue_pk, queue_sk,
 };
 use super::schema::sdk_error;
-use super::tx::{TX_TASKS, TX_TRIES, TxOutcome};
+use super::tx::{Cancelled, TX_TASKS, TaskTx, Then, TxEnd};
 use crate::job::{JobId, JobStatus};
 use crate::store::{Millis, NodeId, StoreError, StoreResult};
 
 /// How long after its lease ran out a node's item is kept, so that gsi3's lag cannot hide a
 /// task it claimed just before it died.
 const NODE_FORGET_MS: Millis = 10 * 60 * 1000;
+
+/// The take-back of one job's tasks from a node whose lease ran out: (index, attempts)
+/// each.
+struct TakeBackTx {
+    node: NodeId,
+    id: JobId,
+    now: Millis,
+}
+
+impl TaskTx<(u64, u32)> for TakeBackTx {
+    fn job(&self) -> JobId {
+        self.id
+    }
+
+    fn job_change(&self, tasks: &[(u64, u32)]) -> Change {
+        Change::new()
+            .incr("n_running", -(tasks.len() as i64))
+            .when(|e| is_in(e, "status", &UNFINISHED))
+    }
+
+    fn task_change(&self, &(index, attempts): &(u64, u32)) -> (u64, Change) {
+        let (id, node, now) = (self.id, self.node, self.now);
+        let change = Change::new()
+            .set("status", s("Pending"))
+            .incr("attempts", -1)
+            .set("run_at", n(now))
+            .set("g2pk", s(queue_pk(id)))
+            .set("g2sk", s(queue_sk(now, index)))
+            .remove("node")
+            .remove("g3pk")
+            .remove("g3sk")
+            .when(|e| eq(e, "status", s("Running")))
+            .when(|e| eq(e, "attempts", n(attempts)))
+            .when(|e| eq(e, "node", s(node.to_string())));
+        (index, change)
+    }
+
+    async fn cancelled(
+        &mut self,
+        store: &DynamoStore,
+        tasks: &mut Vec<(u64, u32)>,
+        cancelled: Cancelled,
+    ) -> StoreResult<Then> {
+        if !cancelled.job_refused {
+            return Ok(Then::Continue);
+        }
+        // The job finished meanwhile: a cancelled job's tasks are marked Cancelled; a
+        // deleted job's are gone.
+        if let Some(item) = store.job_item(self.id).await?
+            && job_status_from(need_s(&item, "status")?)? == JobStatus::Cancelled
+        {
+            for &(index, attempts) in tasks.iter() {
+                store
+                    .cancel_running_task(self.id, index, attempts, Some(self.node), self.now)
+                    .await?;
+            }
+        }
+        Ok(Then::Stop)
+    }
+}
 
 impl DynamoStore {
     /// `Store::tasks_renew`: one write of the node's lease, however many tasks it runs; returns
@@ -83,76 +142,18 @@ impl DynamoStore {
 
     /// Takes one job's tasks from a node whose lease ran out; returns how many went back to
     /// the queue.
-    pub(super) async fn take_back(
+    async fn take_back(
         &self,
         node: NodeId,
         id: JobId,
         tasks: Vec<(u64, u32)>,
         now: Millis,
     ) -> StoreResult<u64> {
+        let mut tx = TakeBackTx { node, id, now };
         let mut taken = 0;
         for chunk in tasks.chunks(TX_TASKS) {
-            let mut items: Vec<(u64, u32)> = chunk.to_vec();
-            for _ in 0..TX_TRIES {
-                if items.is_empty() {
-                    break;
-                }
-                let meta = Change::new()
-                    .incr("n_running", -(items.len() as i64))
-                    .when(|e| is_in(e, "status", &UNFINISHED));
-                let mut actions = vec![self.tx_update(job_key(id), meta)?];
-                for &(index, attempts) in &items {
-                    let change = Change::new()
-                        .set("status", s("Pending"))
-                        .incr("attempts", -1)
-                        .set("run_at", n(now))
-                        .set("g2pk", s(queue_pk(id)))
-                        .set("g2sk", s(queue_sk(now, index)))
-                        .remove("node")
-                        .remove("g3pk")
-                        .remove("g3sk")
-                        .when(|e| eq(e, "status", s("Running")))
-                        .when(|e| eq(e, "attempts", n(attempts)))
-                        .when(|e| eq(e, "node", s(node.to_string())));
-                    actions.push(self.tx_update(task_key(id, index), change)?);
-                }
-                match self.transact(actions).await? {
-                    TxOutcome::Done => {
-                        taken += items.len() as u64;
-                        break;
-                    }
-                    TxOutcome::Cancelled(reasons) => {
-                        if reasons.first().and_then(|r| r.as_deref())
-                            == Some("ConditionalCheckFailed")
-                        {
-                            // The job finished meanwhile: a cancelled job's tasks are
-                            // marked Cancelled; a deleted job's are gone.
-                            if let Some(item) = self.job_item(id).await?
-                                && job_status_from(need_s(&item, "status")?)?
-                                    == JobStatus::Cancelled
-                            {
-                                for &(index, attempts) in &items {
-                                    self.cancel_running_task(id, index, attempts, Some(node), now)
-                                        .await?;
-                                }
-                            }
-                            break;
-                        }
-                        let stale: Vec<usize> = reasons
-                            .iter()
-                            .enumerate()
-                            .skip(1)
-                            .filter(|(_, r)| r.as_deref() == Some("ConditionalCheckFailed"))
-                            .map(|(i, _)| i - 1)
-                            .collect();
-                        items = items
-                            .into_iter()
-                            .enumerate()
-                            .filter(|(i, _)| !stale.contains(i))
-                            .map(|(_, t)| t)
-                            .collect();
-                    }
-                }
+            if let TxEnd::Committed(tasks) = self.transact_tasks(&mut tx, chunk.to_vec()).await? {
+                taken += tasks.len() as u64;
             }
         }
         Ok(taken)

@@ -74,7 +74,8 @@
 //!
 //! - `items`: the keys and attributes of each item above, and how items read as records.
 //! - `requests`: one function for each kind of request, counted in [`OpCounts`].
-//! - `tx`: TransactWriteItems and what its cancellation says.
+//! - `tx`: TransactWriteItems, and a job item written with some of its tasks, tried again
+//!   without the stale ones (claim, settle, take-back).
 //! - `jobs`: submission, reads, lists, cancel. `retention`: delete and purge.
 //! - `claim`: claims and overdue awaited tasks. `leases`: node leases and their expiry.
 //! - `settle`: outcomes and reports. `callbacks`: the outbox.

@@ -14,7 +14,7 @@ use super::items::{
     UNFINISHED, finish_job, job_key, job_status_from, pad_time, queue_pk, queue_sk, task_key,
 };
 use super::requests::PARALLEL;
-use super::tx::{TX_TASKS, TX_TRIES, TxOutcome};
+use super::tx::{Cancelled, TX_TASKS, TX_TRIES, TaskTx, Then, TxEnd};
 use super::{DynamoStore, MAX_RESULT_BYTES};
 use crate::job::{JobId, JobStatus};
 use crate::store::plan;
@@ -66,6 +66,124 @@ impl JobCounters {
             has_callback: item.contains_key("callback_url"),
             status: job_status_from(need_s(item, "status")?)?,
         })
+    }
+}
+
+/// An outcome as a settle transaction writes it: the settle, the outcome as stored, and its
+/// failure number.
+type Numbered<'a> = (&'a TaskSettle, SettleOutcome, Option<u64>);
+
+/// What a transaction of some outcomes adds to its job's counters.
+struct Tally {
+    complete: u64,
+    failed: u64,
+    done: u64,
+    awaiting: u64,
+    settled: u64,
+    now: Millis,
+}
+
+impl Tally {
+    fn of(items: &[&Numbered]) -> Tally {
+        let complete = items
+            .iter()
+            .filter(|(_, o, _)| matches!(o, SettleOutcome::Complete { .. }))
+            .count() as u64;
+        let failed = items
+            .iter()
+            .filter(|(_, o, _)| matches!(o, SettleOutcome::Failed { .. }))
+            .count() as u64;
+        let awaiting = items
+            .iter()
+            .filter(|(_, o, _)| matches!(o, SettleOutcome::Await { .. }))
+            .count() as u64;
+        Tally {
+            complete,
+            failed,
+            done: complete + failed,
+            awaiting,
+            // An awaited attempt stays running: it still counts against concurrency.
+            settled: items.len() as u64 - awaiting,
+            now: items.iter().map(|(t, _, _)| t.now).max().unwrap_or(0),
+        }
+    }
+}
+
+/// The settle of one job's outcomes, as its transactions see the job.
+struct SettleTx {
+    node: Option<NodeId>,
+    id: JobId,
+    job: JobCounters,
+}
+
+impl SettleTx {
+    /// The job's final status, when a transaction of these outcomes finishes it.
+    fn finishes(&self, tally: &Tally) -> Option<JobStatus> {
+        let job = &self.job;
+        (job.done + tally.done == job.total)
+            .then(|| plan::final_status(job.failed + tally.failed, job.tolerated))
+    }
+}
+
+impl<'a, 'b> TaskTx<&'a Numbered<'b>> for SettleTx {
+    fn job(&self) -> JobId {
+        self.id
+    }
+
+    fn job_change(&self, items: &[&Numbered]) -> Change {
+        let (id, job) = (self.id, &self.job);
+        let tally = Tally::of(items);
+        let meta = Change::new()
+            .incr("n_running", -(tally.settled as i64))
+            .incr("n_done", tally.done as i64)
+            .incr("n_complete", tally.complete as i64)
+            .incr("n_failed", tally.failed as i64)
+            .when(|e| is_in(e, "status", &UNFINISHED));
+        if let Some(final_status) = self.finishes(&tally) {
+            let (seen_done, seen_failed) = (job.done, job.failed);
+            let meta = meta
+                .when(|e| eq(e, "n_done", n(seen_done)))
+                .when(|e| eq(e, "n_failed", n(seen_failed)))
+                .set("status", s(final_status.as_str()));
+            finish_job(meta, id, job.has_callback, tally.now)
+        } else {
+            let below = job.total - tally.done;
+            meta.when(|e| format!("{} < {}", e.n("n_done"), e.v(n(below))))
+        }
+    }
+
+    fn task_change(&self, (settle, outcome, fail_seq): &&Numbered) -> (u64, Change) {
+        let change = settle_change(self.node, self.id, settle, outcome, *fail_seq);
+        (settle.index, change)
+    }
+
+    /// Tasks whose condition failed are stale: their outcome is dropped.
+    async fn cancelled(
+        &mut self,
+        store: &DynamoStore,
+        items: &mut Vec<&'a Numbered<'b>>,
+        cancelled: Cancelled,
+    ) -> StoreResult<Then> {
+        if cancelled.tries == TX_TRIES {
+            // No try follows: the settle gives up (see `settle_job`), the job not read again.
+            return Ok(Then::Continue);
+        }
+        // The job changed (another node's settle, a cancel), or a conflict: read it again.
+        let Some(item) = store.job_item(self.id).await? else {
+            return Ok(Then::Stop);
+        };
+        self.job = JobCounters::from_item(&item)?;
+        if self.job.status.is_finished() {
+            let left: Vec<&TaskSettle> = items.iter().map(|(t, _, _)| *t).collect();
+            store
+                .refuse_outcomes(self.node, self.id, &self.job, &left)
+                .await?;
+            return Ok(Then::Stop);
+        }
+        if cancelled.tries > 2 {
+            tokio::time::sleep(Duration::from_millis(5 << cancelled.tries.min(6))).await;
+        }
+        Ok(Then::Continue)
     }
 }
 
@@ -142,7 +260,7 @@ impl DynamoStore {
         let Some(item) = self.job_item(id).await? else {
             return Ok(report);
         };
-        let mut job = JobCounters::from_item(&item)?;
+        let job = JobCounters::from_item(&item)?;
         if job.status.is_finished() {
             self.refuse_outcomes(node, id, &job, &settles).await?;
             return Ok(report);
@@ -177,107 +295,33 @@ impl DynamoStore {
             numbered.push((settle, outcome, fail_seq));
         }
 
+        let mut tx = SettleTx { node, id, job };
         for chunk in numbered.chunks(TX_TASKS) {
-            let mut items: Vec<_> = chunk.iter().collect();
-            let mut tries = 0;
-            while !items.is_empty() {
-                let complete = items
-                    .iter()
-                    .filter(|(_, o, _)| matches!(o, SettleOutcome::Complete { .. }))
-                    .count() as u64;
-                let failed = items
-                    .iter()
-                    .filter(|(_, o, _)| matches!(o, SettleOutcome::Failed { .. }))
-                    .count() as u64;
-                let done = complete + failed;
-                let awaiting = items
-                    .iter()
-                    .filter(|(_, o, _)| matches!(o, SettleOutcome::Await { .. }))
-                    .count() as u64;
-                // An awaited attempt stays running: it still counts against concurrency.
-                let settled = items.len() as u64 - awaiting;
-                let now = items.iter().map(|(t, _, _)| t.now).max().unwrap_or(0);
-                let finishing = job.done + done == job.total;
-                let final_status = plan::final_status(job.failed + failed, job.tolerated);
-
-                let mut meta = Change::new()
-                    .incr("n_running", -(settled as i64))
-                    .incr("n_done", done as i64)
-                    .incr("n_complete", complete as i64)
-                    .incr("n_failed", failed as i64)
-                    .when(|e| is_in(e, "status", &UNFINISHED));
-                if finishing {
-                    let (seen_done, seen_failed) = (job.done, job.failed);
-                    meta = meta
-                        .when(|e| eq(e, "n_done", n(seen_done)))
-                        .when(|e| eq(e, "n_failed", n(seen_failed)))
-                        .set("status", s(final_status.as_str()));
-                    meta = finish_job(meta, id, job.has_callback, now);
-                } else {
-                    let below = job.total - done;
-                    meta = meta.when(|e| format!("{} < {}", e.n("n_done"), e.v(n(below))));
-                }
-                let mut actions = vec![self.tx_update(job_key(id), meta)?];
-                for (settle, outcome, fail_seq) in &items {
-                    actions.push(self.tx_update(
-                        task_key(id, settle.index),
-                        settle_change(node, id, settle, outcome, *fail_seq),
-                    )?);
-                }
-                match self.transact(actions).await? {
-                    TxOutcome::Done => {
-                        job.done += done;
-                        job.failed += failed;
-                        report.complete += complete;
-                        report.failed += failed;
-                        report.retried += settled - done;
-                        report.awaiting += awaiting;
-                        if finishing {
-                            report.finished.push(JobFinished {
-                                job_id: id,
-                                status: final_status,
-                                has_callback: job.has_callback,
-                            });
-                        }
-                        break;
+            match self.transact_tasks(&mut tx, chunk.iter().collect()).await? {
+                TxEnd::Committed(items) => {
+                    let tally = Tally::of(&items);
+                    let finished = tx.finishes(&tally);
+                    tx.job.done += tally.done;
+                    tx.job.failed += tally.failed;
+                    report.complete += tally.complete;
+                    report.failed += tally.failed;
+                    report.retried += tally.settled - tally.done;
+                    report.awaiting += tally.awaiting;
+                    if let Some(status) = finished {
+                        report.finished.push(JobFinished {
+                            job_id: id,
+                            status,
+                            has_callback: tx.job.has_callback,
+                        });
                     }
-                    TxOutcome::Cancelled(reasons) => {
-                        tries += 1;
-                        if tries >= TX_TRIES {
-                            return Err(StoreError::Unavailable(format!(
-                                "settling job {id} kept conflicting with other writers"
-                            )));
-                        }
-                        // Tasks whose condition failed are stale: their outcome is dropped.
-                        let stale: Vec<usize> = reasons
-                            .iter()
-                            .enumerate()
-                            .skip(1)
-                            .filter(|(_, r)| r.as_deref() == Some("ConditionalCheckFailed"))
-                            .map(|(i, _)| i - 1)
-                            .collect();
-                        let mut kept = Vec::with_capacity(items.len());
-                        for (i, item) in items.into_iter().enumerate() {
-                            if !stale.contains(&i) {
-                                kept.push(item);
-                            }
-                        }
-                        items = kept;
-                        // The job changed (another node's settle, a cancel), or a conflict:
-                        // read it again.
-                        let Some(item) = self.job_item(id).await? else {
-                            return Ok(report);
-                        };
-                        job = JobCounters::from_item(&item)?;
-                        if job.status.is_finished() {
-                            let left: Vec<&TaskSettle> = items.iter().map(|(t, _, _)| *t).collect();
-                            self.refuse_outcomes(node, id, &job, &left).await?;
-                            return Ok(report);
-                        }
-                        if tries > 2 {
-                            tokio::time::sleep(Duration::from_millis(5 << tries.min(6))).await;
-                        }
-                    }
+                }
+                TxEnd::NoneLeft => {}
+                // The job is gone, or finished and its outcomes refused.
+                TxEnd::Stopped => return Ok(report),
+                TxEnd::GaveUp => {
+                    return Err(StoreError::Unavailable(format!(
+                        "settling job {id} kept conflicting with other writers"
+                    )));
                 }
             }
         }
