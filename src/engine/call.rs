@@ -34,7 +34,7 @@ pub enum Attempt {
     },
     Fatal(TaskError),
     /// The endpoint answered 202 to a call that carried a task token: it reports the
-    /// outcome later (see `engine::report`).
+    /// outcome later (see `crate::task_token`).
     Accepted,
 }
 
