@@ -45,37 +45,23 @@ pub struct OutboxConfig {
     pub egress: Arc<EgressPolicy>,
 }
 
-struct Outbox {
-    store: Arc<dyn Store>,
-    bus: Arc<Bus>,
-    metrics: Arc<Metrics>,
-    outbound: Arc<Outbound>,
-    config: OutboxConfig,
+/// The outbox of one node: what it works with.
+pub struct Outbox {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<Bus>,
+    pub metrics: Arc<Metrics>,
+    pub outbound: Arc<Outbound>,
+    pub config: OutboxConfig,
     /// The longest it sleeps without looking at the store.
-    idle_poll: Duration,
+    pub idle_poll: Duration,
 }
 
-/// Starts the delivery loop; it sends due callbacks until `stop`, then waits for the
-/// deliveries under way.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
-    store: Arc<dyn Store>,
-    bus: Arc<Bus>,
-    metrics: Arc<Metrics>,
-    outbound: Arc<Outbound>,
-    config: OutboxConfig,
-    idle_poll: Duration,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
-    let outbox = Arc::new(Outbox {
-        store,
-        bus,
-        metrics,
-        outbound,
-        config,
-        idle_poll,
-    });
-    tokio::spawn(deliver_loop(outbox, stop))
+impl Outbox {
+    /// Starts the delivery loop; it sends due callbacks until `stop`, then waits for the
+    /// deliveries under way.
+    pub fn start(self, stop: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(deliver_loop(Arc::new(self), stop))
+    }
 }
 
 /// Deliveries leased per look at the outbox, and at most in flight at once.

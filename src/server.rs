@@ -26,7 +26,7 @@ use crate::job::{HostLimits, JobStatus, Limits, NewJob};
 use crate::listener::{self, ListenLimits};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, OutboundSettings};
-use crate::outbox::{self, OutboxConfig};
+use crate::outbox::{Outbox, OutboxConfig};
 use crate::store::{Store, StoreError, StoreResult};
 use crate::task_token::TaskTokens;
 use crate::webhook::{CallbackSigners, Signer};
@@ -195,15 +195,15 @@ impl Node {
             parts.engine,
         );
         let outbox_stop = CancellationToken::new();
-        let outbox = outbox::start(
-            services.store.clone(),
-            services.bus.clone(),
-            services.metrics.clone(),
-            outbound.clone(),
-            parts.outbox,
+        let outbox = Outbox {
+            store: services.store.clone(),
+            bus: services.bus.clone(),
+            metrics: services.metrics.clone(),
+            outbound: outbound.clone(),
+            config: parts.outbox,
             idle_poll,
-            outbox_stop.clone(),
-        );
+        }
+        .start(outbox_stop.clone());
         Ok(Node {
             services,
             outbound,
