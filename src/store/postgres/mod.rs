@@ -12,7 +12,8 @@
 //!   any node takes back the tasks whose lease ran out.
 //! - A settle locks its jobs' rows (`FOR UPDATE`, in `seq` order) before anything else, so
 //!   two nodes settling a job's last two tasks at once cannot both finish it, nor neither,
-//!   and failures are numbered without gaps between nodes.
+//!   and failures are numbered without gaps between nodes. The transaction that settles a
+//!   job's last task writes its final status (`plan::final_status` decides it).
 //! - Callback deliveries are leased with `FOR UPDATE SKIP LOCKED`: one node per attempt.
 //! - Writers that wait take job rows first, in `seq` order, then tasks; the others (claim,
 //!   renewal, purge, callback leases) skip what is locked rather than wait, so no two
@@ -167,7 +168,7 @@ impl PostgresStore {
         ids.sort();
         ids.dedup();
         let rows = sqlx::query(
-            "SELECT seq, id::text AS id, status FROM jobs WHERE id = ANY($1::uuid[]) \
+            "SELECT seq, id::text AS id FROM jobs WHERE id = ANY($1::uuid[]) \
              ORDER BY seq FOR UPDATE",
         )
         .bind(&ids)
@@ -175,11 +176,8 @@ impl PostgresStore {
         .await
         .map_err(map_err)?;
         let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(rows.len());
-        let mut was_finished: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
         for row in &rows {
-            let seq: i64 = row.get("seq");
-            seqs.insert(parse_id(row.get("id"))?, seq);
-            was_finished.insert(seq, job_status_from(row.get("status"))?.is_finished());
+            seqs.insert(parse_id(row.get("id"))?, row.get("seq"));
         }
 
         // Failures are numbered per job after the highest number given so far (not after the
@@ -288,51 +286,67 @@ impl PostgresStore {
             }
         }
 
-        // The jobs' counters, and the final status of those whose last task this was.
+        // The jobs' counters; the rows that come back say which jobs this batch finished.
         let mut d_seq = Vec::new();
         let mut d_settled = Vec::new();
         let mut d_complete = Vec::new();
         let mut d_failed = Vec::new();
-        let mut d_now = Vec::new();
         for (seq, d) in deltas.iter().filter(|(_, d)| d.settled > 0) {
             d_seq.push(*seq);
             d_settled.push(d.settled);
             d_complete.push(d.complete);
             d_failed.push(d.failed);
-            d_now.push(d.now);
         }
-        let mut callbacks: (Vec<i64>, Vec<Millis>) = (Vec::new(), Vec::new());
+        let mut finish: (Vec<i64>, Vec<i16>, Vec<Millis>) = Default::default();
+        let mut callbacks: (Vec<i64>, Vec<Millis>) = Default::default();
         if !d_seq.is_empty() {
             let rows = sqlx::query(SETTLE_JOBS_SQL)
                 .bind(&d_seq)
                 .bind(&d_settled)
                 .bind(&d_complete)
                 .bind(&d_failed)
-                .bind(&d_now)
                 .fetch_all(tx.conn().await?)
                 .await
                 .map_err(map_err)?;
             for row in rows {
-                let seq: i64 = row.get("seq");
                 let status = job_status_from(row.get("status"))?;
-                if was_finished[&seq] || !status.is_finished() {
+                let total: i64 = row.get("total");
+                let n_failed: i64 = row.get("n_failed");
+                let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
+                if status.is_finished() || done < total {
                     continue;
                 }
-                // This batch settled the job's last task: its callback record is written in
-                // the same transaction, so the callback is owed exactly when it is finished.
+                // This batch settled the job's last task: its final status and its callback
+                // record are written in the same transaction, which holds the job's row since
+                // it began, so the job is finished once and the callback owed exactly then.
+                let seq: i64 = row.get("seq");
+                let now = deltas[&seq].now;
+                let tolerated: i64 = row.get("tolerated");
+                let final_status =
+                    plan::final_status(n_failed.max(0) as u64, tolerated.max(0) as u64);
+                finish.0.push(seq);
+                finish.1.push(job_status_code(final_status));
+                finish.2.push(now);
                 let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
                 if has_callback {
                     callbacks.0.push(seq);
-                    callbacks
-                        .1
-                        .push(row.get::<Option<i64>, _>("finished_at").unwrap_or(0));
+                    callbacks.1.push(now);
                 }
                 report.finished.push(JobFinished {
                     job_id: parse_id(row.get("id"))?,
-                    status,
+                    status: final_status,
                     has_callback,
                 });
             }
+        }
+        if !finish.0.is_empty() {
+            sqlx::query(FINISH_JOBS_SQL)
+                .bind(&finish.0)
+                .bind(&finish.1)
+                .bind(&finish.2)
+                .execute(tx.conn().await?)
+                .await
+                .map_err(map_err)?;
         }
         if !callbacks.0.is_empty() {
             insert_callbacks(&mut tx, &callbacks.0, &callbacks.1).await?;
@@ -534,19 +548,20 @@ const SETTLE_TASKS_SQL: &str = "UPDATE tasks t SET status = v.status, \
        AND t.attempts = v.attempt AND ($12::bigint IS NULL OR t.node = $12) \
      RETURNING t.job_seq, t.status";
 
-/// Adds a settle batch to its jobs' counters; a job whose last task this was gets its final
-/// status (Complete within `tolerated` failures, else Failed) and finish time at once.
+/// Adds a settle batch to its jobs' counters, and returns what says whether it finished
+/// them: the counters, and the status, which this statement leaves as it was.
 const SETTLE_JOBS_SQL: &str = "UPDATE jobs j SET n_running = j.n_running - d.settled, \
-     n_complete = j.n_complete + d.complete, n_failed = j.n_failed + d.failed, \
-     status = CASE WHEN j.status IN (0, 1) AND j.n_complete + d.complete + j.n_failed + d.failed >= j.total \
-                   THEN CASE WHEN j.n_failed + d.failed <= j.tolerated THEN 2 ELSE 3 END \
-                   ELSE j.status END, \
-     finished_at = CASE WHEN j.status IN (0, 1) AND j.n_complete + d.complete + j.n_failed + d.failed >= j.total \
-                   THEN d.now ELSE j.finished_at END \
-     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-          AS d(seq, settled, complete, failed, now) \
+     n_complete = j.n_complete + d.complete, n_failed = j.n_failed + d.failed \
+     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) \
+          AS d(seq, settled, complete, failed) \
      WHERE j.seq = d.seq \
-     RETURNING j.seq, j.id::text AS id, j.status, j.callback_url, j.finished_at";
+     RETURNING j.seq, j.id::text AS id, j.status, j.total, j.n_complete, j.n_failed, \
+         j.tolerated, j.callback_url";
+
+/// Writes the final status and finish time of the jobs whose last task the batch settled.
+const FINISH_JOBS_SQL: &str = "UPDATE jobs j SET status = f.status, finished_at = f.at \
+     FROM unnest($1::bigint[], $2::smallint[], $3::bigint[]) AS f(seq, status, at) \
+     WHERE j.seq = f.seq";
 
 /// Leases the due callback deliveries (`$1` now, `$2` lease end, `$3` how many), skipping
 /// those another node is leasing, and in the same statement computes when the next one not
