@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -36,7 +36,12 @@ use futures_util::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
-use super::codec::{parse_id, parse_options, raw};
+use super::codec::{
+    CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE,
+    JOB_FAILED, JOB_PENDING, JOB_RUNNING, TASK_CANCELLED, TASK_COMPLETE, TASK_FAILED, TASK_PENDING,
+    TASK_RUNNING, callback_state, job_code, job_status_from, parse_id, parse_options, raw,
+    task_code, task_status_from,
+};
 use super::plan::{self, FairShare};
 use super::{
     CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
@@ -45,7 +50,7 @@ use super::{
     SettleOutcome, SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord,
     TaskReport, TaskSettle, now_millis, url_text,
 };
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
+use crate::job::{JobId, JobOptions, JobStatus, NewJob};
 
 mod tx;
 
@@ -223,16 +228,23 @@ impl PostgresStore {
             let Some(&seq) = seqs.get(&s.job_id) else {
                 continue;
             };
-            let (code, due, res, err, deadline): (i16, _, _, _, _) = match &s.outcome {
-                SettleOutcome::Complete { result } => (2, None, Some(result.get()), None, None),
-                SettleOutcome::Failed { error } => (3, None, None, Some(error.get()), None),
+            let (code, due, res, err, deadline) = match &s.outcome {
+                SettleOutcome::Complete { result } => {
+                    (TASK_COMPLETE, None, Some(result.get()), None, None)
+                }
+                SettleOutcome::Failed { error } => {
+                    (TASK_FAILED, None, None, Some(error.get()), None)
+                }
                 SettleOutcome::Retry { run_at, error } => {
-                    (0, Some(*run_at), None, Some(error.get()), None)
+                    (TASK_PENDING, Some(*run_at), None, Some(error.get()), None)
                 }
                 // Still running, held by nobody until its deadline.
-                SettleOutcome::Await { deadline } => (1, None, None, None, Some(*deadline)),
+                SettleOutcome::Await { deadline } => {
+                    (TASK_RUNNING, None, None, None, Some(*deadline))
+                }
             };
-            fail_seq.push((code == 3).then(|| {
+            let done = code == TASK_COMPLETE || code == TASK_FAILED;
+            fail_seq.push((code == TASK_FAILED).then(|| {
                 let next = next_fail.get_mut(&seq).expect("looked up above");
                 *next += 1;
                 *next - 1
@@ -245,12 +257,12 @@ impl PostgresStore {
             result.push(res);
             error.push(err);
             latency.push(s.latency_ms as i64);
-            finished_at.push((code >= 2).then_some(s.now));
+            finished_at.push(done.then_some(s.now));
             lease.push(deadline);
             let d = deltas.entry(seq).or_default();
             d.now = d.now.max(s.now);
         }
-        let rows = sqlx::query(SETTLE_TASKS_SQL)
+        let rows = sqlx::query(&SETTLE_TASKS_SQL)
             .bind(&job_seq)
             .bind(&idx)
             .bind(&attempt)
@@ -270,19 +282,21 @@ impl PostgresStore {
             let d = deltas
                 .get_mut(&row.get::<i64, _>("job_seq"))
                 .expect("a job of this batch");
-            let status: i16 = row.get("status");
-            if status == 1 {
+            let status: Code = row.get("status");
+            if status == TASK_RUNNING {
                 // Awaiting a report: still running, nothing counted yet.
                 report.awaiting += 1;
                 continue;
             }
             d.settled += 1;
-            d.complete += i64::from(status == 2);
-            d.failed += i64::from(status == 3);
-            match status {
-                2 => report.complete += 1,
-                3 => report.failed += 1,
-                _ => report.retried += 1,
+            if status == TASK_COMPLETE {
+                d.complete += 1;
+                report.complete += 1;
+            } else if status == TASK_FAILED {
+                d.failed += 1;
+                report.failed += 1;
+            } else {
+                report.retried += 1;
             }
         }
 
@@ -297,7 +311,7 @@ impl PostgresStore {
             d_complete.push(d.complete);
             d_failed.push(d.failed);
         }
-        let mut finish: (Vec<i64>, Vec<i16>, Vec<Millis>) = Default::default();
+        let mut finish: (Vec<i64>, Vec<Code>, Vec<Millis>) = Default::default();
         let mut callbacks: (Vec<i64>, Vec<Millis>) = Default::default();
         if !d_seq.is_empty() {
             let rows = sqlx::query(SETTLE_JOBS_SQL)
@@ -325,7 +339,7 @@ impl PostgresStore {
                 let final_status =
                     plan::final_status(n_failed.max(0) as u64, tolerated.max(0) as u64);
                 finish.0.push(seq);
-                finish.1.push(job_status_code(final_status));
+                finish.1.push(job_code(final_status));
                 finish.2.push(now);
                 let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
                 if has_callback {
@@ -417,27 +431,6 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// Status codes are SMALLINT here (0 to 4, see `codec`).
-fn job_status_code(s: JobStatus) -> i16 {
-    super::codec::job_status_code(s) as i16
-}
-
-fn task_status_code(s: TaskStatus) -> i16 {
-    super::codec::task_status_code(s) as i16
-}
-
-fn job_status_from(code: i16) -> StoreResult<JobStatus> {
-    super::codec::job_status_from(code.into())
-}
-
-fn task_status_from(code: i16) -> StoreResult<TaskStatus> {
-    super::codec::task_status_from(code.into())
-}
-
-const CB_PENDING: i16 = 1;
-const CB_DELIVERED: i16 = 2;
-const CB_FAILED: i16 = 3;
-
 const NOTICE_WORK: &str = "work";
 const NOTICE_CALLBACK: &str = "callback";
 const NOTICE_CANCEL: &str = "cancel:";
@@ -471,13 +464,7 @@ const JOB_COLUMNS: &str = "j.id::text AS id, j.owner, j.status, j.options, j.tot
 fn job_from_row(row: &PgRow) -> StoreResult<JobRecord> {
     let status = job_status_from(row.get("status"))?;
     let callback_url: Option<String> = row.get("callback_url");
-    let cb_state: Option<i16> = row.get("state");
-    let state = match (callback_url.is_some(), cb_state) {
-        (false, _) => CallbackState::None,
-        (true, None | Some(CB_PENDING)) => CallbackState::Pending,
-        (true, Some(CB_DELIVERED)) => CallbackState::Delivered,
-        (true, Some(_)) => CallbackState::Failed,
-    };
+    let state = callback_state(callback_url.is_some(), row.get("state"));
     Ok(JobRecord {
         id: parse_id(row.get("id"))?,
         owner: row.get("owner"),
@@ -517,36 +504,88 @@ fn task_from_row(row: &PgRow) -> StoreResult<TaskRecord> {
 
 /// The jobs a claim may serve: unfinished, with tasks not yet running or done, and room
 /// under their concurrency.
-const CLAIMABLE: &str = "status IN (0, 1) AND total > n_running + n_complete + n_failed \
-     AND (concurrency IS NULL OR n_running < concurrency)";
+fn claimable() -> String {
+    format!(
+        "status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
+         AND (concurrency IS NULL OR n_running < concurrency)"
+    )
+}
+
+/// Up to `$2` claimable jobs, least recently served first, but for the jobs `$1` and those
+/// of the owners `$3`.
+static WINDOW_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT seq FROM jobs WHERE {} AND id <> ALL($1::uuid[]) \
+           AND (owner IS NULL OR owner <> ALL($3::text[])) \
+         ORDER BY last_claim_at, seq LIMIT $2",
+        claimable()
+    )
+});
+
+/// Locks the jobs `$1` that are still claimable, skipping those another transaction holds.
+static LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT seq, id::text AS id, owner, options, concurrency, n_running FROM jobs \
+         WHERE seq = ANY($1) AND {} \
+         ORDER BY last_claim_at, seq FOR UPDATE SKIP LOCKED",
+        claimable()
+    )
+});
 
 /// Takes up to `n` due tasks of each job (`$1`, `$2`) at `$3`, leased to node `$4` until
 /// `$5`. Each job's pick walks its part of the `tasks_due` index; tasks another transaction
 /// holds are skipped.
-const CLAIM_TASKS_SQL: &str = "WITH w AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS w(job_seq, n)), \
-     picked AS (SELECT p.job_seq, p.idx FROM w CROSS JOIN LATERAL (\
-         SELECT t.job_seq, t.idx FROM tasks t \
-         WHERE t.job_seq = w.job_seq AND t.status = 0 AND t.run_at <= $3 \
-         ORDER BY t.run_at, t.idx LIMIT w.n FOR UPDATE SKIP LOCKED) p) \
-     UPDATE tasks SET status = 1, attempts = tasks.attempts + 1, node = $4, lease_until = $5 \
-     FROM picked WHERE tasks.job_seq = picked.job_seq AND tasks.idx = picked.idx \
-     RETURNING tasks.job_seq, tasks.idx, tasks.attempts, tasks.endpoint, tasks.params";
+static CLAIM_TASKS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH w AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS w(job_seq, n)), \
+         picked AS (SELECT p.job_seq, p.idx FROM w CROSS JOIN LATERAL (\
+             SELECT t.job_seq, t.idx FROM tasks t \
+             WHERE t.job_seq = w.job_seq AND t.status = {TASK_PENDING} AND t.run_at <= $3 \
+             ORDER BY t.run_at, t.idx LIMIT w.n FOR UPDATE SKIP LOCKED) p) \
+         UPDATE tasks SET status = {TASK_RUNNING}, attempts = tasks.attempts + 1, node = $4, \
+             lease_until = $5 \
+         FROM picked WHERE tasks.job_seq = picked.job_seq AND tasks.idx = picked.idx \
+         RETURNING tasks.job_seq, tasks.idx, tasks.attempts, tasks.endpoint, tasks.params"
+    )
+});
+/// Adds to the served jobs' (`$2`) running counts how many tasks each got (`$3`), a job
+/// that got some now Running, and moves them to the back of the round robin (`$1` now).
+static SERVED_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET n_running = n_running + c.n, \
+         status = CASE WHEN c.n > 0 THEN {JOB_RUNNING} ELSE status END, last_claim_at = $1 \
+         FROM unnest($2::bigint[], $3::bigint[]) AS c(seq, n) WHERE jobs.seq = c.seq"
+    )
+});
+
+/// When the first pending task of the jobs `$1` is due.
+static FIRST_DUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT MIN(t.run_at) FROM unnest($1::bigint[]) AS e(seq) CROSS JOIN LATERAL \
+         (SELECT run_at FROM tasks WHERE job_seq = e.seq AND status = {TASK_PENDING} \
+          ORDER BY run_at LIMIT 1) t"
+    )
+});
 
 /// Records outcomes given as arrays, one element per outcome; `$12` is the settling node.
 /// Only the attempt that is running matches, and with a node only under that node's lease
 /// (a report, without one, settles the attempt whichever node holds it). An awaited
 /// attempt stays running, held by no node, `lease_until` its deadline.
-const SETTLE_TASKS_SQL: &str = "UPDATE tasks t SET status = v.status, \
-     run_at = COALESCE(v.run_at, t.run_at), result = v.result, error = v.error, \
-     latency_ms = v.latency_ms, finished_at = v.finished_at, fail_seq = v.fail_seq, \
-     node = NULL, lease_until = v.lease \
-     FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::smallint[], $5::bigint[], \
-                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[]) \
-          AS v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, finished_at, \
-               fail_seq, lease) \
-     WHERE t.job_seq = v.job_seq AND t.idx = v.idx AND t.status = 1 \
-       AND t.attempts = v.attempt AND ($12::bigint IS NULL OR t.node = $12) \
-     RETURNING t.job_seq, t.status";
+static SETTLE_TASKS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE tasks t SET status = v.status, \
+         run_at = COALESCE(v.run_at, t.run_at), result = v.result, error = v.error, \
+         latency_ms = v.latency_ms, finished_at = v.finished_at, fail_seq = v.fail_seq, \
+         node = NULL, lease_until = v.lease \
+         FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::smallint[], $5::bigint[], \
+                     $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[]) \
+              AS v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, finished_at, \
+                   fail_seq, lease) \
+         WHERE t.job_seq = v.job_seq AND t.idx = v.idx AND t.status = {TASK_RUNNING} \
+           AND t.attempts = v.attempt AND ($12::bigint IS NULL OR t.node = $12) \
+         RETURNING t.job_seq, t.status"
+    )
+});
 
 /// Adds a settle batch to its jobs' counters, and returns what says whether it finished
 /// them: the counters, and the status, which this statement leaves as it was.
@@ -566,28 +605,86 @@ const FINISH_JOBS_SQL: &str = "UPDATE jobs j SET status = f.status, finished_at 
 /// Leases the due callback deliveries (`$1` now, `$2` lease end, `$3` how many), skipping
 /// those another node is leasing, and in the same statement computes when the next one not
 /// leased here is due (the last row, with only `next_due`).
-const CALLBACKS_DUE_SQL: &str = "WITH due AS (\
-         SELECT job_seq FROM callbacks WHERE state = 1 AND next_attempt_at <= $1 \
-         ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
-     leased AS (\
-         UPDATE callbacks c SET next_attempt_at = $2 FROM due WHERE c.job_seq = due.job_seq \
-         RETURNING c.job_seq, c.attempts) \
-     SELECT j.id::text AS id, j.callback_url, l.attempts, NULL::bigint AS next_due \
-         FROM leased l JOIN jobs j ON j.seq = l.job_seq \
-     UNION ALL \
-     SELECT NULL, NULL, NULL, (SELECT MIN(next_attempt_at) FROM callbacks \
-         WHERE state = 1 AND job_seq NOT IN (SELECT job_seq FROM leased))";
+static CALLBACKS_DUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH due AS (\
+             SELECT job_seq FROM callbacks WHERE state = {CALLBACK_PENDING} AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+         leased AS (\
+             UPDATE callbacks c SET next_attempt_at = $2 FROM due WHERE c.job_seq = due.job_seq \
+             RETURNING c.job_seq, c.attempts) \
+         SELECT j.id::text AS id, j.callback_url, l.attempts, NULL::bigint AS next_due \
+             FROM leased l JOIN jobs j ON j.seq = l.job_seq \
+         UNION ALL \
+         SELECT NULL, NULL, NULL, (SELECT MIN(next_attempt_at) FROM callbacks \
+             WHERE state = {CALLBACK_PENDING} AND job_seq NOT IN (SELECT job_seq FROM leased))"
+    )
+});
+
+/// Leases awaited attempts (running, held by no node) whose deadline `$3` passed to node
+/// `$1` until `$2`, at most `$4`, skipping those another node is taking right now.
+static OVERDUE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE tasks SET node = $1, lease_until = $2 \
+         FROM (SELECT job_seq, idx FROM tasks \
+               WHERE status = {TASK_RUNNING} AND node IS NULL AND lease_until <= $3 \
+               LIMIT $4 FOR UPDATE SKIP LOCKED) o, jobs j \
+         WHERE tasks.job_seq = o.job_seq AND tasks.idx = o.idx AND j.seq = tasks.job_seq \
+         RETURNING j.id::text AS id, j.options, j.owner, tasks.idx, tasks.attempts, \
+             tasks.endpoint, tasks.params"
+    )
+});
+
+/// Extends to `$1` the leases of node `$2`'s running tasks that no transaction holds.
+static RENEW: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE tasks SET lease_until = $1 FROM (\
+             SELECT job_seq, idx FROM tasks WHERE status = {TASK_RUNNING} AND node = $2 \
+             FOR UPDATE SKIP LOCKED) r \
+         WHERE tasks.job_seq = r.job_seq AND tasks.idx = r.idx"
+    )
+});
+
+/// The jobs with a running task whose lease or deadline is `$1` or earlier: whether one of
+/// its leases ran out (a node's), and whether one of its awaited attempts is overdue.
+static LEASES_OUT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT job_seq, bool_or(node IS NOT NULL AND lease_until < $1) AS expired, \
+             bool_or(node IS NULL) AS overdue \
+         FROM tasks WHERE status = {TASK_RUNNING} AND lease_until <= $1 GROUP BY job_seq"
+    )
+});
+
+/// Puts the tasks of jobs `$1` whose node's lease ran out before `$2` back to pending, their
+/// interrupted attempt not counted, and takes them off their jobs' running counts; a row
+/// per job changed, with how many.
+static TAKE_BACK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH t AS (\
+             UPDATE tasks SET status = {TASK_PENDING}, attempts = attempts - 1, node = NULL, \
+             lease_until = NULL \
+             WHERE job_seq = ANY($1) AND status = {TASK_RUNNING} AND node IS NOT NULL \
+               AND lease_until < $2 \
+             RETURNING job_seq), \
+         c AS (SELECT job_seq, count(*) AS n FROM t GROUP BY job_seq) \
+         UPDATE jobs SET n_running = n_running - c.n FROM c WHERE jobs.seq = c.job_seq \
+         RETURNING c.n"
+    )
+});
 
 async fn insert_callbacks(tx: &mut PgTx, seqs: &[i64], at: &[Millis]) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO callbacks (job_seq, state, next_attempt_at) \
-         SELECT seq, 1, at FROM unnest($1::bigint[], $2::bigint[]) AS c(seq, at)",
-    )
-    .bind(seqs)
-    .bind(at)
-    .execute(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
+    static INSERT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO callbacks (job_seq, state, next_attempt_at) \
+             SELECT seq, {CALLBACK_PENDING}, at FROM unnest($1::bigint[], $2::bigint[]) AS c(seq, at)"
+        )
+    });
+    sqlx::query(&INSERT)
+        .bind(seqs)
+        .bind(at)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
     notify(tx, NOTICE_CALLBACK).await
 }
 
@@ -621,7 +718,7 @@ impl Store for PostgresStore {
              RETURNING seq",
         )
         .bind(job.id.to_string())
-        .bind(job_status_code(status))
+        .bind(job_code(status))
         .bind(options)
         .bind(job.options.concurrency.map(i64::from))
         .bind(job.options.tolerated_failures as i64)
@@ -711,7 +808,7 @@ impl Store for PostgresStore {
              ORDER BY j.seq DESC LIMIT $3"
         );
         let rows = sqlx::query(&sql)
-            .bind(query.status.map(job_status_code))
+            .bind(query.status.map(job_code))
             .bind(query.before.map(|id| id.to_string()))
             .bind(i64::from(query.limit))
             .bind(query.owner.as_deref())
@@ -729,7 +826,7 @@ impl Store for PostgresStore {
         ))
         .bind(id.to_string())
         .bind(query.after as i64)
-        .bind(query.status.map(task_status_code))
+        .bind(query.status.map(task_code))
         .bind(i64::from(query.limit))
         .fetch_all(&self.pool)
         .await
@@ -796,26 +893,32 @@ impl Store for PostgresStore {
             tx.rollback().await?;
             return Ok(outcome);
         }
-        let cancelled = sqlx::query(
-            "UPDATE tasks SET status = 4, finished_at = $1, node = NULL, lease_until = NULL \
-             WHERE job_seq = $2 AND status IN (0, 1)",
-        )
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-        sqlx::query(
-            "UPDATE jobs SET status = 4, n_running = 0, n_cancelled = n_cancelled + $1, \
-             finished_at = $2 WHERE seq = $3",
-        )
-        .bind(cancelled as i64)
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        static CANCEL_TASKS: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE tasks SET status = {TASK_CANCELLED}, finished_at = $1, node = NULL, \
+                 lease_until = NULL WHERE job_seq = $2 AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
+            )
+        });
+        static CANCEL_JOB: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE jobs SET status = {JOB_CANCELLED}, n_running = 0, \
+                 n_cancelled = n_cancelled + $1, finished_at = $2 WHERE seq = $3"
+            )
+        });
+        let cancelled = sqlx::query(&CANCEL_TASKS)
+            .bind(now)
+            .bind(seq)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        sqlx::query(&CANCEL_JOB)
+            .bind(cancelled as i64)
+            .bind(now)
+            .bind(seq)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         if has_callback {
             insert_callbacks(&mut tx, &[seq], &[now]).await?;
         }
@@ -848,7 +951,7 @@ impl Store for PostgresStore {
         };
         let refused = if !job_status_from(row.get("status"))?.is_finished() {
             Some(DeleteOutcome::NotFinished)
-        } else if row.get::<Option<i16>, _>("state") == Some(CB_PENDING) {
+        } else if row.get::<Option<Code>, _>("state") == Some(CALLBACK_PENDING) {
             Some(DeleteOutcome::CallbackPending)
         } else {
             None
@@ -869,33 +972,40 @@ impl Store for PostgresStore {
     }
 
     async fn jobs_purge(&self, finished_before: Millis, limit: u32) -> StoreResult<u64> {
+        static PURGE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "DELETE FROM jobs WHERE seq IN (\
+                     SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
+                     WHERE j.finished_at < $1 \
+                       AND j.status IN ({JOB_COMPLETE}, {JOB_FAILED}, {JOB_CANCELLED}) \
+                       AND (c.state IS NULL OR c.state != {CALLBACK_PENDING}) \
+                     ORDER BY j.finished_at LIMIT $2 FOR UPDATE OF j SKIP LOCKED)"
+            )
+        });
         // One statement; jobs another transaction holds are left for the next round.
         let mut tx = self.begin().await?;
-        let purged = sqlx::query(
-            "DELETE FROM jobs WHERE seq IN (\
-                 SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
-                 WHERE j.finished_at < $1 AND j.status IN (2, 3, 4) \
-                   AND (c.state IS NULL OR c.state != 1) \
-                 ORDER BY j.finished_at LIMIT $2 FOR UPDATE OF j SKIP LOCKED)",
-        )
-        .bind(finished_before)
-        .bind(i64::from(limit))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
+        let purged = sqlx::query(&PURGE)
+            .bind(finished_before)
+            .bind(i64::from(limit))
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
         tx.commit().await?;
         Ok(purged)
     }
 
     async fn queue_depth(&self) -> StoreResult<u64> {
-        let depth: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(total - n_running - n_complete - n_failed - n_cancelled), 0)::bigint \
-             FROM jobs WHERE status IN (0, 1)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)?;
+        static DEPTH: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT COALESCE(SUM(total - n_running - n_complete - n_failed - n_cancelled), 0)::bigint \
+                 FROM jobs WHERE status IN ({JOB_PENDING}, {JOB_RUNNING})"
+            )
+        });
+        let depth: i64 = sqlx::query_scalar(&DEPTH)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
         Ok(depth.max(0) as u64)
     }
 
@@ -911,17 +1021,13 @@ impl Store for PostgresStore {
         // with no room left; read without a lock and outside a transaction: on an idle
         // cluster this is the only statement. No more than twice the free slots can be
         // served, since each gets at least one.
-        let window: Vec<i64> = sqlx::query_scalar(&format!(
-            "SELECT seq FROM jobs WHERE {CLAIMABLE} AND id <> ALL($1::uuid[]) \
-               AND (owner IS NULL OR owner <> ALL($3::text[])) \
-             ORDER BY last_claim_at, seq LIMIT $2"
-        ))
-        .bind(&skip)
-        .bind(i64::from(params.limit) * 2 + 8)
-        .bind(&full_owners)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let window: Vec<i64> = sqlx::query_scalar(&WINDOW_SQL)
+            .bind(&skip)
+            .bind(i64::from(params.limit) * 2 + 8)
+            .bind(&full_owners)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         if window.is_empty() {
             return Ok(claim);
         }
@@ -929,15 +1035,11 @@ impl Store for PostgresStore {
         let mut tx = self.begin().await?;
         // Lock them, skipping those another node is claiming or settling right now, and
         // check again under the lock (another node may have filled a job's concurrency).
-        let jobs = sqlx::query(&format!(
-            "SELECT seq, id::text AS id, owner, options, concurrency, n_running FROM jobs \
-             WHERE seq = ANY($1) AND {CLAIMABLE} \
-             ORDER BY last_claim_at, seq FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(&window)
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        let jobs = sqlx::query(&LOCK_SQL)
+            .bind(&window)
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         let contended = jobs.len() < window.len();
 
         struct Candidate {
@@ -992,7 +1094,7 @@ impl Store for PostgresStore {
             }
             let seqs: Vec<i64> = wants.iter().map(|&(i, _)| candidates[i].seq).collect();
             let ns: Vec<i64> = wants.iter().map(|&(_, n)| n as i64).collect();
-            let rows = sqlx::query(CLAIM_TASKS_SQL)
+            let rows = sqlx::query(&CLAIM_TASKS_SQL)
                 .bind(&seqs)
                 .bind(&ns)
                 .bind(params.now)
@@ -1039,17 +1141,13 @@ impl Store for PostgresStore {
             .map(|i| (candidates[i].seq, plan.claimed(i) as i64))
             .unzip();
         if !served.is_empty() {
-            sqlx::query(
-                "UPDATE jobs SET n_running = n_running + c.n, \
-                 status = CASE WHEN c.n > 0 THEN 1 ELSE status END, last_claim_at = $1 \
-                 FROM unnest($2::bigint[], $3::bigint[]) AS c(seq, n) WHERE jobs.seq = c.seq",
-            )
-            .bind(params.now)
-            .bind(&served)
-            .bind(&counts)
-            .execute(tx.conn().await?)
-            .await
-            .map_err(map_err)?;
+            sqlx::query(&SERVED_SQL)
+                .bind(params.now)
+                .bind(&served)
+                .bind(&counts)
+                .execute(tx.conn().await?)
+                .await
+                .map_err(map_err)?;
         }
         // Whatever is left of the exhausted jobs waits in backoff: when is the first due?
         let exhausted: Vec<i64> = (0..candidates.len())
@@ -1057,15 +1155,11 @@ impl Store for PostgresStore {
             .map(|i| candidates[i].seq)
             .collect();
         if !exhausted.is_empty() {
-            let due: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(t.run_at) FROM unnest($1::bigint[]) AS e(seq) CROSS JOIN LATERAL \
-                 (SELECT run_at FROM tasks WHERE job_seq = e.seq AND status = 0 \
-                  ORDER BY run_at LIMIT 1) t",
-            )
-            .bind(&exhausted)
-            .fetch_one(tx.conn().await?)
-            .await
-            .map_err(map_err)?;
+            let due: Option<i64> = sqlx::query_scalar(&FIRST_DUE_SQL)
+                .bind(&exhausted)
+                .fetch_one(tx.conn().await?)
+                .await
+                .map_err(map_err)?;
             claim.next_due = due;
         }
         tx.commit().await?;
@@ -1095,17 +1189,21 @@ impl Store for PostgresStore {
         if applied.complete + applied.failed > 0 {
             return Ok(ReportOutcome::Applied(applied));
         }
+        static DONE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
+                 WHERE j.id = $1::uuid AND t.idx = $2 AND t.attempts = $3 \
+                   AND t.status IN ({TASK_COMPLETE}, {TASK_FAILED})"
+            )
+        });
         // Not applied: was this attempt's outcome stored already?
-        let done: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
-             WHERE j.id = $1::uuid AND t.idx = $2 AND t.attempts = $3 AND t.status IN (2, 3)",
-        )
-        .bind(report.job_id.to_string())
-        .bind(report.index as i64)
-        .bind(report.attempt as i32)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let done: Option<i32> = sqlx::query_scalar(&DONE)
+            .bind(report.job_id.to_string())
+            .bind(report.index as i64)
+            .bind(report.attempt as i32)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
         Ok(if done.is_some() {
             ReportOutcome::AlreadyReported
         } else {
@@ -1125,22 +1223,14 @@ impl Store for PostgresStore {
         }
         // Awaited attempts (running, held by no node) past their deadline, leased to this
         // node like a claim; those another node is taking right now are skipped.
-        let rows = sqlx::query(
-            "UPDATE tasks SET node = $1, lease_until = $2 \
-             FROM (SELECT job_seq, idx FROM tasks \
-                   WHERE status = 1 AND node IS NULL AND lease_until <= $3 \
-                   LIMIT $4 FOR UPDATE SKIP LOCKED) o, jobs j \
-             WHERE tasks.job_seq = o.job_seq AND tasks.idx = o.idx AND j.seq = tasks.job_seq \
-             RETURNING j.id::text AS id, j.options, j.owner, tasks.idx, tasks.attempts, \
-                 tasks.endpoint, tasks.params",
-        )
-        .bind(params.node.0)
-        .bind(params.lease_until)
-        .bind(params.now)
-        .bind(i64::from(params.limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let rows = sqlx::query(&OVERDUE)
+            .bind(params.node.0)
+            .bind(params.lease_until)
+            .bind(params.now)
+            .bind(i64::from(params.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         type JobOf = (JobId, Arc<JobOptions>, Option<Arc<str>>);
         let mut jobs: HashMap<String, JobOf> = HashMap::new();
         let mut tasks = Vec::with_capacity(rows.len());
@@ -1180,18 +1270,13 @@ impl Store for PostgresStore {
         // Tasks locked by a transaction under way (this node's own settle, a cancel) are
         // finishing anyway: skipped rather than waited for.
         let mut tx = self.begin().await?;
-        let renewed = sqlx::query(
-            "UPDATE tasks SET lease_until = $1 FROM (\
-                 SELECT job_seq, idx FROM tasks WHERE status = 1 AND node = $2 \
-                 FOR UPDATE SKIP LOCKED) r \
-             WHERE tasks.job_seq = r.job_seq AND tasks.idx = r.idx",
-        )
-        .bind(until)
-        .bind(node.0)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
+        let renewed = sqlx::query(&RENEW)
+            .bind(until)
+            .bind(node.0)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
         tx.commit().await?;
         Ok(renewed)
     }
@@ -1200,15 +1285,11 @@ impl Store for PostgresStore {
         // Which jobs have a lease that ran out, and whether an awaited attempt is past its
         // deadline (the sweep asks `tasks_overdue` next): one statement, all an idle sweep
         // costs.
-        let rows = sqlx::query(
-            "SELECT job_seq, bool_or(node IS NOT NULL AND lease_until < $1) AS expired, \
-                 bool_or(node IS NULL) AS overdue \
-             FROM tasks WHERE status = 1 AND lease_until <= $1 GROUP BY job_seq",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let rows = sqlx::query(&LEASES_OUT)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         let mut seqs = Vec::with_capacity(rows.len());
         let mut overdue = false;
         for row in &rows {
@@ -1229,22 +1310,12 @@ impl Store for PostgresStore {
             .execute(tx.conn().await?)
             .await
             .map_err(map_err)?;
-        let counts: Vec<i64> = sqlx::query_scalar(
-            "WITH t AS (\
-                 UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-                 lease_until = NULL \
-                 WHERE job_seq = ANY($1) AND status = 1 AND node IS NOT NULL \
-                   AND lease_until < $2 \
-                 RETURNING job_seq), \
-             c AS (SELECT job_seq, count(*) AS n FROM t GROUP BY job_seq) \
-             UPDATE jobs SET n_running = n_running - c.n FROM c WHERE jobs.seq = c.job_seq \
-             RETURNING c.n",
-        )
-        .bind(&seqs)
-        .bind(now)
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        let counts: Vec<i64> = sqlx::query_scalar(&TAKE_BACK)
+            .bind(&seqs)
+            .bind(now)
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         let expired: i64 = counts.iter().sum();
         if expired > 0 {
             notify(&mut tx, NOTICE_WORK).await?;
@@ -1264,7 +1335,7 @@ impl Store for PostgresStore {
         lease_until: Millis,
         limit: u32,
     ) -> StoreResult<Vec<CallbackDue>> {
-        let rows = sqlx::query(CALLBACKS_DUE_SQL)
+        let rows = sqlx::query(&CALLBACKS_DUE_SQL)
             .bind(now)
             .bind(lease_until)
             .bind(i64::from(limit))
@@ -1302,37 +1373,45 @@ impl Store for PostgresStore {
         {
             return Ok(next_due);
         }
-        sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM callbacks WHERE state = 1")
+        static NEXT_DUE: LazyLock<String> = LazyLock::new(|| {
+            format!("SELECT MIN(next_attempt_at) FROM callbacks WHERE state = {CALLBACK_PENDING}")
+        });
+        sqlx::query_scalar(&NEXT_DUE)
             .fetch_one(&self.pool)
             .await
             .map_err(map_err)
     }
 
     async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<bool> {
+        static RECORD: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE callbacks SET state = $1, attempts = $2, next_attempt_at = $3, \
+                 last_error = COALESCE($4, last_error), delivered_at = $5 \
+                 WHERE job_seq = (SELECT seq FROM jobs WHERE id = $6::uuid) \
+                   AND state = {CALLBACK_PENDING} AND attempts = $7"
+            )
+        });
         let (state, next, error, delivered) = match &record.outcome {
-            CallbackOutcome::Delivered => (CB_DELIVERED, None, None, Some(record.now)),
+            CallbackOutcome::Delivered => (CALLBACK_DELIVERED, None, None, Some(record.now)),
             CallbackOutcome::Retry { at, error } => {
-                (CB_PENDING, Some(*at), Some(error.as_str()), None)
+                (CALLBACK_PENDING, Some(*at), Some(error.as_str()), None)
             }
-            CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
+            CallbackOutcome::GaveUp { error } => {
+                (CALLBACK_FAILED, None, Some(error.as_str()), None)
+            }
         };
         let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE callbacks SET state = $1, attempts = $2, next_attempt_at = $3, \
-             last_error = COALESCE($4, last_error), delivered_at = $5 \
-             WHERE job_seq = (SELECT seq FROM jobs WHERE id = $6::uuid) \
-               AND state = 1 AND attempts = $7",
-        )
-        .bind(state)
-        .bind(record.attempts as i32)
-        .bind(next)
-        .bind(error)
-        .bind(delivered)
-        .bind(record.job_id.to_string())
-        .bind(record.attempts as i32 - 1)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        let done = sqlx::query(&RECORD)
+            .bind(state)
+            .bind(record.attempts as i32)
+            .bind(next)
+            .bind(error)
+            .bind(delivered)
+            .bind(record.job_id.to_string())
+            .bind(record.attempts as i32 - 1)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         tx.commit().await?;
         self.callbacks_changed();
         Ok(done.rows_affected() == 1)

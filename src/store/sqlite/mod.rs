@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,8 +21,10 @@ use sqlx::sqlite::{
 };
 
 use super::codec::{
-    job_status_code, job_status_from, parse_id, parse_options, raw, task_status_code,
-    task_status_from,
+    CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE,
+    JOB_FAILED, JOB_PENDING, JOB_RUNNING, TASK_CANCELLED, TASK_COMPLETE, TASK_FAILED, TASK_PENDING,
+    TASK_RUNNING, callback_state, job_code, job_status_from, parse_id, parse_options, raw,
+    task_code, task_status_from,
 };
 use super::plan::{self, FairShare};
 use super::{
@@ -32,7 +34,7 @@ use super::{
     SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskReport,
     TaskSettle, url_text,
 };
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob};
+use crate::job::{JobId, JobOptions, JobStatus, NewJob};
 
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
 /// SQLite's limit on bound parameters).
@@ -45,18 +47,32 @@ const SETTLE_CHUNK: usize = 256;
 const CLAIM_GROUP: usize = 8;
 
 /// Claims for up to [`CLAIM_GROUP`] jobs at once: `?1` is now, then a job's sequence number
-/// and how many of its due tasks to take, for each place, then the node and its lease. Each pick walks the `tasks_due`
-/// index of its job only.
-const CLAIM_SQL: &str = "UPDATE tasks SET status = 1, attempts = attempts + 1, node = ?18, lease_until = ?19 WHERE rowid IN (\
-    SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?2 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?3) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?4 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?5) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?6 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?7) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?8 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?9) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?10 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?11) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?12 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?13) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?14 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?15) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?16 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?17)\
-    ) RETURNING job_seq, idx, attempts, endpoint, params";
+/// and how many of its due tasks to take, for each place, then the node and its lease. Each
+/// pick walks the `tasks_due` index of its job only.
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    let picks: Vec<String> = (0..CLAIM_GROUP)
+        .map(|slot| {
+            let (seq, n) = (2 + 2 * slot, 3 + 2 * slot);
+            format!(
+                "SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?{seq} \
+                 AND status = {TASK_PENDING} AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?{n})"
+            )
+        })
+        .collect();
+    let (node, lease) = (2 + 2 * CLAIM_GROUP, 3 + 2 * CLAIM_GROUP);
+    format!(
+        "UPDATE tasks SET status = {TASK_RUNNING}, attempts = attempts + 1, node = ?{node}, \
+         lease_until = ?{lease} WHERE rowid IN ({}) \
+         RETURNING job_seq, idx, attempts, endpoint, params",
+        picks.join(" UNION ALL ")
+    )
+});
+
+/// The jobs with calls running, through which the statements below find running tasks by
+/// each job's `tasks_due` index rather than by reading every task.
+static JOBS_RUNNING: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT seq FROM jobs WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND n_running > 0")
+});
 
 mod writer;
 
@@ -145,14 +161,13 @@ impl SqliteStore {
     /// the jobs with calls running, each job's tasks by the `tasks_due` index.
     async fn take_back(&self, which: &str, now: Option<Millis>) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let seqs: Vec<i64> =
-            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
-                .fetch_all(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
+        let seqs: Vec<i64> = sqlx::query_scalar(&JOBS_RUNNING)
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         let sql = format!(
-            "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-             lease_until = NULL WHERE job_seq = ? AND status = 1 AND {which}"
+            "UPDATE tasks SET status = {TASK_PENDING}, attempts = attempts - 1, node = NULL, \
+             lease_until = NULL WHERE job_seq = ? AND status = {TASK_RUNNING} AND {which}"
         );
         let mut taken = 0;
         for seq in seqs {
@@ -261,14 +276,14 @@ impl SqliteStore {
                     ",(?,?,?,?,?,?,?,?,?,?,?)"
                 });
             }
-            sql.push_str(
+            sql.push_str(&format!(
                 ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
                  result = v.result, error = v.error, latency_ms = v.latency_ms, \
                  finished_at = v.finished_at, fail_seq = v.fail_seq, node = NULL, \
                  lease_until = v.lease \
                  FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
-                 AND tasks.status = 1 AND tasks.attempts = v.attempt",
-            );
+                 AND tasks.status = {TASK_RUNNING} AND tasks.attempts = v.attempt"
+            ));
             if node.is_some() {
                 sql.push_str(" AND tasks.node = ?");
             }
@@ -276,15 +291,22 @@ impl SqliteStore {
             let mut query = sqlx::query(&sql);
             for &(seq, s) in chunk {
                 let (status, run_at, result, error, lease) = match &s.outcome {
-                    SettleOutcome::Complete { result } => (2, None, Some(result.get()), None, None),
-                    SettleOutcome::Failed { error } => (3, None, None, Some(error.get()), None),
+                    SettleOutcome::Complete { result } => {
+                        (TASK_COMPLETE, None, Some(result.get()), None, None)
+                    }
+                    SettleOutcome::Failed { error } => {
+                        (TASK_FAILED, None, None, Some(error.get()), None)
+                    }
                     SettleOutcome::Retry { run_at, error } => {
-                        (0, Some(*run_at), None, Some(error.get()), None)
+                        (TASK_PENDING, Some(*run_at), None, Some(error.get()), None)
                     }
                     // Still running, held by nobody until its deadline.
-                    SettleOutcome::Await { deadline } => (1, None, None, None, Some(*deadline)),
+                    SettleOutcome::Await { deadline } => {
+                        (TASK_RUNNING, None, None, None, Some(*deadline))
+                    }
                 };
-                let fail_seq = (status == 3).then(|| {
+                let done = status == TASK_COMPLETE || status == TASK_FAILED;
+                let fail_seq = (status == TASK_FAILED).then(|| {
                     let next = next_fail.get_mut(&seq).expect("looked up above");
                     *next += 1;
                     *next - 1
@@ -300,7 +322,7 @@ impl SqliteStore {
                     .bind(result)
                     .bind(error)
                     .bind(s.latency_ms as i64)
-                    .bind((status >= 2).then_some(s.now))
+                    .bind(done.then_some(s.now))
                     .bind(fail_seq)
                     .bind(lease);
             }
@@ -312,19 +334,21 @@ impl SqliteStore {
                 let d = deltas
                     .get_mut(&row.get::<i64, _>(0))
                     .expect("a job of this batch");
-                let status: i64 = row.get(1);
-                if status == 1 {
+                let status: Code = row.get(1);
+                if status == TASK_RUNNING {
                     // Awaiting a report: still running, nothing counted yet.
                     report.awaiting += 1;
                     continue;
                 }
                 d.settled += 1;
-                d.complete += i64::from(status == 2);
-                d.failed += i64::from(status == 3);
-                match status {
-                    2 => report.complete += 1,
-                    3 => report.failed += 1,
-                    _ => report.retried += 1,
+                if status == TASK_COMPLETE {
+                    d.complete += 1;
+                    report.complete += 1;
+                } else if status == TASK_FAILED {
+                    d.failed += 1;
+                    report.failed += 1;
+                } else {
+                    report.retried += 1;
                 }
             }
         }
@@ -374,7 +398,7 @@ impl SqliteStore {
                 let final_status =
                     plan::final_status(n_failed.max(0) as u64, tolerated.max(0) as u64);
                 sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
-                    .bind(job_status_code(final_status))
+                    .bind(job_code(final_status))
                     .bind(now)
                     .bind(seq)
                     .execute(tx.conn().await?)
@@ -481,23 +505,13 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-const CB_PENDING: i64 = 1;
-const CB_DELIVERED: i64 = 2;
-const CB_FAILED: i64 = 3;
-
 const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
      j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
 
 fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
     let status = job_status_from(row.get("status"))?;
     let callback_url: Option<String> = row.get("callback_url");
-    let cb_state: Option<i64> = row.get("state");
-    let state = match (callback_url.is_some(), cb_state) {
-        (false, _) => CallbackState::None,
-        (true, None | Some(CB_PENDING)) => CallbackState::Pending,
-        (true, Some(CB_DELIVERED)) => CallbackState::Delivered,
-        (true, Some(_)) => CallbackState::Failed,
-    };
+    let state = callback_state(callback_url.is_some(), row.get("state"));
     Ok(JobRecord {
         id: parse_id(row.get("id"))?,
         owner: row.get("owner"),
@@ -590,7 +604,7 @@ impl Store for SqliteStore {
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
         )
         .bind(job.id.to_string())
-        .bind(job_status_code(status))
+        .bind(job_code(status))
         .bind(options)
         .bind(job.options.concurrency.map(i64::from))
         .bind(job.options.tolerated_failures as i64)
@@ -658,7 +672,7 @@ impl Store for SqliteStore {
              ORDER BY j.seq DESC LIMIT ?3"
         );
         let rows = sqlx::query(&sql)
-            .bind(query.status.map(job_status_code))
+            .bind(query.status.map(job_code))
             .bind(query.before.map(|id| id.to_string()))
             .bind(i64::from(query.limit))
             .bind(query.owner.as_deref())
@@ -675,7 +689,7 @@ impl Store for SqliteStore {
         ))
         .bind(id.to_string())
         .bind(query.after as i64)
-        .bind(query.status.map(task_status_code))
+        .bind(query.status.map(task_code))
         .bind(i64::from(query.limit))
         .fetch_all(&self.reader)
         .await
@@ -733,25 +747,32 @@ impl Store for SqliteStore {
             done if done.is_finished() => return Ok(CancelOutcome::AlreadyFinished(done)),
             _ => {}
         }
-        let cancelled = sqlx::query(
-            "UPDATE tasks SET status = 4, finished_at = ? WHERE job_seq = ? AND status IN (0, 1)",
-        )
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-        sqlx::query(
-            "UPDATE jobs SET status = 4, n_running = 0, n_cancelled = n_cancelled + ?, \
-             finished_at = ? WHERE seq = ?",
-        )
-        .bind(cancelled as i64)
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        static CANCEL_TASKS: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE tasks SET status = {TASK_CANCELLED}, finished_at = ? \
+                 WHERE job_seq = ? AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
+            )
+        });
+        static CANCEL_JOB: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE jobs SET status = {JOB_CANCELLED}, n_running = 0, \
+                 n_cancelled = n_cancelled + ?, finished_at = ? WHERE seq = ?"
+            )
+        });
+        let cancelled = sqlx::query(&CANCEL_TASKS)
+            .bind(now)
+            .bind(seq)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        sqlx::query(&CANCEL_JOB)
+            .bind(cancelled as i64)
+            .bind(now)
+            .bind(seq)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         if has_callback {
             insert_callback(&mut tx, seq, now).await?;
         }
@@ -779,7 +800,7 @@ impl Store for SqliteStore {
         if !job_status_from(row.get("status"))?.is_finished() {
             return Ok(DeleteOutcome::NotFinished);
         }
-        if row.get::<Option<i64>, _>("state") == Some(CB_PENDING) {
+        if row.get::<Option<Code>, _>("state") == Some(CALLBACK_PENDING) {
             return Ok(DeleteOutcome::CallbackPending);
         }
         delete_job(&mut tx, row.get("seq")).await?;
@@ -788,18 +809,21 @@ impl Store for SqliteStore {
     }
 
     async fn jobs_purge(&self, finished_before: Millis, limit: u32) -> StoreResult<u64> {
+        static PURGEABLE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
+                 WHERE j.finished_at < ? AND j.status IN ({JOB_COMPLETE}, {JOB_FAILED}, {JOB_CANCELLED}) \
+                   AND (c.state IS NULL OR c.state != {CALLBACK_PENDING}) \
+                 ORDER BY j.finished_at LIMIT ?"
+            )
+        });
         let mut tx = self.begin().await?;
-        let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
-             WHERE j.finished_at < ? AND j.status IN (2, 3, 4) \
-               AND (c.state IS NULL OR c.state != 1) \
-             ORDER BY j.finished_at LIMIT ?",
-        )
-        .bind(finished_before)
-        .bind(i64::from(limit))
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        let seqs: Vec<i64> = sqlx::query_scalar(&PURGEABLE)
+            .bind(finished_before)
+            .bind(i64::from(limit))
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         for &seq in &seqs {
             delete_job(&mut tx, seq).await?;
         }
@@ -808,13 +832,16 @@ impl Store for SqliteStore {
     }
 
     async fn queue_depth(&self) -> StoreResult<u64> {
-        let depth: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(total - n_running - n_complete - n_failed - n_cancelled) FROM jobs \
-             WHERE status IN (0, 1)",
-        )
-        .fetch_one(&self.reader)
-        .await
-        .map_err(map_err)?;
+        static DEPTH: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT SUM(total - n_running - n_complete - n_failed - n_cancelled) FROM jobs \
+                 WHERE status IN ({JOB_PENDING}, {JOB_RUNNING})"
+            )
+        });
+        let depth: Option<i64> = sqlx::query_scalar(&DEPTH)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)?;
         Ok(depth.unwrap_or(0).max(0) as u64)
     }
 
@@ -846,7 +873,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "SELECT seq, id, owner, options, concurrency, n_running, \
              total - n_running - n_complete - n_failed AS pending FROM jobs \
-             WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
+             WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
                AND (concurrency IS NULL OR n_running < concurrency) {skip}\
              ORDER BY last_claim_at, seq LIMIT ?"
         );
@@ -919,7 +946,7 @@ impl Store for SqliteStore {
             }
             let mut got: HashMap<usize, u64> = HashMap::with_capacity(wants.len());
             for group in wants.chunks(CLAIM_GROUP) {
-                let mut query = sqlx::query(CLAIM_SQL).bind(params.now);
+                let mut query = sqlx::query(&CLAIM_SQL).bind(params.now);
                 for slot in 0..CLAIM_GROUP {
                     // Unused places pick nothing: no job has sequence number -1.
                     let (seq, want) = group
@@ -971,11 +998,11 @@ impl Store for SqliteStore {
             for i in 0..chunk.len() {
                 sql.push_str(if i == 0 { "(?,?)" } else { ",(?,?)" });
             }
-            sql.push_str(
+            sql.push_str(&format!(
                 ") UPDATE jobs SET n_running = n_running + d.claimed, \
-                 status = CASE WHEN d.claimed > 0 THEN 1 ELSE jobs.status END, last_claim_at = ? \
-                 FROM d WHERE jobs.seq = d.seq",
-            );
+                 status = CASE WHEN d.claimed > 0 THEN {JOB_RUNNING} ELSE jobs.status END, \
+                 last_claim_at = ? FROM d WHERE jobs.seq = d.seq"
+            ));
             let mut query = sqlx::query(&sql);
             for &(seq, claimed) in chunk {
                 query = query.bind(seq).bind(claimed as i64);
@@ -986,17 +1013,18 @@ impl Store for SqliteStore {
                 .await
                 .map_err(map_err)?;
         }
+        static FIRST_DUE: LazyLock<String> = LazyLock::new(|| {
+            format!("SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = {TASK_PENDING}")
+        });
         for (i, c) in candidates.iter().enumerate() {
             // A job whose every pending task was just claimed has nothing left in backoff.
             if plan.exhausted(i) && c.pending > plan.claimed(i) {
                 // Whatever is left of this job waits in backoff: when is the first due?
-                let due: Option<i64> = sqlx::query_scalar(
-                    "SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = 0",
-                )
-                .bind(c.seq)
-                .fetch_one(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
+                let due: Option<i64> = sqlx::query_scalar(&FIRST_DUE)
+                    .bind(c.seq)
+                    .fetch_one(tx.conn().await?)
+                    .await
+                    .map_err(map_err)?;
                 if let Some(due) = due {
                     claim.next_due = Some(claim.next_due.map_or(due, |d: i64| d.min(due)));
                 }
@@ -1023,17 +1051,21 @@ impl Store for SqliteStore {
         if applied.complete + applied.failed > 0 {
             return Ok(ReportOutcome::Applied(applied));
         }
+        static DONE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
+                 WHERE j.id = ? AND t.idx = ? AND t.attempts = ? \
+                   AND t.status IN ({TASK_COMPLETE}, {TASK_FAILED})"
+            )
+        });
         // Not applied: was this attempt's outcome stored already?
-        let done: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
-             WHERE j.id = ? AND t.idx = ? AND t.attempts = ? AND t.status IN (2, 3)",
-        )
-        .bind(report.job_id.to_string())
-        .bind(report.index as i64)
-        .bind(i64::from(report.attempt))
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
+        let done: Option<i64> = sqlx::query_scalar(&DONE)
+            .bind(report.job_id.to_string())
+            .bind(report.index as i64)
+            .bind(i64::from(report.attempt))
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
         Ok(if done.is_some() {
             ReportOutcome::AlreadyReported
         } else {
@@ -1045,20 +1077,23 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         // Awaited attempts: running, held by no node, with a deadline. Found through the
         // jobs with tasks running, each by its `tasks_due` index.
-        let rows = sqlx::query(
-            "UPDATE tasks SET node = ?, lease_until = ? WHERE rowid IN (\
-             SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = 1 \
-             WHERE j.status IN (0, 1) AND j.n_running > 0 AND t.node IS NULL \
-               AND t.lease_until IS NOT NULL AND t.lease_until <= ? LIMIT ?) \
-             RETURNING job_seq, idx, attempts, endpoint, params",
-        )
-        .bind(params.node.0)
-        .bind(params.lease_until)
-        .bind(params.now)
-        .bind(i64::from(params.limit))
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        static OVERDUE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE tasks SET node = ?, lease_until = ? WHERE rowid IN (\
+                 SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = {TASK_RUNNING} \
+                 WHERE j.status IN ({JOB_PENDING}, {JOB_RUNNING}) AND j.n_running > 0 AND t.node IS NULL \
+                   AND t.lease_until IS NOT NULL AND t.lease_until <= ? LIMIT ?) \
+                 RETURNING job_seq, idx, attempts, endpoint, params"
+            )
+        });
+        let rows = sqlx::query(&OVERDUE)
+            .bind(params.node.0)
+            .bind(params.lease_until)
+            .bind(params.now)
+            .bind(i64::from(params.limit))
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         type JobOf = (JobId, Arc<JobOptions>, Option<Arc<str>>);
         let mut jobs: HashMap<i64, JobOf> = HashMap::new();
         let mut tasks = Vec::with_capacity(rows.len());
@@ -1109,16 +1144,20 @@ impl Store for SqliteStore {
         // Through the jobs that have calls running: each job's running tasks are found by the
         // `tasks_due` index, never by reading every task.
         let mut tx = self.begin().await?;
-        let renewed = sqlx::query(
-            "UPDATE tasks SET lease_until = ? WHERE status = 1 AND node = ? AND job_seq IN \
-             (SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0)",
-        )
-        .bind(until)
-        .bind(node.0)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
+        static RENEW: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE tasks SET lease_until = ? WHERE status = {TASK_RUNNING} AND node = ? \
+                 AND job_seq IN ({})",
+                *JOBS_RUNNING
+            )
+        });
+        let renewed = sqlx::query(&RENEW)
+            .bind(until)
+            .bind(node.0)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
         tx.commit().await?;
         Ok(renewed)
     }
@@ -1134,17 +1173,21 @@ impl Store for SqliteStore {
         lease_until: Millis,
         limit: u32,
     ) -> StoreResult<Vec<CallbackDue>> {
+        static DUE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT c.job_seq, c.attempts, j.id, j.callback_url FROM callbacks c \
+                 JOIN jobs j ON j.seq = c.job_seq \
+                 WHERE c.state = {CALLBACK_PENDING} AND c.next_attempt_at <= ? \
+                 ORDER BY c.next_attempt_at LIMIT ?"
+            )
+        });
         let mut tx = self.begin().await?;
-        let rows = sqlx::query(
-            "SELECT c.job_seq, c.attempts, j.id, j.callback_url FROM callbacks c \
-             JOIN jobs j ON j.seq = c.job_seq \
-             WHERE c.state = 1 AND c.next_attempt_at <= ? ORDER BY c.next_attempt_at LIMIT ?",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        let rows = sqlx::query(&DUE)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         let mut due = Vec::with_capacity(rows.len());
         for row in rows {
             let seq: i64 = row.get("job_seq");
@@ -1165,36 +1208,45 @@ impl Store for SqliteStore {
     }
 
     async fn callback_next_due(&self) -> StoreResult<Option<Millis>> {
-        sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM callbacks WHERE state = 1")
+        static NEXT_DUE: LazyLock<String> = LazyLock::new(|| {
+            format!("SELECT MIN(next_attempt_at) FROM callbacks WHERE state = {CALLBACK_PENDING}")
+        });
+        sqlx::query_scalar(&NEXT_DUE)
             .fetch_one(&self.reader)
             .await
             .map_err(map_err)
     }
 
     async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<bool> {
+        static RECORD: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
+                 last_error = COALESCE(?, last_error), delivered_at = ? \
+                 WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?) \
+                   AND state = {CALLBACK_PENDING} AND attempts = ?"
+            )
+        });
         let (state, next, error, delivered) = match &record.outcome {
-            CallbackOutcome::Delivered => (CB_DELIVERED, None, None, Some(record.now)),
+            CallbackOutcome::Delivered => (CALLBACK_DELIVERED, None, None, Some(record.now)),
             CallbackOutcome::Retry { at, error } => {
-                (CB_PENDING, Some(*at), Some(error.as_str()), None)
+                (CALLBACK_PENDING, Some(*at), Some(error.as_str()), None)
             }
-            CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
+            CallbackOutcome::GaveUp { error } => {
+                (CALLBACK_FAILED, None, Some(error.as_str()), None)
+            }
         };
         let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
-             last_error = COALESCE(?, last_error), delivered_at = ? \
-             WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?) AND state = 1 AND attempts = ?",
-        )
-        .bind(state)
-        .bind(i64::from(record.attempts))
-        .bind(next)
-        .bind(error)
-        .bind(delivered)
-        .bind(record.job_id.to_string())
-        .bind(i64::from(record.attempts) - 1)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+        let done = sqlx::query(&RECORD)
+            .bind(state)
+            .bind(i64::from(record.attempts))
+            .bind(next)
+            .bind(error)
+            .bind(delivered)
+            .bind(record.job_id.to_string())
+            .bind(i64::from(record.attempts) - 1)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1214,7 +1266,13 @@ impl Store for SqliteStore {
 }
 
 async fn insert_callback(tx: &mut WriteTx, seq: i64, now: Millis) -> StoreResult<()> {
-    sqlx::query("INSERT INTO callbacks (job_seq, state, next_attempt_at) VALUES (?, 1, ?)")
+    static INSERT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO callbacks (job_seq, state, next_attempt_at) \
+             VALUES (?, {CALLBACK_PENDING}, ?)"
+        )
+    });
+    sqlx::query(&INSERT)
         .bind(seq)
         .bind(now)
         .execute(tx.conn().await?)
