@@ -10,7 +10,9 @@ pub mod dynamodb;
 mod fault;
 pub mod plan;
 mod postgres;
+mod rows;
 mod sqlite;
+mod tally;
 
 use std::sync::Arc;
 

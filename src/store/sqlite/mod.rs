@@ -5,62 +5,42 @@
 //! their own small pool and see the last committed state. A lock file beside the database
 //! keeps a second `doparallel` process off the same file: the engine assumes it is the only
 //! node (see [`Store::tasks_recover`]).
+//!
+//! This file opens the database and maps its errors; the statements are by concern: `jobs`
+//! (submission, reads, cancel and removal), `claim`, `settle`, `leases` (running tasks taken
+//! back, renewed, timed out) and `callbacks` (the outbox).
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::codec::{
-    job_status_code, job_status_from, parse_id, parse_options, raw, task_status_code,
-    task_status_from,
-};
-use super::plan::{self, FairShare};
 use super::{
-    CallbackDue, CallbackInfo, CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams,
-    ClaimedTask, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobFinished,
-    JobListQuery, JobRecord, Millis, NodeId, Notices, OverdueParams, ReportOutcome, SettleOutcome,
-    SettleReport, Store, StoreError, StoreResult, TaskPageQuery, TaskRecord, TaskReport,
-    TaskSettle, url_text,
+    CallbackDue, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
+    FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis, NodeId, Notices,
+    OverdueParams, ReportOutcome, SettleReport, Store, StoreError, StoreResult, TaskPageQuery,
+    TaskRecord, TaskReport, TaskSettle,
 };
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob};
+use crate::job::{JobId, NewJob};
 
-/// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
-/// SQLite's limit on bound parameters).
-const INSERT_CHUNK: usize = 200;
-
-/// Outcomes per UPDATE when settling (10 parameters each).
-const SETTLE_CHUNK: usize = 256;
-
-/// Jobs served by one claim statement.
-const CLAIM_GROUP: usize = 8;
-
-/// Claims for up to [`CLAIM_GROUP`] jobs at once: `?1` is now, then a job's sequence number
-/// and how many of its due tasks to take, for each place, then the node and its lease. Each pick walks the `tasks_due`
-/// index of its job only.
-const CLAIM_SQL: &str = "UPDATE tasks SET status = 1, attempts = attempts + 1, node = ?18, lease_until = ?19 WHERE rowid IN (\
-    SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?2 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?3) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?4 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?5) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?6 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?7) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?8 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?9) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?10 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?11) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?12 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?13) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?14 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?15) \
-    UNION ALL SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?16 AND status = 0 AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?17)\
-    ) RETURNING job_seq, idx, attempts, endpoint, params";
-
+mod callbacks;
+mod claim;
+mod jobs;
+mod leases;
+mod settle;
 mod writer;
 
 use writer::{WriteTx, Writer};
+
+/// Rows per multi-row statement that changes many jobs or tasks (a settle's outcomes, 11
+/// parameters each; the counters of the jobs a claim or a settle served), far below SQLite's
+/// limit on bound parameters.
+const SETTLE_CHUNK: usize = 256;
 
 pub struct SqliteStore {
     /// Every write goes through it: see `writer` for why `Ok` means committed.
@@ -135,264 +115,6 @@ impl SqliteStore {
 
     async fn begin(&self) -> StoreResult<WriteTx> {
         self.writer.begin().await
-    }
-
-    /// Puts the running tasks that match `which` (a condition on `node` and `lease_until`,
-    /// with one `?` for `now` when given) back to pending, their interrupted attempt not
-    /// counted, and takes them off their jobs' running counts: the shared part of
-    /// [`Store::tasks_recover`] and [`Store::tasks_expire`]. Attempts awaiting a report
-    /// (no node, a deadline) never match, so they stay Running and counted. Goes through
-    /// the jobs with calls running, each job's tasks by the `tasks_due` index.
-    async fn take_back(&self, which: &str, now: Option<Millis>) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let seqs: Vec<i64> =
-            sqlx::query_scalar("SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0")
-                .fetch_all(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
-        let sql = format!(
-            "UPDATE tasks SET status = 0, attempts = attempts - 1, node = NULL, \
-             lease_until = NULL WHERE job_seq = ? AND status = 1 AND {which}"
-        );
-        let mut taken = 0;
-        for seq in seqs {
-            let mut query = sqlx::query(&sql).bind(seq);
-            if let Some(now) = now {
-                query = query.bind(now);
-            }
-            let n = query
-                .execute(tx.conn().await?)
-                .await
-                .map_err(map_err)?
-                .rows_affected();
-            if n > 0 {
-                sqlx::query("UPDATE jobs SET n_running = n_running - ? WHERE seq = ?")
-                    .bind(n as i64)
-                    .bind(seq)
-                    .execute(tx.conn().await?)
-                    .await
-                    .map_err(map_err)?;
-                taken += n;
-            }
-        }
-        tx.commit().await?;
-        Ok(taken)
-    }
-
-    /// Settles a batch in one transaction: see [`Store::tasks_settle`]. Without `node`, an
-    /// attempt is settled whichever node holds it (a report).
-    async fn settle(
-        &self,
-        node: Option<NodeId>,
-        batch: &[TaskSettle],
-    ) -> StoreResult<SettleReport> {
-        /// What a batch changes of one job.
-        #[derive(Default)]
-        struct Delta {
-            settled: i64,
-            complete: i64,
-            failed: i64,
-            now: Millis,
-        }
-        let mut report = SettleReport::default();
-        if batch.is_empty() {
-            return Ok(report);
-        }
-        let mut tx = self.begin().await?;
-
-        // The jobs' sequence numbers, in one query per chunk of distinct jobs.
-        let mut distinct: Vec<JobId> = batch.iter().map(|s| s.job_id).collect();
-        distinct.sort();
-        distinct.dedup();
-        let mut seqs: HashMap<JobId, i64> = HashMap::with_capacity(distinct.len());
-        for chunk in distinct.chunks(SETTLE_CHUNK) {
-            let sql = format!(
-                "SELECT id, seq FROM jobs WHERE id IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            for row in query.fetch_all(tx.conn().await?).await.map_err(map_err)? {
-                seqs.insert(parse_id(row.get("id"))?, row.get("seq"));
-            }
-        }
-
-        // Failures are numbered per job (the events stream's cursor), after the highest
-        // number given so far: not after the count, since a stale failure may have taken a
-        // number it never stored. Few batches hold failures, so this is looked up per job.
-        let mut next_fail: HashMap<i64, i64> = HashMap::new();
-        for s in batch {
-            let Some(&seq) = seqs.get(&s.job_id) else {
-                continue;
-            };
-            if matches!(s.outcome, SettleOutcome::Failed { .. }) && !next_fail.contains_key(&seq) {
-                let last: i64 = sqlx::query_scalar(
-                    "SELECT COALESCE(MAX(fail_seq), 0) FROM tasks \
-                     WHERE job_seq = ? AND fail_seq IS NOT NULL",
-                )
-                .bind(seq)
-                .fetch_one(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
-                next_fail.insert(seq, last + 1);
-            }
-        }
-
-        // The outcomes, a chunk per statement: a VALUES table joined to the tasks. Only the
-        // attempt that is running, under this node's lease, may settle a task: a stale
-        // outcome (from before a restart, after a cancel or after the lease was taken back)
-        // matches no row and changes nothing, so each result is stored once. Jobs purged meanwhile have no sequence number and are skipped.
-        let live: Vec<(i64, &TaskSettle)> = batch
-            .iter()
-            .filter_map(|s| seqs.get(&s.job_id).map(|&seq| (seq, s)))
-            .collect();
-        let mut deltas: HashMap<i64, Delta> = HashMap::new();
-        for chunk in live.chunks(SETTLE_CHUNK) {
-            let mut sql = String::from(
-                "WITH v(job_seq, idx, attempt, status, run_at, result, error, latency_ms, \
-                 finished_at, fail_seq, lease) AS (VALUES ",
-            );
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 {
-                    "(?,?,?,?,?,?,?,?,?,?,?)"
-                } else {
-                    ",(?,?,?,?,?,?,?,?,?,?,?)"
-                });
-            }
-            sql.push_str(
-                ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
-                 result = v.result, error = v.error, latency_ms = v.latency_ms, \
-                 finished_at = v.finished_at, fail_seq = v.fail_seq, node = NULL, \
-                 lease_until = v.lease \
-                 FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
-                 AND tasks.status = 1 AND tasks.attempts = v.attempt",
-            );
-            if node.is_some() {
-                sql.push_str(" AND tasks.node = ?");
-            }
-            sql.push_str(" RETURNING tasks.job_seq, tasks.status");
-            let mut query = sqlx::query(&sql);
-            for &(seq, s) in chunk {
-                let (status, run_at, result, error, lease) = match &s.outcome {
-                    SettleOutcome::Complete { result } => (2, None, Some(result.get()), None, None),
-                    SettleOutcome::Failed { error } => (3, None, None, Some(error.get()), None),
-                    SettleOutcome::Retry { run_at, error } => {
-                        (0, Some(*run_at), None, Some(error.get()), None)
-                    }
-                    // Still running, held by nobody until its deadline.
-                    SettleOutcome::Await { deadline } => (1, None, None, None, Some(*deadline)),
-                };
-                let fail_seq = (status == 3).then(|| {
-                    let next = next_fail.get_mut(&seq).expect("looked up above");
-                    *next += 1;
-                    *next - 1
-                });
-                let d = deltas.entry(seq).or_default();
-                d.now = d.now.max(s.now);
-                query = query
-                    .bind(seq)
-                    .bind(s.index as i64)
-                    .bind(i64::from(s.attempt))
-                    .bind(status)
-                    .bind(run_at)
-                    .bind(result)
-                    .bind(error)
-                    .bind(s.latency_ms as i64)
-                    .bind((status >= 2).then_some(s.now))
-                    .bind(fail_seq)
-                    .bind(lease);
-            }
-            // The last placeholder, after every VALUES row.
-            if let Some(node) = node {
-                query = query.bind(node.0);
-            }
-            for row in query.fetch_all(tx.conn().await?).await.map_err(map_err)? {
-                let d = deltas
-                    .get_mut(&row.get::<i64, _>(0))
-                    .expect("a job of this batch");
-                let status: i64 = row.get(1);
-                if status == 1 {
-                    // Awaiting a report: still running, nothing counted yet.
-                    report.awaiting += 1;
-                    continue;
-                }
-                d.settled += 1;
-                d.complete += i64::from(status == 2);
-                d.failed += i64::from(status == 3);
-                match status {
-                    2 => report.complete += 1,
-                    3 => report.failed += 1,
-                    _ => report.retried += 1,
-                }
-            }
-        }
-
-        // The jobs' counters, a chunk of jobs per statement; the rows that come back say
-        // which jobs this batch finished.
-        let changed: Vec<(i64, Delta)> =
-            deltas.into_iter().filter(|(_, d)| d.settled > 0).collect();
-        for chunk in changed.chunks(SETTLE_CHUNK) {
-            let mut sql = String::from("WITH d(seq, settled, complete, failed) AS (VALUES ");
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
-            }
-            sql.push_str(
-                ") UPDATE jobs SET n_running = n_running - d.settled, \
-                 n_complete = n_complete + d.complete, n_failed = n_failed + d.failed \
-                 FROM d WHERE jobs.seq = d.seq \
-                 RETURNING jobs.seq, jobs.id, jobs.status, jobs.total, jobs.n_complete, \
-                 jobs.n_failed, jobs.tolerated, jobs.callback_url",
-            );
-            let mut query = sqlx::query(&sql);
-            for (seq, d) in chunk {
-                query = query
-                    .bind(seq)
-                    .bind(d.settled)
-                    .bind(d.complete)
-                    .bind(d.failed);
-            }
-            let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;
-            for row in rows {
-                let status = job_status_from(row.get("status"))?;
-                let total: i64 = row.get("total");
-                let n_failed: i64 = row.get("n_failed");
-                let done: i64 = row.get::<i64, _>("n_complete") + n_failed;
-                if status.is_finished() || done < total {
-                    continue;
-                }
-                // This batch settled the job's last task: its final status and its callback
-                // record are written in the same transaction, so the callback is owed
-                // exactly when the job is finished.
-                let seq: i64 = row.get("seq");
-                let now = chunk
-                    .iter()
-                    .find(|(s, _)| *s == seq)
-                    .map_or(0, |(_, d)| d.now);
-                let tolerated: i64 = row.get("tolerated");
-                let final_status =
-                    plan::final_status(n_failed.max(0) as u64, tolerated.max(0) as u64);
-                sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
-                    .bind(job_status_code(final_status))
-                    .bind(now)
-                    .bind(seq)
-                    .execute(tx.conn().await?)
-                    .await
-                    .map_err(map_err)?;
-                let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-                if has_callback {
-                    insert_callback(&mut tx, seq, now).await?;
-                }
-                report.finished.push(JobFinished {
-                    job_id: parse_id(row.get("id"))?,
-                    status: final_status,
-                    has_callback,
-                });
-            }
-        }
-        tx.commit().await?;
-        Ok(report)
     }
 }
 
@@ -481,70 +203,6 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-const CB_PENDING: i64 = 1;
-const CB_DELIVERED: i64 = 2;
-const CB_FAILED: i64 = 3;
-
-const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
-     j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
-
-fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
-    let status = job_status_from(row.get("status"))?;
-    let callback_url: Option<String> = row.get("callback_url");
-    let cb_state: Option<i64> = row.get("state");
-    let state = match (callback_url.is_some(), cb_state) {
-        (false, _) => CallbackState::None,
-        (true, None | Some(CB_PENDING)) => CallbackState::Pending,
-        (true, Some(CB_DELIVERED)) => CallbackState::Delivered,
-        (true, Some(_)) => CallbackState::Failed,
-    };
-    Ok(JobRecord {
-        id: parse_id(row.get("id"))?,
-        owner: row.get("owner"),
-        status,
-        options: parse_options(row.get("options"))?,
-        total: row.get::<i64, _>("total") as u64,
-        running: row.get::<i64, _>("n_running") as u64,
-        complete: row.get::<i64, _>("n_complete") as u64,
-        failed: row.get::<i64, _>("n_failed") as u64,
-        cancelled: row.get::<i64, _>("n_cancelled") as u64,
-        created_at: row.get("created_at"),
-        finished_at: row.get("finished_at"),
-        callback_url,
-        callback: CallbackInfo {
-            state,
-            attempts: row.get::<Option<i64>, _>("attempts").unwrap_or(0) as u32,
-            last_error: row.get("last_error"),
-        },
-    })
-}
-
-const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
-     t.latency_ms, t.finished_at";
-
-fn task_from_row(row: &SqliteRow) -> StoreResult<TaskRecord> {
-    Ok(TaskRecord {
-        index: row.get::<i64, _>("idx") as u64,
-        status: task_status_from(row.get("status"))?,
-        attempts: row.get::<i64, _>("attempts") as u32,
-        endpoint: row.get("endpoint"),
-        result: raw(row.get("result"))?,
-        error: raw(row.get("error"))?,
-        latency_ms: row.get::<Option<i64>, _>("latency_ms").map(|v| v as u64),
-        finished_at: row.get("finished_at"),
-    })
-}
-
-/// Deletes a job; its tasks and callback record go with it (ON DELETE CASCADE).
-async fn delete_job(tx: &mut WriteTx, seq: i64) -> StoreResult<()> {
-    sqlx::query("DELETE FROM jobs WHERE seq = ?")
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    Ok(())
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn job_insert(
@@ -553,134 +211,19 @@ impl Store for SqliteStore {
         idempotency: Option<&IdempotencyKey>,
         now: Millis,
     ) -> StoreResult<InsertOutcome> {
-        let options =
-            serde_json::to_string(&job.options).map_err(|e| StoreError::Other(e.to_string()))?;
-        let empty = job.tasks.is_empty();
-        let status = if empty {
-            JobStatus::Complete
-        } else {
-            JobStatus::Pending
-        };
-        let callback_url = url_text(&job.callback);
-
-        let mut tx = self.begin().await?;
-        if let Some(idem) = idempotency {
-            // Checked inside the write transaction: two requests with one key cannot both
-            // pass, since there is one writer.
-            let earlier = sqlx::query(
-                "SELECT id, request_hash FROM jobs \
-                     WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1",
-            )
-            .bind(&idem.key)
-            .bind(job.owner.as_deref())
-            .fetch_optional(tx.conn().await?)
-            .await
-            .map_err(map_err)?;
-            if let Some(row) = earlier {
-                let hash: Option<String> = row.get("request_hash");
-                return Ok(InsertOutcome::Existing {
-                    job_id: parse_id(row.get("id"))?,
-                    same_request: hash.as_deref() == Some(idem.request_hash.as_str()),
-                });
-            }
-        }
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
-             created_at, finished_at, idempotency_key, request_hash, owner) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-        )
-        .bind(job.id.to_string())
-        .bind(job_status_code(status))
-        .bind(options)
-        .bind(job.options.concurrency.map(i64::from))
-        .bind(job.options.tolerated_failures as i64)
-        .bind(job.tasks.len() as i64)
-        .bind(&callback_url)
-        .bind(now)
-        .bind(empty.then_some(now))
-        .bind(idempotency.map(|i| i.key.as_str()))
-        .bind(idempotency.map(|i| i.request_hash.as_str()))
-        .bind(job.owner.as_deref())
-        .fetch_one(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-
-        let mut index: i64 = 0;
-        for chunk in job.tasks.chunks(INSERT_CHUNK) {
-            let mut sql =
-                String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ");
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 {
-                    "(?,?,?,?,?)"
-                } else {
-                    ",(?,?,?,?,?)"
-                });
-            }
-            let mut query = sqlx::query(&sql);
-            for task in chunk {
-                index += 1;
-                query = query
-                    .bind(seq)
-                    .bind(index)
-                    .bind(now)
-                    .bind(task.endpoint.as_str())
-                    .bind(task.params.get());
-            }
-            query.execute(tx.conn().await?).await.map_err(map_err)?;
-        }
-
-        if empty && callback_url.is_some() {
-            insert_callback(&mut tx, seq, now).await?;
-        }
-        tx.commit().await?;
-        Ok(InsertOutcome::Inserted)
+        jobs::insert(self, job, idempotency, now).await
     }
 
     async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?"
-        );
-        let row = sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(map_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        jobs::get(self, id).await
     }
 
     async fn job_list(&self, query: &JobListQuery) -> StoreResult<Vec<JobRecord>> {
-        // Jobs are numbered in creation order, so "newest first, before X" is by seq.
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
-             WHERE (?1 IS NULL OR j.status = ?1) \
-               AND (?2 IS NULL OR j.seq < (SELECT seq FROM jobs WHERE id = ?2)) \
-               AND (?4 IS NULL OR j.owner = ?4) \
-             ORDER BY j.seq DESC LIMIT ?3"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(query.status.map(job_status_code))
-            .bind(query.before.map(|id| id.to_string()))
-            .bind(i64::from(query.limit))
-            .bind(query.owner.as_deref())
-            .fetch_all(&self.reader)
-            .await
-            .map_err(map_err)?;
-        rows.iter().map(job_from_row).collect()
+        jobs::list(self, query).await
     }
 
     async fn tasks_page(&self, id: JobId, query: &TaskPageQuery) -> StoreResult<Vec<TaskRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?1) \
-             AND t.idx > ?2 AND (?3 IS NULL OR t.status = ?3) ORDER BY t.idx LIMIT ?4"
-        ))
-        .bind(id.to_string())
-        .bind(query.after as i64)
-        .bind(query.status.map(task_status_code))
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)?;
-        rows.iter().map(task_from_row).collect()
+        jobs::tasks_page(self, id, query).await
     }
 
     async fn tasks_failed_since(
@@ -689,406 +232,39 @@ impl Store for SqliteStore {
         after: u64,
         limit: u32,
     ) -> StoreResult<Vec<FailedTask>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS}, t.fail_seq FROM tasks t \
-             WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?) AND t.fail_seq > ? \
-             ORDER BY t.fail_seq LIMIT ?"
-        ))
-        .bind(id.to_string())
-        .bind(after as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(FailedTask {
-                    fail_seq: row.get::<i64, _>("fail_seq") as u64,
-                    task: task_from_row(row)?,
-                })
-            })
-            .collect()
+        jobs::tasks_failed_since(self, id, after, limit).await
     }
 
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
-        let mut tx = self.begin().await?;
-        let Some(row) = sqlx::query("SELECT seq, status, callback_url FROM jobs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(tx.conn().await?)
-            .await
-            .map_err(map_err)?
-        else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        let seq: i64 = row.get("seq");
-        let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-        match job_status_from(row.get("status"))? {
-            JobStatus::Cancelled => {
-                return Ok(CancelOutcome::Cancelled {
-                    has_callback,
-                    newly: false,
-                    tasks: 0,
-                });
-            }
-            done if done.is_finished() => return Ok(CancelOutcome::AlreadyFinished(done)),
-            _ => {}
-        }
-        let cancelled = sqlx::query(
-            "UPDATE tasks SET status = 4, finished_at = ? WHERE job_seq = ? AND status IN (0, 1)",
-        )
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-        sqlx::query(
-            "UPDATE jobs SET status = 4, n_running = 0, n_cancelled = n_cancelled + ?, \
-             finished_at = ? WHERE seq = ?",
-        )
-        .bind(cancelled as i64)
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-        if has_callback {
-            insert_callback(&mut tx, seq, now).await?;
-        }
-        tx.commit().await?;
-        Ok(CancelOutcome::Cancelled {
-            has_callback,
-            newly: true,
-            tasks: cancelled,
-        })
+        jobs::cancel(self, id, now).await
     }
 
     async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome> {
-        let mut tx = self.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT j.seq, j.status, c.state FROM jobs j \
-             LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_optional(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        else {
-            return Ok(DeleteOutcome::NotFound);
-        };
-        if !job_status_from(row.get("status"))?.is_finished() {
-            return Ok(DeleteOutcome::NotFinished);
-        }
-        if row.get::<Option<i64>, _>("state") == Some(CB_PENDING) {
-            return Ok(DeleteOutcome::CallbackPending);
-        }
-        delete_job(&mut tx, row.get("seq")).await?;
-        tx.commit().await?;
-        Ok(DeleteOutcome::Deleted)
+        jobs::delete(self, id).await
     }
 
     async fn jobs_purge(&self, finished_before: Millis, limit: u32) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
-             WHERE j.finished_at < ? AND j.status IN (2, 3, 4) \
-               AND (c.state IS NULL OR c.state != 1) \
-             ORDER BY j.finished_at LIMIT ?",
-        )
-        .bind(finished_before)
-        .bind(i64::from(limit))
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-        for &seq in &seqs {
-            delete_job(&mut tx, seq).await?;
-        }
-        tx.commit().await?;
-        Ok(seqs.len() as u64)
+        jobs::purge(self, finished_before, limit).await
     }
 
     async fn queue_depth(&self) -> StoreResult<u64> {
-        let depth: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(total - n_running - n_complete - n_failed - n_cancelled) FROM jobs \
-             WHERE status IN (0, 1)",
-        )
-        .fetch_one(&self.reader)
-        .await
-        .map_err(map_err)?;
-        Ok(depth.unwrap_or(0).max(0) as u64)
+        jobs::queue_depth(self).await
     }
 
     async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim> {
-        let mut claim = Claim::default();
-        if params.limit == 0 {
-            return Ok(claim);
-        }
-        let mut tx = self.begin().await?;
-        // Unfinished jobs with pending tasks and room under their concurrency, least
-        // recently served first, but for the jobs the claim leaves out and those of owners
-        // with no room left. No more than twice the free slots can be served, since each gets
-        // at least one; a job found with nothing due (its tasks all in backoff) is marked
-        // served too, so it moves to the back and cannot starve the jobs behind it.
-        let full_owners = params.owners.full();
-        let mut skip = String::new();
-        if !params.skip_jobs.is_empty() {
-            skip.push_str(&format!(
-                "AND id NOT IN ({}) ",
-                vec!["?"; params.skip_jobs.len()].join(",")
-            ));
-        }
-        if !full_owners.is_empty() {
-            skip.push_str(&format!(
-                "AND (owner IS NULL OR owner NOT IN ({})) ",
-                vec!["?"; full_owners.len()].join(",")
-            ));
-        }
-        let sql = format!(
-            "SELECT seq, id, owner, options, concurrency, n_running, \
-             total - n_running - n_complete - n_failed AS pending FROM jobs \
-             WHERE status IN (0, 1) AND total > n_running + n_complete + n_failed \
-               AND (concurrency IS NULL OR n_running < concurrency) {skip}\
-             ORDER BY last_claim_at, seq LIMIT ?"
-        );
-        let mut query = sqlx::query(&sql);
-        for id in &params.skip_jobs {
-            query = query.bind(id.to_string());
-        }
-        for owner in &full_owners {
-            query = query.bind(owner);
-        }
-        let jobs = query
-            .bind(i64::from(params.limit) * 2 + 8)
-            .fetch_all(tx.conn().await?)
-            .await
-            .map_err(map_err)?;
-
-        struct Candidate {
-            seq: i64,
-            id: JobId,
-            owner: Option<Arc<str>>,
-            options_text: String,
-            /// Parsed once, for the jobs this claim serves.
-            options: Option<Arc<JobOptions>>,
-            headroom: u64,
-            /// Its tasks not yet claimed, due or in backoff.
-            pending: u64,
-        }
-        let mut candidates = Vec::with_capacity(jobs.len());
-        for row in &jobs {
-            let concurrency: Option<i64> = row.get("concurrency");
-            let running: i64 = row.get("n_running");
-            let options_text: String = row.get("options");
-            // A job limiting its calls per host gives one claim what its gates start soon.
-            let options = if plan::may_limit_hosts(&options_text) {
-                Some(Arc::new(parse_options(&options_text)?))
-            } else {
-                None
-            };
-            let cap = options.as_deref().map_or(u64::MAX, plan::claim_cap);
-            candidates.push(Candidate {
-                seq: row.get("seq"),
-                id: parse_id(row.get("id"))?,
-                owner: row.get::<Option<String>, _>("owner").map(Arc::from),
-                options_text,
-                options,
-                headroom: concurrency
-                    .map_or(u64::MAX, |c| (c - running).max(0) as u64)
-                    .min(cap),
-                pending: row.get::<i64, _>("pending").max(0) as u64,
-            });
-        }
-
-        // The plan says how many tasks each job gives in each round (see `plan`); the jobs of
-        // a round are served CLAIM_GROUP at a time by one statement (a UNION of per-job
-        // picks), so a claim over many small jobs costs few statements.
-        let mut plan = FairShare::new(
-            u64::from(params.limit),
-            candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
-            &params.owners,
-        );
-        let by_seq: HashMap<i64, usize> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.seq, i))
-            .collect();
-        loop {
-            let wants = plan.round();
-            if wants.is_empty() {
-                break;
-            }
-            let mut got: HashMap<usize, u64> = HashMap::with_capacity(wants.len());
-            for group in wants.chunks(CLAIM_GROUP) {
-                let mut query = sqlx::query(CLAIM_SQL).bind(params.now);
-                for slot in 0..CLAIM_GROUP {
-                    // Unused places pick nothing: no job has sequence number -1.
-                    let (seq, want) = group
-                        .get(slot)
-                        .map_or((-1, 0), |&(i, want)| (candidates[i].seq, want as i64));
-                    query = query.bind(seq).bind(want);
-                }
-                let rows = query.bind(params.node.0).bind(params.lease_until);
-                let rows = rows.fetch_all(tx.conn().await?).await.map_err(map_err)?;
-                for row in rows {
-                    let i = by_seq[&row.get::<i64, _>("job_seq")];
-                    *got.entry(i).or_default() += 1;
-                    let c = &mut candidates[i];
-                    let options = match &c.options {
-                        Some(options) => options.clone(),
-                        None => {
-                            let options = Arc::new(parse_options(&c.options_text)?);
-                            c.options = Some(options.clone());
-                            options
-                        }
-                    };
-                    claim.tasks.push(ClaimedTask {
-                        job_id: c.id,
-                        index: row.get::<i64, _>("idx") as u64,
-                        attempt: row.get::<i64, _>("attempts") as u32,
-                        endpoint: row.get("endpoint"),
-                        params: raw(Some(row.get("params")))?.expect("some"),
-                        options,
-                        owner: c.owner.clone(),
-                    });
-                }
-            }
-            for (i, want) in wants {
-                plan.got(i, want, got.get(&i).copied().unwrap_or(0));
-            }
-        }
-        // Each job's tasks together, in order (the engine looks its cancel token up once
-        // per job).
-        claim.tasks.sort_by_key(|t| (t.job_id, t.index));
-
-        // The served jobs' counters and places in the round-robin, a chunk of jobs per
-        // statement (a claim over many small jobs serves hundreds).
-        let served: Vec<(i64, u64)> = (0..candidates.len())
-            .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i))
-            .map(|i| (candidates[i].seq, plan.claimed(i)))
-            .collect();
-        for chunk in served.chunks(SETTLE_CHUNK) {
-            let mut sql = String::from("WITH d(seq, claimed) AS (VALUES ");
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "(?,?)" } else { ",(?,?)" });
-            }
-            sql.push_str(
-                ") UPDATE jobs SET n_running = n_running + d.claimed, \
-                 status = CASE WHEN d.claimed > 0 THEN 1 ELSE jobs.status END, last_claim_at = ? \
-                 FROM d WHERE jobs.seq = d.seq",
-            );
-            let mut query = sqlx::query(&sql);
-            for &(seq, claimed) in chunk {
-                query = query.bind(seq).bind(claimed as i64);
-            }
-            query
-                .bind(params.now)
-                .execute(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
-        }
-        for (i, c) in candidates.iter().enumerate() {
-            // A job whose every pending task was just claimed has nothing left in backoff.
-            if plan.exhausted(i) && c.pending > plan.claimed(i) {
-                // Whatever is left of this job waits in backoff: when is the first due?
-                let due: Option<i64> = sqlx::query_scalar(
-                    "SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = 0",
-                )
-                .bind(c.seq)
-                .fetch_one(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
-                if let Some(due) = due {
-                    claim.next_due = Some(claim.next_due.map_or(due, |d: i64| d.min(due)));
-                }
-            }
-        }
-        tx.commit().await?;
-        Ok(claim)
+        claim::claim(self, params).await
     }
 
     async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
-        self.settle(Some(node), batch).await
+        settle::settle(self, Some(node), batch).await
     }
 
     async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome> {
-        let settle = TaskSettle {
-            job_id: report.job_id,
-            index: report.index,
-            attempt: report.attempt,
-            latency_ms: 0,
-            now: report.now,
-            outcome: report.outcome.clone(),
-        };
-        let applied = self.settle(None, std::slice::from_ref(&settle)).await?;
-        if applied.complete + applied.failed > 0 {
-            return Ok(ReportOutcome::Applied(applied));
-        }
-        // Not applied: was this attempt's outcome stored already?
-        let done: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM tasks t JOIN jobs j ON j.seq = t.job_seq \
-             WHERE j.id = ? AND t.idx = ? AND t.attempts = ? AND t.status IN (2, 3)",
-        )
-        .bind(report.job_id.to_string())
-        .bind(report.index as i64)
-        .bind(i64::from(report.attempt))
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        Ok(if done.is_some() {
-            ReportOutcome::AlreadyReported
-        } else {
-            ReportOutcome::Unknown
-        })
+        settle::report(self, report).await
     }
 
     async fn tasks_overdue(&self, params: &OverdueParams) -> StoreResult<Vec<ClaimedTask>> {
-        let mut tx = self.begin().await?;
-        // Awaited attempts: running, held by no node, with a deadline. Found through the
-        // jobs with tasks running, each by its `tasks_due` index.
-        let rows = sqlx::query(
-            "UPDATE tasks SET node = ?, lease_until = ? WHERE rowid IN (\
-             SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = 1 \
-             WHERE j.status IN (0, 1) AND j.n_running > 0 AND t.node IS NULL \
-               AND t.lease_until IS NOT NULL AND t.lease_until <= ? LIMIT ?) \
-             RETURNING job_seq, idx, attempts, endpoint, params",
-        )
-        .bind(params.node.0)
-        .bind(params.lease_until)
-        .bind(params.now)
-        .bind(i64::from(params.limit))
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-        type JobOf = (JobId, Arc<JobOptions>, Option<Arc<str>>);
-        let mut jobs: HashMap<i64, JobOf> = HashMap::new();
-        let mut tasks = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.get("job_seq");
-            if let std::collections::hash_map::Entry::Vacant(entry) = jobs.entry(seq) {
-                let job = sqlx::query("SELECT id, options, owner FROM jobs WHERE seq = ?")
-                    .bind(seq)
-                    .fetch_one(tx.conn().await?)
-                    .await
-                    .map_err(map_err)?;
-                entry.insert((
-                    parse_id(job.get("id"))?,
-                    Arc::new(parse_options(job.get("options"))?),
-                    job.get::<Option<String>, _>("owner").map(Arc::from),
-                ));
-            }
-            let (job_id, options, owner) = &jobs[&seq];
-            tasks.push(ClaimedTask {
-                job_id: *job_id,
-                index: row.get::<i64, _>("idx") as u64,
-                attempt: row.get::<i64, _>("attempts") as u32,
-                endpoint: row.get("endpoint"),
-                params: raw(Some(row.get("params")))?.expect("some"),
-                options: options.clone(),
-                owner: owner.clone(),
-            });
-        }
-        tx.commit().await?;
-        Ok(tasks)
+        leases::overdue(self, params).await
     }
 
     async fn task_token_key(&self) -> StoreResult<Vec<u8>> {
@@ -1099,33 +275,15 @@ impl Store for SqliteStore {
     }
 
     async fn tasks_recover(&self) -> StoreResult<u64> {
-        // Every call left running by the previous process, whatever its lease; and rows
-        // from before leases existed (no node, no lease).
-        self.take_back("(node IS NOT NULL OR lease_until IS NULL)", None)
-            .await
+        leases::recover(self).await
     }
 
     async fn tasks_renew(&self, node: NodeId, until: Millis) -> StoreResult<u64> {
-        // Through the jobs that have calls running: each job's running tasks are found by the
-        // `tasks_due` index, never by reading every task.
-        let mut tx = self.begin().await?;
-        let renewed = sqlx::query(
-            "UPDATE tasks SET lease_until = ? WHERE status = 1 AND node = ? AND job_seq IN \
-             (SELECT seq FROM jobs WHERE status IN (0, 1) AND n_running > 0)",
-        )
-        .bind(until)
-        .bind(node.0)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(renewed)
+        leases::renew(self, node, until).await
     }
 
     async fn tasks_expire(&self, now: Millis) -> StoreResult<u64> {
-        self.take_back("node IS NOT NULL AND lease_until < ?", Some(now))
-            .await
+        leases::expire(self, now).await
     }
 
     async fn callbacks_due(
@@ -1134,69 +292,15 @@ impl Store for SqliteStore {
         lease_until: Millis,
         limit: u32,
     ) -> StoreResult<Vec<CallbackDue>> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
-            "SELECT c.job_seq, c.attempts, j.id, j.callback_url FROM callbacks c \
-             JOIN jobs j ON j.seq = c.job_seq \
-             WHERE c.state = 1 AND c.next_attempt_at <= ? ORDER BY c.next_attempt_at LIMIT ?",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-        let mut due = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.get("job_seq");
-            sqlx::query("UPDATE callbacks SET next_attempt_at = ? WHERE job_seq = ?")
-                .bind(lease_until)
-                .bind(seq)
-                .execute(tx.conn().await?)
-                .await
-                .map_err(map_err)?;
-            due.push(CallbackDue {
-                job_id: parse_id(row.get("id"))?,
-                url: row.get("callback_url"),
-                attempts: row.get::<i64, _>("attempts") as u32,
-            });
-        }
-        tx.commit().await?;
-        Ok(due)
+        callbacks::due(self, now, lease_until, limit).await
     }
 
     async fn callback_next_due(&self) -> StoreResult<Option<Millis>> {
-        sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM callbacks WHERE state = 1")
-            .fetch_one(&self.reader)
-            .await
-            .map_err(map_err)
+        callbacks::next_due(self).await
     }
 
     async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<bool> {
-        let (state, next, error, delivered) = match &record.outcome {
-            CallbackOutcome::Delivered => (CB_DELIVERED, None, None, Some(record.now)),
-            CallbackOutcome::Retry { at, error } => {
-                (CB_PENDING, Some(*at), Some(error.as_str()), None)
-            }
-            CallbackOutcome::GaveUp { error } => (CB_FAILED, None, Some(error.as_str()), None),
-        };
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
-             last_error = COALESCE(?, last_error), delivered_at = ? \
-             WHERE job_seq = (SELECT seq FROM jobs WHERE id = ?) AND state = 1 AND attempts = ?",
-        )
-        .bind(state)
-        .bind(i64::from(record.attempts))
-        .bind(next)
-        .bind(error)
-        .bind(delivered)
-        .bind(record.job_id.to_string())
-        .bind(i64::from(record.attempts) - 1)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        callbacks::record(self, record).await
     }
 
     async fn listen(&self) -> StoreResult<Option<Notices>> {
@@ -1211,16 +315,6 @@ impl Store for SqliteStore {
             .map_err(map_err)?;
         Ok(())
     }
-}
-
-async fn insert_callback(tx: &mut WriteTx, seq: i64, now: Millis) -> StoreResult<()> {
-    sqlx::query("INSERT INTO callbacks (job_seq, state, next_attempt_at) VALUES (?, 1, ?)")
-        .bind(seq)
-        .bind(now)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,265 @@
+//! The rows the SQL backends write and read alike, whatever their SQL: the records the API
+//! reads, the jobs a claim serves and the tasks it hands out, a new job's row and what a
+//! callback attempt writes.
+
+use std::sync::Arc;
+
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use super::codec::{
+    CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, Code, callback_state, job_code,
+    job_status_from, parse_id, parse_options, raw, task_status_from,
+};
+use super::plan;
+use super::{
+    CallbackInfo, CallbackOutcome, ClaimedTask, FailedTask, JobRecord, Millis, StoreError,
+    StoreResult, TaskRecord, url_text,
+};
+use crate::job::{JobId, JobOptions, JobStatus, NewJob};
+
+/// A row of either SQL backend, read by column name as the readers below need it. Both
+/// backends store counts and times as 64-bit integers and attempts as 32-bit ones; JSON,
+/// ids and options as text.
+pub(super) trait Columns {
+    fn int(&self, name: &'static str) -> i64;
+    fn int_or_null(&self, name: &'static str) -> Option<i64>;
+    fn int32(&self, name: &'static str) -> i32;
+    fn int32_or_null(&self, name: &'static str) -> Option<i32>;
+    fn text(&self, name: &'static str) -> &str;
+    fn text_or_null(&self, name: &'static str) -> Option<String>;
+    fn code(&self, name: &'static str) -> Code;
+    fn code_or_null(&self, name: &'static str) -> Option<Code>;
+}
+
+impl<R> Columns for R
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i32: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Code: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn int(&self, name: &'static str) -> i64 {
+        self.get(name)
+    }
+    fn int_or_null(&self, name: &'static str) -> Option<i64> {
+        self.get(name)
+    }
+    fn int32(&self, name: &'static str) -> i32 {
+        self.get(name)
+    }
+    fn int32_or_null(&self, name: &'static str) -> Option<i32> {
+        self.get(name)
+    }
+    fn text(&self, name: &'static str) -> &str {
+        self.get(name)
+    }
+    fn text_or_null(&self, name: &'static str) -> Option<String> {
+        self.get(name)
+    }
+    fn code(&self, name: &'static str) -> Code {
+        self.get(name)
+    }
+    fn code_or_null(&self, name: &'static str) -> Option<Code> {
+        self.get(name)
+    }
+}
+
+/// A job from a row of the backend's job columns (`JOB_COLUMNS`: the job's, and its
+/// callback record's `state`, `attempts` and `last_error`, NULL before it finishes).
+pub(super) fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
+    let callback_url = row.text_or_null("callback_url");
+    Ok(JobRecord {
+        id: parse_id(row.text("id"))?,
+        owner: row.text_or_null("owner"),
+        status: job_status_from(row.code("status"))?,
+        options: parse_options(row.text("options"))?,
+        total: row.int("total") as u64,
+        running: row.int("n_running") as u64,
+        complete: row.int("n_complete") as u64,
+        failed: row.int("n_failed") as u64,
+        cancelled: row.int("n_cancelled") as u64,
+        created_at: row.int("created_at"),
+        finished_at: row.int_or_null("finished_at"),
+        callback: CallbackInfo {
+            state: callback_state(callback_url.is_some(), row.code_or_null("state")),
+            attempts: row.int32_or_null("attempts").unwrap_or(0) as u32,
+            last_error: row.text_or_null("last_error"),
+        },
+        callback_url,
+    })
+}
+
+/// A task from a row of the backend's task columns (`TASK_COLUMNS`).
+pub(super) fn task_from_row(row: &impl Columns) -> StoreResult<TaskRecord> {
+    Ok(TaskRecord {
+        index: row.int("idx") as u64,
+        status: task_status_from(row.code("status"))?,
+        attempts: row.int32("attempts") as u32,
+        endpoint: row.text("endpoint").to_string(),
+        result: raw(row.text_or_null("result"))?,
+        error: raw(row.text_or_null("error"))?,
+        latency_ms: row.int_or_null("latency_ms").map(|v| v as u64),
+        finished_at: row.int_or_null("finished_at"),
+    })
+}
+
+/// A failed task from a row of the task columns and its `fail_seq`.
+pub(super) fn failed_task_from_row(row: &impl Columns) -> StoreResult<FailedTask> {
+    Ok(FailedTask {
+        fail_seq: row.int("fail_seq") as u64,
+        task: task_from_row(row)?,
+    })
+}
+
+/// A job whose tasks are handed out (claimed, or overdue and leased): its id, its options
+/// parsed once for all of them, and its owner.
+pub(super) struct ClaimedJob {
+    pub id: JobId,
+    pub options: Arc<JobOptions>,
+    pub owner: Option<Arc<str>>,
+}
+
+impl ClaimedJob {
+    /// One of its tasks, from a row of `idx`, `attempts`, `endpoint` and `params`.
+    pub(super) fn task(&self, row: &impl Columns) -> StoreResult<ClaimedTask> {
+        claimed_task(row, self.id, &self.options, &self.owner)
+    }
+}
+
+fn claimed_task(
+    row: &impl Columns,
+    job_id: JobId,
+    options: &Arc<JobOptions>,
+    owner: &Option<Arc<str>>,
+) -> StoreResult<ClaimedTask> {
+    Ok(ClaimedTask {
+        job_id,
+        index: row.int("idx") as u64,
+        attempt: row.int32("attempts") as u32,
+        endpoint: row.text("endpoint").to_string(),
+        params: raw(Some(row.text("params").to_string()))?.expect("some"),
+        options: options.clone(),
+        owner: owner.clone(),
+    })
+}
+
+/// A job a claim may serve, from a row of its `seq`, `id`, `owner`, `options`,
+/// `concurrency` and `n_running`.
+pub(super) struct Candidate {
+    pub seq: i64,
+    pub id: JobId,
+    pub owner: Option<Arc<str>>,
+    options_text: String,
+    /// Parsed once, for the jobs this claim serves.
+    options: Option<Arc<JobOptions>>,
+    /// How many of its tasks may start: its room under its concurrency, within what a
+    /// claim gives a job that limits its calls per host.
+    pub headroom: u64,
+}
+
+impl Candidate {
+    pub(super) fn from_row(row: &impl Columns) -> StoreResult<Self> {
+        let concurrency = row.int_or_null("concurrency");
+        let running = row.int("n_running");
+        let options_text = row.text("options").to_string();
+        // A job limiting its calls per host gives one claim what its gates start soon.
+        let options = if plan::may_limit_hosts(&options_text) {
+            Some(Arc::new(parse_options(&options_text)?))
+        } else {
+            None
+        };
+        let cap = options.as_deref().map_or(u64::MAX, plan::claim_cap);
+        Ok(Candidate {
+            seq: row.int("seq"),
+            id: parse_id(row.text("id"))?,
+            owner: row.text_or_null("owner").map(Arc::from),
+            options_text,
+            options,
+            headroom: concurrency
+                .map_or(u64::MAX, |c| (c - running).max(0) as u64)
+                .min(cap),
+        })
+    }
+
+    /// One of its tasks that the claim took, from a row of `idx`, `attempts`, `endpoint`
+    /// and `params`.
+    pub(super) fn task(&mut self, row: &impl Columns) -> StoreResult<ClaimedTask> {
+        let options = match &self.options {
+            Some(options) => options.clone(),
+            None => {
+                let options = Arc::new(parse_options(&self.options_text)?);
+                self.options = Some(options.clone());
+                options
+            }
+        };
+        claimed_task(row, self.id, &options, &self.owner)
+    }
+}
+
+/// A new job's row, but for its id, idempotency key and owner (which the backends bind as
+/// they are): a job without tasks is stored finished, Complete, its callback due at once.
+pub(super) struct NewJobRow {
+    pub status: Code,
+    pub options: String,
+    pub concurrency: Option<i64>,
+    pub tolerated: i64,
+    pub total: i64,
+    pub callback_url: Option<String>,
+    pub finished_at: Option<Millis>,
+    /// No tasks: finished at once, and its callback, if it has one, due at once.
+    pub empty: bool,
+}
+
+impl NewJobRow {
+    pub(super) fn of(job: &NewJob, now: Millis) -> StoreResult<Self> {
+        let empty = job.tasks.is_empty();
+        let status = if empty {
+            JobStatus::Complete
+        } else {
+            JobStatus::Pending
+        };
+        Ok(NewJobRow {
+            status: job_code(status),
+            options: serde_json::to_string(&job.options)
+                .map_err(|e| StoreError::Other(e.to_string()))?,
+            concurrency: job.options.concurrency.map(i64::from),
+            tolerated: job.options.tolerated_failures as i64,
+            total: job.tasks.len() as i64,
+            callback_url: url_text(&job.callback),
+            finished_at: empty.then_some(now),
+            empty,
+        })
+    }
+}
+
+/// What a callback attempt writes to its delivery record.
+pub(super) struct CallbackWrite<'a> {
+    pub state: Code,
+    pub next_attempt_at: Option<Millis>,
+    /// Kept from the attempt before when `None`.
+    pub error: Option<&'a str>,
+    pub delivered_at: Option<Millis>,
+}
+
+impl<'a> CallbackWrite<'a> {
+    pub(super) fn of(outcome: &'a CallbackOutcome, now: Millis) -> Self {
+        let (state, next_attempt_at, error, delivered_at) = match outcome {
+            CallbackOutcome::Delivered => (CALLBACK_DELIVERED, None, None, Some(now)),
+            CallbackOutcome::Retry { at, error } => {
+                (CALLBACK_PENDING, Some(*at), Some(error.as_str()), None)
+            }
+            CallbackOutcome::GaveUp { error } => {
+                (CALLBACK_FAILED, None, Some(error.as_str()), None)
+            }
+        };
+        CallbackWrite {
+            state,
+            next_attempt_at,
+            error,
+            delivered_at,
+        }
+    }
+}

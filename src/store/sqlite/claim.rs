@@ -1,0 +1,181 @@
+//! The claim: due tasks of the jobs with room, shared between them as `plan` says, marked
+//! running and leased to the claiming node in one write transaction.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use sqlx::Row;
+
+use super::{SETTLE_CHUNK, SqliteStore, map_err};
+use crate::store::codec::{JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING};
+use crate::store::plan::FairShare;
+use crate::store::rows::Candidate;
+use crate::store::{Claim, ClaimParams, StoreResult};
+
+/// Jobs served by one claim statement.
+const CLAIM_GROUP: usize = 8;
+
+/// Claims for up to [`CLAIM_GROUP`] jobs at once: `?1` is now, then a job's sequence number
+/// and how many of its due tasks to take, for each place, then the node and its lease. Each
+/// pick walks the `tasks_due` index of its job only.
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    let picks: Vec<String> = (0..CLAIM_GROUP)
+        .map(|slot| {
+            let (seq, n) = (2 + 2 * slot, 3 + 2 * slot);
+            format!(
+                "SELECT rowid FROM (SELECT rowid FROM tasks WHERE job_seq = ?{seq} \
+                 AND status = {TASK_PENDING} AND run_at <= ?1 ORDER BY run_at, idx LIMIT ?{n})"
+            )
+        })
+        .collect();
+    let (node, lease) = (2 + 2 * CLAIM_GROUP, 3 + 2 * CLAIM_GROUP);
+    format!(
+        "UPDATE tasks SET status = {TASK_RUNNING}, attempts = attempts + 1, node = ?{node}, \
+         lease_until = ?{lease} WHERE rowid IN ({}) \
+         RETURNING job_seq, idx, attempts, endpoint, params",
+        picks.join(" UNION ALL ")
+    )
+});
+
+pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreResult<Claim> {
+    let mut claim = Claim::default();
+    if params.limit == 0 {
+        return Ok(claim);
+    }
+    let mut tx = store.begin().await?;
+    // Unfinished jobs with pending tasks and room under their concurrency, least
+    // recently served first, but for the jobs the claim leaves out and those of owners
+    // with no room left. No more than twice the free slots can be served, since each gets
+    // at least one; a job found with nothing due (its tasks all in backoff) is marked
+    // served too, so it moves to the back and cannot starve the jobs behind it.
+    let full_owners = params.owners.full();
+    let mut skip = String::new();
+    if !params.skip_jobs.is_empty() {
+        skip.push_str(&format!(
+            "AND id NOT IN ({}) ",
+            vec!["?"; params.skip_jobs.len()].join(",")
+        ));
+    }
+    if !full_owners.is_empty() {
+        skip.push_str(&format!(
+            "AND (owner IS NULL OR owner NOT IN ({})) ",
+            vec!["?"; full_owners.len()].join(",")
+        ));
+    }
+    let sql = format!(
+        "SELECT seq, id, owner, options, concurrency, n_running, \
+         total - n_running - n_complete - n_failed AS pending FROM jobs \
+         WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
+           AND (concurrency IS NULL OR n_running < concurrency) {skip}\
+         ORDER BY last_claim_at, seq LIMIT ?"
+    );
+    let mut query = sqlx::query(&sql);
+    for id in &params.skip_jobs {
+        query = query.bind(id.to_string());
+    }
+    for owner in &full_owners {
+        query = query.bind(owner);
+    }
+    let jobs = query
+        .bind(i64::from(params.limit) * 2 + 8)
+        .fetch_all(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    let mut candidates = Vec::with_capacity(jobs.len());
+    // Each job's tasks not yet claimed, due or in backoff.
+    let mut pending = Vec::with_capacity(jobs.len());
+    for row in &jobs {
+        candidates.push(Candidate::from_row(row)?);
+        pending.push(row.get::<i64, _>("pending").max(0) as u64);
+    }
+
+    // The plan says how many tasks each job gives in each round (see `plan`); the jobs of
+    // a round are served CLAIM_GROUP at a time by one statement (a UNION of per-job
+    // picks), so a claim over many small jobs costs few statements.
+    let mut plan = FairShare::new(
+        u64::from(params.limit),
+        candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+        &params.owners,
+    );
+    let by_seq: HashMap<i64, usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.seq, i))
+        .collect();
+    loop {
+        let wants = plan.round();
+        if wants.is_empty() {
+            break;
+        }
+        let mut got: HashMap<usize, u64> = HashMap::with_capacity(wants.len());
+        for group in wants.chunks(CLAIM_GROUP) {
+            let mut query = sqlx::query(&CLAIM_SQL).bind(params.now);
+            for slot in 0..CLAIM_GROUP {
+                // Unused places pick nothing: no job has sequence number -1.
+                let (seq, want) = group
+                    .get(slot)
+                    .map_or((-1, 0), |&(i, want)| (candidates[i].seq, want as i64));
+                query = query.bind(seq).bind(want);
+            }
+            let rows = query.bind(params.node.0).bind(params.lease_until);
+            let rows = rows.fetch_all(tx.conn().await?).await.map_err(map_err)?;
+            for row in rows {
+                let i = by_seq[&row.get::<i64, _>("job_seq")];
+                *got.entry(i).or_default() += 1;
+                claim.tasks.push(candidates[i].task(&row)?);
+            }
+        }
+        for (i, want) in wants {
+            plan.got(i, want, got.get(&i).copied().unwrap_or(0));
+        }
+    }
+    // Each job's tasks together, in order (the engine looks its cancel token up once
+    // per job).
+    claim.tasks.sort_by_key(|t| (t.job_id, t.index));
+
+    // The served jobs' counters and places in the round-robin, a chunk of jobs per
+    // statement (a claim over many small jobs serves hundreds).
+    let served: Vec<(i64, u64)> = (0..candidates.len())
+        .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i))
+        .map(|i| (candidates[i].seq, plan.claimed(i)))
+        .collect();
+    for chunk in served.chunks(SETTLE_CHUNK) {
+        let mut sql = String::from("WITH d(seq, claimed) AS (VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { "(?,?)" } else { ",(?,?)" });
+        }
+        sql.push_str(&format!(
+            ") UPDATE jobs SET n_running = n_running + d.claimed, \
+             status = CASE WHEN d.claimed > 0 THEN {JOB_RUNNING} ELSE jobs.status END, \
+             last_claim_at = ? FROM d WHERE jobs.seq = d.seq"
+        ));
+        let mut query = sqlx::query(&sql);
+        for &(seq, claimed) in chunk {
+            query = query.bind(seq).bind(claimed as i64);
+        }
+        query
+            .bind(params.now)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
+    }
+    static FIRST_DUE: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT MIN(run_at) FROM tasks WHERE job_seq = ? AND status = {TASK_PENDING}")
+    });
+    for (i, c) in candidates.iter().enumerate() {
+        // A job whose every pending task was just claimed has nothing left in backoff.
+        if plan.exhausted(i) && pending[i] > plan.claimed(i) {
+            // Whatever is left of this job waits in backoff: when is the first due?
+            let due: Option<i64> = sqlx::query_scalar(&FIRST_DUE)
+                .bind(c.seq)
+                .fetch_one(tx.conn().await?)
+                .await
+                .map_err(map_err)?;
+            if let Some(due) = due {
+                claim.next_due = Some(claim.next_due.map_or(due, |d: i64| d.min(due)));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(claim)
+}

@@ -1,0 +1,320 @@
+//! Jobs as a whole: submission with its tasks, the reads the API serves, cancel, removal
+//! (one job, or the retention purge) and the queue depth.
+
+use std::sync::LazyLock;
+
+use sqlx::Row;
+
+use super::callbacks::insert_callback;
+use super::writer::WriteTx;
+use super::{SqliteStore, map_err};
+use crate::job::{JobId, JobStatus, NewJob};
+use crate::store::codec::{
+    CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE, JOB_FAILED, JOB_PENDING, JOB_RUNNING,
+    TASK_CANCELLED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id, task_code,
+};
+use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
+use crate::store::{
+    CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
+    JobRecord, Millis, StoreResult, TaskPageQuery, TaskRecord,
+};
+
+/// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
+/// SQLite's limit on bound parameters).
+const INSERT_CHUNK: usize = 200;
+
+const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
+     j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
+
+const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
+     t.latency_ms, t.finished_at";
+
+pub(super) async fn insert(
+    store: &SqliteStore,
+    job: &NewJob,
+    idempotency: Option<&IdempotencyKey>,
+    now: Millis,
+) -> StoreResult<InsertOutcome> {
+    let new = NewJobRow::of(job, now)?;
+    let mut tx = store.begin().await?;
+    if let Some(idem) = idempotency {
+        // Checked inside the write transaction: two requests with one key cannot both
+        // pass, since there is one writer.
+        let earlier = sqlx::query(
+            "SELECT id, request_hash FROM jobs \
+                 WHERE COALESCE(owner, '') = COALESCE(?2, '') AND idempotency_key = ?1",
+        )
+        .bind(&idem.key)
+        .bind(job.owner.as_deref())
+        .fetch_optional(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+        if let Some(row) = earlier {
+            let hash: Option<String> = row.get("request_hash");
+            return Ok(InsertOutcome::Existing {
+                job_id: parse_id(row.get("id"))?,
+                same_request: hash.as_deref() == Some(idem.request_hash.as_str()),
+            });
+        }
+    }
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
+         created_at, finished_at, idempotency_key, request_hash, owner) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+    )
+    .bind(job.id.to_string())
+    .bind(new.status)
+    .bind(&new.options)
+    .bind(new.concurrency)
+    .bind(new.tolerated)
+    .bind(new.total)
+    .bind(&new.callback_url)
+    .bind(now)
+    .bind(new.finished_at)
+    .bind(idempotency.map(|i| i.key.as_str()))
+    .bind(idempotency.map(|i| i.request_hash.as_str()))
+    .bind(job.owner.as_deref())
+    .fetch_one(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+
+    let mut index: i64 = 0;
+    for chunk in job.tasks.chunks(INSERT_CHUNK) {
+        let mut sql =
+            String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?)"
+            });
+        }
+        let mut query = sqlx::query(&sql);
+        for task in chunk {
+            index += 1;
+            query = query
+                .bind(seq)
+                .bind(index)
+                .bind(now)
+                .bind(task.endpoint.as_str())
+                .bind(task.params.get());
+        }
+        query.execute(tx.conn().await?).await.map_err(map_err)?;
+    }
+
+    if new.empty && new.callback_url.is_some() {
+        insert_callback(&mut tx, seq, now).await?;
+    }
+    tx.commit().await?;
+    Ok(InsertOutcome::Inserted)
+}
+
+pub(super) async fn get(store: &SqliteStore, id: JobId) -> StoreResult<Option<JobRecord>> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_optional(&store.reader)
+        .await
+        .map_err(map_err)?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+pub(super) async fn list(store: &SqliteStore, query: &JobListQuery) -> StoreResult<Vec<JobRecord>> {
+    // Jobs are numbered in creation order, so "newest first, before X" is by seq.
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
+         WHERE (?1 IS NULL OR j.status = ?1) \
+           AND (?2 IS NULL OR j.seq < (SELECT seq FROM jobs WHERE id = ?2)) \
+           AND (?4 IS NULL OR j.owner = ?4) \
+         ORDER BY j.seq DESC LIMIT ?3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(query.status.map(job_code))
+        .bind(query.before.map(|id| id.to_string()))
+        .bind(i64::from(query.limit))
+        .bind(query.owner.as_deref())
+        .fetch_all(&store.reader)
+        .await
+        .map_err(map_err)?;
+    rows.iter().map(job_from_row).collect()
+}
+
+pub(super) async fn tasks_page(
+    store: &SqliteStore,
+    id: JobId,
+    query: &TaskPageQuery,
+) -> StoreResult<Vec<TaskRecord>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks t WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?1) \
+         AND t.idx > ?2 AND (?3 IS NULL OR t.status = ?3) ORDER BY t.idx LIMIT ?4"
+    ))
+    .bind(id.to_string())
+    .bind(query.after as i64)
+    .bind(query.status.map(task_code))
+    .bind(i64::from(query.limit))
+    .fetch_all(&store.reader)
+    .await
+    .map_err(map_err)?;
+    rows.iter().map(task_from_row).collect()
+}
+
+pub(super) async fn tasks_failed_since(
+    store: &SqliteStore,
+    id: JobId,
+    after: u64,
+    limit: u32,
+) -> StoreResult<Vec<FailedTask>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS}, t.fail_seq FROM tasks t \
+         WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?) AND t.fail_seq > ? \
+         ORDER BY t.fail_seq LIMIT ?"
+    ))
+    .bind(id.to_string())
+    .bind(after as i64)
+    .bind(i64::from(limit))
+    .fetch_all(&store.reader)
+    .await
+    .map_err(map_err)?;
+    rows.iter().map(failed_task_from_row).collect()
+}
+
+pub(super) async fn cancel(
+    store: &SqliteStore,
+    id: JobId,
+    now: Millis,
+) -> StoreResult<CancelOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query("SELECT seq, status, callback_url FROM jobs WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(tx.conn().await?)
+        .await
+        .map_err(map_err)?
+    else {
+        return Ok(CancelOutcome::NotFound);
+    };
+    let seq: i64 = row.get("seq");
+    let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
+    match job_status_from(row.get("status"))? {
+        JobStatus::Cancelled => {
+            return Ok(CancelOutcome::Cancelled {
+                has_callback,
+                newly: false,
+                tasks: 0,
+            });
+        }
+        done if done.is_finished() => return Ok(CancelOutcome::AlreadyFinished(done)),
+        _ => {}
+    }
+    static CANCEL_TASKS: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE tasks SET status = {TASK_CANCELLED}, finished_at = ? \
+             WHERE job_seq = ? AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
+        )
+    });
+    static CANCEL_JOB: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE jobs SET status = {JOB_CANCELLED}, n_running = 0, \
+             n_cancelled = n_cancelled + ?, finished_at = ? WHERE seq = ?"
+        )
+    });
+    let cancelled = sqlx::query(&CANCEL_TASKS)
+        .bind(now)
+        .bind(seq)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+    sqlx::query(&CANCEL_JOB)
+        .bind(cancelled as i64)
+        .bind(now)
+        .bind(seq)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    if has_callback {
+        insert_callback(&mut tx, seq, now).await?;
+    }
+    tx.commit().await?;
+    Ok(CancelOutcome::Cancelled {
+        has_callback,
+        newly: true,
+        tasks: cancelled,
+    })
+}
+
+pub(super) async fn delete(store: &SqliteStore, id: JobId) -> StoreResult<DeleteOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT j.seq, j.status, c.state FROM jobs j \
+         LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?",
+    )
+    .bind(id.to_string())
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)?
+    else {
+        return Ok(DeleteOutcome::NotFound);
+    };
+    if !job_status_from(row.get("status"))?.is_finished() {
+        return Ok(DeleteOutcome::NotFinished);
+    }
+    if row.get::<Option<Code>, _>("state") == Some(CALLBACK_PENDING) {
+        return Ok(DeleteOutcome::CallbackPending);
+    }
+    delete_job(&mut tx, row.get("seq")).await?;
+    tx.commit().await?;
+    Ok(DeleteOutcome::Deleted)
+}
+
+pub(super) async fn purge(
+    store: &SqliteStore,
+    finished_before: Millis,
+    limit: u32,
+) -> StoreResult<u64> {
+    static PURGEABLE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT j.seq FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
+             WHERE j.finished_at < ? AND j.status IN ({JOB_COMPLETE}, {JOB_FAILED}, {JOB_CANCELLED}) \
+               AND (c.state IS NULL OR c.state != {CALLBACK_PENDING}) \
+             ORDER BY j.finished_at LIMIT ?"
+        )
+    });
+    let mut tx = store.begin().await?;
+    let seqs: Vec<i64> = sqlx::query_scalar(&PURGEABLE)
+        .bind(finished_before)
+        .bind(i64::from(limit))
+        .fetch_all(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    for &seq in &seqs {
+        delete_job(&mut tx, seq).await?;
+    }
+    tx.commit().await?;
+    Ok(seqs.len() as u64)
+}
+
+pub(super) async fn queue_depth(store: &SqliteStore) -> StoreResult<u64> {
+    static DEPTH: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT SUM(total - n_running - n_complete - n_failed - n_cancelled) FROM jobs \
+             WHERE status IN ({JOB_PENDING}, {JOB_RUNNING})"
+        )
+    });
+    let depth: Option<i64> = sqlx::query_scalar(&DEPTH)
+        .fetch_one(&store.reader)
+        .await
+        .map_err(map_err)?;
+    Ok(depth.unwrap_or(0).max(0) as u64)
+}
+
+/// Deletes a job; its tasks and callback record go with it (ON DELETE CASCADE).
+async fn delete_job(tx: &mut WriteTx, seq: i64) -> StoreResult<()> {
+    sqlx::query("DELETE FROM jobs WHERE seq = ?")
+        .bind(seq)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
