@@ -10,9 +10,10 @@ use clap::Parser;
 use std::collections::HashMap;
 
 use doparallel::auth::{self, ApiTokens};
-use doparallel::config::{self, Cli, Command, LogFormat, RunArgs, ServeArgs};
+use doparallel::config::{self, Cli, Command, EngineArgs, LogFormat, RunArgs, ServeArgs};
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
+use doparallel::store::ItemLimits;
 use doparallel::webhook::{CallbackSigners, Signer, WebhookSecret};
 use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
@@ -86,9 +87,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.listen
         );
     }
-    if args.database.starts_with("dynamodb:") {
-        dynamodb_limits(&args)?;
-    }
     let mut settings = args
         .engine
         .settings(
@@ -119,6 +117,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let store = store::open(&args.database).await?;
+    check_item_limits(&args.engine, store.item_limits())?;
     let options = ServeOptions {
         settings,
         shutdown_grace: args.shutdown_grace,
@@ -138,24 +137,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What a DynamoDB item can hold: parameters that cannot be stored are refused at start,
-/// and answers larger than a stored result are worth failing before they are read whole.
-fn dynamodb_limits(args: &ServeArgs) -> anyhow::Result<()> {
-    use doparallel::store::dynamodb::{MAX_PARAMS_BYTES, MAX_RESULT_BYTES};
-    if args.engine.max_params_bytes > MAX_PARAMS_BYTES {
+/// What the database can keep for one task (a DynamoDB item is bounded): parameters that
+/// cannot be stored are refused at start, and answers larger than a stored result are worth
+/// failing before they are read whole.
+fn check_item_limits(args: &EngineArgs, limits: ItemLimits) -> anyhow::Result<()> {
+    if let Some(max) = limits.max_params_bytes
+        && args.max_params_bytes > max
+    {
         anyhow::bail!(
-            "--max-params-bytes {} is more than the DynamoDB store can keep in one item \
-             ({MAX_PARAMS_BYTES}); lower it",
-            args.engine.max_params_bytes
+            "--max-params-bytes {} is more than this database can keep for one task ({max}); \
+             lower it",
+            args.max_params_bytes
         );
     }
-    if args.engine.max_response_bytes > MAX_RESULT_BYTES {
+    if let Some(max) = limits.max_result_bytes
+        && args.max_response_bytes > max
+    {
         tracing::warn!(
-            max_response_bytes = args.engine.max_response_bytes,
-            stored_at_most = MAX_RESULT_BYTES,
-            "task results larger than the DynamoDB store keeps are stored as failures \
-             (response_too_large); set --max-response-bytes {MAX_RESULT_BYTES} to stop such \
-             calls as soon as the limit is read"
+            max_response_bytes = args.max_response_bytes,
+            stored_at_most = max,
+            "task results larger than this database keeps are stored as failures \
+             (response_too_large); set --max-response-bytes {max} to stop such calls as soon \
+             as the limit is read"
         );
     }
     Ok(())
@@ -229,6 +232,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("sqlite://{}", scratch.path().join("run.db").display()),
     };
     let store = store::open(&url).await?;
+    check_item_limits(&args.engine, store.item_limits())?;
     let job_id = job.id;
     let watch = progress::watch_store(Arc::clone(&store), job.id);
     let outcome = doparallel::run_job(Arc::clone(&store), settings, job).await;

@@ -25,9 +25,8 @@ use crate::metrics::Metrics;
 use crate::outbound::{Outbound, error_chain};
 use crate::store::{
     CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, now_millis,
-    webhook_id,
 };
-use crate::webhook::{CallbackSigners, timestamp_now};
+use crate::webhook::{CallbackSigners, timestamp_now, webhook_id};
 
 /// How callbacks are sent.
 #[derive(Clone, Debug)]

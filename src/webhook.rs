@@ -19,6 +19,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::job::JobId;
+
 const PREFIX: &str = "whsec_";
 
 /// A signing secret: `whsec_` followed by base64 of the key. Its `Debug` and `Display` never
@@ -150,6 +152,12 @@ impl Signing {
             .collect();
         Some(entries.join(" "))
     }
+}
+
+/// The message id of a job's callback: stable across every attempt and restart, because it
+/// is derived from the job alone, so a receiver deduplicates on it.
+pub fn webhook_id(job: JobId) -> String {
+    format!("msg_{job}")
 }
 
 /// Seconds since the Unix epoch, for `webhook-timestamp`.

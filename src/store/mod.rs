@@ -571,6 +571,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the database does.
     async fn health(&self) -> StoreResult<()>;
+
+    /// What this backend can keep for one task; unbounded unless it says otherwise.
+    fn item_limits(&self) -> ItemLimits {
+        ItemLimits::default()
+    }
+}
+
+/// The most a backend keeps for one task, where its items are bounded (DynamoDB's 400 KB):
+/// a server configured for more is told at start, not at the first large task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ItemLimits {
+    /// A task's parameters, in bytes.
+    pub max_params_bytes: Option<usize>,
+    /// A task's stored result or error, in bytes.
+    pub max_result_bytes: Option<usize>,
 }
 
 /// The current time as stored.
@@ -579,12 +594,6 @@ pub fn now_millis() -> Millis {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
-}
-
-/// The Standard Webhooks message id of a job's callback: stable across every attempt and
-/// restart, because it is derived from the job alone.
-pub fn webhook_id(job: JobId) -> String {
-    format!("msg_{job}")
 }
 
 /// Callback URLs are stored as text; this keeps their spelling the one `Url` gives.

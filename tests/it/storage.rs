@@ -833,6 +833,23 @@ async fn postgres_a_settle_whose_connection_is_terminated() {
     assert_eq!(receiver.all().len(), 1);
 }
 
+/// DynamoDB keeps at most 400 KB an item: a server set to accept larger parameters than a
+/// task item holds refuses to start and names the option to lower (the store says what it
+/// keeps, `Store::item_limits`), rather than refuse tasks one by one later.
+#[tokio::test]
+async fn dynamodb_refuses_parameters_it_cannot_keep() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    let stderr = ServerProcess::on_url(&url)
+        .args(&["--max-params-bytes", "1000000"])
+        .refused();
+    assert!(
+        stderr.contains("--max-params-bytes 1000000 is more than this database can keep"),
+        "{stderr}"
+    );
+}
+
 /// DynamoDB (moto): the answer to a job's creation is lost after moto applied it, and the
 /// SDK sends the request again, which the job's own items cancel. The job is stored, and
 /// answered as stored: it keeps its tasks and finishes, with and without an

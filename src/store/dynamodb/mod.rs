@@ -108,9 +108,9 @@ pub use self::schema::Migrated;
 use self::schema::{Location, sdk_error};
 use super::{
     CallbackDue, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
-    FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis, NodeId, Notices,
-    OverdueParams, ReportOutcome, SettleReport, Store, StoreError, StoreResult, TaskPageQuery,
-    TaskRecord, TaskReport, TaskSettle,
+    FailedTask, IdempotencyKey, InsertOutcome, ItemLimits, JobListQuery, JobRecord, Millis, NodeId,
+    Notices, OverdueParams, ReportOutcome, SettleReport, Store, StoreError, StoreResult,
+    TaskPageQuery, TaskRecord, TaskReport, TaskSettle,
 };
 use crate::job::{JobId, NewJob};
 
@@ -157,6 +157,13 @@ impl DynamoStore {
 
 #[async_trait]
 impl Store for DynamoStore {
+    fn item_limits(&self) -> ItemLimits {
+        ItemLimits {
+            max_params_bytes: Some(MAX_PARAMS_BYTES),
+            max_result_bytes: Some(MAX_RESULT_BYTES),
+        }
+    }
+
     async fn job_insert(
         &self,
         job: &NewJob,
