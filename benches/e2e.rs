@@ -301,6 +301,36 @@ struct Run {
     peak_rss: u64,
     db_bytes_per_task: f64,
     server_cpu: f64,
+    /// Share of both cores busy (anything but idle and iowait) during the run, 0 to 1.
+    machine_busy: f64,
+    /// Each job's time from the start of its submission to its callback, in ms.
+    latencies: Vec<f64>,
+}
+
+/// The machine's CPU time so far, busy and in all, in clock ticks (`/proc/stat`).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The `q` quantile (0 to 1) of `v`.
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn job_body(n: usize, url: &str, callback: &str, concurrency: usize) -> String {
@@ -316,7 +346,8 @@ fn job_body(n: usize, url: &str, callback: &str, concurrency: usize) -> String {
     body
 }
 
-async fn submit(http: &reqwest::Client, base: &str, body: String) -> String {
+async fn submit(http: &reqwest::Client, base: &str, body: String) -> (String, Instant) {
+    let start = Instant::now();
     let resp = http
         .post(format!("{base}/v1/job"))
         .header("content-type", "application/json")
@@ -326,18 +357,18 @@ async fn submit(http: &reqwest::Client, base: &str, body: String) -> String {
         .expect("the server answers");
     assert_eq!(resp.status().as_u16(), 202, "submit refused");
     let answer: serde_json::Value = resp.json().await.unwrap();
-    answer["job_id"].as_str().unwrap().to_string()
+    (answer["job_id"].as_str().unwrap().to_string(), start)
 }
 
-/// Waits until every job in `ids` has called back; returns when the last one did.
-async fn callbacks(endpoint: &Endpoint, ids: &[String], limit: Duration) -> Instant {
+/// Waits until every job in `ids` has called back; returns when each one did.
+async fn callbacks(endpoint: &Endpoint, ids: &[String], limit: Duration) -> Vec<Instant> {
     let deadline = Instant::now() + limit;
     loop {
         let notified = endpoint.callback.notified();
         {
             let seen = endpoint.seen.lock().unwrap();
             if ids.iter().all(|id| seen.callbacks.contains_key(id)) {
-                return ids.iter().map(|id| seen.callbacks[id]).max().unwrap();
+                return ids.iter().map(|id| seen.callbacks[id]).collect();
             }
         }
         assert!(
@@ -348,15 +379,10 @@ async fn callbacks(endpoint: &Endpoint, ids: &[String], limit: Duration) -> Inst
     }
 }
 
-/// `jobs` jobs of `n` tasks each, submitted at once (spread over the nodes in turn).
-async fn doparallel(
-    endpoint: &Endpoint,
-    backend: Backend,
-    route: &str,
-    jobs: usize,
-    n: usize,
-    concurrency: usize,
-) -> Run {
+/// `jobs` jobs of `n` tasks each (spread over the nodes in turn), submitted all at once, or
+/// by `clients` clients each submitting its share one job after the other.
+async fn doparallel(endpoint: &Endpoint, backend: Backend, w: &Workload) -> Run {
+    let (route, jobs, n, concurrency) = (w.route, w.jobs, w.tasks, w.concurrency);
     let database = Database::create(backend).await;
     let nodes = match backend {
         Backend::Sqlite => 1,
@@ -374,26 +400,79 @@ async fn doparallel(
         .map(|_| job_body(n, &url, &callback, concurrency))
         .collect();
     endpoint.seen.lock().unwrap().last_task = None;
+    let cpu_before = servers.iter().map(Server::cpu_seconds).sum::<f64>();
+    let ticks_before = machine_ticks();
     let start = Instant::now();
-    let ids: Vec<String> = futures_util::future::join_all(
-        bodies
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| submit(&http, &servers[i % nodes].base, b)),
-    )
-    .await;
+    let submitted: Vec<(String, Instant)> = match w.clients {
+        None => {
+            futures_util::future::join_all(
+                bodies
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| submit(&http, &servers[i % nodes].base, b)),
+            )
+            .await
+        }
+        Some(clients) => {
+            let mut shares: Vec<Vec<(usize, String)>> = vec![Vec::new(); clients];
+            for (i, b) in bodies.into_iter().enumerate() {
+                shares[i % clients].push((i, b));
+            }
+            let (http, servers) = (&http, &servers);
+            let per_client =
+                futures_util::future::join_all(shares.into_iter().map(|share| async move {
+                    let mut ids = Vec::new();
+                    for (i, b) in share {
+                        ids.push(submit(http, &servers[i % nodes].base, b).await);
+                    }
+                    ids
+                }))
+                .await;
+            per_client.into_iter().flatten().collect()
+        }
+    };
     let submit_time = start.elapsed();
-    let done = callbacks(endpoint, &ids, Duration::from_secs(1800)).await;
+    let ids: Vec<String> = submitted.iter().map(|(id, _)| id.clone()).collect();
+    let arrived = callbacks(endpoint, &ids, Duration::from_secs(1800)).await;
+    let done = arrived.iter().copied().max().unwrap();
+    let ticks_after = machine_ticks();
     let wall = done - start;
     let last_task = endpoint.seen.lock().unwrap().last_task.unwrap_or(done);
+    let latencies = submitted
+        .iter()
+        .zip(&arrived)
+        .map(|((_, sent), got)| got.saturating_duration_since(*sent).as_secs_f64() * 1000.0)
+        .collect();
     Run {
         wall,
         submit: submit_time,
         last_task_to_callback: done.saturating_duration_since(last_task),
         peak_rss: servers.iter().map(Server::peak_rss).max().unwrap_or(0),
-        server_cpu: servers.iter().map(Server::cpu_seconds).sum(),
+        server_cpu: servers.iter().map(Server::cpu_seconds).sum::<f64>() - cpu_before,
+        machine_busy: (ticks_after.0 - ticks_before.0) as f64
+            / (ticks_after.1 - ticks_before.1).max(1) as f64,
         db_bytes_per_task: database.bytes().await as f64 / (jobs * n) as f64,
+        latencies,
     }
+}
+
+/// One job of two tasks at a time on an idle server, `times` in turn: each job's time from
+/// submission to callback, in ms.
+async fn idle_latency(endpoint: &Endpoint, backend: Backend, times: usize) -> Vec<f64> {
+    let database = Database::create(backend).await;
+    let server = Server::start(256, &database.url());
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/fast", endpoint.addr);
+    let callback = format!("http://{}/callback", endpoint.addr);
+    let mut latencies = Vec::new();
+    for _ in 0..times {
+        // Idle: whatever the last job left (its callback record, a poll) is over.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (id, sent) = submit(&http, &server.base, job_body(2, &url, &callback, 2)).await;
+        let got = callbacks(endpoint, std::slice::from_ref(&id), Duration::from_secs(60)).await[0];
+        latencies.push(got.saturating_duration_since(sent).as_secs_f64() * 1000.0);
+    }
+    latencies
 }
 
 struct Workload {
@@ -403,6 +482,9 @@ struct Workload {
     jobs: usize,
     tasks: usize,
     concurrency: usize,
+    /// `None`: every job submitted at once; else this many clients, each submitting its
+    /// share one after the other as fast as they are accepted.
+    clients: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -454,6 +536,7 @@ async fn run() {
             jobs: 1,
             tasks: 10_000,
             concurrency: 256,
+            clients: None,
         },
         Workload {
             name: "W2",
@@ -462,6 +545,7 @@ async fn run() {
             jobs: 1,
             tasks: 10_000,
             concurrency: 1000,
+            clients: None,
         },
         Workload {
             name: "W3",
@@ -470,6 +554,7 @@ async fn run() {
             jobs: 200,
             tasks: 50,
             concurrency: 256,
+            clients: None,
         },
         Workload {
             name: "W4",
@@ -478,6 +563,16 @@ async fn run() {
             jobs: 1,
             tasks: 100_000,
             concurrency: 256,
+            clients: None,
+        },
+        Workload {
+            name: "W6",
+            what: "2,000 jobs x 2 instant tasks with a callback, 32 clients submitting",
+            route: "fast",
+            jobs: 2000,
+            tasks: 2,
+            concurrency: 256,
+            clients: Some(32),
         },
     ];
     if flag("--w5") {
@@ -488,6 +583,7 @@ async fn run() {
             jobs: 1,
             tasks: 1_000_000,
             concurrency: 256,
+            clients: None,
         });
     }
     if let Some(only) = &only {
@@ -506,17 +602,19 @@ async fn run() {
             let mut runs = Vec::new();
             for r in 0..repeat {
                 let c = ceiling(&url, total, w.concurrency).await;
-                let run =
-                    doparallel(&endpoint, backend, w.route, w.jobs, w.tasks, w.concurrency).await;
+                let run = doparallel(&endpoint, backend, w).await;
                 eprintln!(
-                    "{} {} run {}: ceiling {:.3} s, doparallel {:.3} s (submit {:.3} s, server CPU {:.2} s)",
+                    "{} {} run {}: ceiling {:.3} s, doparallel {:.3} s (submit {:.3} s, server CPU {:.2} s, machine busy {:.0}%, latency p50 {:.1} ms p99 {:.1} ms)",
                     backend.label(),
                     w.name,
                     r + 1,
                     c.as_secs_f64(),
                     run.wall.as_secs_f64(),
                     run.submit.as_secs_f64(),
-                    run.server_cpu
+                    run.server_cpu,
+                    run.machine_busy * 100.0,
+                    quantile(run.latencies.clone(), 0.5),
+                    quantile(run.latencies.clone(), 0.99),
                 );
                 ceilings.push(c.as_secs_f64());
                 runs.push(run);
@@ -525,14 +623,26 @@ async fn run() {
             let wall = median(runs.iter().map(|r| r.wall.as_secs_f64()).collect());
             per_task.insert(w.name, wall / total as f64);
             let row = format!(
-                "| {} | {} | {} | {:.3} s | {:.0} | {:.0} | **{:.2}** | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
+                "| {} | {} | {} | {:.3} s | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.0}% | {:.1} / {:.1} ms | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
                 w.name,
                 backend.label(),
                 w.what,
                 wall,
                 total as f64 / wall,
+                w.jobs as f64 / wall,
                 total as f64 / ceiling_s,
                 ceiling_s / wall,
+                median(runs.iter().map(|r| r.machine_busy * 100.0).collect()),
+                median(
+                    runs.iter()
+                        .map(|r| quantile(r.latencies.clone(), 0.5))
+                        .collect()
+                ),
+                median(
+                    runs.iter()
+                        .map(|r| quantile(r.latencies.clone(), 0.99))
+                        .collect()
+                ),
                 median(runs.iter().map(|r| r.submit.as_secs_f64()).collect()),
                 median(
                     runs.iter()
@@ -547,6 +657,20 @@ async fn run() {
             rows.push(row);
         }
         let label = backend.label();
+        if !flag("--no-idle")
+            && only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|w| w == "L1"))
+        {
+            let latencies = idle_latency(&endpoint, backend, 50).await;
+            let line = format!(
+                "{label}: one job of 2 tasks on an idle server, 50 in turn: submit to callback p50 {:.1} ms, p99 {:.1} ms",
+                quantile(latencies.clone(), 0.5),
+                quantile(latencies, 0.99)
+            );
+            eprintln!("{line}");
+            notes.push(line);
+        }
         if let (Some(w1), Some(w4)) = (per_task.get("W1"), per_task.get("W4")) {
             notes.push(format!("{label}: W4/W1 time per task: {:.2}", w4 / w1));
         }
@@ -585,8 +709,11 @@ async fn run() {
              on) with one or two nodes (jobs submitted to the nodes in turn; server CPU is the \
              nodes' sum, peak RSS the largest node's), the job submitted over HTTP and timed \
              from submit to callback received.\n\n\
-             | workload | backend | what | wall | tasks/s | ceiling tasks/s | ratio to ceiling | submit | last task to callback | peak RSS | DB bytes/task | server CPU |\n\
-             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
+             Machine CPU busy is the share of both cores busy during DoParallel's run (the \
+             benchmark's own client and endpoint included); latency is each job's time from \
+             the start of its submission to its callback.\n\n\
+             | workload | backend | what | wall | tasks/s | jobs/s | ceiling tasks/s | ratio to ceiling | machine CPU busy | latency p50 / p99 | submit | last task to callback | peak RSS | DB bytes/task | server CPU |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
              {}\n\n{}\n",
             machine(),
             command.trim(),
