@@ -63,7 +63,7 @@ fn json_depth(body: &[u8]) -> usize {
 }
 
 /// A validated job, ready to be stored.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NewJob {
     pub id: JobId,
     /// Who submitted it (see `auth::Owner`); set by the API after parsing.
@@ -75,7 +75,7 @@ pub struct NewJob {
 
 /// A validated task: its endpoint (an absolute http(s) URL or [`TEST_ENDPOINT`]) and its
 /// parameters as the exact JSON text the client sent (`null` when absent).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NewTask {
     pub endpoint: String,
     pub params: Box<RawValue>,

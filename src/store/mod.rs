@@ -27,7 +27,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// What can go wrong in a store, in terms its callers can act on.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,

@@ -190,16 +190,20 @@ async fn a_full_disk_while_results_are_committed() {
     .await;
 
     let filler = fs.fill();
-    // A submission that cannot be committed is refused, and nothing of it is stored.
+    // Submissions that cannot be committed are refused, and nothing of them is stored;
+    // eight sent at once share their commit (`store/sqlite/group.rs`), and each is refused.
     let pad = "q".repeat(4096);
     let tasks: Vec<Value> = (0..100)
         .map(|i| json!({"endpoint": "/v1/test", "params": {"i": i, "pad": pad}}))
         .collect();
-    let (status, retry_after, body) = post_job(api, &json!({ "tasks": tasks })).await;
-    assert_eq!(status, 503, "{body}");
-    assert!(retry_after.is_some(), "a 503 says when to try again");
-    let msg = body["msg"].as_str().unwrap();
-    assert!(msg.contains("the database is full"), "{msg}");
+    let job = json!({ "tasks": tasks });
+    let answers = futures_util::future::join_all((0..8).map(|_| post_job(api, &job))).await;
+    for (status, retry_after, body) in answers {
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after.is_some(), "a 503 says when to try again");
+        let msg = body["msg"].as_str().unwrap();
+        assert!(msg.contains("the database is full"), "{msg}");
+    }
 
     // The held calls answer; their outcomes cannot be committed, and nothing follows from
     // them: no slot is freed (no new call), the job does not finish, no callback goes.

@@ -65,6 +65,7 @@ conformance!(
     submit_and_read_back,
     empty_job_is_complete_at_once,
     idempotency_keys,
+    submissions_at_once_keep_their_keys,
     job_list_pages_and_filters,
     tasks_page_pages_and_filters,
     claim_takes_due_tasks_in_order,
@@ -411,6 +412,47 @@ async fn idempotency_keys(store: Arc<dyn Store>) {
     );
     // Only the inserted jobs' tasks wait.
     assert_eq!(store.queue_depth().await.unwrap(), 3);
+}
+
+/// Submissions that arrive together (which a backend may commit together) are each stored
+/// once or named as the job their key made: of twelve with one key, one is stored.
+async fn submissions_at_once_keep_their_keys(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let key = IdempotencyKey {
+        key: "together".into(),
+        request_hash: "h".into(),
+    };
+    let jobs: Vec<_> = (0..24).map(|_| new_job(2, options(), false)).collect();
+    let outcomes = futures_util::future::join_all(jobs.iter().enumerate().map(|(i, job)| {
+        let (store, key) = (store.clone(), key.clone());
+        async move {
+            let key = (i % 2 == 0).then_some(&key);
+            store.job_insert(job, key, t0).await.unwrap()
+        }
+    }))
+    .await;
+    let inserted: Vec<usize> = (0..jobs.len())
+        .filter(|&i| outcomes[i] == InsertOutcome::Inserted)
+        .collect();
+    // Every job without the key, and one with it.
+    assert_eq!(inserted.len(), 13, "{outcomes:?}");
+    let keyed = *inserted.iter().find(|&&i| i % 2 == 0).unwrap();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i % 2 == 0 && i != keyed {
+            assert_eq!(
+                *outcome,
+                InsertOutcome::Existing {
+                    job_id: jobs[keyed].id,
+                    same_request: true
+                }
+            );
+            assert!(store.job_get(jobs[i].id).await.unwrap().is_none());
+        } else {
+            let job = store.job_get(jobs[i].id).await.unwrap().expect("stored");
+            assert_eq!(job.total, 2);
+        }
+    }
+    assert_eq!(store.queue_depth().await.unwrap(), 26);
 }
 
 async fn job_list_pages_and_filters(store: Arc<dyn Store>) {

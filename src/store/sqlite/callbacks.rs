@@ -79,7 +79,9 @@ pub(super) async fn next_due(store: &SqliteStore) -> StoreResult<Option<Millis>>
         .map_err(map_err)
 }
 
-pub(super) async fn record(store: &SqliteStore, record: &CallbackRecord) -> StoreResult<bool> {
+/// Records a callback attempt in the caller's transaction (not committed here); callers go
+/// through the group commit (`group`), which records those that arrive together at once.
+pub(super) async fn record_in(tx: &mut WriteTx, record: &CallbackRecord) -> StoreResult<bool> {
     static RECORD: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE callbacks SET state = ?, attempts = ?, next_attempt_at = ?, \
@@ -89,7 +91,6 @@ pub(super) async fn record(store: &SqliteStore, record: &CallbackRecord) -> Stor
         )
     });
     let write = CallbackWrite::of(&record.outcome, record.now);
-    let mut tx = store.begin().await?;
     let done = sqlx::query(&RECORD)
         .bind(write.state)
         .bind(i64::from(record.attempts))
@@ -101,6 +102,5 @@ pub(super) async fn record(store: &SqliteStore, record: &CallbackRecord) -> Stor
         .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
-    tx.commit().await?;
     Ok(done.rows_affected() == 1)
 }

@@ -29,6 +29,8 @@ const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_runn
 const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
      t.latency_ms, t.finished_at";
 
+/// Stores a job in a transaction of its own. Small jobs go through the group commit
+/// instead (`group`), which stores those that arrive together in one transaction.
 pub(super) async fn insert(
     store: &SqliteStore,
     job: &NewJob,
@@ -37,6 +39,19 @@ pub(super) async fn insert(
 ) -> StoreResult<InsertOutcome> {
     let new = NewJobRow::of(job, now)?;
     let mut tx = store.begin().await?;
+    let outcome = insert_in(&mut tx, job, &new, idempotency, now).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The statements that store a job, in the caller's transaction (not committed here).
+pub(super) async fn insert_in(
+    tx: &mut WriteTx,
+    job: &NewJob,
+    new: &NewJobRow,
+    idempotency: Option<&IdempotencyKey>,
+    now: Millis,
+) -> StoreResult<InsertOutcome> {
     if let Some(idem) = idempotency {
         // Checked inside the write transaction: two requests with one key cannot both
         // pass, since there is one writer.
@@ -103,9 +118,8 @@ pub(super) async fn insert(
     }
 
     if new.empty && new.callback_url.is_some() {
-        insert_callback(&mut tx, seq, now).await?;
+        insert_callback(tx, seq, now).await?;
     }
-    tx.commit().await?;
     Ok(InsertOutcome::Inserted)
 }
 

@@ -30,6 +30,7 @@ use crate::job::{JobId, NewJob};
 
 mod callbacks;
 mod claim;
+mod group;
 mod jobs;
 mod leases;
 mod settle;
@@ -45,6 +46,8 @@ const SETTLE_CHUNK: usize = 256;
 pub struct SqliteStore {
     /// Every write goes through it: see `writer` for why `Ok` means committed.
     writer: Writer,
+    /// Small jobs and callback records, committed together when they arrive together.
+    group: group::Group,
     reader: SqlitePool,
     /// Held for the life of the store; the OS releases it when the process dies, even by
     /// SIGKILL, so a crash never leaves a stale lock behind.
@@ -106,8 +109,10 @@ impl SqliteStore {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?
         };
+        let writer = Writer::new(writer, in_memory);
         Ok(SqliteStore {
-            writer: Writer::new(writer, in_memory),
+            group: group::Group::start(writer.clone()),
+            writer,
             reader,
             _lock: lock,
         })
@@ -211,7 +216,11 @@ impl Store for SqliteStore {
         idempotency: Option<&IdempotencyKey>,
         now: Millis,
     ) -> StoreResult<InsertOutcome> {
-        jobs::insert(self, job, idempotency, now).await
+        if job.tasks.len() <= group::MAX_JOB_TASKS {
+            self.group.insert(job, idempotency, now).await
+        } else {
+            jobs::insert(self, job, idempotency, now).await
+        }
     }
 
     async fn job_get(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
@@ -300,7 +309,7 @@ impl Store for SqliteStore {
     }
 
     async fn callback_record(&self, record: &CallbackRecord) -> StoreResult<bool> {
-        callbacks::record(self, record).await
+        self.group.record(record).await
     }
 
     async fn listen(&self) -> StoreResult<Option<Notices>> {

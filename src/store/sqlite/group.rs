@@ -1,0 +1,173 @@
+//! Group commit: small writes that arrive together share one transaction, and so one
+//! fsync. SQLite has one writer, and with `synchronous=FULL` a commit costs a sync of the
+//! WAL; submitted small jobs and recorded callback attempts, each a transaction of its own,
+//! made a workload of many small jobs wait on the disk rather than work. Here they queue
+//! for one task, which takes whatever has queued (up to a bound), writes it all in one
+//! `WriteTx`, commits, and then answers each caller. A caller is answered `Ok` only after
+//! the COMMIT that holds its write succeeded, as before.
+//!
+//! A statement that fails fails the whole group: every caller gets the error and nothing of
+//! the group is stored (the errors that reach here are the database's, a full disk or a
+//! broken connection, which would fail each write alone too). A job too large to be worth
+//! copying into the queue is stored in a transaction of its own by the caller.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::writer::{WriteTx, Writer};
+use super::{callbacks, jobs};
+use crate::job::NewJob;
+use crate::store::rows::NewJobRow;
+use crate::store::{
+    CallbackRecord, IdempotencyKey, InsertOutcome, Millis, StoreError, StoreResult,
+};
+
+/// Most writes in one group.
+const MAX_WRITES: usize = 256;
+
+/// Most tasks of the jobs in one group.
+const MAX_TASKS: usize = 20_000;
+
+/// The largest job that joins a group; a larger one amortizes its own commit.
+pub(super) const MAX_JOB_TASKS: usize = 1_000;
+
+/// One write waiting for its group.
+enum Write {
+    Insert {
+        job: Box<NewJob>,
+        row: Box<NewJobRow>,
+        idempotency: Option<IdempotencyKey>,
+        now: Millis,
+        answer: oneshot::Sender<StoreResult<InsertOutcome>>,
+    },
+    Record {
+        record: CallbackRecord,
+        answer: oneshot::Sender<StoreResult<bool>>,
+    },
+}
+
+impl Write {
+    fn tasks(&self) -> usize {
+        match self {
+            Write::Insert { job, .. } => job.tasks.len(),
+            Write::Record { .. } => 0,
+        }
+    }
+}
+
+/// The queue of the group commit; the task that serves it ends when this is dropped.
+pub(super) struct Group {
+    queue: mpsc::UnboundedSender<Write>,
+}
+
+impl Group {
+    pub(super) fn start(writer: Writer) -> Self {
+        let (queue, writes) = mpsc::unbounded_channel();
+        tokio::spawn(serve(writer, writes));
+        Group { queue }
+    }
+
+    pub(super) async fn insert(
+        &self,
+        job: &NewJob,
+        idempotency: Option<&IdempotencyKey>,
+        now: Millis,
+    ) -> StoreResult<InsertOutcome> {
+        let row = NewJobRow::of(job, now)?;
+        let (answer, answered) = oneshot::channel();
+        self.send(Write::Insert {
+            job: Box::new(job.clone()),
+            row: Box::new(row),
+            idempotency: idempotency.cloned(),
+            now,
+            answer,
+        })?;
+        answered.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    pub(super) async fn record(&self, record: &CallbackRecord) -> StoreResult<bool> {
+        let (answer, answered) = oneshot::channel();
+        self.send(Write::Record {
+            record: record.clone(),
+            answer,
+        })?;
+        answered.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    fn send(&self, write: Write) -> StoreResult<()> {
+        self.queue.send(write).map_err(|_| gone())
+    }
+}
+
+fn gone() -> StoreError {
+    StoreError::Unavailable("the database writer has stopped".into())
+}
+
+async fn serve(writer: Writer, mut writes: mpsc::UnboundedReceiver<Write>) {
+    let mut group = Vec::new();
+    while let Some(first) = writes.recv().await {
+        let mut tasks = first.tasks();
+        group.push(first);
+        while group.len() < MAX_WRITES && tasks < MAX_TASKS {
+            match writes.try_recv() {
+                Ok(write) => {
+                    tasks += write.tasks();
+                    group.push(write);
+                }
+                Err(_) => break,
+            }
+        }
+        commit(&writer, &mut group).await;
+    }
+}
+
+/// Writes and commits one group, then answers each of its callers.
+async fn commit(writer: &Writer, group: &mut Vec<Write>) {
+    let mut done: Vec<Done> = Vec::with_capacity(group.len());
+    let result = async {
+        let mut tx = writer.begin().await?;
+        for write in group.iter() {
+            done.push(apply(&mut tx, write).await?);
+        }
+        tx.commit().await
+    }
+    .await;
+    for (i, write) in group.drain(..).enumerate() {
+        match write {
+            Write::Insert { answer, .. } => {
+                let _ = answer.send(match (&result, done.get(i)) {
+                    (Ok(()), Some(Done::Inserted(outcome))) => Ok(outcome.clone()),
+                    (Err(e), _) => Err(e.clone()),
+                    _ => unreachable!("every write of a committed group was applied"),
+                });
+            }
+            Write::Record { answer, .. } => {
+                let _ = answer.send(match (&result, done.get(i)) {
+                    (Ok(()), Some(Done::Recorded(recorded))) => Ok(*recorded),
+                    (Err(e), _) => Err(e.clone()),
+                    _ => unreachable!("every write of a committed group was applied"),
+                });
+            }
+        }
+    }
+}
+
+/// What one write did, before the commit.
+enum Done {
+    Inserted(InsertOutcome),
+    Recorded(bool),
+}
+
+async fn apply(tx: &mut WriteTx, write: &Write) -> StoreResult<Done> {
+    match write {
+        Write::Insert {
+            job,
+            row,
+            idempotency,
+            now,
+            ..
+        } => jobs::insert_in(tx, job, row, idempotency.as_ref(), *now)
+            .await
+            .map(Done::Inserted),
+        Write::Record { record, .. } => callbacks::record_in(tx, record).await.map(Done::Recorded),
+    }
+}
