@@ -232,14 +232,23 @@ impl Server {
             .args(["--max-tasks-per-job", "2000000"])
             .args(["--max-body-bytes", "1000000000"])
             .args(["--max-callback-bytes", "2000000000"])
-            .env("RUST_LOG", "warn,doparallel=info")
+            // DOPARALLEL_BENCH_LOG=<filter> passes the server's log at that level through
+            // to this program's stderr (to see claims and settles while profiling).
+            .env(
+                "RUST_LOG",
+                std::env::var("DOPARALLEL_BENCH_LOG").unwrap_or("warn,doparallel=info".into()),
+            )
             .stderr(Stdio::piped())
             .spawn()
             .expect("the doparallel binary starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let pass_through = std::env::var_os("DOPARALLEL_BENCH_LOG").is_some();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if pass_through {
+                    eprintln!("{line}");
+                }
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let end = rest
                         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
