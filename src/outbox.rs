@@ -66,6 +66,9 @@ impl Outbox {
 /// Deliveries leased per look at the outbox, and at most in flight at once.
 const DELIVERIES_IN_FLIGHT: usize = 32;
 
+/// The largest document sent from memory rather than streamed from the store.
+const KEPT_DOCUMENT_BYTES: usize = 64 * 1024;
+
 /// What an attempt sends: the document in memory when small or cut, or streamed from the
 /// store, with its length and signature computed by a first pass that keeps nothing.
 async fn callback_body(
@@ -77,12 +80,24 @@ async fn callback_body(
     let store = outbox.store.as_ref();
     let signer = outbox.config.signers.for_owner(job.owner.as_deref());
     let mut signing = signer.start(id, timestamp);
-    let length = feed_document(store, &job, |bytes| signing.update(bytes)).await?;
+    // The first pass keeps what it reads while it is small: most jobs' documents are, and
+    // are then sent from memory instead of being read from the store a second time.
+    let mut kept = Vec::new();
+    let length = feed_document(store, &job, |bytes| {
+        signing.update(bytes);
+        if kept.len() + bytes.len() <= KEPT_DOCUMENT_BYTES {
+            kept.extend_from_slice(bytes);
+        }
+    })
+    .await?;
     if length > outbox.config.max_callback_bytes as u64 {
         let body = head_only(&job);
         let signature = signer.signature(id, timestamp, &body);
         let length = body.len() as u64;
         return Ok((reqwest::Body::from(body), length, signature));
+    }
+    if kept.len() as u64 == length {
+        return Ok((reqwest::Body::from(kept), length, signing.finish()));
     }
     let stream = document_stream(outbox.store.clone(), job);
     Ok((reqwest::Body::wrap_stream(stream), length, signing.finish()))
