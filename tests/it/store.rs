@@ -66,6 +66,7 @@ conformance!(
     empty_job_is_complete_at_once,
     idempotency_keys,
     submissions_at_once_keep_their_keys,
+    one_batch_finishes_many_jobs,
     job_list_pages_and_filters,
     tasks_page_pages_and_filters,
     claim_takes_due_tasks_in_order,
@@ -453,6 +454,84 @@ async fn submissions_at_once_keep_their_keys(store: Arc<dyn Store>) {
         }
     }
     assert_eq!(store.queue_depth().await.unwrap(), 26);
+}
+
+/// Jobs of different sizes submitted together (stored together where the backend groups
+/// them) keep their own tasks; one settle batch that finishes them all finishes each once,
+/// and owes a callback for exactly those with a callback URL, leased together.
+async fn one_batch_finishes_many_jobs(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let jobs: Vec<NewJob> = (0..6)
+        .map(|k| new_job(k + 1, options(), k % 2 == 0))
+        .collect();
+    let empty = new_job(0, options(), true);
+    let outcomes = futures_util::future::join_all(
+        jobs.iter()
+            .chain([&empty])
+            .map(|job| store.job_insert(job, None, t0)),
+    )
+    .await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| *o.as_ref().unwrap() == InsertOutcome::Inserted)
+    );
+    for (k, job) in jobs.iter().enumerate() {
+        let tasks = all_tasks(&store, job.id).await;
+        let endpoints: Vec<&str> = tasks.iter().map(|t| t.endpoint.as_str()).collect();
+        let expected: Vec<String> = (1..=k + 1)
+            .map(|i| format!("http://127.0.0.1:9/t{i}"))
+            .collect();
+        assert_eq!(endpoints, expected, "job {k}'s tasks");
+        assert_eq!(job_of(&store, job.id).await.total, k as u64 + 1);
+    }
+    // The empty job was finished at once, its callback due at once.
+    assert_eq!(job_of(&store, empty.id).await.status, JobStatus::Complete);
+    let due = store.callbacks_due(t0, t0 + 1000, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.job_id).collect::<Vec<_>>(), [empty.id]);
+
+    let c = claim(&store, node, 100, t0).await;
+    assert_eq!(c.tasks.len(), 21);
+    let tf = t0 + 10;
+    let batch = c
+        .tasks
+        .iter()
+        .map(|t| settle(t, complete("1"), tf))
+        .collect();
+    let report = settle_all(&store, node, batch).await;
+    assert_eq!(report.complete, 21);
+    let mut finished: Vec<JobId> = report.finished.iter().map(|f| f.job_id).collect();
+    finished.sort();
+    let mut ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    ids.sort();
+    assert_eq!(finished, ids);
+    for (k, job) in jobs.iter().enumerate() {
+        let record = job_of(&store, job.id).await;
+        assert_eq!(record.status, JobStatus::Complete, "job {k}");
+        assert_eq!(record.complete, k as u64 + 1);
+        let f = report.finished.iter().find(|f| f.job_id == job.id).unwrap();
+        assert_eq!(f.has_callback, k % 2 == 0);
+    }
+    let mut due: Vec<JobId> = store
+        .callbacks_due(tf, tf + 1000, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.job_id)
+        .collect();
+    due.sort();
+    let mut owed: Vec<JobId> = jobs.iter().step_by(2).map(|j| j.id).collect();
+    owed.sort();
+    assert_eq!(due, owed);
+    assert!(
+        store
+            .callbacks_due(tf, tf + 1000, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased together"
+    );
 }
 
 async fn job_list_pages_and_filters(store: Arc<dyn Store>) {

@@ -6,26 +6,30 @@ use std::sync::LazyLock;
 use sqlx::Row;
 
 use super::writer::WriteTx;
-use super::{SqliteStore, map_err};
+use super::{SETTLE_CHUNK, SqliteStore, map_err};
 use crate::store::codec::{CALLBACK_PENDING, parse_id};
 use crate::store::rows::CallbackWrite;
 use crate::store::{CallbackDue, CallbackRecord, Millis, StoreResult};
 
-/// Writes the delivery record of a job that just finished, due at `now`: in the
-/// transaction that finishes the job, so the callback is owed exactly when it is finished.
-pub(super) async fn insert_callback(tx: &mut WriteTx, seq: i64, now: Millis) -> StoreResult<()> {
-    static INSERT: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "INSERT INTO callbacks (job_seq, state, next_attempt_at) \
-             VALUES (?, {CALLBACK_PENDING}, ?)"
-        )
-    });
-    sqlx::query(&INSERT)
-        .bind(seq)
-        .bind(now)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+/// Writes the delivery records of jobs that just finished, each `(seq, now)` due at its
+/// `now`: in the transaction that finishes the jobs, so a callback is owed exactly when its
+/// job is finished. One statement per chunk of jobs (a settle may finish hundreds).
+pub(super) async fn insert_callbacks(tx: &mut WriteTx, due: &[(i64, Millis)]) -> StoreResult<()> {
+    for chunk in due.chunks(SETTLE_CHUNK) {
+        let mut sql =
+            String::from("INSERT INTO callbacks (job_seq, state, next_attempt_at) VALUES ");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("(?, {CALLBACK_PENDING}, ?)"));
+        }
+        let mut query = sqlx::query(&sql);
+        for &(seq, now) in chunk {
+            query = query.bind(seq).bind(now);
+        }
+        query.execute(tx.conn().await?).await.map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -50,15 +54,20 @@ pub(super) async fn due(
         .fetch_all(tx.conn().await?)
         .await
         .map_err(map_err)?;
+    // Leased in one statement.
+    if !rows.is_empty() {
+        let sql = format!(
+            "UPDATE callbacks SET next_attempt_at = ? WHERE job_seq IN ({})",
+            vec!["?"; rows.len()].join(",")
+        );
+        let mut query = sqlx::query(&sql).bind(lease_until);
+        for row in &rows {
+            query = query.bind(row.get::<i64, _>("job_seq"));
+        }
+        query.execute(tx.conn().await?).await.map_err(map_err)?;
+    }
     let mut due = Vec::with_capacity(rows.len());
     for row in rows {
-        let seq: i64 = row.get("job_seq");
-        sqlx::query("UPDATE callbacks SET next_attempt_at = ? WHERE job_seq = ?")
-            .bind(lease_until)
-            .bind(seq)
-            .execute(tx.conn().await?)
-            .await
-            .map_err(map_err)?;
         due.push(CallbackDue {
             job_id: parse_id(row.get("id"))?,
             url: row.get("callback_url"),

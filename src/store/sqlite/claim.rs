@@ -13,7 +13,7 @@ use crate::store::rows::Candidate;
 use crate::store::{Claim, ClaimParams, StoreResult};
 
 /// Jobs served by one claim statement.
-const CLAIM_GROUP: usize = 8;
+const CLAIM_GROUP: usize = 16;
 
 /// Claims for up to [`CLAIM_GROUP`] jobs at once: `?1` is now, then a job's sequence number
 /// and how many of its due tasks to take, for each place, then the node and its lease. Each
@@ -40,6 +40,24 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
 pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreResult<Claim> {
     let mut claim = Claim::default();
     if params.limit == 0 {
+        return Ok(claim);
+    }
+    // Most empty claims (a settle wakes the dispatcher whether or not anything is left to
+    // claim) end here, on a reader, without taking the one writer from submissions,
+    // settles and callbacks. A job committed after this look signals the dispatcher, which
+    // claims again.
+    static ANY: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT 1 FROM jobs WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) \
+             AND total > n_running + n_complete + n_failed \
+             AND (concurrency IS NULL OR n_running < concurrency) LIMIT 1"
+        )
+    });
+    let any: Option<i64> = sqlx::query_scalar(&ANY)
+        .fetch_optional(&store.reader)
+        .await
+        .map_err(map_err)?;
+    if any.is_none() {
         return Ok(claim);
     }
     let mut tx = store.begin().await?;

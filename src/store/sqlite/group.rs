@@ -122,29 +122,31 @@ async fn serve(writer: Writer, mut writes: mpsc::UnboundedReceiver<Write>) {
 
 /// Writes and commits one group, then answers each of its callers.
 async fn commit(writer: &Writer, group: &mut Vec<Write>) {
-    let mut done: Vec<Done> = Vec::with_capacity(group.len());
-    let result = async {
+    let result: StoreResult<Vec<Done>> = async {
         let mut tx = writer.begin().await?;
-        for write in group.iter() {
-            done.push(apply(&mut tx, write).await?);
-        }
-        tx.commit().await
+        let done = apply(&mut tx, group).await?;
+        tx.commit().await?;
+        Ok(done)
     }
     .await;
     for (i, write) in group.drain(..).enumerate() {
         match write {
             Write::Insert { answer, .. } => {
-                let _ = answer.send(match (&result, done.get(i)) {
-                    (Ok(()), Some(Done::Inserted(outcome))) => Ok(outcome.clone()),
-                    (Err(e), _) => Err(e.clone()),
-                    _ => unreachable!("every write of a committed group was applied"),
+                let _ = answer.send(match &result {
+                    Ok(done) => match &done[i] {
+                        Done::Inserted(outcome) => Ok(outcome.clone()),
+                        Done::Recorded(_) => unreachable!("an insert is answered as one"),
+                    },
+                    Err(e) => Err(e.clone()),
                 });
             }
             Write::Record { answer, .. } => {
-                let _ = answer.send(match (&result, done.get(i)) {
-                    (Ok(()), Some(Done::Recorded(recorded))) => Ok(*recorded),
-                    (Err(e), _) => Err(e.clone()),
-                    _ => unreachable!("every write of a committed group was applied"),
+                let _ = answer.send(match &result {
+                    Ok(done) => match &done[i] {
+                        Done::Recorded(recorded) => Ok(*recorded),
+                        Done::Inserted(_) => unreachable!("a record is answered as one"),
+                    },
+                    Err(e) => Err(e.clone()),
                 });
             }
         }
@@ -157,17 +159,42 @@ enum Done {
     Recorded(bool),
 }
 
-async fn apply(tx: &mut WriteTx, write: &Write) -> StoreResult<Done> {
-    match write {
-        Write::Insert {
-            job,
-            row,
-            idempotency,
-            now,
-            ..
-        } => jobs::insert_in(tx, job, row, idempotency.as_ref(), *now)
-            .await
-            .map(Done::Inserted),
-        Write::Record { record, .. } => callbacks::record_in(tx, record).await.map(Done::Recorded),
+/// Applies a group's writes in one transaction; what each did, in the group's order.
+///
+/// Jobs without an idempotency key are stored together (`jobs::insert_many_in`: a few
+/// statements for the lot); nothing else in the group can see or change them. Keyed jobs
+/// are stored one by one in arrival order, so that of two with one key the first wins and
+/// the second finds it, as when each had a transaction of its own.
+async fn apply(tx: &mut WriteTx, group: &[Write]) -> StoreResult<Vec<Done>> {
+    let plain: Vec<jobs::JobInsert> = group
+        .iter()
+        .filter_map(|write| match write {
+            Write::Insert {
+                job,
+                row,
+                idempotency: None,
+                now,
+                ..
+            } => Some((&**job, &**row, None, *now)),
+            _ => None,
+        })
+        .collect();
+    jobs::insert_many_in(tx, &plain).await?;
+    let mut done = Vec::with_capacity(group.len());
+    for write in group {
+        done.push(match write {
+            Write::Insert {
+                idempotency: None, ..
+            } => Done::Inserted(InsertOutcome::Inserted),
+            Write::Insert {
+                job,
+                row,
+                idempotency: Some(idempotency),
+                now,
+                ..
+            } => Done::Inserted(jobs::insert_in(tx, job, row, Some(idempotency), *now).await?),
+            Write::Record { record, .. } => Done::Recorded(callbacks::record_in(tx, record).await?),
+        });
     }
+    Ok(done)
 }

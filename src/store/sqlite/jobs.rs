@@ -5,10 +5,10 @@ use std::sync::LazyLock;
 
 use sqlx::Row;
 
-use super::callbacks::insert_callback;
+use super::callbacks::insert_callbacks;
 use super::writer::WriteTx;
 use super::{SqliteStore, map_err};
-use crate::job::{JobId, JobStatus, NewJob};
+use crate::job::{JobId, JobStatus, NewJob, NewTask};
 use crate::store::codec::{
     CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE, JOB_FAILED, JOB_PENDING, JOB_RUNNING,
     TASK_CANCELLED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id, task_code,
@@ -22,6 +22,9 @@ use crate::store::{
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
 /// SQLite's limit on bound parameters).
 const INSERT_CHUNK: usize = 200;
+
+/// Job rows per multi-row INSERT (12 parameters each).
+const JOB_INSERT_CHUNK: usize = 256;
 
 const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
      j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
@@ -72,55 +75,115 @@ pub(super) async fn insert_in(
             });
         }
     }
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
-         created_at, finished_at, idempotency_key, request_hash, owner) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-    )
-    .bind(job.id.to_string())
-    .bind(new.status)
-    .bind(&new.options)
-    .bind(new.concurrency)
-    .bind(new.tolerated)
-    .bind(new.total)
-    .bind(&new.callback_url)
-    .bind(now)
-    .bind(new.finished_at)
-    .bind(idempotency.map(|i| i.key.as_str()))
-    .bind(idempotency.map(|i| i.request_hash.as_str()))
-    .bind(job.owner.as_deref())
-    .fetch_one(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
+    insert_many_in(tx, &[(job, new, idempotency, now)]).await?;
+    Ok(InsertOutcome::Inserted)
+}
 
-    let mut index: i64 = 0;
-    for chunk in job.tasks.chunks(INSERT_CHUNK) {
-        let mut sql =
-            String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ");
+/// One job to store: the job, its row, its idempotency key, when it was accepted.
+pub(super) type JobInsert<'a> = (
+    &'a NewJob,
+    &'a NewJobRow,
+    Option<&'a IdempotencyKey>,
+    Millis,
+);
+
+/// Stores jobs whose idempotency keys (if any) were checked: their rows in one statement
+/// per chunk of jobs, then all their tasks in chunks of [`INSERT_CHUNK`] rows, so that many
+/// small jobs submitted together cost a few statements rather than two each.
+pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> StoreResult<()> {
+    let mut seqs: Vec<i64> = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(JOB_INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, \
+             callback_url, created_at, finished_at, idempotency_key, request_hash, owner) VALUES ",
+        );
         for i in 0..chunk.len() {
             sql.push_str(if i == 0 {
-                "(?,?,?,?,?)"
+                "(?,?,?,?,?,?,?,?,?,?,?,?)"
             } else {
-                ",(?,?,?,?,?)"
+                ",(?,?,?,?,?,?,?,?,?,?,?,?)"
             });
         }
+        sql.push_str(" RETURNING id, seq");
         let mut query = sqlx::query(&sql);
-        for task in chunk {
-            index += 1;
+        for &(job, new, idempotency, now) in chunk {
             query = query
-                .bind(seq)
-                .bind(index)
+                .bind(job.id.to_string())
+                .bind(new.status)
+                .bind(&new.options)
+                .bind(new.concurrency)
+                .bind(new.tolerated)
+                .bind(new.total)
+                .bind(&new.callback_url)
                 .bind(now)
-                .bind(task.endpoint.as_str())
-                .bind(task.params.get());
+                .bind(new.finished_at)
+                .bind(idempotency.map(|i| i.key.as_str()))
+                .bind(idempotency.map(|i| i.request_hash.as_str()))
+                .bind(job.owner.as_deref());
         }
-        query.execute(tx.conn().await?).await.map_err(map_err)?;
+        // SQLite does not promise RETURNING rows in the order of VALUES: matched by id.
+        let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;
+        let mut by_id = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            by_id.insert(parse_id(row.get("id"))?, row.get::<i64, _>("seq"));
+        }
+        for (job, ..) in chunk {
+            seqs.push(by_id.get(&job.id).copied().ok_or_else(|| {
+                crate::store::StoreError::Other(format!("job {} was not stored", job.id))
+            })?);
+        }
     }
 
-    if new.empty && new.callback_url.is_some() {
-        insert_callback(tx, seq, now).await?;
+    // The tasks, in chunks that may span jobs (filled as they go: a job of a million tasks
+    // is not copied whole).
+    let mut chunk: Vec<TaskInsert> = Vec::with_capacity(INSERT_CHUNK);
+    for (&(job, _, _, now), &seq) in jobs.iter().zip(&seqs) {
+        for (i, task) in job.tasks.iter().enumerate() {
+            chunk.push((seq, i as i64 + 1, now, task));
+            if chunk.len() == INSERT_CHUNK {
+                insert_tasks(tx, &chunk).await?;
+                chunk.clear();
+            }
+        }
     }
-    Ok(InsertOutcome::Inserted)
+    if !chunk.is_empty() {
+        insert_tasks(tx, &chunk).await?;
+    }
+
+    let due: Vec<(i64, Millis)> = jobs
+        .iter()
+        .zip(&seqs)
+        .filter(|((_, new, _, _), _)| new.empty && new.callback_url.is_some())
+        .map(|(&(_, _, _, now), &seq)| (seq, now))
+        .collect();
+    insert_callbacks(tx, &due).await
+}
+
+/// One task row to store: its job's sequence number, its index, when it is due, the task.
+type TaskInsert<'a> = (i64, i64, Millis, &'a NewTask);
+
+/// Stores task rows in one multi-row INSERT.
+async fn insert_tasks(tx: &mut WriteTx, rows: &[TaskInsert<'_>]) -> StoreResult<()> {
+    let mut sql =
+        String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ");
+    for i in 0..rows.len() {
+        sql.push_str(if i == 0 {
+            "(?,?,?,?,?)"
+        } else {
+            ",(?,?,?,?,?)"
+        });
+    }
+    let mut query = sqlx::query(&sql);
+    for &(seq, index, now, task) in rows {
+        query = query
+            .bind(seq)
+            .bind(index)
+            .bind(now)
+            .bind(task.endpoint.as_str())
+            .bind(task.params.get());
+    }
+    query.execute(tx.conn().await?).await.map_err(map_err)?;
+    Ok(())
 }
 
 pub(super) async fn get(store: &SqliteStore, id: JobId) -> StoreResult<Option<JobRecord>> {
@@ -248,7 +311,7 @@ pub(super) async fn cancel(
         .await
         .map_err(map_err)?;
     if has_callback {
-        insert_callback(&mut tx, seq, now).await?;
+        insert_callbacks(&mut tx, &[(seq, now)]).await?;
     }
     tx.commit().await?;
     Ok(CancelOutcome::Cancelled {

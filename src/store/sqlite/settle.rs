@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use sqlx::Row;
 
-use super::callbacks::insert_callback;
+use super::callbacks::insert_callbacks;
 use super::{SETTLE_CHUNK, SqliteStore, map_err};
 use crate::job::JobId;
 use crate::store::codec::{
@@ -175,19 +175,29 @@ pub(super) async fn settle(
     }
     // This batch settled these jobs' last tasks: their final status and their callback
     // records are written in the same transaction, so a callback is owed exactly when its
-    // job is finished.
-    for (seq, job_id, status, has_callback) in finished {
-        let now = tally.now(seq);
-        sqlx::query("UPDATE jobs SET status = ?, finished_at = ? WHERE seq = ?")
-            .bind(job_code(status))
-            .bind(now)
-            .bind(seq)
-            .execute(tx.conn().await?)
-            .await
-            .map_err(map_err)?;
-        if has_callback {
-            insert_callback(&mut tx, seq, now).await?;
+    // job is finished. A chunk of jobs per statement: a batch of small jobs finishes many.
+    for chunk in finished.chunks(SETTLE_CHUNK) {
+        let mut sql = String::from("WITH f(seq, status, finished_at) AS (VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { "(?,?,?)" } else { ",(?,?,?)" });
         }
+        sql.push_str(
+            ") UPDATE jobs SET status = f.status, finished_at = f.finished_at \
+             FROM f WHERE jobs.seq = f.seq",
+        );
+        let mut query = sqlx::query(&sql);
+        for &(seq, _, status, _) in chunk {
+            query = query.bind(seq).bind(job_code(status)).bind(tally.now(seq));
+        }
+        query.execute(tx.conn().await?).await.map_err(map_err)?;
+    }
+    let callbacks: Vec<(i64, i64)> = finished
+        .iter()
+        .filter(|(_, _, _, has_callback)| *has_callback)
+        .map(|&(seq, ..)| (seq, tally.now(seq)))
+        .collect();
+    insert_callbacks(&mut tx, &callbacks).await?;
+    for (_, job_id, status, has_callback) in finished {
         tally.report.finished.push(JobFinished {
             job_id,
             status,
