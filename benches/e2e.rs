@@ -257,9 +257,12 @@ impl Server {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server starts");
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+            // Not left running behind a failed benchmark.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not say where it listens within 30 s");
+        };
         Server {
             child,
             base: format!("http://{addr}"),
