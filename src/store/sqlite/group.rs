@@ -7,9 +7,18 @@
 //! the COMMIT that holds its write succeeded, as before.
 //!
 //! A statement that fails fails the whole group: every caller gets the error and nothing of
-//! the group is stored (the errors that reach here are the database's, a full disk or a
-//! broken connection, which would fail each write alone too). A job too large to be worth
-//! copying into the queue is stored in a transaction of its own by the caller.
+//! the group is stored. The errors that reach here are the database's (a full disk, a
+//! broken connection); near a full disk a group can fail where its smallest writes alone
+//! would have fitted, and then a callback already delivered is sent again once its lease
+//! runs out (with the same `webhook-id`): a duplicate, never a loss. Retrying each write
+//! alone after a failed group was not done: a COMMIT whose answer was lost would make the
+//! retry of a job fail on its own id. A job too large to be worth copying into the queue is
+//! stored in a transaction of its own by the caller.
+//!
+//! A write, once queued, is carried out even if its caller stops waiting (a client that
+//! disconnects): a job stored that way starts at the engine's next idle look (within a
+//! second), since nobody signalled it, and its client never learned its id, as when the
+//! answer to a stored job is lost on its way back.
 
 use tokio::sync::{mpsc, oneshot};
 
