@@ -20,6 +20,9 @@
 //! second), since nobody signalled it, and its client never learned its id, as when the
 //! answer to a stored job is lost on its way back.
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{WriteTx, Writer};
@@ -131,13 +134,23 @@ async fn serve(writer: Writer, mut writes: mpsc::UnboundedReceiver<Write>) {
 
 /// Writes and commits one group, then answers each of its callers.
 async fn commit(writer: &Writer, group: &mut Vec<Write>) {
-    let result: StoreResult<Vec<Done>> = async {
+    // A panic while writing (a bug) fails this group's callers, and the queue is served on:
+    // otherwise every later submission would fail while the server looked healthy. The
+    // transaction is rolled back as it is dropped.
+    let result: StoreResult<Vec<Done>> = AssertUnwindSafe(async {
         let mut tx = writer.begin().await?;
         let done = apply(&mut tx, group).await?;
         tx.commit().await?;
         Ok(done)
-    }
-    .await;
+    })
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|_| {
+        tracing::error!("writing a group of submissions and callback records panicked");
+        Err(StoreError::Other(
+            "writing to the database failed unexpectedly".into(),
+        ))
+    });
     for (i, write) in group.drain(..).enumerate() {
         match write {
             Write::Insert { answer, .. } => {
@@ -175,6 +188,8 @@ enum Done {
 /// are stored one by one in arrival order, so that of two with one key the first wins and
 /// the second finds it, as when each had a transaction of its own.
 async fn apply(tx: &mut WriteTx, group: &[Write]) -> StoreResult<Vec<Done>> {
+    // The fault tests make a group's writing panic here.
+    fail::fail_point!("sqlite-group-write");
     let plain: Vec<jobs::JobInsert> = group
         .iter()
         .filter_map(|write| match write {
