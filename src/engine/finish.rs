@@ -108,7 +108,10 @@ pub(super) async fn settle_batch(
                 return;
             }
             Err(e) => {
-                tracing::error!(error = %e, outcomes = batch.len(), "storing task outcomes failed; retrying");
+                let mut jobs: Vec<JobId> = batch.iter().map(|s| s.job_id).collect();
+                jobs.sort();
+                jobs.dedup();
+                tracing::error!(error = %e, outcomes = batch.len(), jobs = jobs.len(), "storing task outcomes failed; retrying");
                 unknown = true;
                 if stop.is_cancelled() {
                     // Shutting down: these tasks stay running in the store and are called
