@@ -70,7 +70,8 @@ const DELIVERIES_IN_FLIGHT: usize = 32;
 const KEPT_DOCUMENT_BYTES: usize = 64 * 1024;
 
 /// What an attempt sends: the document in memory when small or cut, or streamed from the
-/// store, with its length and signature computed by a first pass that keeps nothing.
+/// store, with its length and signature computed by a first pass, which keeps the bytes
+/// only of a document under [`KEPT_DOCUMENT_BYTES`].
 async fn callback_body(
     outbox: &Outbox,
     job: JobRecord,
