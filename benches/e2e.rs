@@ -336,6 +336,16 @@ fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Jobs per second as the table shows it: whole numbers, but two decimals below 10 (a
+/// workload of one job runs at a fraction of a job per second).
+fn jobs_per_second(rate: f64) -> String {
+    if rate < 10.0 {
+        format!("{rate:.2}")
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
 /// The `q` quantile (0 to 1) of `v`.
 fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     if v.is_empty() {
@@ -635,13 +645,13 @@ async fn run() {
             let wall = median(runs.iter().map(|r| r.wall.as_secs_f64()).collect());
             per_task.insert(w.name, wall / total as f64);
             let row = format!(
-                "| {} | {} | {} | {:.3} s | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.0}% | {:.1} / {:.1} ms | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
+                "| {} | {} | {} | {:.3} s | {:.0} | {} | {:.0} | **{:.2}** | {:.0}% | {:.1} / {:.1} ms | {:.3} s | {:.0} ms | {:.0} MB | {:.0} | {:.2} s |",
                 w.name,
                 backend.label(),
                 w.what,
                 wall,
                 total as f64 / wall,
-                w.jobs as f64 / wall,
+                jobs_per_second(w.jobs as f64 / wall),
                 total as f64 / ceiling_s,
                 ceiling_s / wall,
                 median(runs.iter().map(|r| r.machine_busy * 100.0).collect()),
