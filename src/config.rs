@@ -17,6 +17,7 @@ use url::Url;
 
 use crate::egress::EgressPolicy;
 use crate::job::{HostLimits, JobStatus, Limits, PER_HOST_RATES};
+use crate::sealing::{Sealer, SecretKey};
 use crate::server::Settings;
 use crate::webhook::{CallbackSigners, Signer, WebhookSecret};
 
@@ -56,9 +57,10 @@ pub enum Command {
     /// indexes), or a SQLite file's tables. Waits until it is ready.
     Migrate(MigrateArgs),
     /// Run one job in-process (no server), print its final document, exit 0 if Complete.
-    Run(RunArgs),
-    /// Print a new webhook signing secret (for --webhook-secret).
-    Secret,
+    Run(Box<RunArgs>),
+    /// Print a new webhook signing secret (for --webhook-secret), or with --key a new key
+    /// for sealing secret headers (for --secret-key).
+    Secret(SecretArgs),
     /// Submit a job to a running server and print its id (or, with --wait, its final
     /// document).
     Submit(SubmitArgs),
@@ -171,6 +173,13 @@ pub struct MigrateArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// Print a key for --secret-key (64 hex characters) instead of a webhook secret.
+    #[arg(long)]
+    pub key: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct RunArgs {
     /// The job file (the body of POST /v1/job); `-` reads standard input.
     pub job: PathBuf,
@@ -277,6 +286,46 @@ pub struct EngineArgs {
     #[arg(long, env = "DOPARALLEL_TASK_SECRET_FILE", value_name = "PATH")]
     pub task_secret_file: Option<PathBuf>,
 
+    /// The key that seals secret header values (`secret_headers`) in the database: 32 bytes
+    /// as 64 hex characters or as base64 (make one with `doparallel secret --key`). Without
+    /// one, a job with secret headers is refused. An argument shows in `ps`: prefer
+    /// --secret-key-file or the environment.
+    #[arg(
+        long,
+        env = "DOPARALLEL_SECRET_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub secret_key: Option<Secret>,
+
+    /// File holding the secret key (instead of --secret-key).
+    #[arg(
+        long,
+        env = "DOPARALLEL_SECRET_KEY_FILE",
+        value_name = "PATH",
+        conflicts_with = "secret_key"
+    )]
+    pub secret_key_file: Option<PathBuf>,
+
+    /// While rotating keys: the key before --secret-key, which only opens values sealed
+    /// under it (new values are sealed under the current key).
+    #[arg(
+        long,
+        env = "DOPARALLEL_SECRET_KEY_OLD",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub secret_key_old: Option<Secret>,
+
+    /// File holding the old secret key (instead of --secret-key-old).
+    #[arg(
+        long,
+        env = "DOPARALLEL_SECRET_KEY_OLD_FILE",
+        value_name = "PATH",
+        conflicts_with = "secret_key_old"
+    )]
+    pub secret_key_old_file: Option<PathBuf>,
+
     /// Most tasks in one job.
     #[arg(long, env = "DOPARALLEL_MAX_TASKS_PER_JOB", default_value_t = Limits::defaults().max_tasks)]
     pub max_tasks_per_job: usize,
@@ -335,6 +384,34 @@ impl EngineArgs {
         Ok((callbacks, tasks))
     }
 
+    /// The secret keys, from their options or files; an error names the option whose key
+    /// cannot be read.
+    pub fn sealer(&self) -> Result<Sealer, String> {
+        let key = |value: &Option<Secret>, file: &Option<PathBuf>, option: &str| {
+            let text = match (value, file) {
+                (Some(value), _) => value.expose().to_string(),
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {option}-file {}: {e}", path.display()))?,
+                (None, None) => return Ok(None),
+            };
+            SecretKey::parse(&text)
+                .map(Some)
+                .map_err(|why| format!("{option}: {why}"))
+        };
+        let current = key(&self.secret_key, &self.secret_key_file, "--secret-key")?;
+        let old = key(
+            &self.secret_key_old,
+            &self.secret_key_old_file,
+            "--secret-key-old",
+        )?;
+        if current.is_none() && old.is_some() {
+            return Err(
+                "--secret-key-old is the key before --secret-key: give the current key too".into(),
+            );
+        }
+        Ok(Sealer::new(current, old))
+    }
+
     /// The node's settings from these options; see [`EngineArgs::secrets`] for its errors.
     /// The entry point adds what is its own (listening limits, tokens, a public URL).
     pub fn settings(
@@ -344,6 +421,7 @@ impl EngineArgs {
         egress: EgressPolicy,
     ) -> Result<Settings, String> {
         let (callbacks, tasks) = self.secrets()?;
+        let sealer = self.sealer()?;
         Ok(Settings {
             max_in_flight: self.max_in_flight as usize,
             owner_max_in_flight: self.owner_max_in_flight.map(u64::from),
@@ -361,6 +439,7 @@ impl EngineArgs {
                 Default::default(),
             )),
             task_signer: Arc::new(Signer::new(tasks)),
+            sealer: Arc::new(sealer),
             limits: Limits {
                 max_tasks: self.max_tasks_per_job,
                 max_params_bytes: self.max_params_bytes,

@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod outbox;
 pub mod progress;
+pub mod sealing;
 pub mod server;
 pub mod store;
 pub mod task_token;

@@ -55,8 +55,12 @@ fn main() -> ExitCode {
                 println!("{}", store::migrate(&args.database).await?);
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Run(args) => run(args).await,
-            Command::Secret => {
+            Command::Run(args) => run(*args).await,
+            Command::Secret(args) if args.key => {
+                println!("{}", doparallel::sealing::SecretKey::generate());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Secret(_) => {
                 println!("{}", WebhookSecret::generate());
                 Ok(ExitCode::SUCCESS)
             }
@@ -218,11 +222,19 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         EgressPolicy::open()
     };
-    let settings = args
+    let mut settings = args
         .engine
         .settings(&args.callback_retry_schedule, None, egress)
         .map_err(anyhow::Error::msg)?;
-    let job = parse_submission(&body, &settings.limits, &settings.egress)
+    // The job lives and ends in this process: without a key of the operator's, a key made
+    // for this run seals its secret headers.
+    if !settings.sealer.can_seal() {
+        let key =
+            doparallel::sealing::SecretKey::parse(&doparallel::sealing::SecretKey::generate())
+                .expect("a generated key reads");
+        settings.sealer = std::sync::Arc::new(doparallel::sealing::Sealer::new(Some(key), None));
+    }
+    let job = parse_submission(&body, &settings.limits, &settings.egress, &settings.sealer)
         .with_context(|| format!("{name} is not a valid job"))?;
 
     // Without --database the job runs on a fresh database that goes away with the process.

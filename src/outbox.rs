@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -214,6 +214,20 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
     }
     let id = webhook_id(due.job_id);
     let timestamp = timestamp_now();
+    // The job's `callback_headers`, checked at submission; each replaces one of the same
+    // name (a Content-Type of the job's replaces DoParallel's).
+    let mut extra = HeaderMap::new();
+    for (name, value) in &job.options.callback_headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => drop(extra.insert(name, value)),
+            _ => {
+                tracing::warn!(job_id = %due.job_id, header = %name, "a callback header is not valid HTTP; left out")
+            }
+        }
+    }
     let (body, length, signature) = match callback_body(&outbox, job, &id, timestamp).await {
         Ok(body) => body,
         Err(e) => {
@@ -231,7 +245,8 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
         .header(CONTENT_TYPE, "application/json")
         .header(CONTENT_LENGTH, length)
         .header("webhook-id", &id)
-        .header("webhook-timestamp", timestamp.to_string());
+        .header("webhook-timestamp", timestamp.to_string())
+        .headers(extra);
     if let Some(signature) = signature {
         request = request.header("webhook-signature", signature);
     }

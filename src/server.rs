@@ -27,6 +27,7 @@ use crate::listener::{self, ListenLimits};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, OutboundSettings};
 use crate::outbox::{Outbox, OutboxConfig};
+use crate::sealing::Sealer;
 use crate::store::{Store, StoreError, StoreResult};
 use crate::task_token::TaskTokens;
 use crate::webhook::{CallbackSigners, Signer};
@@ -54,6 +55,8 @@ pub struct Settings {
     pub callback_signers: Arc<CallbackSigners>,
     /// Signs task calls, with keys no callback is signed with.
     pub task_signer: Arc<Signer>,
+    /// Seals secret header values at submission and opens them for the calls.
+    pub sealer: Arc<Sealer>,
     /// Bounds on a submission.
     pub limits: Limits,
     /// A callback document larger than this is sent without `result`.
@@ -89,6 +92,7 @@ impl Settings {
                 retention: self.retention,
                 egress: self.egress.clone(),
                 task_signer: self.task_signer.clone(),
+                sealer: self.sealer.clone(),
                 lease_timeout: self.lease_timeout,
                 public_url: self.public_url.clone(),
                 local_url,
@@ -103,6 +107,7 @@ impl Settings {
             api: ApiConfig {
                 limits: self.limits.clone(),
                 egress: self.egress.clone(),
+                sealer: self.sealer.clone(),
                 max_callback_bytes: self.max_callback_bytes,
                 max_response_bytes: self.max_response_bytes,
             },

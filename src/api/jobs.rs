@@ -81,7 +81,7 @@ pub(super) async fn submit(
     }
     let idempotency = idempotency_key(&headers, &body)?;
     let config = &state.config;
-    let mut job = parse_submission(&body, &config.limits, &config.egress)?;
+    let mut job = parse_submission(&body, &config.limits, &config.egress, &config.sealer)?;
     job.owner = owner.0;
     match commands::submit(&state.services, &job, idempotency.as_ref()).await? {
         InsertOutcome::Inserted => {
@@ -188,7 +188,7 @@ impl JobView {
                 attempts: job.callback.attempts,
                 last_error: job.callback.last_error,
             },
-            options: Some(job.options),
+            options: Some(job.options.masked()),
             result,
             result_url: None,
         }
@@ -270,6 +270,7 @@ impl From<TaskRecord> for TaskView {
             status: t.status,
             attempts: t.attempts,
             endpoint: t.endpoint,
+            call: t.call.map(|call| call.masked()).unwrap_or_default(),
             result: t.result.filter(|_| t.status == TaskStatus::Complete),
             error: t.error,
             latency_ms: t.latency_ms,

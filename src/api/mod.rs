@@ -49,6 +49,8 @@ pub struct ApiConfig {
     pub limits: Limits,
     /// Which addresses a submission's IP literals may name.
     pub egress: Arc<EgressPolicy>,
+    /// Seals the values of a submission's secret headers.
+    pub sealer: Arc<crate::sealing::Sealer>,
     /// A job's results are shown whole up to this size, else a link to its tasks.
     pub max_callback_bytes: usize,
     /// The largest outcome an endpoint may report.

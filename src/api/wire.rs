@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, TaskStatus};
+use crate::job::{
+    AwsSigV4, CallbackState, Headers, JobId, JobOptions, JobStatus, Method, TaskCall, TaskOptions,
+    TaskStatus,
+};
 
 /// Every error's body.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -36,9 +39,21 @@ pub struct JobRequest {
 pub struct TaskRequest {
     /// An absolute http(s) URL, or `/v1/test` for the built-in test task.
     pub endpoint: String,
-    /// Sent as the body of each call; `null` when absent.
+    /// Sent as the body of each call (`POST`, `PUT`, `PATCH`), or as the query string
+    /// (`GET`, `DELETE`: then an object of strings, numbers and booleans); `null` when
+    /// absent.
     #[schema(value_type = serde_json::Value)]
     pub params: Option<serde_json::Value>,
+    /// This task's method, over the job's `options.method`.
+    pub method: Option<Method>,
+    /// This task's headers; each replaces the job's header of the same name.
+    pub headers: Option<Headers>,
+    /// This task's secret headers (sealed at rest, shown as `***`).
+    pub secret_headers: Option<Headers>,
+    /// Sign this task's calls with AWS Signature Version 4.
+    pub aws_sigv4: Option<AwsSigV4>,
+    /// This task's own `timeout_ms`, `max_attempts`, `backoff_ms` and `retry_on`.
+    pub options: Option<TaskOptions>,
 }
 
 /// The answer to a submission.
@@ -140,6 +155,10 @@ pub struct TaskView {
     pub attempts: u32,
     #[serde(default)]
     pub endpoint: String,
+    /// The task's own call settings, as submitted (secret values shown as `***`); absent
+    /// when it has none.
+    #[serde(flatten)]
+    pub call: TaskCall,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = serde_json::Value)]
     pub result: Option<Box<RawValue>>,

@@ -5,15 +5,19 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use serde_json::value::RawValue;
 
 use url::Url;
 
 use super::EngineConfig;
 use crate::engine::hosts;
-use crate::job::{BACKOFF_CAP_MS, JobOptions, TEST_ENDPOINT, TaskError, result_json, test_result};
+use crate::job::{
+    BACKOFF_CAP_MS, JobOptions, Method, TEST_ENDPOINT, TaskError, query_pairs, result_json,
+    test_result,
+};
 use crate::outbound::error_chain;
+use crate::sealing::Sealer;
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 use crate::webhook::timestamp_now;
 
@@ -64,15 +68,28 @@ pub(crate) async fn attempt(
     if let Err(why) = config.egress.check_url(&url) {
         return Attempt::Fatal(TaskError::new("blocked", why));
     }
-    let timeout = Duration::from_millis(task.options.timeout_ms);
-    let body = task.params.get().as_bytes();
+    let options = &task.options;
+    let timeout = Duration::from_millis(options.timeout_ms);
+    let method = options.method.unwrap_or_default();
+    let mut url = url;
+    // GET and DELETE carry the params as the query string (checked at submission), the
+    // others as the JSON body.
+    let body: &[u8] = if method.params_in_query() {
+        match query_pairs(&task.params) {
+            Ok(pairs) if pairs.is_empty() => {}
+            Ok(pairs) => drop(url.query_pairs_mut().extend_pairs(pairs)),
+            Err(why) => return Attempt::Fatal(TaskError::new("request", why)),
+        }
+        b""
+    } else {
+        task.params.get().as_bytes()
+    };
     // Stable across attempts and restarts, like the callback's.
     let message_id = format!("msg_{}_{}", task.job_id, task.index);
     let timestamp = timestamp_now();
     let mut request = outbound
         .client()
-        .post(url)
-        .header(CONTENT_TYPE, "application/json")
+        .request(http_method(method), url)
         .header("DoParallel-Job-Id", task.job_id.to_string())
         .header("DoParallel-Task", task.index.to_string())
         .header("DoParallel-Attempt", task.attempt.to_string())
@@ -88,22 +105,79 @@ pub(crate) async fn attempt(
             .header("DoParallel-Task-Token", to.token)
             .header("DoParallel-Result-Url", to.url);
     }
-    let request = match request.body(body.to_vec()).build() {
+    if !method.params_in_query() {
+        request = request
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_vec());
+    }
+    let mut request = match request.build() {
         Ok(request) => request,
         Err(e) => return transport_error(&e),
     };
+    if let Err(error) = add_headers(request.headers_mut(), task, &config.sealer) {
+        return Attempt::Fatal(error);
+    }
     let max_body = config.max_response_bytes;
     // One deadline covers connecting, sending and reading the whole body, so a server that
     // drips its answer cannot hold a slot past the timeout.
-    match tokio::time::timeout(timeout, send(outbound, request, max_body, awaitable)).await {
+    let sent = send(outbound, request, max_body, awaitable, options);
+    match tokio::time::timeout(timeout, sent).await {
         Ok(outcome) => outcome,
         Err(_) => Attempt::Retryable {
             error: TaskError::new(
                 "timeout",
-                format!("no complete answer within {} ms", task.options.timeout_ms),
+                format!("no complete answer within {} ms", options.timeout_ms),
             ),
             retry_after: None,
         },
+    }
+}
+
+/// The job's and the task's headers on a built request, each replacing one of the same
+/// name (a `Content-Type` of the job's replaces DoParallel's); secret values are opened
+/// here, for this request only, and marked sensitive so that no debug output shows them.
+/// Names and values were checked at submission; one that no longer passes (or a secret
+/// that does not open) fails the attempt for good, saying which header and never its
+/// value.
+fn add_headers(
+    headers: &mut HeaderMap,
+    task: &ClaimedTask,
+    sealer: &Sealer,
+) -> Result<(), TaskError> {
+    let job = task.job_id.to_string();
+    let refused = |name: &str, why: String| {
+        TaskError::new("request", format!("header {name} cannot be sent: {why}"))
+    };
+    for (name, value) in &task.options.headers {
+        let header =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| refused(name, e.to_string()))?;
+        let value = HeaderValue::from_str(value).map_err(|e| refused(name, e.to_string()))?;
+        headers.insert(header, value);
+    }
+    for (name, sealed) in &task.options.secret_headers {
+        let header =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| refused(name, e.to_string()))?;
+        let opened = sealer.open(&job, name, sealed).map_err(|e| {
+            TaskError::new(
+                "secret",
+                format!("secret header {name} cannot be opened: {e}"),
+            )
+        })?;
+        let mut value = HeaderValue::from_str(&opened)
+            .map_err(|_| refused(name, "its value is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(())
+}
+
+fn http_method(method: Method) -> reqwest::Method {
+    match method {
+        Method::Get => reqwest::Method::GET,
+        Method::Post => reqwest::Method::POST,
+        Method::Put => reqwest::Method::PUT,
+        Method::Patch => reqwest::Method::PATCH,
+        Method::Delete => reqwest::Method::DELETE,
     }
 }
 
@@ -112,6 +186,7 @@ async fn send(
     request: reqwest::Request,
     max_body: usize,
     awaitable: bool,
+    options: &JobOptions,
 ) -> Attempt {
     let mut request = request;
     let mut wait = Duration::from_millis(20);
@@ -159,7 +234,13 @@ async fn send(
     if awaitable && status == StatusCode::ACCEPTED {
         return Attempt::Accepted;
     }
-    match classify(status, response.headers(), &body, SystemTime::now()) {
+    match classify(
+        status,
+        response.headers(),
+        &body,
+        SystemTime::now(),
+        options,
+    ) {
         // The stored form is bounded too: a body that is not JSON becomes a JSON string, and
         // one of control bytes grows six times as it does. Allowed: the two quotes, so that
         // a plain text of exactly the limit is kept.
@@ -233,10 +314,16 @@ fn innermost_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     }
 }
 
-/// The decision on a complete HTTP answer. 2xx completes; 408, 425, 429 and 5xx are worth
-/// another attempt; anything else (3xx, since redirects are never followed, and other 4xx)
-/// fails at once.
-pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Attempt {
+/// The decision on a complete HTTP answer. 2xx completes; the statuses of the job's (or
+/// task's) `retry_on`, by default 408, 425, 429 and 5xx, are worth another attempt;
+/// anything else (3xx, since redirects are never followed, and other 4xx) fails at once.
+pub fn classify(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+    options: &JobOptions,
+) -> Attempt {
     if status.is_success() {
         return Attempt::Complete(result_json(body));
     }
@@ -249,8 +336,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: Syste
         }),
         cause: None,
     };
-    let retryable = matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error();
-    if retryable {
+    if options.retries_status(status.as_u16()) {
         Attempt::Retryable {
             error,
             retry_after: retry_after(headers, now),
@@ -355,6 +441,7 @@ mod tests {
             &headers(hdrs),
             body.as_bytes(),
             now,
+            &JobOptions::defaults(),
         ) {
             Attempt::Complete(r) => format!("complete {}", r.get()),
             Attempt::Retryable { error, retry_after } => {
@@ -420,6 +507,7 @@ mod tests {
                 &headers(hdrs),
                 b"",
                 SystemTime::now(),
+                &JobOptions::defaults(),
             );
             assert_eq!(
                 host_pause(&attempt).map(|d| d.as_millis() as u64),
@@ -447,6 +535,7 @@ mod tests {
             &HeaderMap::new(),
             long.as_bytes(),
             SystemTime::now(),
+            &JobOptions::defaults(),
         ) else {
             panic!("400 is fatal");
         };

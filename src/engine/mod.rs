@@ -70,6 +70,8 @@ pub struct EngineConfig {
     pub egress: Arc<EgressPolicy>,
     /// Signs task calls, with keys no callback is signed with; signs nothing without secrets.
     pub task_signer: Arc<Signer>,
+    /// Opens the sealed values of secret headers for the calls.
+    pub sealer: Arc<crate::sealing::Sealer>,
     /// How long a claimed task stays leased to this node without renewal; after that any
     /// node may take it back and call it again.
     pub lease_timeout: Duration,

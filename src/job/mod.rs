@@ -7,6 +7,7 @@
 //! key order round-trip exactly, which the original service got wrong.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
@@ -15,8 +16,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+mod call;
 mod submission;
 
+pub use call::{
+    AwsSigV4, Headers, MASK, MAX_HEADERS, Method, TaskCall, TaskOptions, check_call_headers,
+    check_headers, check_retry_on, check_sigv4, query_pairs, seal_headers,
+};
 pub use submission::{Limits, NewJob, NewTask, SubmissionError, parse_submission};
 
 /// The relative endpoint of the built-in test task, run in-process without a network hop.
@@ -159,6 +165,29 @@ pub struct JobOptions {
     #[serde(default)]
     #[schema(minimum = 0.001, maximum = 1000000)]
     pub per_host_rate: Option<f64>,
+    /// The HTTP method of the calls: `POST` (the default), `PUT` and `PATCH` send `params`
+    /// as the JSON body; `GET` and `DELETE` send no body, and `params` (an object of
+    /// strings, numbers and booleans) become the query string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// Headers of every call of this job; a task's own header of the same name replaces
+    /// one of these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: Headers,
+    /// Headers whose values are secrets: sealed at rest with the server's secret key,
+    /// shown by every read as `***`, sent only on the calls.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_headers: Headers,
+    /// Headers of the callback request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub callback_headers: Headers,
+    /// The HTTP statuses worth another attempt, replacing the default (408, 425, 429 and
+    /// every 5xx); `[]` retries only connection errors and timeouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<u16>>,
+    /// Sign every call with AWS Signature Version 4 (the server's AWS credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_sigv4: Option<AwsSigV4>,
 }
 
 /// Limits on the calls to one endpoint host: the server's for all jobs, or one job's own
@@ -218,6 +247,12 @@ impl JobOptions {
             async_reports: false,
             per_host_concurrency: None,
             per_host_rate: None,
+            method: None,
+            headers: Headers::new(),
+            secret_headers: Headers::new(),
+            callback_headers: Headers::new(),
+            retry_on: None,
+            aws_sigv4: None,
         }
     }
 
@@ -273,7 +308,21 @@ impl JobOptions {
                 PER_HOST_RATES.end()
             ));
         }
-        Ok(())
+        check_headers("options.headers", &self.headers)?;
+        check_headers("options.secret_headers", &self.secret_headers)?;
+        check_headers("options.callback_headers", &self.callback_headers)?;
+        if self.callback_headers.len() > MAX_HEADERS {
+            return Err(format!(
+                "options.callback_headers: at most {MAX_HEADERS} headers are accepted"
+            ));
+        }
+        if let Some(list) = &self.retry_on {
+            check_retry_on("options.retry_on", list)?;
+        }
+        if let Some(sigv4) = &self.aws_sigv4 {
+            check_sigv4("options.aws_sigv4", sigv4)?;
+        }
+        check_call_headers("options", self)
     }
 }
 

@@ -5,8 +5,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use url::Url;
 
+use super::call::{
+    AwsSigV4, Headers, Method, TaskCall, TaskOptions, check_call_headers, check_headers,
+    check_retry_on, check_sigv4, query_pairs, seal_headers,
+};
 use super::{JobId, JobOptions, TEST_ENDPOINT, compact_json};
 use crate::egress::EgressPolicy;
+use crate::sealing::Sealer;
 
 /// Bounds on what one submission may hold; each is a command-line option.
 #[derive(Clone, Debug)]
@@ -73,12 +78,23 @@ pub struct NewJob {
     pub tasks: Vec<NewTask>,
 }
 
-/// A validated task: its endpoint (an absolute http(s) URL or [`TEST_ENDPOINT`]) and its
-/// parameters as the exact JSON text the client sent (`null` when absent).
+/// A validated task: its endpoint (an absolute http(s) URL or [`TEST_ENDPOINT`]), its
+/// parameters as the exact JSON text the client sent (`null` when absent), and its own call
+/// settings, if it has any (secret values sealed).
 #[derive(Clone, Debug)]
 pub struct NewTask {
     pub endpoint: String,
     pub params: Box<RawValue>,
+    pub call: Option<Box<TaskCall>>,
+}
+
+impl NewTask {
+    /// The call settings as stored: JSON text, `None` for a task without any.
+    pub fn call_json(&self) -> Option<String> {
+        self.call
+            .as_ref()
+            .map(|call| serde_json::to_string(call).expect("call settings serialize"))
+    }
 }
 
 /// Why a submitted body was refused. Each message names the field and, for a task, its
@@ -110,6 +126,16 @@ struct WireTask<'a> {
     endpoint: String,
     #[serde(default, borrow)]
     params: Option<&'a RawValue>,
+    #[serde(default)]
+    method: Option<Method>,
+    #[serde(default)]
+    headers: Headers,
+    #[serde(default)]
+    secret_headers: Headers,
+    #[serde(default)]
+    aws_sigv4: Option<AwsSigV4>,
+    #[serde(default)]
+    options: Option<TaskOptions>,
 }
 
 /// Deserializes one part of a submission, or says what is wrong in words a client can act
@@ -157,7 +183,7 @@ fn from_json<'a, T: Deserialize<'a>>(
 }
 
 const WIRE_JOB: &str = "an object with \"tasks\" (and optionally \"callback\" and \"options\")";
-const WIRE_TASK: &str = "an object with \"endpoint\" (and optionally \"params\")";
+const WIRE_TASK: &str = "an object with \"endpoint\" (and optionally \"params\", \"method\", \"headers\", \"secret_headers\", \"aws_sigv4\" and \"options\")";
 
 /// A path as `a.b[2].c`, without the leading `.` of an empty one.
 fn json_path(segments: &[&serde_path_to_error::Segment]) -> String {
@@ -204,7 +230,7 @@ fn explain(field: Option<&str>, e: &serde_json::Error) -> String {
         (_, "struct WireJob") => {
             "an object with \"tasks\" (and optionally \"callback\" and \"options\")"
         }
-        (_, "struct WireTask") => "an object with \"endpoint\" (and optionally \"params\")",
+        (_, "struct WireTask") => WIRE_TASK,
         (_, "struct JobOptions") => "an object of options",
         (_, other) => other,
     };
@@ -238,11 +264,13 @@ fn explain(field: Option<&str>, e: &serde_json::Error) -> String {
 }
 
 /// Parses and validates a submitted job body (the seed's shape plus optional `options`),
-/// within `limits`, refusing URLs whose host is an IP literal that `egress` denies.
+/// within `limits`, refusing URLs whose host is an IP literal that `egress` denies, and
+/// seals the values of secret headers with `sealer` (refusing them without a key).
 pub fn parse_submission(
     body: &[u8],
     limits: &Limits,
     egress: &EgressPolicy,
+    sealer: &Sealer,
 ) -> Result<NewJob, SubmissionError> {
     // Syntax first, so that a body which is not JSON is told apart from a wrong shape.
     serde_json::from_slice::<&RawValue>(body)
@@ -272,12 +300,14 @@ pub fn parse_submission(
         ),
     };
 
-    let options = match wire.options {
+    let mut options = match wire.options {
         None => JobOptions::defaults(),
         Some(raw) if raw.get() == "null" => JobOptions::defaults(),
         Some(raw) => from_json::<JobOptions>(raw.get(), Some("options"))?,
     };
     options.validate(limits).map_err(invalid)?;
+    let id = JobId::generate();
+    let job_context = id.to_string();
 
     let mut tasks = Vec::with_capacity(wire.tasks.len());
     for (i, raw) in wire.tasks.iter().enumerate() {
@@ -300,19 +330,83 @@ pub fn parse_submission(
             Some(raw) => compact_json(raw),
             None => RawValue::from_string("null".into()).expect("null is JSON"),
         };
+        let mut call = TaskCall {
+            method: task.method,
+            headers: task.headers,
+            secret_headers: task.secret_headers,
+            aws_sigv4: task.aws_sigv4,
+            options: task.options.unwrap_or_default(),
+        };
+        let call = if call.is_empty() {
+            if options.method.unwrap_or_default().params_in_query() {
+                let method = options.method.unwrap_or_default().as_str();
+                query_pairs(&params)
+                    .map_err(|why| invalid(format!("task {n}: {method}: {why}")))?;
+            }
+            None
+        } else {
+            check_task_call(&format!("task {n}"), &call, &options, &params, limits)
+                .map_err(invalid)?;
+            seal_headers(sealer, &job_context, &mut call.secret_headers)
+                .map_err(|why| invalid(format!("task {n}: secret_headers: {why}")))?;
+            let stored = serde_json::to_string(&call).expect("call settings serialize");
+            let size = stored.len() + params.get().len();
+            if size > limits.max_params_bytes {
+                return Err(invalid(format!(
+                    "task {n}: params and call settings take {size} bytes stored; at most {} are accepted",
+                    limits.max_params_bytes
+                )));
+            }
+            Some(Box::new(call))
+        };
         tasks.push(NewTask {
             endpoint: task.endpoint,
             params,
+            call,
         });
     }
+    seal_headers(sealer, &job_context, &mut options.secret_headers)
+        .map_err(|why| invalid(format!("options.secret_headers: {why}")))?;
 
     Ok(NewJob {
-        id: JobId::generate(),
+        id,
         owner: None,
         callback,
         options,
         tasks,
     })
+}
+
+/// Checks one task's own settings and the call they make with the job's options (`place`
+/// is `task N`): each field as a job's would be, the merged headers, and params that fit
+/// the merged method.
+fn check_task_call(
+    place: &str,
+    call: &TaskCall,
+    job: &JobOptions,
+    params: &RawValue,
+    limits: &Limits,
+) -> Result<(), String> {
+    check_headers(&format!("{place}: headers"), &call.headers)?;
+    check_headers(&format!("{place}: secret_headers"), &call.secret_headers)?;
+    if let Some(list) = &call.options.retry_on {
+        check_retry_on(&format!("{place}: options.retry_on"), list)?;
+    }
+    if let Some(sigv4) = &call.aws_sigv4 {
+        check_sigv4(&format!("{place}: aws_sigv4"), sigv4)?;
+    }
+    let merged = job.for_task(call);
+    if !call.options.is_empty() {
+        merged
+            .validate(limits)
+            .map_err(|why| format!("{place}: {why}"))?;
+    }
+    check_call_headers(place, &merged)?;
+    if merged.method.unwrap_or_default().params_in_query() {
+        let method = merged.method.unwrap_or_default().as_str();
+        query_pairs(params).map_err(|why| format!("{place}: {method}: {why}"))?;
+    }
+    Ok(())
 }
 
 fn invalid(msg: String) -> SubmissionError {
@@ -356,7 +450,10 @@ mod tests {
         egress: &EgressPolicy,
         expected: Result<usize, &str>,
     ) {
-        match (parse_submission(body.as_bytes(), limits, egress), expected) {
+        match (
+            parse_submission(body.as_bytes(), limits, egress, &Sealer::default()),
+            expected,
+        ) {
             (Ok(job), Ok(n)) => assert_eq!(job.tasks.len(), n, "body {body}"),
             (Err(e), Err(text)) => assert!(
                 e.to_string().contains(text),
@@ -431,7 +528,7 @@ mod tests {
         check(
             r#"{"tasks":[{"endpoint":"/v1/test"},7]}"#,
             Err(
-                "task 2: expected an object with \"endpoint\" (and optionally \"params\"), got the number 7",
+                "task 2: expected an object with \"endpoint\" (and optionally \"params\", \"method\", \"headers\", \"secret_headers\", \"aws_sigv4\" and \"options\"), got the number 7",
             ),
         );
         check(
@@ -501,11 +598,144 @@ mod tests {
     }
 
     #[test]
+    fn call_settings_are_checked_where_they_are_given() {
+        let job = |options: &str, task: &str| {
+            format!(
+                r#"{{"tasks":[{{"endpoint":"/v1/test"}},{{"endpoint":"http://e.example/"{task}}}],"options":{{{options}}}}}"#
+            )
+        };
+        check(
+            &job(
+                r#""headers":{"X-A":"1"},"method":"PUT""#,
+                r#","headers":{"x-a":"2"},"method":"PATCH""#,
+            ),
+            Ok(2),
+        );
+        for (body, expected) in [
+            (
+                job(r#""headers":{"Host":"x"}"#, ""),
+                "options.headers: Host cannot be set",
+            ),
+            (
+                job("", r#","headers":{"Content-Length":"1"}"#),
+                "task 2: headers: Content-Length cannot be set",
+            ),
+            (
+                job("", r#","headers":{"X-A":"a\nb"}"#),
+                "task 2: headers: the value of X-A holds a line feed (LF)",
+            ),
+            (
+                job(r#""method":"get""#, ""),
+                "options.method: unknown variant `get`",
+            ),
+            (
+                job(r#""method":"GET""#, r#","params":[1]"#),
+                "task 2: GET: params must be an object",
+            ),
+            (
+                job("", r#","method":"DELETE","params":{"a":{"b":1}}"#),
+                "task 2: DELETE: params.a must be a string",
+            ),
+            (
+                job("", r#","options":{"timeout_ms":0}"#),
+                "task 2: options.timeout_ms: must be between 1",
+            ),
+            (
+                job("", r#","options":{"max_attempts":101}"#),
+                "task 2: options.max_attempts",
+            ),
+            (
+                job("", r#","options":{"concurrency":2}"#),
+                "task 2: options: unknown field `concurrency`",
+            ),
+            (
+                job(r#""retry_on":[200]"#, ""),
+                "options.retry_on: 200 is not a status worth retrying",
+            ),
+            (
+                job("", r#","options":{"retry_on":[99]}"#),
+                "task 2: options.retry_on: 99 is not",
+            ),
+            (
+                job("", r#","headers":{"X-A":"1"},"secret_headers":{"x-a":"2"}"#),
+                "task 2: X-A is both a header and a secret header",
+            ),
+            (
+                job(
+                    r#""aws_sigv4":{"service":"lambda","region":"us-east-1"}"#,
+                    r#","headers":{"Authorization":"x"}"#,
+                ),
+                "task 2: Authorization cannot be set on a call signed with aws_sigv4",
+            ),
+            (
+                job("", r#","aws_sigv4":{"service":"","region":"us-east-1"}"#),
+                "task 2: aws_sigv4.service",
+            ),
+            (
+                job(r#""secret_headers":{"X-Key":"v"}"#, ""),
+                "options.secret_headers: this server has no secret key",
+            ),
+            (
+                job("", r#","secret_headers":{"X-Key":"v"}"#),
+                "task 2: secret_headers: this server has no secret key",
+            ),
+        ] {
+            check(&body, Err(expected));
+        }
+        let many: Vec<String> = (0..65).map(|i| format!(r#""X-{i}":"v""#)).collect();
+        check(
+            &job(&format!(r#""headers":{{{}}}"#, many.join(",")), ""),
+            Err("65 headers per call; at most 64"),
+        );
+        let big = "v".repeat(8200);
+        check(
+            &job("", &format!(r#","headers":{{"X-Big":"{big}"}}"#)),
+            Err("task 2: the headers of one call take 8205 bytes; at most 8192"),
+        );
+    }
+
+    #[test]
+    fn secret_values_are_sealed_before_anything_else_sees_them() {
+        let key = crate::sealing::SecretKey::parse(&crate::sealing::SecretKey::generate()).unwrap();
+        let sealer = Sealer::new(Some(key), None);
+        let job = parse_submission(
+            br#"{"tasks":[{"endpoint":"/v1/test","secret_headers":{"X-Task":"task-secret"},"options":{"retry_on":[]}}],
+                "options":{"secret_headers":{"Authorization":"Bearer job-secret"},"callback_headers":{"X-Cb":"1"}}}"#,
+            &Limits::defaults(),
+            &EgressPolicy::open(),
+            &sealer,
+        )
+        .unwrap();
+        let id = job.id.to_string();
+        let sealed = &job.options.secret_headers["Authorization"];
+        let debug = format!("{job:?}");
+        assert!(
+            !debug.contains("job-secret") && !debug.contains("task-secret"),
+            "{debug}"
+        );
+        assert_eq!(
+            sealer.open(&id, "Authorization", sealed).unwrap(),
+            "Bearer job-secret"
+        );
+        let call = job.tasks[0].call.as_ref().unwrap();
+        assert_eq!(
+            sealer
+                .open(&id, "X-Task", &call.secret_headers["X-Task"])
+                .unwrap(),
+            "task-secret"
+        );
+        assert_eq!(call.options.retry_on, Some(vec![]));
+        assert!(!job.tasks[0].call_json().unwrap().contains("task-secret"));
+        assert_eq!(job.options.masked().secret_headers["Authorization"], "***");
+    }
+
+    #[test]
     fn per_host_options_are_kept() {
         let job = parse_submission(
             br#"{"tasks":[],"options":{"per_host_concurrency":3,"per_host_rate":0.5}}"#,
             &Limits::defaults(),
             &EgressPolicy::open(),
+            &Sealer::default(),
         )
         .unwrap();
         assert_eq!(
@@ -529,8 +759,13 @@ mod tests {
     #[test]
     fn params_keep_their_exact_text() {
         let body = r#"{"tasks":[{"endpoint":"/v1/test","params":{"n": 12345678901234567890123, "f":1.10}}]}"#;
-        let job =
-            parse_submission(body.as_bytes(), &Limits::defaults(), &EgressPolicy::open()).unwrap();
+        let job = parse_submission(
+            body.as_bytes(),
+            &Limits::defaults(),
+            &EgressPolicy::open(),
+            &Sealer::default(),
+        )
+        .unwrap();
         assert_eq!(
             job.tasks[0].params.get(),
             r#"{"n":12345678901234567890123,"f":1.10}"#
@@ -539,6 +774,7 @@ mod tests {
             br#"{"tasks":[{"endpoint":"/v1/test"}]}"#,
             &Limits::defaults(),
             &EgressPolicy::open(),
+            &Sealer::default(),
         )
         .unwrap();
         assert_eq!(none.tasks[0].params.get(), "null");
@@ -622,7 +858,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
-            let _ = parse_submission(&bytes, &Limits::defaults(), &EgressPolicy::open());
+            let _ = parse_submission(&bytes, &Limits::defaults(), &EgressPolicy::open(), &Sealer::default());
         }
     }
 }

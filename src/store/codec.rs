@@ -3,6 +3,7 @@
 //! as text.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use sqlx::encode::IsNull;
@@ -12,7 +13,7 @@ use sqlx::sqlite::{Sqlite, SqliteTypeInfo};
 use sqlx::{Database, Decode, Encode, Type};
 
 use super::{StoreError, StoreResult};
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, TaskStatus};
+use crate::job::{CallbackState, JobId, JobOptions, JobStatus, TaskCall, TaskStatus};
 
 /// A job or task status, or a callback's delivery state, as the SQL backends store it:
 /// SQLite as INTEGER, PostgreSQL as SMALLINT. Both backends bind and read this type, and the
@@ -175,6 +176,27 @@ pub(super) fn raw(text: Option<String>) -> StoreResult<Option<Box<RawValue>>> {
             .map_err(|e| StoreError::Other(format!("stored JSON is invalid: {e}")))
     })
     .transpose()
+}
+
+/// A task's stored call settings (`None` for a task without any).
+pub(super) fn parse_call(text: Option<&str>) -> StoreResult<Option<TaskCall>> {
+    text.map(|text| {
+        serde_json::from_str(text)
+            .map_err(|e| StoreError::Other(format!("stored call settings are invalid: {e}")))
+    })
+    .transpose()
+}
+
+/// The options a claimed task is called with: its job's, or, for a task with stored call
+/// settings of its own, those over its job's.
+pub(super) fn with_call(
+    options: &Arc<JobOptions>,
+    call: Option<&str>,
+) -> StoreResult<Arc<JobOptions>> {
+    Ok(match parse_call(call)? {
+        Some(call) => Arc::new(options.for_task(&call)),
+        None => options.clone(),
+    })
 }
 
 pub(super) fn parse_options(text: &str) -> StoreResult<JobOptions> {

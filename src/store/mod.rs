@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use serde_json::value::RawValue;
 use url::Url;
 
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskStatus};
+use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskCall, TaskStatus};
 
 pub use dynamodb::DynamoStore;
 pub use postgres::PostgresStore;
@@ -144,6 +144,8 @@ pub struct TaskRecord {
     pub status: TaskStatus,
     pub attempts: u32,
     pub endpoint: String,
+    /// The task's own call settings, secret values sealed.
+    pub call: Option<TaskCall>,
     pub result: Option<Box<RawValue>>,
     pub error: Option<Box<RawValue>>,
     pub latency_ms: Option<u64>,

@@ -8,7 +8,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::codec::{
     CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PENDING, Code, callback_state, job_code,
-    job_status_from, parse_id, parse_options, raw, task_status_from,
+    job_status_from, parse_call, parse_id, parse_options, raw, task_status_from, with_call,
 };
 use super::plan;
 use super::{
@@ -99,6 +99,7 @@ pub(super) fn task_from_row(row: &impl Columns) -> StoreResult<TaskRecord> {
         status: task_status_from(row.code("status"))?,
         attempts: row.int32("attempts") as u32,
         endpoint: row.text("endpoint").to_string(),
+        call: parse_call(row.text_or_null("call").as_deref())?,
         result: raw(row.text_or_null("result"))?,
         error: raw(row.text_or_null("error"))?,
         latency_ms: row.int_or_null("latency_ms").map(|v| v as u64),
@@ -123,7 +124,7 @@ pub(super) struct ClaimedJob {
 }
 
 impl ClaimedJob {
-    /// One of its tasks, from a row of `idx`, `attempts`, `endpoint` and `params`.
+    /// One of its tasks, from a row of `idx`, `attempts`, `endpoint`, `params` and `call`.
     pub(super) fn task(&self, row: &impl Columns) -> StoreResult<ClaimedTask> {
         claimed_task(row, self.id, &self.options, &self.owner)
     }
@@ -141,7 +142,8 @@ fn claimed_task(
         attempt: row.int32("attempts") as u32,
         endpoint: row.text("endpoint").to_string(),
         params: raw(Some(row.text("params").to_string()))?.expect("some"),
-        options: options.clone(),
+        // A task with settings of its own is called with them over its job's options.
+        options: with_call(options, row.text_or_null("call").as_deref())?,
         owner: owner.clone(),
     })
 }

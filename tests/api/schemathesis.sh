@@ -31,7 +31,7 @@ unshare --net bash -s "$bin" "$work" "$st_bin" <<'INNER'
 set -euo pipefail
 bin=$1 work=$2 st_bin=$3
 ip link set lo up
-"$bin" serve --listen 127.0.0.1:0 --database "sqlite://$work/db" --max-in-flight 64 \
+DOPARALLEL_SECRET_KEY="$("$bin" secret --key)" "$bin" serve --listen 127.0.0.1:0 --database "sqlite://$work/db" --max-in-flight 64 \
     --callback-retry-schedule "" 2>"$work/server.log" &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT

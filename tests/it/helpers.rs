@@ -57,6 +57,10 @@ where
     }
 }
 
+/// The secret key of the in-process test servers.
+pub const TEST_SECRET_KEY: &str =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
 /// The settings of an in-process test server: loopback endpoints allowed, callbacks retried
 /// quickly, no secrets.
 pub fn test_settings() -> Settings {
@@ -74,6 +78,10 @@ pub fn test_settings() -> Settings {
         ])),
         callback_signers: Default::default(),
         task_signer: Default::default(),
+        sealer: std::sync::Arc::new(doparallel::sealing::Sealer::new(
+            Some(doparallel::sealing::SecretKey::parse(TEST_SECRET_KEY).unwrap()),
+            None,
+        )),
         limits: doparallel::job::Limits::defaults(),
         max_callback_bytes: 10 * 1024 * 1024,
         lease_timeout: Duration::from_secs(30),
@@ -498,6 +506,7 @@ async fn endpoint_handler(
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub webhook_id: String,
+    pub headers: HeaderMap,
     pub answered: u16,
     pub body: Value,
 }
@@ -558,6 +567,7 @@ impl Receiver {
                             .get("webhook-id")
                             .map(|v| v.to_str().unwrap().to_string())
                             .unwrap_or_default(),
+                        headers: headers.clone(),
                         answered,
                         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
                     };
@@ -599,9 +609,16 @@ pub struct RawCall {
     pub at: Instant,
     /// The request line and headers, as sent.
     head: String,
+    /// The body (as long as its `content-length`).
+    pub body: Vec<u8>,
 }
 
 impl RawCall {
+    /// The method of the request line.
+    pub fn method(&self) -> &str {
+        self.head.split(' ').next().unwrap_or_default()
+    }
+
     /// The path of the request line.
     pub fn path(&self) -> &str {
         self.head.split(' ').nth(1).unwrap_or_default()
@@ -652,7 +669,7 @@ impl RawEndpoint {
                 let log = log.clone();
                 let behave = behave.clone();
                 connections.spawn(async move {
-                    let Ok(Some(head)) =
+                    let Ok(Some((head, body))) =
                         tokio::time::timeout(DEADLINE, read_request(&mut stream)).await
                     else {
                         return;
@@ -660,6 +677,7 @@ impl RawEndpoint {
                     let call = RawCall {
                         at: Instant::now(),
                         head,
+                        body,
                     };
                     let n = {
                         let mut log = log.lock().unwrap();
@@ -699,9 +717,9 @@ impl Drop for RawEndpoint {
     }
 }
 
-/// Reads one request (head and a `content-length` body) and returns its head; `None` when
-/// the peer goes away first or the head is unreasonably long.
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<String> {
+/// Reads one request (head and a `content-length` body) and returns its head and body;
+/// `None` when the peer goes away first or the head is unreasonably long.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     const MAX_REQUEST: usize = 1024 * 1024;
     let mut buf = Vec::new();
@@ -723,16 +741,18 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<String> {
     let call = RawCall {
         at: Instant::now(),
         head,
+        body: Vec::new(),
     };
     let length: usize = call.header("content-length").parse().unwrap_or(0);
-    while buf.len() < end + length.min(MAX_REQUEST) {
+    let length = length.min(MAX_REQUEST);
+    while buf.len() < end + length {
         let n = stream.read(&mut chunk).await.ok()?;
         if n == 0 {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Some(call.head)
+    Some((call.head, buf[end..end + length].to_vec()))
 }
 
 /// Writes a whole response that closes the connection: status line (`"200 OK"`), headers,

@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 /// The floors, bottom first; within a floor, a module may import the ones before it unless
 /// the floor is side by side.
 const FLOORS: &[(&str, bool, &[&str])] = &[
-    ("domain", false, &["egress", "job", "webhook", "task_token"]),
+    (
+        "domain",
+        false,
+        &["sealing", "egress", "job", "webhook", "task_token"],
+    ),
     (
         "mechanisms",
         false,

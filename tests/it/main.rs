@@ -2,6 +2,7 @@
 //! endpoints and callback receivers. One binary, so the build links once.
 
 mod callbacks;
+mod calls;
 mod cli;
 mod client;
 mod cluster;

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use doparallel::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, NewTask, TaskStatus};
+use doparallel::job::{
+    AwsSigV4, CallbackState, Headers, JobId, JobOptions, JobStatus, Method, NewJob, NewTask,
+    TaskCall, TaskOptions, TaskStatus,
+};
 use doparallel::store::{
     CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
     IdempotencyKey, InsertOutcome, JobListQuery, Millis, NodeId, Notice, OverdueParams,
@@ -96,6 +99,7 @@ conformance!(
     numbers_round_trip_exactly,
     jobs_larger_than_a_transaction,
     submission_of_many_tasks,
+    call_settings_travel_with_their_task,
 );
 
 // ---- helpers ----
@@ -119,6 +123,7 @@ fn new_job(n: usize, options: JobOptions, callback: bool) -> NewJob {
             .map(|i| NewTask {
                 endpoint: format!("http://127.0.0.1:9/t{i}"),
                 params: raw(&format!("{{\"i\":{i}}}")),
+                call: None,
             })
             .collect(),
     }
@@ -1837,6 +1842,84 @@ async fn submission_of_many_tasks(store: Arc<dyn Store>) {
 }
 
 /// The next `n` notices (in any order, sorted), then checks that no more come.
+async fn call_settings_travel_with_their_task(store: Arc<dyn Store>) {
+    // A task's own call settings are stored with it, come back in reads, and are merged
+    // over its job's options wherever a task is handed out: a claim, and an awaited
+    // attempt taken over after its deadline. Secret values are opaque to the store.
+    let t0 = now_millis() - 60_000;
+    let headers = |pairs: &[(&str, &str)]| -> Headers {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let job_options = JobOptions {
+        method: Some(Method::Get),
+        headers: headers(&[("X-Job", "1"), ("X-Both", "job")]),
+        secret_headers: headers(&[("Authorization", "v1.sealed.job")]),
+        callback_headers: headers(&[("X-Cb", "1")]),
+        retry_on: Some(vec![503]),
+        ..options()
+    };
+    let call = TaskCall {
+        method: Some(Method::Put),
+        headers: headers(&[("x-both", "task")]),
+        secret_headers: headers(&[("X-Key", "v1.sealed.task")]),
+        aws_sigv4: Some(AwsSigV4 {
+            service: "lambda".into(),
+            region: "eu-west-1".into(),
+        }),
+        options: TaskOptions {
+            timeout_ms: Some(5),
+            retry_on: Some(vec![]),
+            ..Default::default()
+        },
+    };
+    let mut job = new_job(2, job_options.clone(), true);
+    job.tasks[1].call = Some(Box::new(call.clone()));
+    let id = insert(&store, &job, t0).await;
+    assert_eq!(job_of(&store, id).await.options, job_options);
+    let tasks = all_tasks(&store, id).await;
+    assert_eq!(tasks[0].call, None);
+    assert_eq!(tasks[1].call.as_ref(), Some(&call));
+
+    let node = NodeId::random();
+    let c = claim(&store, node, 10, t0).await;
+    assert_eq!(c.tasks.len(), 2);
+    assert_eq!(*c.tasks[0].options, job_options);
+    let merged = job_options.for_task(&call);
+    assert_eq!(*c.tasks[1].options, merged);
+    assert_eq!(merged.method, Some(Method::Put));
+    assert_eq!(merged.timeout_ms, 5);
+    assert_eq!(
+        merged.headers,
+        headers(&[("X-Job", "1"), ("x-both", "task")])
+    );
+    assert_eq!(merged.secret_headers.len(), 2);
+
+    // The second attempt waits for a report past its deadline; whoever takes it over calls
+    // with the same settings.
+    let deadline = t0 + 1000;
+    settle_all(
+        &store,
+        node,
+        vec![settle(&c.tasks[1], SettleOutcome::Await { deadline }, t0)],
+    )
+    .await;
+    let taken = store
+        .tasks_overdue(&OverdueParams {
+            limit: 10,
+            now: t0 + 2000,
+            node: NodeId::random(),
+            lease_until: t0 + 2000 + LEASE,
+        })
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].index, 2);
+    assert_eq!(*taken[0].options, merged);
+}
+
 async fn notices(stream: &mut doparallel::store::Notices, n: usize) -> Vec<Notice> {
     let mut seen = Vec::new();
     for _ in 0..n {
@@ -1874,7 +1957,11 @@ async fn postgres_migrations_run_once_when_nodes_start_together() {
     let migrations: i64 = db
         .query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
         .await;
-    assert_eq!(migrations, 1);
+    // Each migration once.
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count();
+    assert_eq!(migrations, files as i64);
     let jobs_tables: i64 = db
         .query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'jobs'")
         .await;

@@ -19,7 +19,7 @@ use super::items::{
 use super::requests::PARALLEL;
 use super::tx::{Cancelled, TX_TASKS, TaskTx, Then, TxEnd};
 use crate::job::{JobId, JobOptions};
-use crate::store::codec::{parse_id, parse_options};
+use crate::store::codec::{parse_id, parse_options, with_call};
 use crate::store::plan::{self, FairShare};
 use crate::store::{
     Claim, ClaimParams, ClaimedTask, Millis, OverdueParams, StoreError, StoreResult,
@@ -39,8 +39,9 @@ struct Candidate {
 /// its next waiting task is due.
 type JobClaim = (Vec<ClaimedTask>, bool, Option<Millis>);
 
-/// A due task as a claim reads it from its job's queue: index, attempts, endpoint, params.
-type Due = (u64, u32, String, String);
+/// A due task as a claim reads it from its job's queue: index, attempts, endpoint, params and
+/// call settings.
+type Due = (u64, u32, String, String, Option<String>);
 
 /// The claim of one job's due tasks, as its transactions see the job.
 struct ClaimTx<'a> {
@@ -72,7 +73,7 @@ impl TaskTx<&Due> for ClaimTx<'_> {
         meta
     }
 
-    fn task_change(&self, (index, attempts, _, _): &&Due) -> (u64, Change) {
+    fn task_change(&self, (index, attempts, ..): &&Due) -> (u64, Change) {
         let (id, params) = (self.candidate.id, self.params);
         let change = Change::new()
             .set("status", s("Running"))
@@ -231,6 +232,7 @@ impl DynamoStore {
                     need_n::<u32>(item, "attempts")?,
                     need_s(item, "endpoint")?.to_string(),
                     need_s(item, "params")?.to_string(),
+                    get_s(item, "call").map(str::to_string),
                 ));
             }
         }
@@ -247,14 +249,14 @@ impl DynamoStore {
             match self.transact_tasks(&mut tx, items).await? {
                 TxEnd::Committed(items) => {
                     tx.headroom -= items.len() as u64;
-                    for (index, attempts, endpoint, params_text) in items {
+                    for (index, attempts, endpoint, params_text, call) in items {
                         claimed.push(ClaimedTask {
                             job_id: id,
                             index: *index,
                             attempt: attempts + 1,
                             endpoint: endpoint.clone(),
                             params: raw(params_text)?,
-                            options: candidate.options.clone(),
+                            options: with_call(&candidate.options, call.as_deref())?,
                             owner: candidate.owner.clone(),
                         });
                     }
@@ -371,7 +373,7 @@ impl DynamoStore {
                 attempt: attempts,
                 endpoint: need_s(&task, "endpoint")?.to_string(),
                 params: raw(need_s(&task, "params")?)?,
-                options: job_options,
+                options: with_call(&job_options, get_s(&task, "call"))?,
                 owner,
             });
         }

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::expr::{Change, Item, get_n, get_s, n, need_n, need_s, s};
 use crate::job::{CallbackState, JobId, JobStatus, TaskStatus};
-use crate::store::codec::{self, parse_id, parse_options};
+use crate::store::codec::{self, parse_call, parse_id, parse_options};
 use crate::store::{CallbackInfo, JobRecord, Millis, NodeId, StoreError, StoreResult, TaskRecord};
 
 /// Shards of gsi1's `ACTIVE#` and `DONE#` partitions, so that no one index partition takes
@@ -164,6 +164,7 @@ pub(super) fn task_from_item(item: &Item, job: &JobRecord) -> StoreResult<TaskRe
         status,
         attempts: need_n(item, "attempts")?,
         endpoint: need_s(item, "endpoint")?.to_string(),
+        call: parse_call(get_s(item, "call"))?,
         result: get_s(item, "result").map(raw).transpose()?,
         error: get_s(item, "error").map(raw).transpose()?,
         latency_ms: get_n(item, "latency_ms"),

@@ -41,11 +41,22 @@ impl DynamoStore {
                 same_request: get_s(&existing, "request_hash") == Some(idem.request_hash.as_str()),
             });
         }
+        if !self.task_calls && job.tasks.iter().any(|t| t.call.is_some()) {
+            return Err(StoreError::Other(format!(
+                "table {} was created by an older version, whose claim index does not carry a \
+                 task's own method, headers, aws_sigv4 or options; set them in the job's options, \
+                 or move to a table made by this version's `doparallel migrate`",
+                self.table
+            )));
+        }
+        let calls: Vec<Option<String>> = job.tasks.iter().map(|t| t.call_json()).collect();
         for (i, task) in job.tasks.iter().enumerate() {
-            let size = task.endpoint.as_str().len() + task.params.get().len();
+            let size = task.endpoint.as_str().len()
+                + task.params.get().len()
+                + calls[i].as_ref().map_or(0, String::len);
             if size > MAX_PARAMS_BYTES {
                 return Err(StoreError::Other(format!(
-                    "task {}: endpoint and params take {size} bytes; the DynamoDB store keeps at \
+                    "task {}: endpoint, params and call settings take {size} bytes; the DynamoDB store keeps at \
                      most {MAX_PARAMS_BYTES} per task (DynamoDB items are limited to 400 KB); \
                      lower --max-params-bytes",
                     i + 1
@@ -58,7 +69,7 @@ impl DynamoStore {
         let mut puts = Vec::with_capacity(job.tasks.len());
         for (i, task) in job.tasks.iter().enumerate() {
             let index = i as u64 + 1;
-            let item: Item = HashMap::from([
+            let mut item: Item = HashMap::from([
                 ("pk".into(), s(pk.clone())),
                 ("sk".into(), s(task_sk(index))),
                 ("idx".into(), n(index)),
@@ -70,6 +81,9 @@ impl DynamoStore {
                 ("g2pk".into(), s(queue_pk(id))),
                 ("g2sk".into(), s(queue_sk(now, index))),
             ]);
+            if let Some(call) = &calls[i] {
+                item.insert("call".into(), s(call.as_str()));
+            }
             let put = PutRequest::builder()
                 .set_item(Some(item))
                 .build()

@@ -127,6 +127,9 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     pub counts: Arc<OpCounts>,
+    /// Whether the table's claim index carries tasks' call settings (see
+    /// `schema::check_table`).
+    task_calls: bool,
 }
 
 impl DynamoStore {
@@ -135,11 +138,12 @@ impl DynamoStore {
     pub async fn open(url: &str) -> StoreResult<Self> {
         let location = Location::parse(url)?;
         let (client, region) = schema::client(&location).await?;
-        schema::check_table(&client, &location, &region).await?;
+        let task_calls = schema::check_table(&client, &location, &region).await?;
         Ok(DynamoStore {
             client,
             table: location.table,
             counts: Arc::default(),
+            task_calls,
         })
     }
 

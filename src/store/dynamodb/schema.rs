@@ -151,6 +151,7 @@ pub const INDEXES: [(&str, &str, &str, &[&str]); 5] = [
             "attempts",
             "endpoint",
             "params",
+            "call",
             "id",
             "callback_url",
             "cb_attempts",
@@ -255,8 +256,11 @@ pub async fn create_table(client: &Client, table: &str) -> StoreResult<Migrated>
     )))
 }
 
-/// Checks that the table exists with every index this version uses.
-pub async fn check_table(client: &Client, location: &Location, region: &str) -> StoreResult<()> {
+/// Checks that the table exists with every index this version uses. Answers whether the
+/// claim index carries tasks' call settings: a table made before they existed does not
+/// (an index's projection cannot change), and the store then refuses the jobs whose tasks
+/// have settings of their own rather than call them without.
+pub async fn check_table(client: &Client, location: &Location, region: &str) -> StoreResult<bool> {
     let described = match client
         .describe_table()
         .table_name(&location.table)
@@ -295,7 +299,22 @@ pub async fn check_table(client: &Client, location: &Location, region: &str) -> 
             missing.join(", ")
         )));
     }
-    Ok(())
+    let task_calls = described
+        .table()
+        .into_iter()
+        .flat_map(|t| t.global_secondary_indexes())
+        .filter(|i| i.index_name() == Some("gsi2"))
+        .filter_map(|i| i.projection())
+        .any(|p| p.non_key_attributes().iter().any(|a| a == "call"));
+    if !task_calls {
+        tracing::warn!(
+            table = %location.table,
+            "this table was created by an older version: jobs whose tasks set a method, headers, \
+             aws_sigv4 or options of their own are refused on it (a table made by this version's \
+             `doparallel migrate` takes them)"
+        );
+    }
+    Ok(task_calls)
 }
 
 /// A failed request as a store error: throttling, timeouts, lost connections and any answer

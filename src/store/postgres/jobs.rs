@@ -27,7 +27,7 @@ const JOB_COLUMNS: &str = "j.id::text AS id, j.owner, j.status, j.options, j.tot
      j.n_complete, j.n_failed, j.n_cancelled, j.created_at, j.finished_at, j.callback_url, \
      c.state, c.attempts, c.last_error";
 
-const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
+const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.call, t.result, t.error, \
      t.latency_ms, t.finished_at";
 
 pub(super) async fn insert(
@@ -86,16 +86,19 @@ pub(super) async fn insert(
     for chunk in job.tasks.chunks(INSERT_CHUNK) {
         let endpoints: Vec<&str> = chunk.iter().map(|t| t.endpoint.as_str()).collect();
         let params: Vec<&str> = chunk.iter().map(|t| t.params.get()).collect();
+        let calls: Vec<Option<String>> = chunk.iter().map(|t| t.call_json()).collect();
         sqlx::query(
-            "INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) \
-             SELECT $1, $2 + u.ord, $3, u.endpoint, u.params \
-             FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(endpoint, params, ord)",
+            "INSERT INTO tasks (job_seq, idx, run_at, endpoint, params, call) \
+             SELECT $1, $2 + u.ord, $3, u.endpoint, u.params, u.call \
+             FROM unnest($4::text[], $5::text[], $6::text[]) \
+             WITH ORDINALITY AS u(endpoint, params, call, ord)",
         )
         .bind(seq)
         .bind(offset)
         .bind(now)
         .bind(&endpoints)
         .bind(&params)
+        .bind(&calls)
         .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;

@@ -30,7 +30,7 @@ const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_runn
      j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
 
 const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
-     t.latency_ms, t.finished_at";
+     t.latency_ms, t.finished_at, t.call";
 
 /// Stores a job in a transaction of its own. Small jobs go through the group commit
 /// instead (`group`), which stores those that arrive together in one transaction.
@@ -165,12 +165,12 @@ type TaskInsert<'a> = (i64, i64, Millis, &'a NewTask);
 /// Stores task rows in one multi-row INSERT.
 async fn insert_tasks(tx: &mut WriteTx, rows: &[TaskInsert<'_>]) -> StoreResult<()> {
     let mut sql =
-        String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params) VALUES ");
+        String::from("INSERT INTO tasks (job_seq, idx, run_at, endpoint, params, call) VALUES ");
     for i in 0..rows.len() {
         sql.push_str(if i == 0 {
-            "(?,?,?,?,?)"
+            "(?,?,?,?,?,?)"
         } else {
-            ",(?,?,?,?,?)"
+            ",(?,?,?,?,?,?)"
         });
     }
     let mut query = sqlx::query(&sql);
@@ -180,7 +180,8 @@ async fn insert_tasks(tx: &mut WriteTx, rows: &[TaskInsert<'_>]) -> StoreResult<
             .bind(index)
             .bind(now)
             .bind(task.endpoint.as_str())
-            .bind(task.params.get());
+            .bind(task.params.get())
+            .bind(task.call_json());
     }
     query.execute(tx.conn().await?).await.map_err(map_err)?;
     Ok(())

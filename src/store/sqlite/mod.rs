@@ -379,6 +379,7 @@ mod tests {
             br#"{"tasks":[{"endpoint":"/v1/test","params":{}}]}"#,
             &crate::job::Limits::defaults(),
             &crate::egress::EgressPolicy::guarded(vec![]),
+            &crate::sealing::Sealer::default(),
         )
         .unwrap();
         let outcome = store.job_insert(&job, None, 1).await.unwrap();
