@@ -144,7 +144,6 @@ fn add_headers(
     task: &ClaimedTask,
     sealer: &Sealer,
 ) -> Result<(), TaskError> {
-    let job = task.job_id.to_string();
     let refused = |name: &str, why: String| {
         TaskError::new("request", format!("header {name} cannot be sent: {why}"))
     };
@@ -154,6 +153,10 @@ fn add_headers(
         let value = HeaderValue::from_str(value).map_err(|e| refused(name, e.to_string()))?;
         headers.insert(header, value);
     }
+    if task.options.secret_headers.is_empty() {
+        return Ok(());
+    }
+    let job = task.job_id.to_string();
     for (name, sealed) in &task.options.secret_headers {
         let header =
             HeaderName::from_bytes(name.as_bytes()).map_err(|e| refused(name, e.to_string()))?;

@@ -665,7 +665,7 @@ mod tests {
                     r#""aws_sigv4":{"service":"lambda","region":"us-east-1"}"#,
                     r#","headers":{"Authorization":"x"}"#,
                 ),
-                "task 2: Authorization cannot be set on a call signed with aws_sigv4",
+                "options.aws_sigv4: signing calls with AWS Signature Version 4 is not available",
             ),
             (
                 job("", r#","aws_sigv4":{"service":"","region":"us-east-1"}"#),
