@@ -38,6 +38,7 @@ pub(crate) async fn pause_point(name: &str) {
 
 pub mod api;
 pub mod auth;
+pub mod aws;
 pub mod bus;
 pub mod client;
 pub mod config;

@@ -93,6 +93,7 @@ impl Settings {
                 egress: self.egress.clone(),
                 task_signer: self.task_signer.clone(),
                 sealer: self.sealer.clone(),
+                aws_signer: Default::default(),
                 lease_timeout: self.lease_timeout,
                 public_url: self.public_url.clone(),
                 local_url,

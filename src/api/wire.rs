@@ -50,8 +50,7 @@ pub struct TaskRequest {
     pub headers: Option<Headers>,
     /// This task's secret headers (sealed at rest, shown as `***`).
     pub secret_headers: Option<Headers>,
-    /// Sign this task's calls with AWS Signature Version 4 (not available in this version
-    /// yet: refused).
+    /// Sign this task's calls with AWS Signature Version 4.
     pub aws_sigv4: Option<AwsSigV4>,
     /// This task's own `timeout_ms`, `max_attempts`, `backoff_ms` and `retry_on`.
     pub options: Option<TaskOptions>,

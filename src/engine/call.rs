@@ -77,7 +77,7 @@ pub(crate) async fn attempt(
     let body: &[u8] = if method.params_in_query() {
         match query_pairs(&task.params) {
             Ok(pairs) if pairs.is_empty() => {}
-            Ok(pairs) => drop(url.query_pairs_mut().extend_pairs(pairs)),
+            Ok(pairs) => add_query(&mut url, &pairs),
             Err(why) => return Attempt::Fatal(TaskError::new("request", why)),
         }
         b""
@@ -114,13 +114,39 @@ pub(crate) async fn attempt(
         Ok(request) => request,
         Err(e) => return transport_error(&e),
     };
-    if let Err(error) = add_headers(request.headers_mut(), task, &config.sealer) {
+    if let Err(error) = add_headers(request.headers_mut(), task) {
         return Attempt::Fatal(error);
     }
+    // A secret that does not open fails the attempt before anything is sent.
+    let secrets = match open_secrets(task, &config.sealer) {
+        Ok(secrets) => secrets,
+        Err(error) => return Attempt::Fatal(error),
+    };
     let max_body = config.max_response_bytes;
-    // One deadline covers connecting, sending and reading the whole body, so a server that
-    // drips its answer cannot hold a slot past the timeout.
-    let sent = send(outbound, request, max_body, awaitable, options);
+    // One deadline covers signing (which may fetch credentials), connecting, sending and
+    // reading the whole body, so a server that drips its answer cannot hold a slot past the
+    // timeout.
+    let sent = async {
+        // Signed afresh on every attempt. Secret headers are added after signing: they are
+        // not part of the signature (SigV4 lets a request carry unsigned headers), so their
+        // values never pass through the signing library, whose trace output shows the
+        // headers it signs.
+        if let Some(sigv4) = &options.aws_sigv4
+            && let Err(why) = config
+                .aws_signer
+                .sign(&mut request, body, &sigv4.service, &sigv4.region)
+                .await
+        {
+            return Attempt::Retryable {
+                error: TaskError::new("aws_signing", why),
+                retry_after: None,
+            };
+        }
+        for (name, value) in secrets {
+            request.headers_mut().insert(name, value);
+        }
+        send(outbound, request, max_body, awaitable, options).await
+    };
     match tokio::time::timeout(timeout, sent).await {
         Ok(outcome) => outcome,
         Err(_) => Attempt::Retryable {
@@ -133,30 +159,62 @@ pub(crate) async fn attempt(
     }
 }
 
-/// The job's and the task's headers on a built request, each replacing one of the same
-/// name (a `Content-Type` of the job's replaces DoParallel's); secret values are opened
-/// here, for this request only, and marked sensitive so that no debug output shows them.
-/// Names and values were checked at submission; one that no longer passes (or a secret
-/// that does not open) fails the attempt for good, saying which header and never its
-/// value.
-fn add_headers(
-    headers: &mut HeaderMap,
-    task: &ClaimedTask,
-    sealer: &Sealer,
-) -> Result<(), TaskError> {
-    let refused = |name: &str, why: String| {
-        TaskError::new("request", format!("header {name} cannot be sent: {why}"))
-    };
+/// Everything but the unreserved characters of RFC 3986 is percent-encoded in a query.
+const QUERY_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Appends `pairs` to the URL's query (after any it has), each key and value
+/// percent-encoded as RFC 3986 and AWS Signature Version 4 want them (a space is `%20`,
+/// never `+`), so that a signed query reads the same to the signer and to the service.
+fn add_query(url: &mut Url, pairs: &[(String, String)]) {
+    use percent_encoding::utf8_percent_encode as encode;
+    let mut query = url.query().unwrap_or_default().to_string();
+    for (key, value) in pairs {
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(&format!(
+            "{}={}",
+            encode(key, QUERY_ESCAPED),
+            encode(value, QUERY_ESCAPED)
+        ));
+    }
+    url.set_query(Some(&query));
+}
+
+/// Says why a header cannot be sent, naming it and never its value.
+fn refused(name: &str, why: String) -> TaskError {
+    TaskError::new("request", format!("header {name} cannot be sent: {why}"))
+}
+
+/// The job's and the task's plain headers on a built request, each replacing one of the
+/// same name (a `Content-Type` of the job's replaces DoParallel's). Names and values were
+/// checked at submission; one that no longer passes fails the attempt for good.
+fn add_headers(headers: &mut HeaderMap, task: &ClaimedTask) -> Result<(), TaskError> {
     for (name, value) in &task.options.headers {
         let header =
             HeaderName::from_bytes(name.as_bytes()).map_err(|e| refused(name, e.to_string()))?;
         let value = HeaderValue::from_str(value).map_err(|e| refused(name, e.to_string()))?;
         headers.insert(header, value);
     }
+    Ok(())
+}
+
+/// The secret headers of a call, opened for this request only and marked sensitive so
+/// that no debug output shows them. One that does not open fails the attempt for good,
+/// saying which header and which key it needs, never its value.
+fn open_secrets(
+    task: &ClaimedTask,
+    sealer: &Sealer,
+) -> Result<Vec<(HeaderName, HeaderValue)>, TaskError> {
     if task.options.secret_headers.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let job = task.job_id.to_string();
+    let mut opened_headers = Vec::with_capacity(task.options.secret_headers.len());
     for (name, sealed) in &task.options.secret_headers {
         let header =
             HeaderName::from_bytes(name.as_bytes()).map_err(|e| refused(name, e.to_string()))?;
@@ -169,9 +227,9 @@ fn add_headers(
         let mut value = HeaderValue::from_str(&opened)
             .map_err(|_| refused(name, "its value is not a valid header value".into()))?;
         value.set_sensitive(true);
-        headers.insert(header, value);
+        opened_headers.push((header, value));
     }
-    Ok(())
+    Ok(opened_headers)
 }
 
 fn http_method(method: Method) -> reqwest::Method {

@@ -72,6 +72,8 @@ pub struct EngineConfig {
     pub task_signer: Arc<Signer>,
     /// Opens the sealed values of secret headers for the calls.
     pub sealer: Arc<crate::sealing::Sealer>,
+    /// Signs the calls of jobs with `aws_sigv4`.
+    pub aws_signer: Arc<crate::aws::CallSigner>,
     /// How long a claimed task stays leased to this node without renewal; after that any
     /// node may take it back and call it again.
     pub lease_timeout: Duration,

@@ -185,8 +185,7 @@ pub struct JobOptions {
     /// every 5xx); `[]` retries only connection errors and timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<Vec<u16>>,
-    /// Sign every call with AWS Signature Version 4 (the server's AWS credentials). Not
-    /// available in this version yet: submissions that set it are refused.
+    /// Sign every call with AWS Signature Version 4 (the server's AWS credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_sigv4: Option<AwsSigV4>,
 }

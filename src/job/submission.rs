@@ -665,7 +665,7 @@ mod tests {
                     r#""aws_sigv4":{"service":"lambda","region":"us-east-1"}"#,
                     r#","headers":{"Authorization":"x"}"#,
                 ),
-                "options.aws_sigv4: signing calls with AWS Signature Version 4 is not available",
+                "task 2: Authorization cannot be set on a call signed with aws_sigv4",
             ),
             (
                 job("", r#","aws_sigv4":{"service":"","region":"us-east-1"}"#),

@@ -75,7 +75,7 @@ async fn methods_headers_and_secret_headers_reach_the_endpoint() {
     assert_eq!(get.method(), "GET");
     // (`json!` sorts keys and respells 1.50; the text's own order and digits are kept, see
     // `job::call` tests.)
-    assert_eq!(get.path(), "/get?fixed=1&n=1.5&q=a+b%26c&yes=true");
+    assert_eq!(get.path(), "/get?fixed=1&n=1.5&q=a%20b%26c&yes=true");
     assert!(get.body.is_empty());
     assert_eq!(get.header("content-type"), "");
     assert_eq!(get.header("authorization"), "Bearer job-secret-1");

@@ -21,6 +21,7 @@ const FLOORS: &[(&str, bool, &[&str])] = &[
         &[
             "listener",
             "metrics",
+            "aws",
             "store",
             "outbound",
             "bus",

@@ -21,6 +21,7 @@ mod observe;
 mod pg;
 mod reports;
 mod security;
+mod sigv4;
 mod storage;
 mod store;
 mod submit;

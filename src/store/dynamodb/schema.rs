@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
@@ -12,7 +10,6 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
     Projection, ProjectionType, ScalarAttributeType, TableStatus,
 };
-use aws_smithy_http_client::tls;
 
 use crate::store::{StoreError, StoreResult};
 
@@ -85,23 +82,7 @@ impl Location {
 /// A client for the location, with the SDK's usual credential chain (environment, profile,
 /// web identity, container, instance metadata) and its region chain when the URL names none.
 pub async fn client(location: &Location) -> StoreResult<(Client, String)> {
-    // rustls on ring, the TLS stack reqwest brings anyway (the SDK's default would add
-    // aws-lc-sys, a long C build).
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http)
-        // A request that hangs (an unreachable endpoint) fails instead, and is retried
-        // by the engine; no DynamoDB request here legitimately takes this long.
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(20))
-                .build(),
-        );
+    let mut loader = crate::aws::config_loader();
     // Without a region in the URL the loader's own chain looks (AWS_REGION, the profile,
     // instance metadata), with the HTTP client above.
     if let Some(region) = &location.region {
