@@ -56,6 +56,7 @@ pub mod sealing;
 pub mod server;
 pub mod store;
 pub mod task_token;
+pub mod telemetry;
 pub mod webhook;
 
 pub use server::{RunOutcome, ServeError, ServeOptions, Settings, run_job, serve};

@@ -234,8 +234,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .expect("a generated key reads");
         settings.sealer = std::sync::Arc::new(doparallel::sealing::Sealer::new(Some(key), None));
     }
-    let job = parse_submission(&body, &settings.limits, &settings.egress, &settings.sealer)
+    let mut job = parse_submission(&body, &settings.limits, &settings.egress, &settings.sealer)
         .with_context(|| format!("{name} is not a valid job"))?;
+    job.options.trace = Some(doparallel::job::JobTrace::from_headers(None, None));
 
     // Without --database the job runs on a fresh database that goes away with the process.
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub host_gate_waiting: Gauge,
     pub host_pauses: Counter,
+    /// Spans dropped: a full export queue, or a batch the collector refused (see
+    /// `crate::telemetry`).
+    pub trace_spans_dropped: Counter,
     /// Incoming connections (see `crate::listener`).
     pub connections: crate::listener::ConnectionMetrics,
 }
@@ -110,6 +113,12 @@ impl Metrics {
             "Pauses of all calls to a host set or extended by its 429 or 503 answers",
             host_pauses.clone(),
         );
+        let trace_spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not exported: the export queue was full, or the collector refused their batch",
+            trace_spans_dropped.clone(),
+        );
         let connections = crate::listener::ConnectionMetrics::default();
         registry.register(
             "http_connections_open",
@@ -141,6 +150,7 @@ impl Metrics {
             queue_depth,
             host_gate_waiting,
             host_pauses,
+            trace_spans_dropped,
         }
     }
 

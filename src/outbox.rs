@@ -9,8 +9,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::task::JoinHandle;
 use tokio::task::JoinSet;
@@ -20,12 +22,13 @@ use url::Url;
 use crate::bus::{Bus, Event};
 use crate::document::{document_stream, feed_document, head_only};
 use crate::egress::EgressPolicy;
-use crate::job::JobId;
+use crate::job::{JobId, JobTrace, new_span_id};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, error_chain};
 use crate::store::{
     CallbackDue, CallbackOutcome, CallbackRecord, JobRecord, Store, StoreResult, now_millis,
 };
+use crate::telemetry::{FinishedSpan, JobEnd, Telemetry, url_attribute};
 use crate::webhook::{CallbackSigners, timestamp_now, webhook_id};
 
 /// How callbacks are sent.
@@ -42,6 +45,8 @@ pub struct OutboxConfig {
     pub signers: Arc<CallbackSigners>,
     /// Which addresses a callback may reach.
     pub egress: Arc<EgressPolicy>,
+    /// Where the spans of callback attempts and of finished jobs go.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// The outbox of one node: what it works with.
@@ -204,12 +209,20 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
         outbox.metrics.callback_attempt("refused");
         return;
     }
+    // The attempt is a span of the job's trace (see `crate::telemetry`).
+    let traced = job.options.trace.clone().map(|trace| Traced {
+        span_id: new_span_id(),
+        trace,
+        status: job.status.as_str(),
+        tasks: job.total,
+        created_at: job.created_at,
+    });
     let blocked = Url::parse(&due.url)
         .map_err(|e| format!("invalid callback URL: {e}"))
         .and_then(|url| outbox.config.egress.check_url(&url));
     if let Err(why) = blocked {
         let outcome = CallbackOutcome::GaveUp { error: why };
-        record(&outbox, due.job_id, attempts, outcome).await;
+        conclude(&outbox, due.job_id, attempts, outcome, traced.as_ref()).await;
         return;
     }
     let id = webhook_id(due.job_id);
@@ -233,7 +246,7 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
         Err(e) => {
             let error = format!("cannot build the callback body: {e}");
             let outcome = failed_attempt(&outbox, attempts, error);
-            record(&outbox, due.job_id, attempts, outcome).await;
+            conclude(&outbox, due.job_id, attempts, outcome, traced.as_ref()).await;
             return;
         }
     };
@@ -250,39 +263,113 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
     if let Some(signature) = signature {
         request = request.header("webhook-signature", signature);
     }
-    crash_point!("callback-sending");
-    let sent = request.body(body).send().await;
-    let error = match sent {
-        Ok(response) if response.status().is_success() => None,
-        Ok(response) if response.status() == reqwest::StatusCode::GONE => {
-            let outcome = CallbackOutcome::GaveUp {
-                error: "receiver answered 410 Gone: not retried".into(),
-            };
-            record(&outbox, due.job_id, attempts, outcome).await;
-            return;
+    if let Some(traced) = &traced {
+        request = request.header("traceparent", traced.trace.traceparent(&traced.span_id));
+        if let Some(state) = &traced.trace.state {
+            request = request.header("tracestate", state);
         }
-        Ok(response) => Some(format!("receiver answered {}", response.status())),
+    }
+    crash_point!("callback-sending");
+    let started = SystemTime::now();
+    let sent = request.body(body).send().await;
+    let status = sent
+        .as_ref()
+        .ok()
+        .map(|response| response.status().as_u16());
+    let outcome = match sent {
+        Ok(response) if response.status().is_success() => CallbackOutcome::Delivered,
+        Ok(response) if response.status() == reqwest::StatusCode::GONE => CallbackOutcome::GaveUp {
+            error: "receiver answered 410 Gone: not retried".into(),
+        },
+        Ok(response) => failed_attempt(
+            &outbox,
+            attempts,
+            format!("receiver answered {}", response.status()),
+        ),
         // Callback URLs often hold a secret (a token in the path or query): errors, which
         // are logged and shown, leave the URL out.
-        Err(e) if crate::egress::is_blocked(&e) => {
-            let outcome = CallbackOutcome::GaveUp {
-                error: error_chain(&e.without_url()),
-            };
-            record(&outbox, due.job_id, attempts, outcome).await;
-            return;
-        }
+        Err(e) if crate::egress::is_blocked(&e) => CallbackOutcome::GaveUp {
+            error: error_chain(&e.without_url()),
+        },
         Err(e) => {
             if crate::outbound::out_of_descriptors(&e) {
                 outbox.outbound.out_of_descriptors();
             }
-            Some(error_chain(&e.without_url()))
+            failed_attempt(&outbox, attempts, error_chain(&e.without_url()))
         }
     };
-    let outcome = match error {
-        None => CallbackOutcome::Delivered,
-        Some(error) => failed_attempt(&outbox, attempts, error),
+    if let Some(traced) = &traced
+        && outbox.config.telemetry.enabled()
+    {
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", "POST"),
+            KeyValue::new("url.full", url_attribute(&due.url)),
+            KeyValue::new("doparallel.job_id", due.job_id.to_string()),
+            KeyValue::new("doparallel.attempt", i64::from(attempts)),
+        ];
+        if let Some(status) = status {
+            attributes.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+        }
+        outbox.config.telemetry.record(FinishedSpan {
+            trace: &traced.trace,
+            span_id: &traced.span_id,
+            parent: Some(&traced.trace.span_id),
+            name: "callback",
+            kind: SpanKind::Client,
+            start: started,
+            end: SystemTime::now(),
+            attributes,
+            error: match &outcome {
+                CallbackOutcome::Delivered => None,
+                CallbackOutcome::Retry { error, .. } | CallbackOutcome::GaveUp { error } => {
+                    Some(error.clone())
+                }
+            },
+        });
+    }
+    conclude(&outbox, due.job_id, attempts, outcome, traced.as_ref()).await;
+}
+
+/// What the spans of a delivery need of its job.
+struct Traced {
+    trace: JobTrace,
+    /// The attempt's own span.
+    span_id: String,
+    status: &'static str,
+    tasks: u64,
+    created_at: crate::store::Millis,
+}
+
+/// Records an attempt's outcome; a delivery's end (delivered or given up) also ends its
+/// job's span.
+async fn conclude(
+    outbox: &Outbox,
+    job_id: JobId,
+    attempts: u32,
+    outcome: CallbackOutcome,
+    traced: Option<&Traced>,
+) {
+    let ended = match &outcome {
+        CallbackOutcome::Delivered => Some("delivered"),
+        CallbackOutcome::GaveUp { .. } => Some("failed"),
+        CallbackOutcome::Retry { .. } => None,
     };
-    record(&outbox, due.job_id, attempts, outcome).await;
+    if let (Some(callback), Some(traced)) = (ended, traced) {
+        outbox.config.telemetry.job_ended(
+            &traced.trace,
+            JobEnd {
+                job_id: &job_id.to_string(),
+                status: traced.status,
+                tasks: traced.tasks,
+                created_at_ms: traced.created_at,
+                callback,
+            },
+        );
+    }
+    record(outbox, job_id, attempts, outcome).await;
 }
 
 /// What follows a failed attempt: the next one on the schedule, or giving up.

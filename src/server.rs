@@ -30,6 +30,7 @@ use crate::outbox::{Outbox, OutboxConfig};
 use crate::sealing::Sealer;
 use crate::store::{Store, StoreError, StoreResult};
 use crate::task_token::TaskTokens;
+use crate::telemetry::Telemetry;
 use crate::webhook::{CallbackSigners, Signer};
 
 /// A node's settings, each given once: what the command line (`crate::config`) or a test
@@ -94,6 +95,8 @@ impl Settings {
                 task_signer: self.task_signer.clone(),
                 sealer: self.sealer.clone(),
                 aws_signer: Default::default(),
+                // The node's own, set when it starts.
+                telemetry: Arc::new(Telemetry::disabled()),
                 lease_timeout: self.lease_timeout,
                 public_url: self.public_url.clone(),
                 local_url,
@@ -104,6 +107,8 @@ impl Settings {
                 max_callback_bytes: self.max_callback_bytes,
                 signers: self.callback_signers.clone(),
                 egress: self.egress.clone(),
+                // The node's own, set when it starts (it counts into the node's metrics).
+                telemetry: Arc::new(Telemetry::disabled()),
             },
             api: ApiConfig {
                 limits: self.limits.clone(),
@@ -161,7 +166,7 @@ struct Node {
 }
 
 impl Node {
-    async fn start(store: Arc<dyn Store>, parts: PartsConfig) -> Result<Node, ServeError> {
+    async fn start(store: Arc<dyn Store>, mut parts: PartsConfig) -> Result<Node, ServeError> {
         let recovered = at_start("recovering interrupted tasks", || store.tasks_recover())
             .await
             .map_err(ServeError::Recover)?;
@@ -178,10 +183,14 @@ impl Node {
         let key = at_start("reading the task token key", || store.task_token_key())
             .await
             .map_err(ServeError::TokenKey)?;
+        let metrics = Arc::new(Metrics::new());
+        let telemetry = Arc::new(Telemetry::from_env(metrics.trace_spans_dropped.clone()));
+        parts.engine.telemetry = telemetry.clone();
+        parts.outbox.telemetry = telemetry;
         let services = Services {
             store,
             bus: Bus::new(),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             tokens: Arc::new(TaskTokens::new(&key)),
         };
         let idle_poll = if notices.is_some() {

@@ -18,7 +18,7 @@ use super::{AppState, commands, parse_job_id, rfc3339};
 use crate::auth::Owner;
 use crate::bus::Queued;
 use crate::document;
-use crate::job::{JobId, JobStatus, TaskStatus, parse_submission};
+use crate::job::{JobId, JobStatus, JobTrace, TaskStatus, parse_submission};
 use crate::store::{
     CancelOutcome, DeleteOutcome, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Store,
     StoreError, TaskPageQuery, TaskRecord,
@@ -83,6 +83,11 @@ pub(super) async fn submit(
     let config = &state.config;
     let mut job = parse_submission(&body, &config.limits, &config.egress, &config.sealer)?;
     job.owner = owner.0;
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    job.options.trace = Some(JobTrace::from_headers(
+        header("traceparent"),
+        header("tracestate"),
+    ));
     match commands::submit(&state.services, &job, idempotency.as_ref()).await? {
         InsertOutcome::Inserted => {
             tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "job accepted");
@@ -188,6 +193,7 @@ impl JobView {
                 attempts: job.callback.attempts,
                 last_error: job.callback.last_error,
             },
+            trace_id: job.options.trace.as_ref().map(|t| t.trace_id.clone()),
             options: Some(job.options.masked()),
             result,
             result_url: None,

@@ -136,6 +136,10 @@ pub struct JobView {
     #[serde(default, deserialize_with = "options_if_known")]
     #[schema(value_type = JobOptions)]
     pub options: Option<JobOptions>,
+    /// The W3C trace the job belongs to (32 hex digits): the submitting request's
+    /// `traceparent`'s, or a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// Once finished: the callback's result map, keyed by 1-based task position.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::HashMap<String, ResultEntry>>)]

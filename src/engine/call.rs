@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
@@ -13,12 +15,13 @@ use url::Url;
 use super::EngineConfig;
 use crate::engine::hosts;
 use crate::job::{
-    BACKOFF_CAP_MS, JobOptions, Method, TEST_ENDPOINT, TaskError, query_pairs, result_json,
-    test_result,
+    BACKOFF_CAP_MS, JobOptions, JobTrace, Method, TEST_ENDPOINT, TaskError, new_span_id,
+    query_pairs, result_json, test_result,
 };
 use crate::outbound::error_chain;
 use crate::sealing::Sealer;
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
+use crate::telemetry::{FinishedSpan, url_attribute};
 use crate::webhook::timestamp_now;
 
 /// How much of a failing response's body an error keeps.
@@ -60,6 +63,84 @@ pub(crate) async fn attempt(
     if task.endpoint == TEST_ENDPOINT {
         return Attempt::Complete(test_result(&task.params));
     }
+    // Each attempt is a span of its own in the job's trace, a child of the job's span: its
+    // id goes to the endpoint in `traceparent`, and the finished span to the exporter.
+    let span_id = task.options.trace.as_ref().map(|_| new_span_id());
+    let start = SystemTime::now();
+    let mut status = None;
+    let outcome = call(
+        outbound,
+        task,
+        config,
+        report_to,
+        span_id.as_deref(),
+        &mut status,
+    )
+    .await;
+    if let (Some(trace), Some(span_id)) = (&task.options.trace, &span_id)
+        && config.telemetry.enabled()
+    {
+        config
+            .telemetry
+            .record(call_span(task, trace, span_id, start, status, &outcome));
+    }
+    outcome
+}
+
+/// The span of one attempt: method, URL without query, status, error kind, attempt, job
+/// and task.
+fn call_span<'a>(
+    task: &ClaimedTask,
+    trace: &'a JobTrace,
+    span_id: &'a str,
+    start: SystemTime,
+    status: Option<u16>,
+    outcome: &Attempt,
+) -> FinishedSpan<'a> {
+    let method = task.options.method.unwrap_or_default().as_str();
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method),
+        KeyValue::new("url.full", url_attribute(&task.endpoint)),
+        KeyValue::new("doparallel.job_id", task.job_id.to_string()),
+        KeyValue::new("doparallel.task_index", task.index as i64),
+        KeyValue::new("doparallel.attempt", i64::from(task.attempt)),
+    ];
+    if let Some(status) = status {
+        attributes.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+    }
+    let error = match outcome {
+        Attempt::Complete(_) | Attempt::Accepted => None,
+        Attempt::Retryable { error, .. } | Attempt::Fatal(error) => {
+            attributes.push(KeyValue::new("error.type", error.kind.to_string()));
+            Some(error.message.clone())
+        }
+    };
+    FinishedSpan {
+        trace,
+        span_id,
+        parent: Some(&trace.span_id),
+        name: method,
+        kind: SpanKind::Client,
+        start,
+        end: SystemTime::now(),
+        attributes,
+        error,
+    }
+}
+
+/// The call itself; `span_id` is the attempt's span in the job's trace, and `status` is
+/// set to the answer's status once there is one.
+async fn call(
+    outbound: &crate::outbound::Outbound,
+    task: &ClaimedTask,
+    config: &EngineConfig,
+    report_to: Option<ReportTo>,
+    span_id: Option<&str>,
+    status: &mut Option<u16>,
+) -> Attempt {
     // Names are checked by the client's resolver; an IP literal never reaches it.
     let url = match Url::parse(&task.endpoint) {
         Ok(url) => url,
@@ -98,6 +179,12 @@ pub(crate) async fn attempt(
         .header("webhook-timestamp", timestamp.to_string());
     if let Some(signature) = config.task_signer.signature(&message_id, timestamp, body) {
         request = request.header("webhook-signature", signature);
+    }
+    if let (Some(trace), Some(span_id)) = (&task.options.trace, span_id) {
+        request = request.header("traceparent", trace.traceparent(span_id));
+        if let Some(state) = &trace.state {
+            request = request.header("tracestate", state);
+        }
     }
     let awaitable = report_to.is_some();
     if let Some(to) = report_to {
@@ -145,7 +232,7 @@ pub(crate) async fn attempt(
         for (name, value) in secrets {
             request.headers_mut().insert(name, value);
         }
-        send(outbound, request, max_body, awaitable, options).await
+        send(outbound, request, max_body, awaitable, options, status).await
     };
     match tokio::time::timeout(timeout, sent).await {
         Ok(outcome) => outcome,
@@ -248,6 +335,7 @@ async fn send(
     max_body: usize,
     awaitable: bool,
     options: &JobOptions,
+    status_seen: &mut Option<u16>,
 ) -> Attempt {
     let mut request = request;
     let mut wait = Duration::from_millis(20);
@@ -273,6 +361,7 @@ async fn send(
         }
     };
     let status = response.status();
+    *status_seen = Some(status.as_u16());
     if response
         .content_length()
         .is_some_and(|n| n > max_body as u64)

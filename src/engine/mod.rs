@@ -74,6 +74,8 @@ pub struct EngineConfig {
     pub sealer: Arc<crate::sealing::Sealer>,
     /// Signs the calls of jobs with `aws_sigv4`.
     pub aws_signer: Arc<crate::aws::CallSigner>,
+    /// Where the spans of call attempts (and of jobs without a callback) go.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// How long a claimed task stays leased to this node without renewal; after that any
     /// node may take it back and call it again.
     pub lease_timeout: Duration,

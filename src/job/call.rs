@@ -164,6 +164,7 @@ impl JobOptions {
     pub fn masked(&self) -> JobOptions {
         JobOptions {
             secret_headers: mask(&self.secret_headers),
+            trace: None,
             ..self.clone()
         }
     }
@@ -183,7 +184,13 @@ fn reserved(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     matches!(
         name.as_str(),
-        "host" | "content-length" | "transfer-encoding" | "connection" | "idempotency-key"
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "idempotency-key"
+            | "traceparent"
+            | "tracestate"
     ) || name.starts_with("doparallel-")
         || name.starts_with("webhook-")
 }
@@ -208,7 +215,8 @@ pub fn check_headers(field: &str, headers: &Headers) -> Result<(), String> {
         if reserved(name) {
             return Err(format!(
                 "{field}: {name} cannot be set: DoParallel sets it (Host, Content-Length, \
-                 Transfer-Encoding, Connection, Idempotency-Key, DoParallel-* and webhook-* are reserved)"
+                 Transfer-Encoding, Connection, Idempotency-Key, traceparent, tracestate, \
+                 DoParallel-* and webhook-* are reserved)"
             ));
         }
         let lower = name.to_ascii_lowercase();

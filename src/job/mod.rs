@@ -18,12 +18,14 @@ use uuid::Uuid;
 
 mod call;
 mod submission;
+mod trace;
 
 pub use call::{
     AwsSigV4, Headers, MASK, MAX_HEADERS, Method, TaskCall, TaskOptions, check_call_headers,
     check_headers, check_retry_on, check_sigv4, query_pairs, seal_headers,
 };
 pub use submission::{Limits, NewJob, NewTask, SubmissionError, parse_submission};
+pub use trace::{JobTrace, new_span_id};
 
 /// The relative endpoint of the built-in test task, run in-process without a network hop.
 pub const TEST_ENDPOINT: &str = "/v1/test";
@@ -188,6 +190,11 @@ pub struct JobOptions {
     /// Sign every call with AWS Signature Version 4 (the server's AWS credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_sigv4: Option<AwsSigV4>,
+    /// The job's trace (W3C Trace Context), from the submitting request's `traceparent`;
+    /// set by the server, never by a client, and shown by reads as `trace_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub trace: Option<JobTrace>,
 }
 
 /// Limits on the calls to one endpoint host: the server's for all jobs, or one job's own
@@ -253,6 +260,7 @@ impl JobOptions {
             callback_headers: Headers::new(),
             retry_on: None,
             aws_sigv4: None,
+            trace: None,
         }
     }
 
@@ -307,6 +315,11 @@ impl JobOptions {
                 PER_HOST_RATES.start(),
                 PER_HOST_RATES.end()
             ));
+        }
+        if self.trace.is_some() {
+            return Err(
+                "options.trace: set from the request's traceparent header, not the body".into(),
+            );
         }
         check_headers("options.headers", &self.headers)?;
         check_headers("options.secret_headers", &self.secret_headers)?;

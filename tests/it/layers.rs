@@ -21,6 +21,7 @@ const FLOORS: &[(&str, bool, &[&str])] = &[
         &[
             "listener",
             "metrics",
+            "telemetry",
             "aws",
             "store",
             "outbound",

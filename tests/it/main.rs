@@ -27,6 +27,7 @@ mod store;
 mod submit;
 mod tasks;
 mod tenants;
+mod traces;
 
 /// The crash-point tests exist only in a build with the `failpoints` feature (as `.ci/run`
 /// and the README's test command make it); say so, and fail in CI, where they must run.

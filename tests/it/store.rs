@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use doparallel::job::{
-    AwsSigV4, CallbackState, Headers, JobId, JobOptions, JobStatus, Method, NewJob, NewTask,
-    TaskCall, TaskOptions, TaskStatus,
+    AwsSigV4, CallbackState, Headers, JobId, JobOptions, JobStatus, JobTrace, Method, NewJob,
+    NewTask, TaskCall, TaskOptions, TaskStatus,
 };
 use doparallel::store::{
     CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
@@ -1844,8 +1844,9 @@ async fn submission_of_many_tasks(store: Arc<dyn Store>) {
 /// The next `n` notices (in any order, sorted), then checks that no more come.
 async fn call_settings_travel_with_their_task(store: Arc<dyn Store>) {
     // A task's own call settings are stored with it, come back in reads, and are merged
-    // over its job's options wherever a task is handed out: a claim, and an awaited
-    // attempt taken over after its deadline. Secret values are opaque to the store.
+    // over its job's options (its trace context too) wherever a task is handed out: a
+    // claim, and an awaited attempt taken over after its deadline. Secret values are
+    // opaque to the store.
     let t0 = now_millis() - 60_000;
     let headers = |pairs: &[(&str, &str)]| -> Headers {
         pairs
@@ -1859,6 +1860,10 @@ async fn call_settings_travel_with_their_task(store: Arc<dyn Store>) {
         secret_headers: headers(&[("Authorization", "v1.sealed.job")]),
         callback_headers: headers(&[("X-Cb", "1")]),
         retry_on: Some(vec![503]),
+        trace: Some(JobTrace::from_headers(
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("a=b"),
+        )),
         ..options()
     };
     let call = TaskCall {
