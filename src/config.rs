@@ -326,6 +326,18 @@ pub struct EngineArgs {
     )]
     pub secret_key_old_file: Option<PathBuf>,
 
+    /// A host whose calls may be signed with `aws_sigv4` besides AWS's own Lambda function
+    /// URL (`*.lambda-url.REGION.on.aws`) and API Gateway (`*.execute-api.REGION.amazonaws.com`)
+    /// hosts: a custom domain in front of them. Repeatable, or comma-separated. Any other host
+    /// is refused, so that no client can have the server sign requests to other AWS APIs.
+    #[arg(
+        long,
+        env = "DOPARALLEL_AWS_SIGV4_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOST"
+    )]
+    pub aws_sigv4_host: Vec<String>,
+
     /// Most tasks in one job.
     #[arg(long, env = "DOPARALLEL_MAX_TASKS_PER_JOB", default_value_t = Limits::defaults().max_tasks)]
     pub max_tasks_per_job: usize,
@@ -446,6 +458,7 @@ impl EngineArgs {
                 max_url_len: self.max_url_length,
                 max_depth: self.max_json_depth,
                 max_task_timeout_ms: self.max_task_timeout.as_millis() as u64,
+                aws_sigv4_hosts: self.aws_sigv4_host.clone(),
             },
             max_callback_bytes: self.max_callback_bytes,
             lease_timeout: self.lease_timeout,

@@ -317,6 +317,7 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
             trace: &traced.trace,
             span_id: &traced.span_id,
             parent: Some(&traced.trace.span_id),
+            parent_is_remote: false,
             name: "callback",
             kind: SpanKind::Client,
             start: started,

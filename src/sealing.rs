@@ -26,6 +26,8 @@ pub const NO_KEY: &str = "this server has no secret key to seal secret headers w
 pub struct SecretKey {
     cipher: Aes256Gcm,
     id: String,
+    /// The key of [`Sealer::request_digest`], derived from this one.
+    digest_key: [u8; 32],
 }
 
 impl SecretKey {
@@ -53,9 +55,13 @@ impl SecretKey {
 
     fn from_bytes(bytes: &[u8; 32]) -> Self {
         let digest = Sha256::digest(bytes);
+        let mut derive = Sha256::new();
+        derive.update(b"doparallel request digest v1\n");
+        derive.update(bytes);
         SecretKey {
             cipher: Aes256Gcm::new(&Key::<Aes256Gcm>::from(*bytes)),
             id: digest[..4].iter().map(|b| format!("{b:02x}")).collect(),
+            digest_key: derive.finalize().into(),
         }
     }
 
@@ -98,6 +104,26 @@ pub enum OpenError {
 impl Sealer {
     pub fn new(current: Option<SecretKey>, old: Option<SecretKey>) -> Self {
         Sealer { current, old }
+    }
+
+    /// The digest a submission is stored with beside its `Idempotency-Key`, to tell a
+    /// retry from another body. A body may hold secret header values, so with a key it is
+    /// an HMAC-SHA256 under a key derived from the secret key (someone who reads the
+    /// database cannot test guesses of a secret against it); without one (no secret header
+    /// can be accepted then) a plain SHA-256. A retry sent after the key changed reads as
+    /// another body (a 409).
+    pub fn request_digest(&self, body: &[u8]) -> String {
+        use hmac::{Hmac, Mac};
+        let bytes: Vec<u8> = match &self.current {
+            Some(key) => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.digest_key)
+                    .expect("HMAC takes a key of any length");
+                mac.update(body);
+                mac.finalize().into_bytes().to_vec()
+            }
+            None => Sha256::digest(body).to_vec(),
+        };
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Whether values can be sealed here.

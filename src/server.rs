@@ -159,6 +159,7 @@ pub enum ServeError {
 /// A started node without its HTTP face.
 struct Node {
     services: Services,
+    telemetry: Arc<Telemetry>,
     outbound: Arc<Outbound>,
     engine: EngineHandle,
     outbox: tokio::task::JoinHandle<()>,
@@ -185,6 +186,8 @@ impl Node {
             .map_err(ServeError::TokenKey)?;
         let metrics = Arc::new(Metrics::new());
         let telemetry = Arc::new(Telemetry::from_env(metrics.trace_spans_dropped.clone()));
+        let telemetry_enabled = telemetry.enabled();
+        let node_telemetry = telemetry.clone();
         parts.engine.telemetry = telemetry.clone();
         parts.outbox.telemetry = telemetry;
         let services = Services {
@@ -198,6 +201,13 @@ impl Node {
         } else {
             IDLE_POLL
         };
+        if telemetry_enabled {
+            tokio::spawn(end_job_spans(
+                services.store.clone(),
+                services.bus.subscribe(),
+                parts.engine.telemetry.clone(),
+            ));
+        }
         let engine = engine::start(
             engine::Parts {
                 store: services.store.clone(),
@@ -220,6 +230,7 @@ impl Node {
         }
         .start(outbox_stop.clone());
         Ok(Node {
+            telemetry: node_telemetry,
             services,
             outbound,
             engine,
@@ -238,6 +249,44 @@ impl Node {
             }
         };
         tokio::join!(self.engine.shutdown(grace), outbox);
+        self.telemetry.flush(Duration::from_secs(2)).await;
+    }
+}
+
+/// Ends the spans of the jobs without a callback that finish on this node, however they
+/// finish (a settle, a report, a cancel, an empty submission); a job with a callback
+/// ends its span when its delivery ends, in the outbox.
+async fn end_job_spans(
+    store: Arc<dyn Store>,
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    telemetry: Arc<Telemetry>,
+) {
+    loop {
+        let id = match events.recv().await {
+            Ok(Event::JobFinished { job_id, .. }) => job_id,
+            Ok(_) => continue,
+            // A span missed when this node finished more than the bus holds: counted.
+            Err(RecvError::Lagged(n)) => {
+                telemetry.count_dropped(n);
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if let Ok(Some(job)) = store.job_get(id).await
+            && job.callback_url.is_none()
+            && let Some(trace) = &job.options.trace
+        {
+            telemetry.job_ended(
+                trace,
+                crate::telemetry::JobEnd {
+                    job_id: &id.to_string(),
+                    status: job.status.as_str(),
+                    tasks: job.total,
+                    created_at_ms: job.created_at,
+                    callback: "none",
+                },
+            );
+        }
     }
 }
 

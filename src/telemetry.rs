@@ -29,7 +29,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::job::JobTrace;
 
@@ -42,8 +42,15 @@ const BATCH: usize = 512;
 /// The exporter of this node's spans; inert unless the environment configures one.
 #[derive(Debug)]
 pub struct Telemetry {
-    queue: Option<mpsc::Sender<SpanData>>,
+    queue: Option<mpsc::Sender<Queued>>,
     dropped: Counter,
+}
+
+/// What the export task is handed: a span, or a request to send everything before it.
+#[derive(Debug)]
+enum Queued {
+    Span(Box<SpanData>),
+    Flush(oneshot::Sender<()>),
 }
 
 /// One finished span, in the trace of a job.
@@ -51,8 +58,9 @@ pub struct FinishedSpan<'a> {
     pub trace: &'a JobTrace,
     pub span_id: &'a str,
     /// The span's parent: the job's span for an attempt, the submitting request's span
-    /// (if any) for the job's.
+    /// (if any) for the job's, which is another service's (remote).
     pub parent: Option<&'a str>,
+    pub parent_is_remote: bool,
     pub name: &'static str,
     pub kind: SpanKind,
     pub start: SystemTime,
@@ -146,8 +154,34 @@ impl Telemetry {
         let Some(data) = span_data(span) else {
             return;
         };
-        if queue.try_send(data).is_err() {
+        if queue.try_send(Queued::Span(Box::new(data))).is_err() {
             self.dropped.inc();
+        }
+    }
+
+    /// Counts spans lost before they were built (an event this node missed).
+    pub fn count_dropped(&self, n: u64) {
+        if self.enabled() {
+            self.dropped.inc_by(n);
+        }
+    }
+
+    /// Sends every span queued so far, waiting at most `limit`: a node that stops (or
+    /// `doparallel run` at its end) flushes, so that its last spans, often the job's own,
+    /// are not lost with the process.
+    pub async fn flush(&self, limit: Duration) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let (done, flushed) = oneshot::channel();
+        let sent = tokio::time::timeout(limit, async {
+            if queue.send(Queued::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        })
+        .await;
+        if sent.is_err() {
+            tracing::warn!("spans still queued at shutdown were not all exported in time");
         }
     }
 }
@@ -176,6 +210,7 @@ impl Telemetry {
             trace,
             span_id: &trace.span_id,
             parent: trace.parent_span_id.as_deref(),
+            parent_is_remote: trace.parent_span_id.is_some(),
             name: "job",
             kind: SpanKind::Internal,
             start,
@@ -224,7 +259,7 @@ fn span_data(span: FinishedSpan<'_>) -> Option<SpanData> {
     Some(SpanData {
         span_context: SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, state),
         parent_span_id,
-        parent_span_is_remote: false,
+        parent_span_is_remote: span.parent_is_remote,
         span_kind: span.kind,
         name: Cow::Borrowed(span.name),
         start_time: span.start,
@@ -246,20 +281,28 @@ fn span_data(span: FinishedSpan<'_>) -> Option<SpanData> {
 /// Sends what has queued, a batch at a time, until every sender is gone.
 async fn export(
     exporter: opentelemetry_otlp::SpanExporter,
-    mut spans: mpsc::Receiver<SpanData>,
+    mut queue: mpsc::Receiver<Queued>,
     dropped: Counter,
 ) {
     let mut failures: u64 = 0;
-    while let Some(first) = spans.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match spans.try_recv() {
-                Ok(span) => batch.push(span),
-                Err(_) => break,
+    while let Some(first) = queue.recv().await {
+        let mut batch = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Queued::Span(span) => batch.push(*span),
+                // Answered once what came before it is sent.
+                Queued::Flush(done) => flushes.push(done),
+            }
+            if batch.len() < BATCH {
+                next = queue.try_recv().ok();
             }
         }
         let n = batch.len() as u64;
-        if let Err(e) = exporter.export(batch).await {
+        if n > 0
+            && let Err(e) = exporter.export(batch).await
+        {
             dropped.inc_by(n);
             failures += 1;
             // The first failure, then one in a hundred: a collector that is down must not
@@ -267,6 +310,9 @@ async fn export(
             if failures % 100 == 1 {
                 tracing::warn!(error = %e, spans = n, failures, "exporting spans failed; they are dropped");
             }
+        }
+        for done in flushes {
+            let _ = done.send(());
         }
     }
 }

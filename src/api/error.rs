@@ -56,6 +56,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "not found"),
+            StoreError::Refused(why) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why),
             full if full.is_full() => {
                 tracing::error!(error = %full, "database full");
                 ApiError::new(

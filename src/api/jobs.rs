@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use utoipa::IntoParams;
 
 use super::error::{ApiError, body_error, query_error};
@@ -79,8 +78,8 @@ pub(super) async fn submit(
             "expected a JSON body with Content-Type: application/json",
         ));
     }
-    let idempotency = idempotency_key(&headers, &body)?;
     let config = &state.config;
+    let idempotency = idempotency_key(&headers, &body, &config.sealer)?;
     let mut job = parse_submission(&body, &config.limits, &config.egress, &config.sealer)?;
     job.owner = owner.0;
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
@@ -143,6 +142,7 @@ pub(super) async fn submit_alias(
 pub(super) fn idempotency_key(
     headers: &HeaderMap,
     body: &[u8],
+    sealer: &crate::sealing::Sealer,
 ) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -161,7 +161,7 @@ pub(super) fn idempotency_key(
         })?;
     Ok(Some(IdempotencyKey {
         key: key.to_string(),
-        request_hash: format!("{:x}", Sha256::digest(body)),
+        request_hash: sealer.request_digest(body),
     }))
 }
 

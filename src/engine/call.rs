@@ -19,7 +19,7 @@ use crate::job::{
     query_pairs, result_json, test_result,
 };
 use crate::outbound::error_chain;
-use crate::sealing::Sealer;
+use crate::sealing::{OpenError, Sealer};
 use crate::store::{ClaimedTask, Millis, SettleOutcome};
 use crate::telemetry::{FinishedSpan, url_attribute};
 use crate::webhook::timestamp_now;
@@ -122,6 +122,7 @@ fn call_span<'a>(
         trace,
         span_id,
         parent: Some(&trace.span_id),
+        parent_is_remote: false,
         name: method,
         kind: SpanKind::Client,
         start,
@@ -187,11 +188,6 @@ async fn call(
         }
     }
     let awaitable = report_to.is_some();
-    if let Some(to) = report_to {
-        request = request
-            .header("DoParallel-Task-Token", to.token)
-            .header("DoParallel-Result-Url", to.url);
-    }
     if !method.params_in_query() {
         request = request
             .header(CONTENT_TYPE, "application/json")
@@ -204,20 +200,39 @@ async fn call(
     if let Err(error) = add_headers(request.headers_mut(), task) {
         return Attempt::Fatal(error);
     }
-    // A secret that does not open fails the attempt before anything is sent.
-    let secrets = match open_secrets(task, &config.sealer) {
+    // Headers added after the AWS signature, unsigned: their values must never reach the
+    // signing library, whose trace output shows the headers it signs. A secret that does
+    // not open fails the attempt before anything is sent.
+    let mut late = match open_secrets(task, &config.sealer) {
         Ok(secrets) => secrets,
-        Err(error) => return Attempt::Fatal(error),
+        Err(attempt) => return attempt,
     };
+    if let Some(to) = report_to {
+        // The token lets its holder report this task's outcome.
+        match (
+            HeaderValue::from_str(&to.token),
+            HeaderValue::from_str(&to.url),
+        ) {
+            (Ok(mut token), Ok(url)) => {
+                token.set_sensitive(true);
+                late.push((HeaderName::from_static("doparallel-task-token"), token));
+                late.push((HeaderName::from_static("doparallel-result-url"), url));
+            }
+            _ => {
+                return Attempt::Fatal(TaskError::new(
+                    "request",
+                    "the result URL is not a valid header value",
+                ));
+            }
+        }
+    }
     let max_body = config.max_response_bytes;
     // One deadline covers signing (which may fetch credentials), connecting, sending and
     // reading the whole body, so a server that drips its answer cannot hold a slot past the
     // timeout.
     let sent = async {
-        // Signed afresh on every attempt. Secret headers are added after signing: they are
-        // not part of the signature (SigV4 lets a request carry unsigned headers), so their
-        // values never pass through the signing library, whose trace output shows the
-        // headers it signs.
+        // Signed afresh on every attempt; the late headers are not part of the signature
+        // (SigV4 lets a request carry unsigned headers).
         if let Some(sigv4) = &options.aws_sigv4
             && let Err(why) = config
                 .aws_signer
@@ -229,7 +244,7 @@ async fn call(
                 retry_after: None,
             };
         }
-        for (name, value) in secrets {
+        for (name, value) in late {
             request.headers_mut().insert(name, value);
         }
         send(outbound, request, max_body, awaitable, options, status).await
@@ -291,28 +306,41 @@ fn add_headers(headers: &mut HeaderMap, task: &ClaimedTask) -> Result<(), TaskEr
 }
 
 /// The secret headers of a call, opened for this request only and marked sensitive so
-/// that no debug output shows them. One that does not open fails the attempt for good,
-/// saying which header and which key it needs, never its value.
+/// that no debug output shows them. One that does not open fails the attempt, saying which
+/// header and which key it needs, never its value: sealed under a key this node lacks, it
+/// is retried like a connection error (during a rolling key change another node, or this
+/// one restarted, may have it); damaged, it fails for good.
 fn open_secrets(
     task: &ClaimedTask,
     sealer: &Sealer,
-) -> Result<Vec<(HeaderName, HeaderValue)>, TaskError> {
+) -> Result<Vec<(HeaderName, HeaderValue)>, Attempt> {
     if task.options.secret_headers.is_empty() {
         return Ok(Vec::new());
     }
     let job = task.job_id.to_string();
     let mut opened_headers = Vec::with_capacity(task.options.secret_headers.len());
     for (name, sealed) in &task.options.secret_headers {
-        let header =
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| refused(name, e.to_string()))?;
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| Attempt::Fatal(refused(name, e.to_string())))?;
         let opened = sealer.open(&job, name, sealed).map_err(|e| {
-            TaskError::new(
+            let error = TaskError::new(
                 "secret",
                 format!("secret header {name} cannot be opened: {e}"),
-            )
+            );
+            match e {
+                OpenError::UnknownKey(_) => Attempt::Retryable {
+                    error,
+                    retry_after: None,
+                },
+                OpenError::Damaged => Attempt::Fatal(error),
+            }
         })?;
-        let mut value = HeaderValue::from_str(&opened)
-            .map_err(|_| refused(name, "its value is not a valid header value".into()))?;
+        let mut value = HeaderValue::from_str(&opened).map_err(|_| {
+            Attempt::Fatal(refused(
+                name,
+                "its value is not a valid header value".into(),
+            ))
+        })?;
         value.set_sensitive(true);
         opened_headers.push((header, value));
     }
@@ -421,10 +449,16 @@ fn too_large(status: StatusCode, max_body: usize) -> TaskError {
 }
 
 fn transport_error(e: &reqwest::Error) -> Attempt {
+    // reqwest names the URL; its query (a GET's params) and user information stay out of
+    // the error, which is shown, sent in the callback and put in the attempt's span.
+    let chain = match e.url() {
+        Some(url) => error_chain(e).replace(url.as_str(), &url_attribute(url.as_str())),
+        None => error_chain(e),
+    };
     if crate::egress::is_blocked(e) {
         // A name that resolves to a denied address: no connection was made, and another
         // attempt would be refused the same way.
-        let mut error = TaskError::new("blocked", error_chain(e));
+        let mut error = TaskError::new("blocked", chain);
         error.cause = innermost_cause(e);
         return Attempt::Fatal(error);
     }
@@ -435,7 +469,7 @@ fn transport_error(e: &reqwest::Error) -> Attempt {
     } else {
         "request"
     };
-    let mut error = TaskError::new(kind, error_chain(e));
+    let mut error = TaskError::new(kind, chain);
     error.cause = innermost_cause(e);
     Attempt::Retryable {
         error,

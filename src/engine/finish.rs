@@ -130,31 +130,6 @@ pub(super) async fn settle_batch(
             .call_seconds
             .observe(settle.latency_ms as f64 / 1000.0);
     }
-    // A job without a callback ends here; its span goes now (one with a callback ends
-    // when the callback does, in the outbox).
-    if engine.config.telemetry.enabled() {
-        for finished in report.finished.iter().filter(|f| !f.has_callback) {
-            let store = engine.store.clone();
-            let telemetry = engine.config.telemetry.clone();
-            let id = finished.job_id;
-            tokio::spawn(async move {
-                if let Ok(Some(job)) = store.job_get(id).await
-                    && let Some(trace) = &job.options.trace
-                {
-                    telemetry.job_ended(
-                        trace,
-                        crate::telemetry::JobEnd {
-                            job_id: &id.to_string(),
-                            status: job.status.as_str(),
-                            tasks: job.total,
-                            created_at_ms: job.created_at,
-                            callback: "none",
-                        },
-                    );
-                }
-            });
-        }
-    }
     engine.bus.settled(report, &engine.metrics);
 }
 

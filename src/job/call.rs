@@ -268,6 +268,19 @@ pub fn check_call_headers(place: &str, options: &JobOptions) -> Result<(), Strin
             "{place}: {name} cannot be set on a call signed with aws_sigv4: the signature sets it"
         ));
     }
+    // Secret headers are added after signing (see `engine::call`): one that replaced a
+    // signed header would break the signature.
+    if options.aws_sigv4.is_some()
+        && let Some(name) = options
+            .secret_headers
+            .keys()
+            .find(|name| name.eq_ignore_ascii_case("content-type"))
+    {
+        return Err(format!(
+            "{place}: {name} cannot be a secret header on a call signed with aws_sigv4 (the \
+             signature covers it): make it a plain header"
+        ));
+    }
     // A signed header must be text; secret ones are not signed (see `engine::call`).
     if options.aws_sigv4.is_some()
         && let Some(name) = options
@@ -311,6 +324,42 @@ pub fn check_retry_on(field: &str, list: &[u16]) -> Result<(), String> {
         return Err(format!("{field}: at most 300 statuses"));
     }
     Ok(())
+}
+
+/// Whether a call to `url` may be signed with the server's AWS identity: a Lambda function
+/// URL (`*.lambda-url.REGION.on.aws`) for `lambda`, an API Gateway endpoint
+/// (`*.execute-api.REGION.amazonaws.com`) for `execute-api`, in the signature's region, or
+/// a host the operator named (`--aws-sigv4-host`, for custom domains). Anything else would
+/// let any client make the server sign requests to any AWS API (S3, STS, IAM ...) as
+/// itself.
+pub fn check_sigv4_host(
+    url: &url::Url,
+    sigv4: &AwsSigV4,
+    allowed: &[String],
+) -> Result<(), String> {
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(&host)) {
+        return Ok(());
+    }
+    let region = sigv4.region.to_ascii_lowercase();
+    let aws_host = match sigv4.service.as_str() {
+        "lambda" => Some(format!(".lambda-url.{region}.on.aws")),
+        "execute-api" => Some(format!(".execute-api.{region}.amazonaws.com")),
+        _ => None,
+    };
+    if let Some(suffix) = aws_host
+        && host.ends_with(&suffix)
+        && host.len() > suffix.len()
+        && url.scheme() == "https"
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "aws_sigv4: calls to {host} are not signed: only https Lambda function URLs \
+         (*.lambda-url.{region}.on.aws, service lambda) and API Gateway endpoints \
+         (*.execute-api.{region}.amazonaws.com, service execute-api) of the signature's region \
+         are, and the hosts this server names with --aws-sigv4-host"
+    ))
 }
 
 /// Checks an `aws_sigv4` setting (`field` names it).
@@ -466,6 +515,55 @@ mod tests {
             assert!(e.contains(expected), "{pairs:?}: {e}");
             assert!(e.starts_with("options.headers: "), "{e}");
         }
+    }
+
+    #[test]
+    fn only_aws_hosts_of_the_region_and_named_ones_are_signed() {
+        let sigv4 = |service: &str| AwsSigV4 {
+            service: service.into(),
+            region: "us-east-1".into(),
+        };
+        let check = |url: &str, service: &str, allowed: &[&str]| {
+            let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+            check_sigv4_host(&url.parse().unwrap(), &sigv4(service), &allowed)
+        };
+        assert!(check("https://abc.lambda-url.us-east-1.on.aws/", "lambda", &[]).is_ok());
+        assert!(
+            check(
+                "https://x.execute-api.us-east-1.amazonaws.com/p",
+                "execute-api",
+                &[]
+            )
+            .is_ok()
+        );
+        for (url, service) in [
+            ("https://abc.lambda-url.eu-west-1.on.aws/", "lambda"),
+            ("http://abc.lambda-url.us-east-1.on.aws/", "lambda"),
+            ("https://lambda-url.us-east-1.on.aws/", "lambda"),
+            ("https://abc.lambda-url.us-east-1.on.aws/", "execute-api"),
+            ("https://s3.amazonaws.com/bucket/key", "s3"),
+            ("https://sts.amazonaws.com/?Action=GetCallerIdentity", "sts"),
+            (
+                "https://lambda.us-east-1.amazonaws.com/2015-03-31/functions/f/invocations",
+                "lambda",
+            ),
+            (
+                "https://evil.example/x.lambda-url.us-east-1.on.aws",
+                "lambda",
+            ),
+        ] {
+            let e = check(url, service, &[]).unwrap_err();
+            assert!(e.contains("are not signed"), "{url}: {e}");
+        }
+        assert!(check("http://127.0.0.1:9/", "lambda", &["127.0.0.1"]).is_ok());
+        assert!(
+            check(
+                "https://API.example.com/",
+                "execute-api",
+                &["api.example.com"]
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use url::Url;
 
 use super::call::{
     AwsSigV4, Headers, Method, TaskCall, TaskOptions, check_call_headers, check_headers,
-    check_retry_on, check_sigv4, query_pairs, seal_headers,
+    check_retry_on, check_sigv4, check_sigv4_host, query_pairs, seal_headers,
 };
 use super::{JobId, JobOptions, TEST_ENDPOINT, compact_json};
 use crate::egress::EgressPolicy;
@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_depth: usize,
     /// The longest `timeout_ms` a job may ask for.
     pub max_task_timeout_ms: u64,
+    /// Hosts whose calls may be signed with `aws_sigv4` besides AWS's own Lambda function
+    /// URL and API Gateway hosts (`--aws-sigv4-host`).
+    pub aws_sigv4_hosts: Vec<String>,
 }
 
 impl Limits {
@@ -36,6 +39,7 @@ impl Limits {
             max_url_len: 2048,
             max_depth: 64,
             max_task_timeout_ms: 15 * 60 * 1000,
+            aws_sigv4_hosts: Vec::new(),
         }
     }
 }
@@ -313,10 +317,14 @@ pub fn parse_submission(
     for (i, raw) in wire.tasks.iter().enumerate() {
         let n = i + 1;
         let task: WireTask<'_> = from_json(raw.get(), Some(&format!("task {n}")))?;
-        if task.endpoint != TEST_ENDPOINT {
-            checked_url(&task.endpoint, limits, egress)
-                .map_err(|why| invalid(format!("task {n}: endpoint {why}")))?;
-        }
+        let url = if task.endpoint != TEST_ENDPOINT {
+            Some(
+                checked_url(&task.endpoint, limits, egress)
+                    .map_err(|why| invalid(format!("task {n}: endpoint {why}")))?,
+            )
+        } else {
+            None
+        };
         if let Some(params) = task.params
             && params.get().len() > limits.max_params_bytes
         {
@@ -337,6 +345,16 @@ pub fn parse_submission(
             aws_sigv4: task.aws_sigv4,
             options: task.options.unwrap_or_default(),
         };
+        // Whose calls are signed with the server's AWS identity is the operator's choice
+        // (checked once the setting itself is).
+        if let Some(sigv4) = &call.aws_sigv4 {
+            check_sigv4(&format!("task {n}: aws_sigv4"), sigv4).map_err(invalid)?;
+        }
+        let sigv4 = call.aws_sigv4.as_ref().or(options.aws_sigv4.as_ref());
+        if let (Some(url), Some(sigv4)) = (&url, sigv4) {
+            check_sigv4_host(url, sigv4, &limits.aws_sigv4_hosts)
+                .map_err(|why| invalid(format!("task {n}: {why}")))?;
+        }
         let call = if call.is_empty() {
             if options.method.unwrap_or_default().params_in_query() {
                 let method = options.method.unwrap_or_default().as_str();
@@ -665,7 +683,7 @@ mod tests {
                     r#""aws_sigv4":{"service":"lambda","region":"us-east-1"}"#,
                     r#","headers":{"Authorization":"x"}"#,
                 ),
-                "task 2: Authorization cannot be set on a call signed with aws_sigv4",
+                "task 2: aws_sigv4: calls to e.example are not signed",
             ),
             (
                 job("", r#","aws_sigv4":{"service":"","region":"us-east-1"}"#),
@@ -682,6 +700,26 @@ mod tests {
         ] {
             check(&body, Err(expected));
         }
+        // At a Lambda function URL: the headers the signature sets cannot be set.
+        let lambda = |task: &str| {
+            format!(
+                r#"{{"tasks":[{{"endpoint":"https://abc.lambda-url.us-east-1.on.aws/"{task}}}],
+                    "options":{{"aws_sigv4":{{"service":"lambda","region":"us-east-1"}}}}}}"#
+            )
+        };
+        check(&lambda(""), Ok(1));
+        check(
+            &lambda(r#","headers":{"X-Amz-Date":"x"}"#),
+            Err("task 1: X-Amz-Date cannot be set on a call signed with aws_sigv4"),
+        );
+        check(
+            &lambda(r#","headers":{"Authorization":"x"}"#),
+            Err("task 1: Authorization cannot be set on a call signed with aws_sigv4"),
+        );
+        check(
+            &lambda(r#","secret_headers":{"Content-Type":"x"}"#),
+            Err("task 1: Content-Type cannot be a secret header on a call signed with aws_sigv4"),
+        );
         let many: Vec<String> = (0..65).map(|i| format!(r#""X-{i}":"v""#)).collect();
         check(
             &job(&format!(r#""headers":{{{}}}"#, many.join(",")), ""),
@@ -788,6 +826,7 @@ mod tests {
             max_url_len: 30,
             max_depth: 5,
             max_task_timeout_ms: 60_000,
+            aws_sigv4_hosts: Vec::new(),
         };
         check_with(body, &limits, &EgressPolicy::guarded(Vec::new()), expected);
     }

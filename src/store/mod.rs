@@ -37,6 +37,11 @@ pub enum StoreError {
     /// The database cannot be reached or is out of space; the request may succeed later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// What was asked is valid but this store cannot keep it (a DynamoDB item's size, a
+    /// table made before a feature): sent again, it fails again. The message is the
+    /// client's to read.
+    #[error("{0}")]
+    Refused(String),
     #[error("database error: {0}")]
     Other(String),
 }

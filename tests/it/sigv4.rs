@@ -70,9 +70,10 @@ impl Drop for Verifier {
 }
 
 /// A server with the test's AWS credentials (temporary ones: with a session token) and no
-/// other source of them.
+/// other source of them, that signs calls to the loopback verifier.
 fn server(dir: &tempfile::TempDir) -> ServerProcess {
     ServerProcess::on(&db_path(dir))
+        .args(&["--aws-sigv4-host", "127.0.0.1"])
         .envs(&[
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
             ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
@@ -193,4 +194,40 @@ async fn an_unsigned_call_is_refused_by_the_check() {
             .unwrap()
             .contains("no SigV4 Authorization header")
     );
+}
+
+#[tokio::test]
+async fn only_aws_hosts_and_named_ones_are_signed() {
+    // Without --aws-sigv4-host, a server signs calls to Lambda function URLs and API
+    // Gateway endpoints only: no client can make it sign a request to another AWS API, or to
+    // any other host, as itself.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::on(&db_path(&dir)).start();
+    for (endpoint, service, expected) in [
+        (
+            "http://127.0.0.1:9/x",
+            "lambda",
+            "task 1: aws_sigv4: calls to 127.0.0.1 are not signed",
+        ),
+        (
+            "https://sts.amazonaws.com/?Action=GetCallerIdentity",
+            "sts",
+            "calls to sts.amazonaws.com are not signed",
+        ),
+        (
+            "https://abc.lambda-url.eu-west-1.on.aws/",
+            "lambda",
+            "calls to abc.lambda-url.eu-west-1.on.aws are not signed",
+        ),
+    ] {
+        let job = json!({
+            "tasks": [{"endpoint": endpoint, "aws_sigv4": {"service": service, "region": "us-east-1"}}]
+        });
+        let (status, body) = server
+            .api
+            .post_raw("/v1/job", Some("application/json"), &job.to_string())
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body["msg"].as_str().unwrap().contains(expected), "{body}");
+    }
 }

@@ -42,7 +42,7 @@ impl DynamoStore {
             });
         }
         if !self.task_calls && job.tasks.iter().any(|t| t.call.is_some()) {
-            return Err(StoreError::Other(format!(
+            return Err(StoreError::Refused(format!(
                 "table {} was created by an older version, whose claim index does not carry a \
                  task's own method, headers, aws_sigv4 or options; set them in the job's options, \
                  or move to a table made by this version's `doparallel migrate`",
@@ -55,7 +55,7 @@ impl DynamoStore {
                 + task.params.get().len()
                 + calls[i].as_ref().map_or(0, String::len);
             if size > MAX_PARAMS_BYTES {
-                return Err(StoreError::Other(format!(
+                return Err(StoreError::Refused(format!(
                     "task {}: endpoint, params and call settings take {size} bytes; the DynamoDB store keeps at \
                      most {MAX_PARAMS_BYTES} per task (DynamoDB items are limited to 400 KB); \
                      lower --max-params-bytes",
