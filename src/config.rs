@@ -53,6 +53,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the HTTP service.
     Serve(Box<ServeArgs>),
+    /// Make calls and send callbacks without serving the API, beside `serve --api-only`
+    /// processes on a shared database (or in turn with one, on SQLite); with --until-idle,
+    /// exit once nothing is left to do (a cron job, a batch step).
+    Work(Box<WorkArgs>),
     /// Create the database's schema: a DynamoDB table (on-demand capacity, with its
     /// indexes), or a SQLite file's tables. Waits until it is ready.
     Migrate(MigrateArgs),
@@ -92,6 +96,11 @@ pub struct ServeArgs {
         default_value = "sqlite://doparallel.db"
     )]
     pub database: String,
+
+    /// Serve the API (and the dashboard) only: make no calls and send no callbacks;
+    /// `doparallel work` processes on the same database do.
+    #[arg(long, env = "DOPARALLEL_API_ONLY")]
+    pub api_only: bool,
 
     /// How long calls and requests in flight get to finish after SIGTERM or Ctrl-C (units
     /// ms, s, m, h; a bare number is seconds).
@@ -162,6 +171,51 @@ pub struct ServeArgs {
     /// How long a kept-alive connection may wait for its next request.
     #[arg(long, env = "DOPARALLEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkArgs {
+    /// Database URL, as for `serve`.
+    #[arg(
+        long,
+        env = "DOPARALLEL_DATABASE_URL",
+        default_value = "sqlite://doparallel.db"
+    )]
+    pub database: String,
+
+    /// Exit (0) once nothing is due, in flight, or awaiting a callback attempt within the
+    /// next few seconds, printing how many calls and callbacks it made.
+    #[arg(long)]
+    pub until_idle: bool,
+
+    /// Stop taking work after this long (units ms, s, m, h), and exit once the calls in
+    /// flight settle (within --shutdown-grace).
+    #[arg(long, env = "DOPARALLEL_MAX_DURATION", value_parser = parse_duration)]
+    pub max_duration: Option<Duration>,
+
+    /// How long calls and callbacks in flight get to finish after a stop.
+    #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// The URL of the API (a `serve` process) where task endpoints report the outcome of a
+    /// task they answered with 202; without it, calls carry no result URL.
+    #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<url::Url>,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Delays between callback attempts after the first (units ms, s, m, h).
+    #[arg(
+        long,
+        env = "DOPARALLEL_CALLBACK_RETRY_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,10h"
+    )]
+    pub callback_retry_schedule: Schedule,
+
+    /// How long finished jobs are kept (units s, m, h, d).
+    #[arg(long, env = "DOPARALLEL_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
 }
 
 #[derive(Debug, Args)]

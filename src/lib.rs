@@ -59,4 +59,7 @@ pub mod task_token;
 pub mod telemetry;
 pub mod webhook;
 
-pub use server::{RunOutcome, ServeError, ServeOptions, Settings, run_job, serve};
+pub use server::{
+    RunOutcome, ServeError, ServeOptions, Settings, WorkEnd, WorkOptions, WorkReport, run_job,
+    serve, work,
+};

@@ -10,7 +10,7 @@ use clap::Parser;
 use std::collections::HashMap;
 
 use doparallel::auth::{self, ApiTokens};
-use doparallel::config::{self, Cli, Command, EngineArgs, LogFormat, RunArgs, ServeArgs};
+use doparallel::config::{self, Cli, Command, EngineArgs, LogFormat, RunArgs, ServeArgs, WorkArgs};
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
 use doparallel::store::ItemLimits;
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let default_level = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Work(_) => "info",
         // The other commands print their answer on stdout; only trouble goes to stderr.
         _ => "warn",
     };
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
+            Command::Work(args) => work(*args, matches!(cli.log_format, LogFormat::Json)).await,
             Command::Migrate(args) => {
                 println!("{}", store::migrate(&args.database).await?);
                 Ok(ExitCode::SUCCESS)
@@ -136,8 +137,53 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_body_bytes: args.max_body_bytes,
         },
         tokens,
+        api_only: args.api_only,
     };
     doparallel::serve(listener, store, options, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `doparallel work`: the engine and the outbox without the API. Says what it did on
+/// stdout, or as a log line with `--log-format json`.
+async fn work(args: WorkArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
+    raise_open_file_limit();
+    let mut settings = args
+        .engine
+        .settings(
+            &args.callback_retry_schedule,
+            Some(args.retention),
+            EgressPolicy::guarded(args.engine.allow_net.clone()),
+        )
+        .map_err(anyhow::Error::msg)?;
+    settings.public_url = args.public_url.clone();
+    let store = store::open(&args.database).await?;
+    check_item_limits(&args.engine, store.item_limits())?;
+    let options = doparallel::WorkOptions {
+        settings,
+        until_idle: args.until_idle,
+        max_duration: args.max_duration,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let report = doparallel::work(store, options, shutdown_signal()).await?;
+    if json_logs {
+        tracing::info!(
+            calls = report.calls,
+            callbacks = report.callbacks,
+            ended = ?report.ended,
+            "work done"
+        );
+    } else {
+        println!(
+            "{} calls, {} callbacks ({})",
+            report.calls,
+            report.callbacks,
+            match report.ended {
+                doparallel::WorkEnd::Idle => "nothing left to do",
+                doparallel::WorkEnd::MaxDuration => "--max-duration reached",
+                doparallel::WorkEnd::Stopped => "stopped",
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

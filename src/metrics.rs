@@ -176,6 +176,31 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Attempts this node made and settled: complete, failed, retried, or answered 202.
+    pub fn attempts_made(&self) -> u64 {
+        let outcome = |outcome| {
+            self.tasks_finished
+                .get_or_create(&OutcomeLabel { outcome })
+                .get()
+        };
+        outcome("complete")
+            + outcome("failed")
+            + self.task_retries.get()
+            + self.tasks_accepted.get()
+    }
+
+    /// Callback attempts this node made (delivered, to be retried, or given up).
+    pub fn callback_attempts_made(&self) -> u64 {
+        ["delivered", "retry", "gave_up"]
+            .into_iter()
+            .map(|outcome| {
+                self.callback_deliveries
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .get()
+            })
+            .sum()
+    }
+
     pub fn callback_attempt(&self, outcome: &'static str) {
         self.callback_deliveries
             .get_or_create(&OutcomeLabel { outcome })

@@ -58,6 +58,8 @@ pub struct Outbox {
     pub config: OutboxConfig,
     /// The longest it sleeps without looking at the store.
     pub idle_poll: Duration,
+    /// Deliveries under way, for whoever wants to know whether the outbox is idle.
+    pub deliveries: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Outbox {
@@ -143,6 +145,9 @@ async fn deliver_loop(outbox: Arc<Outbox>, stop: CancellationToken) {
         // within the timeout), so nobody else sends it meanwhile, and a crash leaves it due
         // again soon after.
         let lease = now + (outbox.config.timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
+        outbox
+            .deliveries
+            .store(running.len(), std::sync::atomic::Ordering::SeqCst);
         let leased = match outbox.store.callbacks_due(now, lease, room as u32).await {
             Ok(due) => {
                 let leased = due.len();
@@ -166,6 +171,9 @@ async fn deliver_loop(outbox: Arc<Outbox>, stop: CancellationToken) {
         if leased == room {
             continue;
         }
+        outbox
+            .deliveries
+            .store(running.len(), std::sync::atomic::Ordering::SeqCst);
         let wait = match outbox.store.callback_next_due().await {
             Ok(Some(due)) => {
                 Duration::from_millis((due - now_millis()).max(0) as u64).min(outbox.idle_poll)

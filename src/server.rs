@@ -137,6 +137,8 @@ pub struct ServeOptions {
     pub listen: ListenLimits,
     /// Empty: no authentication.
     pub tokens: ApiTokens,
+    /// Serve the API only: no calls, no callbacks (`work` processes make them).
+    pub api_only: bool,
 }
 
 /// Errors that keep a node from starting or serving.
@@ -161,13 +163,34 @@ struct Node {
     services: Services,
     telemetry: Arc<Telemetry>,
     outbound: Arc<Outbound>,
+    /// The engine and the outbox; `None` on an API-only node.
+    work: Option<Workers>,
+}
+
+/// The loops that make calls and send callbacks.
+struct Workers {
     engine: EngineHandle,
     outbox: tokio::task::JoinHandle<()>,
     outbox_stop: CancellationToken,
+    /// Callback deliveries under way.
+    deliveries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What a node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Engine and outbox (`serve`, `work`, `run`).
+    Work,
+    /// Neither: another process calls and calls back (`serve --api-only`).
+    ApiOnly,
 }
 
 impl Node {
-    async fn start(store: Arc<dyn Store>, mut parts: PartsConfig) -> Result<Node, ServeError> {
+    async fn start(
+        store: Arc<dyn Store>,
+        mut parts: PartsConfig,
+        role: Role,
+    ) -> Result<Node, ServeError> {
         let recovered = at_start("recovering interrupted tasks", || store.tasks_recover())
             .await
             .map_err(ServeError::Recover)?;
@@ -208,47 +231,79 @@ impl Node {
                 parts.engine.telemetry.clone(),
             ));
         }
-        let engine = engine::start(
-            engine::Parts {
+        let work = (role == Role::Work).then(|| {
+            let engine = engine::start(
+                engine::Parts {
+                    store: services.store.clone(),
+                    bus: services.bus.clone(),
+                    metrics: services.metrics.clone(),
+                    outbound: outbound.clone(),
+                    tokens: services.tokens.clone(),
+                    notices,
+                },
+                parts.engine,
+            );
+            let outbox_stop = CancellationToken::new();
+            let deliveries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let outbox = Outbox {
                 store: services.store.clone(),
                 bus: services.bus.clone(),
                 metrics: services.metrics.clone(),
                 outbound: outbound.clone(),
-                tokens: services.tokens.clone(),
-                notices,
-            },
-            parts.engine,
-        );
-        let outbox_stop = CancellationToken::new();
-        let outbox = Outbox {
-            store: services.store.clone(),
-            bus: services.bus.clone(),
-            metrics: services.metrics.clone(),
-            outbound: outbound.clone(),
-            config: parts.outbox,
-            idle_poll,
+                config: parts.outbox,
+                idle_poll,
+                deliveries: deliveries.clone(),
+            }
+            .start(outbox_stop.clone());
+            Workers {
+                engine,
+                outbox,
+                outbox_stop,
+                deliveries,
+            }
+        });
+        if work.is_none() {
+            tracing::info!("API only: another process makes the calls and sends the callbacks");
         }
-        .start(outbox_stop.clone());
         Ok(Node {
             telemetry: node_telemetry,
             services,
             outbound,
-            engine,
-            outbox,
-            outbox_stop,
+            work,
         })
+    }
+
+    /// Whether this node has nothing to do now or within `margin`: its engine is idle (see
+    /// `EngineHandle::idle`), no callback is being delivered, and none is due within
+    /// `margin`.
+    async fn idle(&self, margin: Duration) -> bool {
+        let Some(work) = &self.work else {
+            return true;
+        };
+        if !work.engine.idle(margin)
+            || work.deliveries.load(std::sync::atomic::Ordering::SeqCst) > 0
+        {
+            return false;
+        }
+        match self.services.store.callback_next_due().await {
+            Ok(None) => true,
+            Ok(Some(due)) => due > crate::store::now_millis() + margin.as_millis() as i64,
+            Err(_) => false,
+        }
     }
 
     /// Stops claiming and sending; calls in flight and callbacks being sent get up to
     /// `grace` to finish, side by side.
     async fn shutdown(self, grace: Duration) {
-        self.outbox_stop.cancel();
-        let outbox = async {
-            if tokio::time::timeout(grace, self.outbox).await.is_err() {
-                tracing::warn!("grace period over; callbacks being sent will be sent again");
-            }
-        };
-        tokio::join!(self.engine.shutdown(grace), outbox);
+        if let Some(work) = self.work {
+            work.outbox_stop.cancel();
+            let outbox = async {
+                if tokio::time::timeout(grace, work.outbox).await.is_err() {
+                    tracing::warn!("grace period over; callbacks being sent will be sent again");
+                }
+            };
+            tokio::join!(work.engine.shutdown(grace), outbox);
+        }
         self.telemetry.flush(Duration::from_secs(2)).await;
     }
 }
@@ -325,7 +380,12 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let parts = options.settings.parts(Some(default_public_url(addr)));
     let api_config = parts.api.clone();
-    let node = Node::start(store, parts).await?;
+    let role = if options.api_only {
+        Role::ApiOnly
+    } else {
+        Role::Work
+    };
+    let node = Node::start(store, parts, role).await?;
     let app = api::router(
         node.services.clone(),
         api_config,
@@ -361,6 +421,84 @@ pub async fn serve(
     Ok(())
 }
 
+/// How a worker ([`work`]) runs.
+#[derive(Clone, Debug)]
+pub struct WorkOptions {
+    pub settings: Settings,
+    /// Stop once nothing is due, in flight, or awaiting a callback attempt within
+    /// [`IDLE_MARGIN`].
+    pub until_idle: bool,
+    /// Stop taking work after this long, and end once the calls in flight settle.
+    pub max_duration: Option<Duration>,
+    /// After a stop, how long calls and callbacks in flight may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// Work due further ahead than this is left to the next worker: `work --until-idle` does
+/// not wait for it.
+pub const IDLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Why a worker stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkEnd {
+    /// Nothing left to do within [`IDLE_MARGIN`].
+    Idle,
+    /// `max_duration` passed.
+    MaxDuration,
+    /// The shutdown future resolved (a signal).
+    Stopped,
+}
+
+/// What a worker did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkReport {
+    /// Task call attempts made and settled.
+    pub calls: u64,
+    /// Callback attempts made.
+    pub callbacks: u64,
+    pub ended: WorkEnd,
+}
+
+/// A node that makes calls and sends callbacks without serving the API: `doparallel work`.
+/// It shares the store's leases with every other node, so any mix of `serve`,
+/// `serve --api-only` and `work` processes on one shared database is correct, and killing
+/// it at any moment is a node dying: its leases return its work to the others.
+pub async fn work(
+    store: Arc<dyn Store>,
+    options: WorkOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<WorkReport, ServeError> {
+    let node = Node::start(store, options.settings.parts(None), Role::Work).await?;
+    let started = tokio::time::Instant::now();
+    let deadline = options.max_duration.map(|d| started + d);
+    tokio::pin!(shutdown);
+    let ended = loop {
+        let tick = tokio::time::sleep(Duration::from_millis(250));
+        tokio::select! {
+            _ = &mut shutdown => break WorkEnd::Stopped,
+            _ = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => break WorkEnd::MaxDuration,
+            _ = tick => {}
+        }
+        if options.until_idle && node.idle(IDLE_MARGIN).await {
+            break WorkEnd::Idle;
+        }
+    };
+    tracing::info!(ended = ?ended, "worker stopping");
+    let metrics = node.services.metrics.clone();
+    node.shutdown(options.shutdown_grace).await;
+    Ok(WorkReport {
+        calls: metrics.attempts_made(),
+        callbacks: metrics.callback_attempts_made(),
+        ended,
+    })
+}
+
 /// Where endpoints report outcomes when no public URL is given: this listener's address,
 /// with a wildcard address read as loopback (the only address it surely answers on; a
 /// deployment behind a proxy or on another host sets `--public-url`).
@@ -391,7 +529,7 @@ pub async fn run_job(
     settings: Settings,
     job: NewJob,
 ) -> Result<RunOutcome, ServeError> {
-    let node = Node::start(store.clone(), settings.parts(None)).await?;
+    let node = Node::start(store.clone(), settings.parts(None), Role::Work).await?;
     let mut events = node.services.bus.subscribe();
     api::commands::submit(&node.services, &job, None).await?;
     let has_callback = job.callback.is_some();

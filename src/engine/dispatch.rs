@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::call;
 use super::hosts;
-use super::node::{Engine, Settled, Slot, Waiting};
+use super::node::{Engine, IdleSpell, Settled, Slot, Waiting};
 use crate::job::JobId;
 use crate::store::{ClaimParams, ClaimedTask, TaskSettle, now_millis};
 
@@ -70,6 +70,21 @@ pub(super) async fn dispatch(
             }
         };
         let claimed = claim.tasks.len();
+        {
+            // An idle spell: claims that find nothing while nothing is in flight.
+            let mut idle = engine.idle.lock().expect("not poisoned");
+            if claimed == 0 && free as usize == engine.config.max_in_flight {
+                let now = Instant::now();
+                let since = idle.map_or(now, |spell| spell.since);
+                *idle = Some(IdleSpell {
+                    since,
+                    last: now,
+                    next_due: claim.next_due,
+                });
+            } else {
+                *idle = None;
+            }
+        }
         tracing::trace!(
             free,
             claimed,

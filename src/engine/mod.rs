@@ -102,6 +102,7 @@ pub struct Parts {
 
 /// A running engine: the loops to stop.
 pub struct EngineHandle {
+    engine: Arc<Engine>,
     max_in_flight: usize,
     stop: CancellationToken,
     in_flight: Arc<Semaphore>,
@@ -137,6 +138,7 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
         metrics: parts.metrics,
         hosts,
         config,
+        idle: std::sync::Mutex::new(None),
     });
     let stop = CancellationToken::new();
     let finisher_stop = CancellationToken::new();
@@ -164,6 +166,7 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
         .notices
         .map(|n| tokio::spawn(notice_loop(engine.clone(), n, stop.clone())));
     EngineHandle {
+        engine: engine.clone(),
         max_in_flight,
         stop,
         in_flight,
@@ -177,6 +180,25 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
 }
 
 impl EngineHandle {
+    /// Whether this engine has nothing to do now or within `margin`: nothing in flight or
+    /// waiting at a host's gate, and its claims found nothing due, with no task in backoff
+    /// due within `margin`, for at least one idle poll (a look at the store made after any
+    /// signal it may have missed). What other nodes hold is theirs. For `work --until-idle`.
+    pub fn idle(&self, margin: Duration) -> bool {
+        if self.in_flight.available_permits() < self.max_in_flight {
+            return false;
+        }
+        let Some(spell) = *self.engine.idle.lock().expect("not poisoned") else {
+            return false;
+        };
+        let poll = self.engine.idle_poll;
+        spell.since.elapsed() >= poll
+            && spell.last.elapsed() <= poll * 2
+            && spell
+                .next_due
+                .is_none_or(|due| due > now_millis() + margin.as_millis() as i64)
+    }
+
     /// Stops claiming, lets calls in flight finish for up to `grace`, and writes every
     /// outcome that arrived. Calls still running after that are abandoned: their tasks stay
     /// running in the store and are called again at next start.

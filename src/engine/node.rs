@@ -44,6 +44,20 @@ pub(super) struct Engine {
     pub(super) outbound: Arc<Outbound>,
     /// Per-destination limits, shared by every call this node makes.
     pub(super) hosts: Arc<HostGates>,
+    /// What the dispatcher's claims found while it had nothing in flight (see
+    /// [`super::EngineHandle::idle`]).
+    pub(super) idle: std::sync::Mutex<Option<IdleSpell>>,
+}
+
+/// A run of claims that found nothing to do while nothing was in flight.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct IdleSpell {
+    /// The first of them.
+    pub(super) since: std::time::Instant,
+    /// The latest.
+    pub(super) last: std::time::Instant,
+    /// When the first task in backoff that the latest saw is due.
+    pub(super) next_due: Option<crate::store::Millis>,
 }
 
 /// What a call holds from its claim until its outcome is committed (or it is abandoned):

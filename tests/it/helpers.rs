@@ -264,6 +264,7 @@ pub async fn spawn_app_full(
         shutdown_grace: Duration::from_secs(5),
         listen: listen_limits(max_body_bytes),
         tokens,
+        api_only: false,
     };
     tokio::spawn(async move {
         doparallel::serve(listener, store, options, async {

@@ -20,6 +20,7 @@ mod moto;
 mod observe;
 mod pg;
 mod reports;
+mod roles;
 mod security;
 mod sigv4;
 mod storage;

@@ -2295,6 +2295,7 @@ async fn dynamodb_requests_per_task() {
         shutdown_grace: Duration::from_secs(5),
         listen: crate::helpers::listen_limits(4 * 1024 * 1024),
         tokens: Default::default(),
+        api_only: false,
     };
     let server = tokio::spawn(doparallel::serve(listener, store, options, async {
         let _ = stopped.await;
