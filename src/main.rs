@@ -92,15 +92,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.listen
         );
     }
-    let mut settings = args
-        .engine
-        .settings(
-            &args.callback_retry_schedule,
-            Some(args.retention),
-            EgressPolicy::guarded(args.engine.allow_net.clone()),
-        )
-        .map_err(anyhow::Error::msg)?;
-    settings.public_url = args.public_url.clone();
+    let mut settings = node_settings(
+        &args.engine,
+        &args.callback_retry_schedule,
+        args.retention,
+        args.public_url.clone(),
+    )?;
     if settings.owner_max_in_flight.is_none() && !tokens.is_empty() {
         // Several tenants: none may take every slot.
         settings.owner_max_in_flight = Some((settings.max_in_flight as u64 / 2).max(1));
@@ -143,19 +140,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The settings of a long-running node (`serve`, `work`): outbound calls guarded, finished
+/// jobs kept for `retention`.
+fn node_settings(
+    engine: &EngineArgs,
+    schedule: &config::Schedule,
+    retention: std::time::Duration,
+    public_url: Option<url::Url>,
+) -> anyhow::Result<doparallel::Settings> {
+    let mut settings = engine
+        .settings(
+            schedule,
+            Some(retention),
+            EgressPolicy::guarded(engine.allow_net.clone()),
+        )
+        .map_err(anyhow::Error::msg)?;
+    settings.public_url = public_url;
+    Ok(settings)
+}
+
 /// `doparallel work`: the engine and the outbox without the API. Says what it did on
 /// stdout, or as a log line with `--log-format json`.
 async fn work(args: WorkArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     raise_open_file_limit();
-    let mut settings = args
-        .engine
-        .settings(
-            &args.callback_retry_schedule,
-            Some(args.retention),
-            EgressPolicy::guarded(args.engine.allow_net.clone()),
-        )
-        .map_err(anyhow::Error::msg)?;
-    settings.public_url = args.public_url.clone();
+    let settings = node_settings(
+        &args.engine,
+        &args.callback_retry_schedule,
+        args.retention,
+        args.public_url.clone(),
+    )?;
     let store = store::open(&args.database).await?;
     check_item_limits(&args.engine, store.item_limits())?;
     let options = doparallel::WorkOptions {

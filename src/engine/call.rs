@@ -66,7 +66,7 @@ pub(crate) async fn attempt(
     // Each attempt is a span of its own in the job's trace, a child of the job's span: its
     // id goes to the endpoint in `traceparent`, and the finished span to the exporter.
     let span_id = task.options.trace.as_ref().map(|_| new_span_id());
-    let start = SystemTime::now();
+    let start = config.telemetry.enabled().then(SystemTime::now);
     let mut status = None;
     let outcome = call(
         outbound,
@@ -77,9 +77,7 @@ pub(crate) async fn attempt(
         &mut status,
     )
     .await;
-    if let (Some(trace), Some(span_id)) = (&task.options.trace, &span_id)
-        && config.telemetry.enabled()
-    {
+    if let (Some(trace), Some(span_id), Some(start)) = (&task.options.trace, &span_id, start) {
         config
             .telemetry
             .record(call_span(task, trace, span_id, start, status, &outcome));
@@ -232,12 +230,17 @@ async fn call(
     // timeout.
     let sent = async {
         // Signed afresh on every attempt; the late headers are not part of the signature
-        // (SigV4 lets a request carry unsigned headers).
+        // (SigV4 lets a request carry unsigned headers). Boxed: the signer's future holds
+        // the SDK's credential chain loading, many kilobytes that every call's future would
+        // otherwise carry (and copy as it moves) whether it signs or not.
         if let Some(sigv4) = &options.aws_sigv4
-            && let Err(why) = config
-                .aws_signer
-                .sign(&mut request, body, &sigv4.service, &sigv4.region)
-                .await
+            && let Err(why) = Box::pin(config.aws_signer.sign(
+                &mut request,
+                body,
+                &sigv4.service,
+                &sigv4.region,
+            ))
+            .await
         {
             return Attempt::Retryable {
                 error: TaskError::new("aws_signing", why),
