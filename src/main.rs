@@ -191,7 +191,7 @@ async fn work(args: WorkArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
             report.calls,
             report.callbacks,
             match report.ended {
-                doparallel::WorkEnd::Idle => "nothing left to do",
+                doparallel::WorkEnd::Idle => "nothing due within 5 s",
                 doparallel::WorkEnd::MaxDuration => "--max-duration reached",
                 doparallel::WorkEnd::Stopped => "stopped",
             }

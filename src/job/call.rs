@@ -191,6 +191,12 @@ fn reserved(name: &str) -> bool {
             | "idempotency-key"
             | "traceparent"
             | "tracestate"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "keep-alive"
+            | "proxy-connection"
+            | "expect"
     ) || name.starts_with("doparallel-")
         || name.starts_with("webhook-")
 }
@@ -214,9 +220,10 @@ pub fn check_headers(field: &str, headers: &Headers) -> Result<(), String> {
         }
         if reserved(name) {
             return Err(format!(
-                "{field}: {name} cannot be set: DoParallel sets it (Host, Content-Length, \
-                 Transfer-Encoding, Connection, Idempotency-Key, traceparent, tracestate, \
-                 DoParallel-* and webhook-* are reserved)"
+                "{field}: {name} cannot be set: DoParallel or the connection sets it (Host, \
+                 Content-Length, Transfer-Encoding, Connection, Upgrade, TE, Trailer, \
+                 Keep-Alive, Expect, Idempotency-Key, traceparent, tracestate, DoParallel-* and \
+                 webhook-* are reserved)"
             ));
         }
         let lower = name.to_ascii_lowercase();
