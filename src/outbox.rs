@@ -145,16 +145,17 @@ async fn deliver_loop(outbox: Arc<Outbox>, stop: CancellationToken) {
         // within the timeout), so nobody else sends it meanwhile, and a crash leaves it due
         // again soon after.
         let lease = now + (outbox.config.timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
-        outbox
-            .deliveries
-            .store(running.len(), std::sync::atomic::Ordering::SeqCst);
+        // Counted as busy while it looks: a callback leased by this look is in neither the
+        // store's due ones nor the deliveries until it is spawned.
+        let looking = Busy::new(&outbox.deliveries);
         let leased = match outbox.store.callbacks_due(now, lease, room as u32).await {
             Ok(due) => {
                 let leased = due.len();
                 for d in due {
                     if in_flight.values().all(|job| *job != d.job_id) {
                         let job = d.job_id;
-                        let handle = running.spawn(deliver(outbox.clone(), d));
+                        let busy = Busy::new(&outbox.deliveries);
+                        let handle = running.spawn(deliver(outbox.clone(), d, busy));
                         in_flight.insert(handle.id(), job);
                     }
                 }
@@ -171,9 +172,7 @@ async fn deliver_loop(outbox: Arc<Outbox>, stop: CancellationToken) {
         if leased == room {
             continue;
         }
-        outbox
-            .deliveries
-            .store(running.len(), std::sync::atomic::Ordering::SeqCst);
+        drop(looking);
         let wait = match outbox.store.callback_next_due().await {
             Ok(Some(due)) => {
                 Duration::from_millis((due - now_millis()).max(0) as u64).min(outbox.idle_poll)
@@ -189,7 +188,23 @@ async fn deliver_loop(outbox: Arc<Outbox>, stop: CancellationToken) {
     while running.join_next().await.is_some() {}
 }
 
-async fn deliver(outbox: Arc<Outbox>, due: CallbackDue) {
+/// One unit in the outbox's count of deliveries under way, for as long as it lives.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn deliver(outbox: Arc<Outbox>, due: CallbackDue, _busy: Busy) {
     let store = outbox.store.as_ref();
     let attempts = due.attempts + 1;
     let job = match store.job_get(due.job_id).await {

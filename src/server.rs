@@ -95,6 +95,7 @@ impl Settings {
                 task_signer: self.task_signer.clone(),
                 sealer: self.sealer.clone(),
                 aws_signer: Default::default(),
+                reports_need_url: false,
                 // The node's own, set when it starts.
                 telemetry: Arc::new(Telemetry::disabled()),
                 lease_timeout: self.lease_timeout,
@@ -469,7 +470,9 @@ pub async fn work(
     options: WorkOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<WorkReport, ServeError> {
-    let node = Node::start(store, options.settings.parts(None), Role::Work).await?;
+    let mut parts = options.settings.parts(None);
+    parts.engine.reports_need_url = true;
+    let node = Node::start(store, parts, Role::Work).await?;
     let started = tokio::time::Instant::now();
     let deadline = options.max_duration.map(|d| started + d);
     tokio::pin!(shutdown);

@@ -24,12 +24,19 @@ pub(super) async fn lease_loop(
     finisher_stop: CancellationToken,
 ) {
     let every = (engine.config.lease_timeout / 3).max(Duration::from_millis(10));
+    // The first sweep at once: a short-lived node (`work --until-idle`) takes back what a
+    // dead node left before it decides it has nothing to do.
+    let mut first = true;
     loop {
-        tokio::select! {
-            // Renewal goes on through the shutdown's grace period, until the finisher stops.
-            _ = finisher_stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+        if !first {
+            tokio::select! {
+                // Renewal goes on through the shutdown's grace period, until the finisher
+                // stops.
+                _ = finisher_stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
+        first = false;
         let now = now_millis();
         for node in engine.names.in_use() {
             let until = now + engine.config.lease_timeout.as_millis() as i64;
@@ -53,6 +60,9 @@ pub(super) async fn lease_loop(
             Err(e) => tracing::error!(error = %e, "taking back expired leases failed"),
         }
         time_out_awaited(&engine, now, &stop).await;
+        engine
+            .swept
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -74,6 +74,11 @@ pub struct EngineConfig {
     pub sealer: Arc<crate::sealing::Sealer>,
     /// Signs the calls of jobs with `aws_sigv4`.
     pub aws_signer: Arc<crate::aws::CallSigner>,
+    /// A job with `async_reports` whose endpoint can be told no report URL (no public URL,
+    /// no API of its own) fails its calls rather than count a 202 as success: `work`, whose
+    /// jobs were submitted to an API elsewhere. (`doparallel run` has no API by design, and
+    /// counts a 202 as a success there.)
+    pub reports_need_url: bool,
     /// Where the spans of call attempts (and of jobs without a callback) go.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// How long a claimed task stays leased to this node without renewal; after that any
@@ -139,6 +144,7 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
         hosts,
         config,
         idle: std::sync::Mutex::new(None),
+        swept: std::sync::atomic::AtomicBool::new(false),
     });
     let stop = CancellationToken::new();
     let finisher_stop = CancellationToken::new();
@@ -183,9 +189,14 @@ impl EngineHandle {
     /// Whether this engine has nothing to do now or within `margin`: nothing in flight or
     /// waiting at a host's gate, and its claims found nothing due, with no task in backoff
     /// due within `margin`, for at least one idle poll (a look at the store made after any
-    /// signal it may have missed). What other nodes hold is theirs. For `work --until-idle`.
+    /// signal it may have missed), and its lease loop has swept once (what dead nodes left
+    /// is taken back). What live nodes hold is theirs. A claim sees the `2 x max_in_flight
+    /// + 8` least recently served jobs, so a retry due soon in a job beyond them is left to
+    /// the next worker. For `work --until-idle`.
     pub fn idle(&self, margin: Duration) -> bool {
-        if self.in_flight.available_permits() < self.max_in_flight {
+        if self.in_flight.available_permits() < self.max_in_flight
+            || !self.engine.swept.load(std::sync::atomic::Ordering::SeqCst)
+        {
             return false;
         }
         let Some(spell) = *self.engine.idle.lock().expect("not poisoned") else {

@@ -47,6 +47,9 @@ pub(super) struct Engine {
     /// What the dispatcher's claims found while it had nothing in flight (see
     /// [`super::EngineHandle::idle`]).
     pub(super) idle: std::sync::Mutex<Option<IdleSpell>>,
+    /// Whether the lease loop has swept once (taken back expired leases, timed out awaited
+    /// attempts): a node is not idle before.
+    pub(super) swept: std::sync::atomic::AtomicBool,
 }
 
 /// A run of claims that found nothing to do while nothing was in flight.

@@ -184,13 +184,14 @@ async fn workers_share_and_survive_a_kill(url: &str) {
     .await;
     doomed.kill().unwrap();
     doomed.wait().unwrap();
-    // Past its lease: the next worker takes the tasks back and calls them.
+    // Past its lease: the next worker takes the tasks back at its start (its own leases
+    // last the default 30 s, so its periodic sweep would come only after it is idle) and
+    // calls them.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let u = url.to_string();
-    let report =
-        tokio::task::spawn_blocking(move || work_until_idle(&u, &["--lease-timeout", "1s"]))
-            .await
-            .unwrap();
+    let report = tokio::task::spawn_blocking(move || work_until_idle(&u, &[]))
+        .await
+        .unwrap();
     assert_eq!(calls_in(&report), 4, "{report}");
     let job = api_server.api.job(&id).await;
     assert_eq!(job["status"], "Complete", "{job}");
@@ -247,4 +248,39 @@ async fn max_duration_stops_taking_work() {
     );
     assert_eq!(job["counts"]["complete"], 3, "{job}");
     assert_eq!(job["counts"]["pending"], 3, "{job}");
+}
+
+#[tokio::test]
+async fn a_worker_without_a_public_url_fails_jobs_that_report_later() {
+    // The job's endpoints would answer 202 and report to a URL the worker cannot give: the
+    // calls fail and say why, rather than count the 202 as the outcome.
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(&dir);
+    let endpoint = Endpoint::start().await;
+    let api_server = ServerProcess::on(&db).args(&["--api-only"]).start();
+    let id = api_server
+        .api
+        .submit(&job_of(
+            1,
+            &endpoint.url("accept"),
+            None,
+            json!({"async_reports": true, "max_attempts": 1}),
+        ))
+        .await;
+    drop(api_server);
+    let url = sqlite_url(&db);
+    tokio::task::spawn_blocking(move || work_until_idle(&url, &[]))
+        .await
+        .unwrap();
+    assert_eq!(endpoint.call_count(), 0);
+    let reader = ServerProcess::on(&db).args(&["--api-only"]).start();
+    let tasks = reader.api.tasks(&id).await;
+    assert_eq!(tasks[0]["status"], "Failed");
+    assert!(
+        tasks[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no --public-url"),
+        "{tasks:?}"
+    );
 }
