@@ -86,44 +86,13 @@ pub struct ServeArgs {
     #[arg(long, env = "DOPARALLEL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Database URL: sqlite://PATH (created with its schema if missing),
-    /// postgres://USER@HOST:PORT/DATABASE (its schema created or brought up to date at start;
-    /// several nodes may share it), or dynamodb://TABLE?region=REGION[&endpoint=URL] (created
-    /// by `doparallel migrate`).
-    #[arg(
-        long,
-        env = "DOPARALLEL_DATABASE_URL",
-        default_value = "sqlite://doparallel.db"
-    )]
-    pub database: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Serve the API (and the dashboard) only: make no calls and send no callbacks;
     /// `doparallel work` processes on the same database do.
     #[arg(long, env = "DOPARALLEL_API_ONLY")]
     pub api_only: bool,
-
-    /// How long calls and requests in flight get to finish after SIGTERM or Ctrl-C (units
-    /// ms, s, m, h; a bare number is seconds).
-    #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// The URL task endpoints reach this service at, for reporting the outcome of a task
-    /// they answered with 202 (`DoParallel-Result-Url` is this plus
-    /// `/v1/tasks/{token}/result`). Without it, only the calls of jobs with the option
-    /// `async_reports` carry a result URL, made of the listening address.
-    #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
-    pub public_url: Option<url::Url>,
-
-    #[command(flatten)]
-    pub engine: EngineArgs,
-
-    /// Delays between callback attempts after the first (units ms, s, m, h).
-    #[arg(
-        long,
-        env = "DOPARALLEL_CALLBACK_RETRY_SCHEDULE",
-        default_value = "5s,5m,30m,2h,5h,10h,10h"
-    )]
-    pub callback_retry_schedule: Schedule,
 
     /// API token that clients must send (`Authorization: Bearer TOKEN`). Repeatable, or
     /// comma-separated in the environment; each token sees only the jobs it created.
@@ -143,10 +112,6 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without any API token.
     #[arg(long, env = "DOPARALLEL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
-
-    /// How long finished jobs are kept before they are purged (units ms, s, m, h, d).
-    #[arg(long, env = "DOPARALLEL_RETENTION", default_value = "7d", value_parser = parse_duration)]
-    pub retention: Duration,
 
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
@@ -173,9 +138,13 @@ pub struct ServeArgs {
     pub idle_timeout: Duration,
 }
 
+/// What every long-running node takes (`serve`, `work`).
 #[derive(Debug, Args)]
-pub struct WorkArgs {
-    /// Database URL, as for `serve`.
+pub struct NodeArgs {
+    /// Database URL: sqlite://PATH (created with its schema if missing),
+    /// postgres://USER@HOST:PORT/DATABASE (its schema created or brought up to date at start;
+    /// several nodes may share it), or dynamodb://TABLE?region=REGION[&endpoint=URL] (created
+    /// by `doparallel migrate`).
     #[arg(
         long,
         env = "DOPARALLEL_DATABASE_URL",
@@ -183,22 +152,16 @@ pub struct WorkArgs {
     )]
     pub database: String,
 
-    /// Exit (0) once nothing is due, in flight, or awaiting a callback attempt within the
-    /// next few seconds, printing how many calls and callbacks it made.
-    #[arg(long)]
-    pub until_idle: bool,
-
-    /// Stop taking work after this long (units ms, s, m, h), and exit once the calls in
-    /// flight settle (within --shutdown-grace).
-    #[arg(long, env = "DOPARALLEL_MAX_DURATION", value_parser = parse_duration)]
-    pub max_duration: Option<Duration>,
-
-    /// How long calls and callbacks in flight get to finish after a stop.
+    /// How long calls and requests in flight get to finish after SIGTERM or Ctrl-C (or, for `work`, a stop) (units
+    /// ms, s, m, h; a bare number is seconds).
     #[arg(long, env = "DOPARALLEL_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// The URL of the API (a `serve` process) where task endpoints report the outcome of a
-    /// task they answered with 202; without it, calls carry no result URL.
+    /// The URL task endpoints reach the API at, for reporting the outcome of a task they
+    /// answered with 202 (`DoParallel-Result-Url` is this plus `/v1/tasks/{token}/result`).
+    /// For `serve`, without it only the calls of jobs with the option `async_reports` carry
+    /// a result URL, made of the listening address; for `work` (which has no API), the
+    /// calls of such jobs fail without it.
     #[arg(long, env = "DOPARALLEL_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<url::Url>,
 
@@ -213,9 +176,25 @@ pub struct WorkArgs {
     )]
     pub callback_retry_schedule: Schedule,
 
-    /// How long finished jobs are kept (units s, m, h, d).
+    /// How long finished jobs are kept before they are purged (units ms, s, m, h, d).
     #[arg(long, env = "DOPARALLEL_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+
+    /// Exit (0) once nothing is due, in flight, or awaiting a callback attempt within the
+    /// next few seconds, printing how many calls and callbacks it made.
+    #[arg(long)]
+    pub until_idle: bool,
+
+    /// Stop taking work after this long (units ms, s, m, h), and exit once the calls in
+    /// flight settle (within --shutdown-grace).
+    #[arg(long, env = "DOPARALLEL_MAX_DURATION", value_parser = parse_duration)]
+    pub max_duration: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -836,7 +815,7 @@ mod tests {
         let grace = |value: &str| {
             Cli::try_parse_from(["doparallel", "serve", "--shutdown-grace", value])
                 .map(|cli| match cli.command {
-                    Command::Serve(serve) => serve.shutdown_grace,
+                    Command::Serve(serve) => serve.node.shutdown_grace,
                     _ => unreachable!(),
                 })
                 .map_err(|e| e.to_string())
@@ -912,8 +891,8 @@ mod tests {
             Cli::try_parse_from(argv)
                 .map(|cli| match cli.command {
                     Command::Serve(serve) => (
-                        serve.engine.per_host_concurrency,
-                        serve.engine.per_host_rate,
+                        serve.node.engine.per_host_concurrency,
+                        serve.node.engine.per_host_rate,
                     ),
                     _ => unreachable!(),
                 })

@@ -10,7 +10,9 @@ use clap::Parser;
 use std::collections::HashMap;
 
 use doparallel::auth::{self, ApiTokens};
-use doparallel::config::{self, Cli, Command, EngineArgs, LogFormat, RunArgs, ServeArgs, WorkArgs};
+use doparallel::config::{
+    self, Cli, Command, EngineArgs, LogFormat, NodeArgs, RunArgs, ServeArgs, WorkArgs,
+};
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
 use doparallel::store::ItemLimits;
@@ -92,18 +94,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.listen
         );
     }
-    let mut settings = node_settings(
-        &args.engine,
-        &args.callback_retry_schedule,
-        args.retention,
-        args.public_url.clone(),
-    )?;
+    let mut settings = node_settings(&args.node)?;
     if settings.owner_max_in_flight.is_none() && !tokens.is_empty() {
         // Several tenants: none may take every slot.
         settings.owner_max_in_flight = Some((settings.max_in_flight as u64 / 2).max(1));
     }
     if !tenant_secrets.is_empty() {
-        let (callbacks, tasks) = args.engine.secrets().map_err(anyhow::Error::msg)?;
+        let (callbacks, tasks) = args.node.engine.secrets().map_err(anyhow::Error::msg)?;
         let tenant: Vec<WebhookSecret> = tenant_secrets.values().cloned().collect();
         config::refuse_shared(&tenant, &tasks, "a tenant's secret in --api-token-file")
             .map_err(anyhow::Error::msg)?;
@@ -118,11 +115,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let store = store::open(&args.database).await?;
-    check_item_limits(&args.engine, store.item_limits())?;
+    let store = store::open(&args.node.database).await?;
+    check_item_limits(&args.node.engine, store.item_limits())?;
     let options = ServeOptions {
         settings,
-        shutdown_grace: args.shutdown_grace,
+        shutdown_grace: args.node.shutdown_grace,
         listen: doparallel::listener::ListenLimits {
             max_connections: args
                 .max_connections
@@ -142,20 +139,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// The settings of a long-running node (`serve`, `work`): outbound calls guarded, finished
 /// jobs kept for `retention`.
-fn node_settings(
-    engine: &EngineArgs,
-    schedule: &config::Schedule,
-    retention: std::time::Duration,
-    public_url: Option<url::Url>,
-) -> anyhow::Result<doparallel::Settings> {
-    let mut settings = engine
+fn node_settings(node: &NodeArgs) -> anyhow::Result<doparallel::Settings> {
+    let mut settings = node
+        .engine
         .settings(
-            schedule,
-            Some(retention),
-            EgressPolicy::guarded(engine.allow_net.clone()),
+            &node.callback_retry_schedule,
+            Some(node.retention),
+            EgressPolicy::guarded(node.engine.allow_net.clone()),
         )
         .map_err(anyhow::Error::msg)?;
-    settings.public_url = public_url;
+    settings.public_url = node.public_url.clone();
     Ok(settings)
 }
 
@@ -163,19 +156,14 @@ fn node_settings(
 /// stdout, or as a log line with `--log-format json`.
 async fn work(args: WorkArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     raise_open_file_limit();
-    let settings = node_settings(
-        &args.engine,
-        &args.callback_retry_schedule,
-        args.retention,
-        args.public_url.clone(),
-    )?;
-    let store = store::open(&args.database).await?;
-    check_item_limits(&args.engine, store.item_limits())?;
+    let settings = node_settings(&args.node)?;
+    let store = store::open(&args.node.database).await?;
+    check_item_limits(&args.node.engine, store.item_limits())?;
     let options = doparallel::WorkOptions {
         settings,
         until_idle: args.until_idle,
         max_duration: args.max_duration,
-        shutdown_grace: args.shutdown_grace,
+        shutdown_grace: args.node.shutdown_grace,
     };
     let report = doparallel::work(store, options, shutdown_signal()).await?;
     if json_logs {
