@@ -950,6 +950,16 @@ async fn a_panic_in_the_group_commit_fails_its_group_only() {
     assert_eq!(view["status"], "Complete", "{view}");
 }
 
+/// What the endpoint of `dynamodb_a_settle_batch_where_one_jobs_transaction_fails` lets
+/// through.
+#[derive(Clone, Debug)]
+enum Gate {
+    Hold,
+    /// Task 1 of this job only.
+    One(String),
+    All,
+}
+
 /// DynamoDB (moto): a settle batch holds two jobs' outcomes; one job's transaction fails
 /// (answers 500, beyond the SDK's retries) while the other's commits. Both jobs finish,
 /// each announced once, each with one callback.
@@ -961,8 +971,36 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
         return;
     };
     let proxy = FaultyProxy::start(crate::moto::moto().unwrap()).await;
-    let (gate, _) = tokio::sync::watch::channel(false);
-    let endpoint = held_endpoint(&gate, 0).await;
+    // Calls wait at the endpoint until let through: first one task of the first job, then
+    // all of them. It counts the answers it gave.
+    let (gate, gate_rx) = tokio::sync::watch::channel(Gate::Hold);
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = answered.clone();
+    let endpoint = RawEndpoint::start(move |_, call, mut stream| {
+        let mut gate = gate_rx.clone();
+        let answered = counter.clone();
+        async move {
+            let (job, task) = (
+                call.header("doparallel-job-id"),
+                call.header("doparallel-task"),
+            );
+            let through = |g: &Gate| match g {
+                Gate::Hold => false,
+                Gate::One(one) => *one == job && task == "1",
+                Gate::All => true,
+            };
+            let _ = tokio::time::timeout(DEADLINE, gate.wait_for(through)).await;
+            respond(
+                &mut stream,
+                "200 OK",
+                &[("content-type", "application/json")],
+                b"{}",
+            )
+            .await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .await;
     let mut receiver = Receiver::start(0, 200).await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("server.log");
@@ -980,16 +1018,14 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
         (endpoint.call_count() == 2 * TASKS).then_some(())
     })
     .await;
-    // From here the only transactions of the two jobs are their settles. The first settle
-    // (of whichever job's outcome comes first) is held up a little, so that every other
-    // outcome queues meanwhile and the next batch holds both jobs'; in that batch the first
-    // job's transaction fails, beyond the SDK's three attempts. (When outcomes of both jobs
-    // reach the finisher together, the first batch holds both already: one job's
-    // transaction is held up, the other's fails. The same case, sooner.)
-    let (a, b) = (first.clone(), second.clone());
+    // From here the only transactions of the two jobs are their settles. One outcome of the
+    // first job goes alone into a batch, whose transaction is held up a second; every other
+    // outcome queues meanwhile, so the next batch holds both jobs', and in it the first
+    // job's transaction fails, beyond the SDK's three attempts.
+    let delayed = first.clone();
     proxy.arm(
-        move |op, body| op == "TransactWriteItems" && (body.contains(&a) || body.contains(&b)),
-        ProxyFault::Delay(Duration::from_millis(500)),
+        move |op, body| op == "TransactWriteItems" && body.contains(&delayed),
+        ProxyFault::Delay(Duration::from_millis(1000)),
         1,
     );
     let failing = first.clone();
@@ -998,7 +1034,14 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
         ProxyFault::Error500,
         3,
     );
-    gate.send_replace(true);
+    gate.send_replace(Gate::One(first.clone()));
+    eventually("the first outcome", || async {
+        (answered.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    // The finisher takes that outcome at once; the rest come while its settle is held up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.send_replace(Gate::All);
     let mut delivered: Vec<String> = Vec::new();
     for _ in 0..2 {
         let d = receiver.next().await;
@@ -1011,9 +1054,7 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
     expected.sort();
     assert_eq!(delivered, expected);
     assert_eq!(proxy.faulted(), 3);
-    // A batch that failed held outcomes of both jobs (usually the second batch, with
-    // every outcome but the first; sometimes the first, when outcomes of both jobs reached
-    // the finisher together).
+    // The batch that failed held outcomes of both jobs.
     let failed_batch_jobs = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
