@@ -159,6 +159,8 @@ pub struct FaultyProxy {
     pub port: u16,
     rules: std::sync::Arc<std::sync::Mutex<Vec<Rule>>>,
     faulted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests held up by a `Delay` so far (counted as their wait begins).
+    delayed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FaultyProxy {
@@ -169,13 +171,15 @@ impl FaultyProxy {
         let upstream = format!("http://127.0.0.1:{}", moto.port);
         let rules: std::sync::Arc<std::sync::Mutex<Vec<Rule>>> = Default::default();
         let faulted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (shared_rules, count) = (rules.clone(), faulted.clone());
+        let delayed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (shared_rules, count, held) = (rules.clone(), faulted.clone(), delayed.clone());
         let http = reqwest::Client::new();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let (rules, count, http, upstream) = (
+                let (rules, count, held, http, upstream) = (
                     shared_rules.clone(),
                     count.clone(),
+                    held.clone(),
                     http.clone(),
                     upstream.clone(),
                 );
@@ -231,6 +235,7 @@ impl FaultyProxy {
                                 })
                         };
                         if let Some(ProxyFault::Delay(by)) = fault {
+                            held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             tokio::time::sleep(by).await;
                         }
                         if let Some(ProxyFault::Error500) = fault {
@@ -294,6 +299,7 @@ impl FaultyProxy {
             port,
             rules,
             faulted,
+            delayed,
         }
     }
 
@@ -320,5 +326,10 @@ impl FaultyProxy {
     /// How many requests were faulted so far.
     pub fn faulted(&self) -> usize {
         self.faulted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests a `Delay` rule has begun to hold up.
+    pub fn delayed(&self) -> usize {
+        self.delayed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -972,13 +972,10 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
     };
     let proxy = FaultyProxy::start(crate::moto::moto().unwrap()).await;
     // Calls wait at the endpoint until let through: first one task of the first job, then
-    // all of them. It counts the answers it gave.
+    // all of them.
     let (gate, gate_rx) = tokio::sync::watch::channel(Gate::Hold);
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = answered.clone();
     let endpoint = RawEndpoint::start(move |_, call, mut stream| {
         let mut gate = gate_rx.clone();
-        let answered = counter.clone();
         async move {
             let (job, task) = (
                 call.header("doparallel-job-id"),
@@ -997,7 +994,6 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
                 b"{}",
             )
             .await;
-            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     })
     .await;
@@ -1035,12 +1031,11 @@ async fn dynamodb_a_settle_batch_where_one_jobs_transaction_fails() {
         3,
     );
     gate.send_replace(Gate::One(first.clone()));
-    eventually("the first outcome", || async {
-        (answered.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    // The rest come while that outcome's settle is held up at the proxy.
+    eventually("the first settle to be held up", || async {
+        (proxy.delayed() == 1).then_some(())
     })
     .await;
-    // The finisher takes that outcome at once; the rest come while its settle is held up.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     gate.send_replace(Gate::All);
     let mut delivered: Vec<String> = Vec::new();
     for _ in 0..2 {
