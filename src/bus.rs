@@ -76,6 +76,16 @@ impl Bus {
         self.work.notified().await;
     }
 
+    /// Whether work or a callback became due since the last look: for a node without an
+    /// engine of its own that wakes one elsewhere (`crate::lambda`). Takes the wake-ups an
+    /// engine and an outbox would have taken.
+    pub fn take_wakeups(&self) -> bool {
+        use futures_util::FutureExt;
+        let work = self.work.notified().now_or_never().is_some();
+        let callbacks = self.callbacks_due.notified().now_or_never().is_some();
+        work || callbacks
+    }
+
     /// A callback delivery may have become due.
     pub fn callbacks_due(&self) {
         self.callbacks_due.notify_one();

@@ -57,6 +57,10 @@ pub enum Command {
     /// processes on a shared database (or in turn with one, on SQLite); with --until-idle,
     /// exit once nothing is left to do (a cron job, a batch step).
     Work(Box<WorkArgs>),
+    /// Run as an AWS Lambda function (the default when the binary starts with no arguments
+    /// inside Lambda): HTTP events are API requests, `{"doparallel": "work"}` and scheduled
+    /// events drain due work until the invocation's time is nearly out.
+    Lambda(Box<LambdaArgs>),
     /// Create the database's schema: a DynamoDB table (on-demand capacity, with its
     /// indexes), or a SQLite file's tables. Waits until it is ready.
     Migrate(MigrateArgs),
@@ -94,28 +98,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DOPARALLEL_API_ONLY")]
     pub api_only: bool,
 
-    /// API token that clients must send (`Authorization: Bearer TOKEN`). Repeatable, or
-    /// comma-separated in the environment; each token sees only the jobs it created.
-    #[arg(
-        long = "api-token",
-        env = "DOPARALLEL_API_TOKENS",
-        value_delimiter = ',',
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    pub api_token: Vec<Secret>,
-
-    /// File of API tokens, one per line (blank lines and lines starting with # are skipped).
-    #[arg(long, env = "DOPARALLEL_API_TOKEN_FILE", value_name = "PATH")]
-    pub api_token_file: Option<PathBuf>,
-
-    /// Allow listening on a non-loopback address without any API token.
-    #[arg(long, env = "DOPARALLEL_INSECURE_NO_AUTH")]
-    pub insecure_no_auth: bool,
-
-    /// Largest request body accepted, in bytes.
-    #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
-    pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub api: ApiArgs,
 
     /// Most incoming connections open at once; one more is closed as soon as it is
     /// accepted. Default: half the open-file limit (raised to its hard limit at start), the
@@ -136,6 +120,61 @@ pub struct ServeArgs {
     /// How long a kept-alive connection may wait for its next request.
     #[arg(long, env = "DOPARALLEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+}
+
+/// Who may use the API (`serve`, `lambda`).
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// API token that clients must send (`Authorization: Bearer TOKEN`). Repeatable, or
+    /// comma-separated in the environment; each token sees only the jobs it created.
+    #[arg(
+        long = "api-token",
+        env = "DOPARALLEL_API_TOKENS",
+        value_delimiter = ',',
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Vec<Secret>,
+
+    #[command(flatten)]
+    pub token_file: TokenFileArg,
+
+    /// Serve without any API token: on a non-loopback address (`serve`), or as a Lambda
+    /// function (whose URL AWS IAM may guard instead).
+    #[arg(long, env = "DOPARALLEL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "DOPARALLEL_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// The file of API tokens, some with the callback secret of their jobs: read by the API
+/// for the tokens and by whoever sends callbacks (`serve`, `work`, `lambda`) for the
+/// secrets.
+#[derive(Debug, Args)]
+pub struct TokenFileArg {
+    /// File of API tokens, one per line (blank lines and lines starting with # are
+    /// skipped); `TOKEN whsec_SECRET` signs the callbacks of that token's jobs with SECRET.
+    #[arg(long, env = "DOPARALLEL_API_TOKEN_FILE", value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// `doparallel lambda`: the API and the worker as an AWS Lambda function.
+#[derive(Debug, Args)]
+pub struct LambdaArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+
+    /// The Lambda function (name or ARN) to invoke asynchronously, with
+    /// `{"doparallel": "work"}`, when an HTTP request has made work due (a job accepted, a
+    /// reported outcome, a cancel), so that it starts at once rather than at the next
+    /// schedule. Unset: the schedule alone starts the work.
+    #[arg(long, env = "DOPARALLEL_WORKER_FUNCTION", value_name = "FUNCTION")]
+    pub worker_function: Option<String>,
 }
 
 /// What every long-running node takes (`serve`, `work`).
@@ -185,6 +224,11 @@ pub struct NodeArgs {
 pub struct WorkArgs {
     #[command(flatten)]
     pub node: NodeArgs,
+
+    /// The API's token file, for the callback secrets it gives some tokens' jobs (the
+    /// tokens themselves are not used: `work` serves no API).
+    #[command(flatten)]
+    pub token_file: TokenFileArg,
 
     /// Exit (0) once nothing is due, in flight, or awaiting a callback attempt within the
     /// next few seconds, printing how many calls and callbacks it made.

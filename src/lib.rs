@@ -47,6 +47,7 @@ pub mod document;
 pub mod egress;
 pub mod engine;
 pub mod job;
+pub mod lambda;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 
 use doparallel::auth::{self, ApiTokens};
 use doparallel::config::{
-    self, Cli, Command, EngineArgs, LogFormat, NodeArgs, RunArgs, ServeArgs, WorkArgs,
+    self, ApiArgs, Cli, Command, EngineArgs, LambdaArgs, LogFormat, NodeArgs, RunArgs, ServeArgs,
+    TokenFileArg, WorkArgs,
 };
 use doparallel::egress::EgressPolicy;
 use doparallel::job::{JobStatus, parse_submission};
@@ -21,12 +22,19 @@ use doparallel::{ServeOptions, client, progress, store};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Lambda starts a custom runtime's `bootstrap` without arguments: that is this binary
+    // renamed, and it runs as `doparallel lambda`.
+    let cli =
+        if std::env::args_os().len() == 1 && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+            Cli::parse_from(["doparallel", "lambda"])
+        } else {
+            Cli::parse()
+        };
     // Arms the crash points named in FAILPOINTS (fault-test builds only).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let default_level = match cli.command {
-        Command::Serve(_) | Command::Work(_) => "info",
+        Command::Serve(_) | Command::Work(_) | Command::Lambda(_) => "info",
         // The other commands print their answer on stdout; only trouble goes to stderr.
         _ => "warn",
     };
@@ -54,6 +62,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Work(args) => work(*args, matches!(cli.log_format, LogFormat::Json)).await,
+            Command::Lambda(args) => lambda(*args).await,
             Command::Migrate(args) => {
                 println!("{}", store::migrate(&args.database).await?);
                 Ok(ExitCode::SUCCESS)
@@ -86,8 +95,8 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let open_files = raise_open_file_limit();
-    let (tokens, tenant_secrets) = api_tokens(&args)?;
-    if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+    let (tokens, tenant_secrets) = api_tokens(&args.api)?;
+    if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.api.insecure_no_auth {
         anyhow::bail!(
             "refusing to listen on {} without an API token: set --api-token (or \
              DOPARALLEL_API_TOKENS), or pass --insecure-no-auth to serve anyone who can reach it",
@@ -99,18 +108,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         // Several tenants: none may take every slot.
         settings.owner_max_in_flight = Some((settings.max_in_flight as u64 / 2).max(1));
     }
-    if !tenant_secrets.is_empty() {
-        let (callbacks, tasks) = args.node.engine.secrets().map_err(anyhow::Error::msg)?;
-        let tenant: Vec<WebhookSecret> = tenant_secrets.values().cloned().collect();
-        config::refuse_shared(&tenant, &tasks, "a tenant's secret in --api-token-file")
-            .map_err(anyhow::Error::msg)?;
-        let by_owner = tenant_secrets
-            .into_iter()
-            .map(|(owner, secret)| (owner, Signer::new(vec![secret])))
-            .collect();
-        settings.callback_signers =
-            Arc::new(CallbackSigners::new(Signer::new(callbacks), by_owner));
-    }
+    sign_tenant_callbacks(&mut settings, &args.node, tenant_secrets)?;
     // The port first: a port in use must not leave a new database behind.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -128,7 +126,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             header_timeout: args.header_timeout,
             body_timeout: args.body_timeout,
             idle_timeout: args.idle_timeout,
-            max_body_bytes: args.max_body_bytes,
+            max_body_bytes: args.api.max_body_bytes,
         },
         tokens,
         api_only: args.api_only,
@@ -152,11 +150,68 @@ fn node_settings(node: &NodeArgs) -> anyhow::Result<doparallel::Settings> {
     Ok(settings)
 }
 
+/// Tenants' callbacks are signed with their own secret (from the token file), the others'
+/// with the node's.
+fn sign_tenant_callbacks(
+    settings: &mut doparallel::Settings,
+    node: &NodeArgs,
+    tenant_secrets: HashMap<String, WebhookSecret>,
+) -> anyhow::Result<()> {
+    if tenant_secrets.is_empty() {
+        return Ok(());
+    }
+    let (callbacks, tasks) = node.engine.secrets().map_err(anyhow::Error::msg)?;
+    let tenant: Vec<WebhookSecret> = tenant_secrets.values().cloned().collect();
+    config::refuse_shared(&tenant, &tasks, "a tenant's secret in --api-token-file")
+        .map_err(anyhow::Error::msg)?;
+    let by_owner = tenant_secrets
+        .into_iter()
+        .map(|(owner, secret)| (owner, Signer::new(vec![secret])))
+        .collect();
+    settings.callback_signers = Arc::new(CallbackSigners::new(Signer::new(callbacks), by_owner));
+    Ok(())
+}
+
+/// `doparallel lambda`: the API and the worker under the Lambda runtime.
+async fn lambda(args: LambdaArgs) -> anyhow::Result<ExitCode> {
+    let (tokens, tenant_secrets) = api_tokens(&args.api)?;
+    if tokens.is_empty() && !args.api.insecure_no_auth {
+        anyhow::bail!(
+            "refusing to serve a Lambda function without an API token: set \
+             DOPARALLEL_API_TOKENS (or DOPARALLEL_API_TOKEN_FILE), or set \
+             DOPARALLEL_INSECURE_NO_AUTH=true when AWS IAM guards the function URL"
+        );
+    }
+    let mut settings = node_settings(&args.node)?;
+    sign_tenant_callbacks(&mut settings, &args.node, tenant_secrets)?;
+    let worker = args
+        .worker_function
+        .map(doparallel::lambda::WorkerFunction::from_env)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let store = store::open(&args.node.database).await?;
+    check_item_limits(&args.node.engine, store.item_limits())?;
+    let options = doparallel::lambda::LambdaOptions {
+        settings,
+        tokens,
+        max_body_bytes: args.api.max_body_bytes,
+        shutdown_grace: args.node.shutdown_grace,
+        worker,
+    };
+    let function = doparallel::lambda::Function::start(store, options).await?;
+    doparallel::lambda::run(function)
+        .await
+        .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `doparallel work`: the engine and the outbox without the API. Says what it did on
 /// stdout, or as a log line with `--log-format json`.
 async fn work(args: WorkArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     raise_open_file_limit();
-    let settings = node_settings(&args.node)?;
+    let mut settings = node_settings(&args.node)?;
+    let (_, tenant_secrets) = read_token_file(&args.token_file)?;
+    sign_tenant_callbacks(&mut settings, &args.node, tenant_secrets)?;
     let store = store::open(&args.node.database).await?;
     check_item_limits(&args.node.engine, store.item_limits())?;
     let options = doparallel::WorkOptions {
@@ -217,7 +272,19 @@ fn check_item_limits(args: &EngineArgs, limits: ItemLimits) -> anyhow::Result<()
 
 /// The tokens of --api-token and --api-token-file together, and the callback secrets that
 /// the file gives some of them (`TOKEN whsec_...` on a line), by owner.
-fn api_tokens(args: &ServeArgs) -> anyhow::Result<(ApiTokens, HashMap<String, WebhookSecret>)> {
+fn api_tokens(args: &ApiArgs) -> anyhow::Result<(ApiTokens, HashMap<String, WebhookSecret>)> {
+    let (from_file, secrets) = read_token_file(&args.token_file)?;
+    let given = args.api_token.iter().map(|t| t.expose());
+    let tokens = ApiTokens::new(given.chain(from_file.iter().map(String::as_str)))
+        .map_err(anyhow::Error::msg)?;
+    Ok((tokens, secrets))
+}
+
+/// The tokens of --api-token-file, and the callback secrets it gives some of them, by
+/// owner.
+type TokenFile = (Vec<String>, HashMap<String, WebhookSecret>);
+
+fn read_token_file(args: &TokenFileArg) -> anyhow::Result<TokenFile> {
     let file_text = match &args.api_token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read API token file {}", path.display()))?,
@@ -243,11 +310,9 @@ fn api_tokens(args: &ServeArgs) -> anyhow::Result<(ApiTokens, HashMap<String, We
                 i + 1
             );
         }
-        from_file.push(token);
+        from_file.push(token.to_string());
     }
-    let given = args.api_token.iter().map(|t| t.expose());
-    let tokens = ApiTokens::new(given.chain(from_file)).map_err(anyhow::Error::msg)?;
-    Ok((tokens, secrets))
+    Ok((from_file, secrets))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

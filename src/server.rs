@@ -117,6 +117,7 @@ impl Settings {
                 sealer: self.sealer.clone(),
                 max_callback_bytes: self.max_callback_bytes,
                 max_response_bytes: self.max_response_bytes,
+                event_streams: true,
             },
             outbound: OutboundSettings {
                 egress: self.egress.clone(),
@@ -160,9 +161,9 @@ pub enum ServeError {
 }
 
 /// A started node without its HTTP face.
-struct Node {
-    services: Services,
-    telemetry: Arc<Telemetry>,
+pub(crate) struct Node {
+    pub(crate) services: Services,
+    pub(crate) telemetry: Arc<Telemetry>,
     outbound: Arc<Outbound>,
     /// The engine and the outbox; `None` on an API-only node.
     work: Option<Workers>,
@@ -179,7 +180,7 @@ struct Workers {
 
 /// What a node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
+pub(crate) enum Role {
     /// Engine and outbox (`serve`, `work`, `run`).
     Work,
     /// Neither: another process calls and calls back (`serve --api-only`).
@@ -187,7 +188,7 @@ enum Role {
 }
 
 impl Node {
-    async fn start(
+    pub(crate) async fn start(
         store: Arc<dyn Store>,
         mut parts: PartsConfig,
         role: Role,

@@ -55,6 +55,9 @@ pub struct ApiConfig {
     pub max_callback_bytes: usize,
     /// The largest outcome an endpoint may report.
     pub max_response_bytes: usize,
+    /// Serve `GET /v1/jobs/{id}/events`. Off where a response cannot stream (AWS Lambda
+    /// buffers it whole): without the route, the CLI and the dashboard poll instead.
+    pub event_streams: bool,
 }
 
 /// The API's routes over the node's services. With `tokens`, every route but
@@ -65,13 +68,16 @@ pub fn router(
     tokens: Arc<ApiTokens>,
     max_body_bytes: usize,
 ) -> Router {
-    let guarded = Router::new()
+    let mut guarded = Router::new()
         .route("/v1/job", post(submit))
         .route("/v1/jobs", post(submit_alias).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
-        .route("/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job));
+    if config.event_streams {
+        guarded = guarded.route("/v1/jobs/{id}/events", get(job_events));
+    }
+    let guarded = guarded
         .route("/metrics", get(metrics))
         .merge(crate::dashboard::page_router())
         .route_layer(middleware::from_fn_with_state(tokens, require_token));

@@ -510,6 +510,8 @@ pub struct Delivery {
     pub headers: HeaderMap,
     pub answered: u16,
     pub body: Value,
+    /// The body as sent, for checking its signature.
+    pub raw: Bytes,
 }
 
 /// A callback receiver that answers `fail_first` attempts with `fail_status`, then 200.
@@ -571,6 +573,7 @@ impl Receiver {
                         headers: headers.clone(),
                         answered,
                         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                        raw: body,
                     };
                     log.lock().unwrap().push(delivery.clone());
                     let _ = tx.send(delivery);

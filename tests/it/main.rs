@@ -14,6 +14,7 @@ mod failpoints;
 mod faults;
 mod helpers;
 mod hosts;
+mod lambda;
 mod layers;
 mod lifecycle;
 mod moto;

@@ -33,6 +33,18 @@ pub const ENV: [(&str, &str); 5] = [
     ("AWS_CONFIG_FILE", "/dev/null"),
 ];
 
+/// Sets [`ENV`] in this process, once.
+pub fn set_test_env() {
+    static SET: std::sync::Once = std::sync::Once::new();
+    SET.call_once(|| {
+        for (key, value) in ENV {
+            // SAFETY: set once, before any AWS client exists, by the first test that needs
+            // them; the other tests read the environment only through std, which locks it.
+            unsafe { std::env::set_var(key, value) };
+        }
+    });
+}
+
 /// The server, or `None` (after a loud notice) when moto is not installed outside CI.
 pub fn moto() -> Option<&'static Moto> {
     MOTO.get_or_init(start).as_ref()
@@ -53,11 +65,7 @@ fn start() -> Option<Moto> {
         eprintln!("\n!!!!!!!!\n!!! SKIPPING the DynamoDB tests: {why}\n!!!!!!!!\n");
         return None;
     }
-    for (key, value) in ENV {
-        // SAFETY: set once, before any AWS client exists, by the first DynamoDB test; the
-        // other tests read the environment only through std, which locks it.
-        unsafe { std::env::set_var(key, value) };
-    }
+    set_test_env();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -284,3 +284,62 @@ async fn a_worker_without_a_public_url_fails_jobs_that_report_later() {
         "{tasks:?}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_signs_a_tenants_callbacks_with_the_tenants_secret() {
+    // The token file gives one tenant a callback secret of its own: the worker, which
+    // serves no API, reads the file for it, as `serve` does.
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(&dir);
+    let server_secret = doparallel::webhook::WebhookSecret::generate();
+    let tenant_secret = doparallel::webhook::WebhookSecret::generate();
+    let token = "tenant-token-0123456789";
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{token} {tenant_secret}\n")).unwrap();
+    let tokens = tokens.to_str().unwrap();
+    let mut receiver = Receiver::start(0, 200).await;
+    let api_server = ServerProcess::on(&db)
+        .args(&["--api-only", "--api-token-file", tokens])
+        .start();
+    let job = json!({"callback": receiver.url(), "tasks": [{"endpoint": "/v1/test"}]});
+    let accepted = api_server
+        .api
+        .http
+        .post(format!("{}/v1/jobs", api_server.api.base))
+        .bearer_auth(token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status().as_u16(), 202);
+    drop(api_server);
+
+    let url = sqlite_url(&db);
+    // `/v1/test` is answered by the API, which a worker is not: the task fails, and the
+    // callback (status Failed) is what is checked here.
+    let args = [
+        "--api-token-file".to_string(),
+        tokens.to_string(),
+        "--webhook-secret".to_string(),
+        server_secret.to_string(),
+    ];
+    tokio::task::spawn_blocking(move || {
+        work_until_idle(&url, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    let delivery = receiver.next().await;
+    let header = |name: &str| delivery.headers[name].to_str().unwrap().to_string();
+    let timestamp: u64 = header("webhook-timestamp").parse().unwrap();
+    let expected = |secret: &str| {
+        doparallel::webhook::Signer::new(vec![secret.parse().unwrap()])
+            .signature(&header("webhook-id"), timestamp, &delivery.raw)
+            .unwrap()
+    };
+    let signature = header("webhook-signature");
+    assert!(signature.contains(&expected(&tenant_secret)), "{signature}");
+    assert!(
+        !signature.contains(&expected(&server_secret)),
+        "{signature}"
+    );
+}
