@@ -174,6 +174,14 @@ fn sign_tenant_callbacks(
 
 /// `doparallel lambda`: the API and the worker under the Lambda runtime.
 async fn lambda(args: LambdaArgs) -> anyhow::Result<ExitCode> {
+    // The runtime client would panic without it; nothing is opened before this check.
+    if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_none() {
+        anyhow::bail!(
+            "doparallel lambda runs inside AWS Lambda, whose runtime API \
+             (AWS_LAMBDA_RUNTIME_API) is not set here; locally, start it under \
+             `cargo lambda watch --only-lambda-apis` with the variables it prints"
+        );
+    }
     let (tokens, tenant_secrets) = api_tokens(&args.api)?;
     if tokens.is_empty() && !args.api.insecure_no_auth {
         anyhow::bail!(

@@ -574,3 +574,31 @@ async fn under_the_lambda_emulator_a_job_runs_from_the_function_url_to_its_callb
         .unwrap();
     assert_eq!(view["callback"]["state"], "delivered", "{view}");
 }
+
+#[test]
+fn lambda_refuses_to_start_outside_lambda_or_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_path(&dir);
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .arg("lambda")
+            .args(["--database", &sqlite_url(&db)])
+            .args(args)
+            .env_remove("AWS_LAMBDA_RUNTIME_API")
+            .env_remove("DOPARALLEL_API_TOKENS")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let stderr = run(&[], &["--api-token", TOKEN]);
+    assert!(
+        stderr.contains("AWS_LAMBDA_RUNTIME_API) is not set"),
+        "{stderr}"
+    );
+    // The runtime API is never reached: the missing token stops it first.
+    let stderr = run(&[("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")], &[]);
+    assert!(stderr.contains("without an API token"), "{stderr}");
+    assert!(!db.exists(), "nothing was created");
+}

@@ -33,7 +33,7 @@ const FLOORS: &[(&str, bool, &[&str])] = &[
         ],
     ),
     ("parts", true, &["engine", "outbox", "api"]),
-    ("wiring", false, &["server"]),
+    ("wiring", false, &["server", "lambda"]),
     ("entry", false, &["config", "client"]),
 ];
 
