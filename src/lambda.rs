@@ -83,8 +83,9 @@ impl WorkerFunction {
 }
 
 /// A drain stops taking work this long (beyond the calls' grace) before the invocation's
-/// deadline, to report and flush in time.
-const STOP_MARGIN: Duration = Duration::from_secs(2);
+/// deadline: the stop itself (abandoning the calls left, up to 1 s; the last outcomes
+/// written; the leases loop ended; spans flushed, up to 2 s) takes place in it.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// Lambda gives an invocation's deadline in milliseconds since the epoch; cargo-lambda's
 /// local emulator gives the function's timeout instead (600000, ten minutes). A value this
@@ -106,10 +107,11 @@ pub struct Function {
     store: Arc<dyn Store>,
     settings: Settings,
     shutdown_grace: Duration,
-    worker: Option<Invoker>,
+    worker: Option<WorkerInvoker>,
 }
 
-struct Invoker {
+/// Sends the worker function's `Invoke`.
+pub struct WorkerInvoker {
     function: WorkerFunction,
     http: reqwest::Client,
     signer: CallSigner,
@@ -129,14 +131,7 @@ impl Function {
             options.max_body_bytes,
         );
         let worker = match options.worker {
-            Some(function) => Some(Invoker {
-                function,
-                http: reqwest::Client::builder()
-                    .timeout(INVOKE_TIMEOUT)
-                    .build()
-                    .map_err(ServeError::Http)?,
-                signer: CallSigner::default(),
-            }),
+            Some(function) => Some(WorkerInvoker::new(function).map_err(ServeError::Http)?),
             None => {
                 tracing::info!("no worker function: work starts at the next scheduled event");
                 None
@@ -238,19 +233,32 @@ impl Function {
     }
 }
 
-impl Invoker {
-    /// `Invoke` with `InvocationType=Event`, signed with the function's own credentials.
-    async fn invoke(&self) -> Result<(), String> {
-        let mut url = self.function.endpoint.clone();
-        url.path_segments_mut()
-            .map_err(|_| format!("{} cannot take a path", self.function.endpoint))?
-            .pop_if_empty()
-            .extend([
-                "2015-03-31",
-                "functions",
-                &self.function.name,
-                "invocations",
-            ]);
+/// What a function name keeps unencoded in the `Invoke` path: the unreserved characters.
+/// An ARN's or an alias's `:` is sent as `%3A`, as the AWS SDKs send it (SigV4 then encodes
+/// the path once more, as Lambda does when it checks the signature).
+const FUNCTION_NAME: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+impl WorkerInvoker {
+    pub fn new(function: WorkerFunction) -> Result<Self, reqwest::Error> {
+        Ok(WorkerInvoker {
+            function,
+            http: reqwest::Client::builder().timeout(INVOKE_TIMEOUT).build()?,
+            signer: CallSigner::default(),
+        })
+    }
+
+    /// `Invoke` with `InvocationType=Event`, signed with the credentials of the AWS SDK's
+    /// chain (in Lambda, the function's role).
+    pub async fn invoke(&self) -> Result<(), String> {
+        let url = format!(
+            "{}/2015-03-31/functions/{}/invocations",
+            self.function.endpoint.as_str().trim_end_matches('/'),
+            percent_encoding::utf8_percent_encode(&self.function.name, FUNCTION_NAME)
+        );
         let body = json!({"doparallel": "work"}).to_string();
         let mut request = self
             .http

@@ -190,6 +190,13 @@ async fn lambda(args: LambdaArgs) -> anyhow::Result<ExitCode> {
              DOPARALLEL_INSECURE_NO_AUTH=true when AWS IAM guards the function URL"
         );
     }
+    if args.node.database.starts_with("sqlite:") {
+        anyhow::bail!(
+            "a Lambda function cannot keep its state in SQLite: each execution environment \
+             has a disk of its own, lost when it ends; use a dynamodb:// or postgres:// \
+             --database (DOPARALLEL_DATABASE_URL)"
+        );
+    }
     let mut settings = node_settings(&args.node)?;
     sign_tenant_callbacks(&mut settings, &args.node, tenant_secrets)?;
     let worker = args

@@ -297,11 +297,15 @@ impl Node {
     /// Stops claiming and sending; calls in flight and callbacks being sent get up to
     /// `grace` to finish, side by side.
     async fn shutdown(self, grace: Duration) {
-        if let Some(work) = self.work {
+        if let Some(mut work) = self.work {
             work.outbox_stop.cancel();
             let outbox = async {
-                if tokio::time::timeout(grace, work.outbox).await.is_err() {
+                if tokio::time::timeout(grace, &mut work.outbox).await.is_err() {
                     tracing::warn!("grace period over; callbacks being sent will be sent again");
+                    // Dropping the outbox's loop drops its deliveries under way: none
+                    // outlives the node.
+                    work.outbox.abort();
+                    let _ = (&mut work.outbox).await;
                 }
             };
             tokio::join!(work.engine.shutdown(grace), outbox);
@@ -471,11 +475,13 @@ pub async fn work(
     options: WorkOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<WorkReport, ServeError> {
+    // From the call, not from the end of the start: a Lambda invocation's time runs from
+    // its beginning.
+    let started = tokio::time::Instant::now();
+    let deadline = options.max_duration.map(|d| started + d);
     let mut parts = options.settings.parts(None);
     parts.engine.reports_need_url = true;
     let node = Node::start(store, parts, Role::Work).await?;
-    let started = tokio::time::Instant::now();
-    let deadline = options.max_duration.map(|d| started + d);
     tokio::pin!(shutdown);
     let ended = loop {
         let tick = tokio::time::sleep(Duration::from_millis(250));

@@ -197,19 +197,26 @@ async fn run_call(
         );
         call::ReportTo { token, url }
     });
-    let attempt =
-        if report_to.is_none() && task.options.async_reports && engine.config.reports_need_url {
-            Some(call::Attempt::Fatal(crate::job::TaskError::new(
-                "request",
-                "the job asks for async reports, but this worker has no --public-url to give the \
+    let attempt = if report_to.is_none()
+        && task.options.async_reports
+        && engine.config.reports_need_url
+    {
+        Some(call::Attempt::Fatal(crate::job::TaskError::new(
+            "request",
+            "the job asks for async reports, but this worker has no --public-url to give the \
              endpoint (set it to the API's URL)",
-            )))
-        } else {
-            tokio::select! {
-                a = call::attempt(&engine.outbound, &task, &engine.config, report_to) => Some(a),
-                _ = cancelled.cancelled() => None,
+        )))
+    } else {
+        tokio::select! {
+            a = call::attempt(&engine.outbound, &task, &engine.config, report_to) => Some(a),
+            _ = cancelled.cancelled() => None,
+            _ = engine.abandon.cancelled() => {
+                engine.metrics.calls_in_flight.dec();
+                tracing::debug!(job_id = %task.job_id, task = task.index, "call abandoned after the grace period");
+                return;
             }
-        };
+        }
+    };
     engine.metrics.calls_in_flight.dec();
     if let (Some(host), Some(attempt)) = (&host, &attempt)
         && let Some(delay) = call::host_pause(attempt)

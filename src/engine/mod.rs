@@ -119,6 +119,10 @@ pub struct EngineHandle {
     notices: Option<JoinHandle<()>>,
 }
 
+/// How long a shutdown waits for the calls it abandons to stop (they stop at their next
+/// poll; this bounds a poll stuck in a blocking section).
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
+
 /// Starts the loops.
 pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
     let names = names::Names::new();
@@ -145,6 +149,7 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
         config,
         idle: std::sync::Mutex::new(None),
         swept: std::sync::atomic::AtomicBool::new(false),
+        abandon: CancellationToken::new(),
     });
     let stop = CancellationToken::new();
     let finisher_stop = CancellationToken::new();
@@ -211,8 +216,9 @@ impl EngineHandle {
     }
 
     /// Stops claiming, lets calls in flight finish for up to `grace`, and writes every
-    /// outcome that arrived. Calls still running after that are abandoned: their tasks stay
-    /// running in the store and are called again at next start.
+    /// outcome that arrived. Calls still running after that are abandoned (stopped, their
+    /// connections closed): their tasks stay running in the store and are called again at
+    /// next start, or by another node once their leases run out.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
         let _ = self.dispatcher.await;
@@ -228,6 +234,9 @@ impl EngineHandle {
                 still_running = all as usize - self.in_flight.available_permits(),
                 "grace period over; calls still in flight will be made again at next start"
             );
+            self.engine.abandon.cancel();
+            // Each abandoned call returns its permit as it stops, at its next poll.
+            let _ = tokio::time::timeout(ABANDON_WAIT, self.in_flight.acquire_many(all)).await;
         }
         self.finisher_stop.cancel();
         let _ = self.finisher.await;

@@ -50,6 +50,10 @@ pub(super) struct Engine {
     /// Whether the lease loop has swept once (taken back expired leases, timed out awaited
     /// attempts): a node is not idle before.
     pub(super) swept: std::sync::atomic::AtomicBool,
+    /// Cancelled when the grace period of a shutdown is over: the calls still running are
+    /// abandoned (their tasks keep their leases in the store, which run out), so that none
+    /// outlives the engine (in a Lambda invocation, a frozen call would wake up later).
+    pub(super) abandon: tokio_util::sync::CancellationToken,
 }
 
 /// A run of claims that found nothing to do while nothing was in flight.

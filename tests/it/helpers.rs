@@ -376,6 +376,11 @@ impl Endpoint {
         self.state.lock().unwrap().calls.len()
     }
 
+    /// Calls being answered now.
+    pub fn in_flight(&self) -> u32 {
+        self.state.lock().unwrap().in_flight
+    }
+
     pub fn max_in_flight(&self) -> u32 {
         self.state.lock().unwrap().max_in_flight
     }

@@ -350,7 +350,7 @@ async fn a_drain_stops_before_the_deadline_and_loses_nothing() {
     // The call cut off by the first drain's end is taken again after its lease.
     settings.lease_timeout = Duration::from_secs(1);
     let function = function(&dir, settings, None).await;
-    let job = json!({"tasks": [{"endpoint": endpoint.url("slow?ms=4000"), "params": {}}]});
+    let job = json!({"tasks": [{"endpoint": endpoint.url("slow?ms=6000"), "params": {}}]});
     let (status, body) = answer(
         &invoke_of(
             &function,
@@ -361,19 +361,28 @@ async fn a_drain_stops_before_the_deadline_and_loses_nothing() {
     assert_eq!(status, 202);
     let id = body["job_id"].as_str().unwrap().to_string();
 
-    // Five seconds left: work is taken for 5 - 5/4 (grace) - 2 (margin) = 1.75 s, and the
-    // call in flight gets its 1.25 s of grace; it needs 4.
+    // Ten seconds left: work is taken for 10 - 10/4 (grace) - 5 (margin) = 2.5 s, and the
+    // call in flight gets its 2.5 s of grace; it needs 6.
     let started = Instant::now();
     let report = invoke(
         &function,
         json!({"doparallel": "work"}),
-        Some(Duration::from_secs(5)),
+        Some(Duration::from_secs(10)),
     )
     .await;
     assert_eq!(report["ended"], "max_duration", "{report}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(10),
         "ended before the deadline"
+    );
+    // Abandoned, not left running: its connection is closed before the 6 s it would take.
+    eventually("the abandoned call to stop", || async {
+        (endpoint.in_flight() == 0).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "the call was cut short"
     );
 
     let report = invoke(
@@ -600,5 +609,38 @@ fn lambda_refuses_to_start_outside_lambda_or_without_a_token() {
     // The runtime API is never reached: the missing token stops it first.
     let stderr = run(&[("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")], &[]);
     assert!(stderr.contains("without an API token"), "{stderr}");
+    let stderr = run(
+        &[("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")],
+        &["--api-token", TOKEN],
+    );
+    assert!(
+        stderr.contains("cannot keep its state in SQLite"),
+        "{stderr}"
+    );
     assert!(!db.exists(), "nothing was created");
+}
+
+#[tokio::test]
+async fn the_workers_invoke_is_signed_as_botocore_signs_it() {
+    // botocore recomputes the signature of each Invoke (tests/sigv4/verify_server.py), for
+    // a plain name and for an ARN with an alias, whose `:` is encoded in the path.
+    crate::moto::set_test_env();
+    let Some(verifier) = crate::sigv4::Verifier::start_as("testing", "testing", None) else {
+        return;
+    };
+    for name in [
+        "doparallel-worker",
+        "arn:aws:lambda:us-east-1:123456789012:function:doparallel-worker:live",
+    ] {
+        let invoker = doparallel::lambda::WorkerInvoker::new(WorkerFunction {
+            name: name.into(),
+            region: "us-east-1".into(),
+            endpoint: url::Url::parse(&verifier.url("/")).unwrap(),
+        })
+        .unwrap();
+        invoker
+            .invoke()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
 }

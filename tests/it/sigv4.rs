@@ -15,7 +15,7 @@ const SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 const SESSION_TOKEN: &str = "session-token-example";
 
 /// A running verifier, killed (by its pid) when dropped.
-struct Verifier {
+pub struct Verifier {
     child: Child,
     port: u16,
 }
@@ -24,6 +24,11 @@ impl Verifier {
     /// A verifier that knows `secret` as the access key's secret; `None` when botocore is
     /// missing outside CI.
     fn start(secret: &str) -> Option<Verifier> {
+        Self::start_as(ACCESS_KEY, secret, Some(SESSION_TOKEN))
+    }
+
+    /// A verifier of the credentials `access_key`, `secret` and `token`.
+    pub fn start_as(access_key: &str, secret: &str, token: Option<&str>) -> Option<Verifier> {
         let installed = Command::new("python3")
             .args(["-c", "import botocore.auth"])
             .stdout(Stdio::null())
@@ -43,7 +48,8 @@ impl Verifier {
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/sigv4/verify_server.py"
             ))
-            .args([ACCESS_KEY, secret, SESSION_TOKEN])
+            .args([access_key, secret])
+            .args(token)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -57,7 +63,7 @@ impl Verifier {
         Some(Verifier { child, port })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 }
