@@ -775,9 +775,14 @@ pub struct TasksArgs {
 
 #[derive(Debug, Args)]
 pub struct JobsArgs {
-    /// Only jobs in this status: Pending, Running, Complete, Failed or Cancelled.
+    /// Only jobs in this status: Scheduled, Pending, Running, Complete, Failed or
+    /// Cancelled.
     #[arg(long, value_parser = parse_job_status)]
     pub status: Option<JobStatus>,
+
+    /// Only jobs whose metadata has this top-level key with this string value.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_metadata_filter)]
+    pub metadata: Option<(String, String)>,
 
     /// Most jobs to show (one page of the API).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -812,9 +817,18 @@ fn parse_server_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// `KEY=VALUE`, a filter on a job's metadata.
+fn parse_metadata_filter(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
 /// A job status, in any letter case (`complete` is `Complete`).
 fn parse_job_status(text: &str) -> Result<JobStatus, String> {
-    const ALL: [JobStatus; 5] = [
+    const ALL: [JobStatus; 6] = [
+        JobStatus::Scheduled,
         JobStatus::Pending,
         JobStatus::Running,
         JobStatus::Complete,
@@ -824,7 +838,7 @@ fn parse_job_status(text: &str) -> Result<JobStatus, String> {
     ALL.into_iter()
         .find(|s| s.as_str().eq_ignore_ascii_case(text))
         .ok_or_else(|| {
-            format!("unknown job status {text:?}; expected Pending, Running, Complete, Failed or Cancelled")
+            format!("unknown job status {text:?}; expected Scheduled, Pending, Running, Complete, Failed or Cancelled")
         })
 }
 

@@ -112,6 +112,9 @@ struct Head<'a> {
     job_id: JobId,
     status: &'a str,
     msg: &'a str,
+    /// The client's own, as submitted: receivers correlate without keeping state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     result_url: Option<String>,
 }
@@ -122,6 +125,7 @@ fn head_with_result(job: &JobRecord) -> Vec<u8> {
         job_id: job.id,
         status: job.status.as_str(),
         msg: "Job Finished",
+        metadata: job.metadata.as_deref(),
         result_url: None,
     };
     let mut out = serde_json::to_vec(&head).expect("the head serializes");
@@ -136,6 +140,7 @@ pub(crate) fn head_only(job: &JobRecord) -> Vec<u8> {
         job_id: job.id,
         status: job.status.as_str(),
         msg: "Job Finished",
+        metadata: job.metadata.as_deref(),
         result_url: Some(format!("/v1/jobs/{}/tasks", job.id)),
     };
     serde_json::to_vec(&head).expect("the head serializes")

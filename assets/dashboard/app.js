@@ -21,7 +21,7 @@
   const PREVIEW_CHARS = 100;
   const TOOLTIP_CHARS = 2000;
   const TOKEN_KEY = 'doparallel.apiToken';
-  const JOB_STATUSES = ['Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
+  const JOB_STATUSES = ['Scheduled', 'Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
   const TASK_STATUSES = ['Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
   const FINISHED = new Set(['Complete', 'Failed', 'Cancelled']);
 
@@ -518,6 +518,7 @@
           progressBar(job, true)),
         el('div', { class: 'card' },
           field('Created', timeCell(job.created_at), el('span', { class: 'muted' }, ' ' + localTime(job.created_at))),
+          o.not_before ? field('Starts', el('span', { id: 'not-before' }, localTime(o.not_before))) : null,
           field('Finished', job.finished_at ? [timeCell(job.finished_at), el('span', { class: 'muted' }, ' ' + localTime(job.finished_at))] : '—'),
           field(job.finished_at ? 'Took' : 'Running for', duration(end - Date.parse(job.created_at)))),
         el('div', { class: 'card' },
@@ -529,7 +530,9 @@
           field('Timeout', duration(o.timeout_ms)),
           field('Attempts', o.max_attempts ?? '—', el('span', { class: 'muted' }, ` · backoff ${duration(o.backoff_ms)}`)),
           field('Tolerated failures', o.tolerated_failures ?? 0),
-          perHost(o) ? field('Per host', perHost(o)) : null));
+          perHost(o) ? field('Per host', perHost(o)) : null),
+        ...(job.metadata ? [el('div', { class: 'card wide' },
+          field('Metadata', el('span', { id: 'job-metadata', class: 'mono' }, JSON.stringify(job.metadata))))] : []));
       renderFilter();
       renderLive();
     }

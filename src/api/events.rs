@@ -88,7 +88,7 @@ impl Watch {
         // the backlog of its failures.
         let progress = Progress {
             job_id: job.id,
-            status: job.status,
+            status: job.status.shown(&job.options, crate::store::now_millis()),
             total: job.total,
             counts: counts(&job, self.queued.of(job.id)),
         };

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, Query, RawQuery, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -182,7 +182,7 @@ impl JobView {
     pub(super) fn new(job: JobRecord, result: Option<Box<RawValue>>, queued: &Queued) -> Self {
         JobView {
             job_id: job.id,
-            status: job.status,
+            status: job.status.shown(&job.options, crate::store::now_millis()),
             total: job.total,
             counts: counts(&job, queued.of(job.id)),
             created_at: rfc3339(job.created_at),
@@ -194,6 +194,7 @@ impl JobView {
                 last_error: job.callback.last_error,
             },
             trace_id: job.options.trace.as_ref().map(|t| t.trace_id.clone()),
+            metadata: job.metadata,
             options: Some(job.options.masked()),
             result,
             result_url: None,
@@ -338,7 +339,8 @@ pub(super) async fn list_tasks(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct JobsQuery {
-    /// Only jobs with this status.
+    /// Only jobs with this status (`Scheduled`: pending jobs whose `not_before` is ahead;
+    /// `Pending`: the others).
     status: Option<JobStatus>,
     /// Only jobs older than this one (the `next_after` of the previous page).
     after: Option<JobId>,
@@ -346,10 +348,43 @@ pub(super) struct JobsQuery {
     limit: Option<u32>,
 }
 
+/// The `metadata.KEY=VALUE` filter of a job list's query string, if any, and the rest of
+/// the query string.
+fn metadata_filter(query: &str) -> Result<(Option<(String, String)>, String), ApiError> {
+    let mut filter = None;
+    let mut rest = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match name.strip_prefix("metadata.") {
+            Some("") => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "metadata.: name a key, as metadata.KEY=VALUE",
+                ));
+            }
+            Some(_) if filter.is_some() => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "metadata.KEY: one metadata filter at a time",
+                ));
+            }
+            Some(key) => filter = Some((key.to_string(), value.into_owned())),
+            None => {
+                rest.append_pair(&name, &value);
+            }
+        }
+    }
+    Ok((filter, rest.finish()))
+}
+
 /// Jobs, newest first, a page at a time.
 #[utoipa::path(
     get, path = "/v1/jobs", tag = "jobs",
-    params(JobsQuery),
+    params(
+        JobsQuery,
+        ("metadata.{key}" = Option<String>, Query,
+         description = "Only jobs whose `metadata` has the top-level key `{key}` with this \
+                        string value (one such filter at a time)"),
+    ),
     responses(
         (status = 200, body = JobPage),
         (status = 400, description = "Bad query string", body = ErrorBody),
@@ -360,9 +395,13 @@ pub(super) struct JobsQuery {
 pub(super) async fn list_jobs(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
-    query: Result<Query<JobsQuery>, QueryRejection>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<JobPage>, ApiError> {
-    let Query(query) = query.map_err(query_error)?;
+    let (metadata, rest) = metadata_filter(raw.as_deref().unwrap_or(""))?;
+    let uri: axum::http::Uri = format!("/?{rest}")
+        .parse()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
+    let Query(query) = Query::<JobsQuery>::try_from_uri(&uri).map_err(query_error)?;
     let limit = page_limit(query.limit)?;
     let jobs = state
         .services
@@ -370,8 +409,10 @@ pub(super) async fn list_jobs(
         .job_list(&JobListQuery {
             owner: owner.0,
             status: query.status,
+            metadata,
             before: query.after,
             limit,
+            now: crate::store::now_millis(),
         })
         .await?;
     let next_after = (jobs.len() == limit as usize)

@@ -140,6 +140,10 @@ pub struct JobView {
     /// `traceparent`'s, or a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The `metadata` the job was submitted with, as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Box<RawValue>>,
     /// Once finished: the callback's result map, keyed by 1-based task position.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::HashMap<String, ResultEntry>>)]

@@ -271,7 +271,12 @@ pub async fn tasks(args: TasksArgs) -> Result<u8, ClientError> {
 pub async fn jobs(args: JobsArgs) -> Result<u8, ClientError> {
     let client = Client::from_args(&args.client)?;
     let list = client
-        .jobs(args.status, args.limit, args.after.as_deref())
+        .jobs(
+            args.status,
+            args.metadata.as_ref(),
+            args.limit,
+            args.after.as_deref(),
+        )
         .await?;
     if args.client.json {
         print_raw(&list.raw)?;
@@ -285,10 +290,13 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, ClientError> {
     let rows: Vec<_> = list.value.jobs.iter().map(|j| job_row(j, now)).collect();
     print(&table(&JOB_COLUMNS, &rows))?;
     if let Some(next) = list.value.next_after {
-        let status = args
+        let mut status = args
             .status
             .map(|s| format!(" --status {}", s.as_str()))
             .unwrap_or_default();
+        if let Some((key, value)) = &args.metadata {
+            status.push_str(&format!(" --metadata '{key}={value}'"));
+        }
         tell(&format!(
             "more jobs: doparallel jobs{status} --limit {} --after {next}",
             args.limit

@@ -329,12 +329,17 @@ impl Client {
     pub async fn jobs(
         &self,
         status: Option<JobStatus>,
+        metadata: Option<&(String, String)>,
         limit: u32,
         after: Option<&str>,
     ) -> Result<Answer<JobPage>, ClientError> {
+        let key = metadata.map(|(key, _)| format!("metadata.{key}"));
         let mut query = vec![("limit", limit.to_string())];
         if let Some(status) = status {
             query.push(("status", status.as_str().to_string()));
+        }
+        if let (Some(key), Some((_, value))) = (&key, metadata) {
+            query.push((key.as_str(), value.clone()));
         }
         if let Some(after) = after {
             query.push(("after", after.to_string()));

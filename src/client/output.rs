@@ -40,7 +40,9 @@ pub fn exit_code(status: JobStatus) -> u8 {
     match status {
         JobStatus::Failed => EXIT_FAILED,
         JobStatus::Cancelled => EXIT_CANCELLED,
-        JobStatus::Complete | JobStatus::Pending | JobStatus::Running => EXIT_COMPLETE,
+        JobStatus::Complete | JobStatus::Scheduled | JobStatus::Pending | JobStatus::Running => {
+            EXIT_COMPLETE
+        }
     }
 }
 

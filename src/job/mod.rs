@@ -66,8 +66,11 @@ impl FromStr for JobId {
 ///
 /// `Pending` until the first task is claimed, `Running` until every task is finished, then
 /// `Complete` when at most `tolerated_failures` tasks failed and `Failed` otherwise.
+/// `Scheduled` is how a `Pending` job whose `not_before` is still ahead reads: it is never
+/// stored as such (see [`JobStatus::shown`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum JobStatus {
+    Scheduled,
     Pending,
     Running,
     Complete,
@@ -83,8 +86,18 @@ impl JobStatus {
         )
     }
 
+    /// How a job stored as `self` with these options reads at `now`: `Scheduled` while a
+    /// pending job waits for its `not_before`.
+    pub fn shown(self, options: &JobOptions, now: i64) -> JobStatus {
+        match (self, options.not_before) {
+            (JobStatus::Pending, Some(at)) if at.millis() > now => JobStatus::Scheduled,
+            (status, _) => status,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Scheduled => "Scheduled",
             JobStatus::Pending => "Pending",
             JobStatus::Running => "Running",
             JobStatus::Complete => "Complete",
@@ -195,6 +208,65 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(read_only)]
     pub trace: Option<JobTrace>,
+    /// No call of this job starts before this time (RFC 3339, at most 30 days ahead): the
+    /// job is stored at once and reads `Scheduled` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-12-24T18:00:00Z")]
+    pub not_before: Option<Timestamp>,
+}
+
+/// A point in time, in milliseconds since the Unix epoch, read and written as RFC 3339
+/// (written in UTC, with milliseconds when it has any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(i64);
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How far ahead `options.not_before` may be.
+pub const MAX_NOT_BEFORE_MS: i64 = 30 * 24 * 3600 * 1000;
+
+impl Timestamp {
+    pub fn from_millis(millis: i64) -> Self {
+        Timestamp(millis)
+    }
+
+    pub fn millis(self) -> i64 {
+        self.0
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| format!("{text:?} is not an RFC 3339 time ({e})"))?;
+        Ok(Timestamp((at.unix_timestamp_nanos() / 1_000_000) as i64))
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+            .map_err(|_| std::fmt::Error)?;
+        let text = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|_| std::fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Timestamp::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Limits on the calls to one endpoint host: the server's for all jobs, or one job's own
@@ -261,6 +333,7 @@ impl JobOptions {
             retry_on: None,
             aws_sigv4: None,
             trace: None,
+            not_before: None,
         }
     }
 
@@ -320,6 +393,13 @@ impl JobOptions {
             return Err(
                 "options.trace: set from the request's traceparent header, not the body".into(),
             );
+        }
+        if let Some(at) = self.not_before
+            && at.millis() > now_millis() + MAX_NOT_BEFORE_MS
+        {
+            return Err(format!(
+                "options.not_before: {at} is more than 30 days ahead; submit the job later"
+            ));
         }
         check_headers("options.headers", &self.headers)?;
         check_headers("options.secret_headers", &self.secret_headers)?;

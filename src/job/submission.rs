@@ -80,6 +80,15 @@ pub struct NewJob {
     pub callback: Option<Url>,
     pub options: JobOptions,
     pub tasks: Vec<NewTask>,
+    /// The client's own JSON object, returned as is by every read and in the callback.
+    pub metadata: Option<Box<RawValue>>,
+}
+
+impl NewJob {
+    /// When its tasks are first due, if stored at `now`: then, or at its `not_before`.
+    pub fn first_run_at(&self, now: i64) -> i64 {
+        self.options.not_before.map_or(now, |t| t.millis().max(now))
+    }
 }
 
 /// A validated task: its endpoint (an absolute http(s) URL or [`TEST_ENDPOINT`]), its
@@ -122,7 +131,12 @@ struct WireJob<'a> {
     tasks: Vec<&'a RawValue>,
     #[serde(default, borrow)]
     options: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    metadata: Option<&'a RawValue>,
 }
+
+/// The most bytes of a job's `metadata`, as sent.
+pub const MAX_METADATA_BYTES: usize = 4096;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,7 +200,8 @@ fn from_json<'a, T: Deserialize<'a>>(
     })
 }
 
-const WIRE_JOB: &str = "an object with \"tasks\" (and optionally \"callback\" and \"options\")";
+const WIRE_JOB: &str =
+    "an object with \"tasks\" (and optionally \"callback\", \"options\" and \"metadata\")";
 const WIRE_TASK: &str = "an object with \"endpoint\" (and optionally \"params\", \"method\", \"headers\", \"secret_headers\", \"aws_sigv4\" and \"options\")";
 
 /// A path as `a.b[2].c`, without the leading `.` of an empty one.
@@ -386,12 +401,30 @@ pub fn parse_submission(
     seal_headers(sealer, &job_context, &mut options.secret_headers)
         .map_err(|why| invalid(format!("options.secret_headers: {why}")))?;
 
+    let metadata = match wire.metadata {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) if !raw.get().starts_with('{') => {
+            return Err(invalid(
+                "metadata: expected an object of your own fields, returned as is".into(),
+            ));
+        }
+        Some(raw) if raw.get().len() > MAX_METADATA_BYTES => {
+            return Err(invalid(format!(
+                "metadata: {} bytes; at most {MAX_METADATA_BYTES} are accepted",
+                raw.get().len()
+            )));
+        }
+        Some(raw) => Some(compact_json(raw)),
+    };
+
     Ok(NewJob {
         id,
         owner: None,
         callback,
         options,
         tasks,
+        metadata,
     })
 }
 

@@ -37,7 +37,8 @@ impl fmt::Display for Code {
 /// A job status's code.
 pub(super) const fn job_code(s: JobStatus) -> Code {
     Code(match s {
-        JobStatus::Pending => 0,
+        // Never stored: a scheduled job is a pending one (`JobStatus::shown`).
+        JobStatus::Scheduled | JobStatus::Pending => 0,
         JobStatus::Running => 1,
         JobStatus::Complete => 2,
         JobStatus::Failed => 3,

@@ -17,6 +17,7 @@ mod tally;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde_json::Value;
 use serde_json::value::RawValue;
 use url::Url;
 
@@ -127,6 +128,8 @@ pub struct JobRecord {
     pub finished_at: Option<Millis>,
     pub callback_url: Option<String>,
     pub callback: CallbackInfo,
+    /// The client's `metadata`, as submitted.
+    pub metadata: Option<Box<RawValue>>,
 }
 
 impl JobRecord {
@@ -222,10 +225,43 @@ pub struct FailedTask {
 pub struct JobListQuery {
     /// Only this owner's jobs, when given.
     pub owner: Option<String>,
+    /// Only jobs that read so at `now` (a `Scheduled` job is stored `Pending`).
     pub status: Option<JobStatus>,
+    /// Only jobs whose `metadata` has this top-level key with this string value.
+    pub metadata: Option<(String, String)>,
     /// Only jobs created before this one (newest first pagination).
     pub before: Option<JobId>,
     pub limit: u32,
+    /// When `Scheduled` is told from `Pending`.
+    pub now: Millis,
+}
+
+impl JobListQuery {
+    /// The stored status to look for, and whether the job must be scheduled (`Some(true)`),
+    /// must not be (`Some(false)`), or either (`None`).
+    pub fn stored_status(&self) -> (Option<JobStatus>, Option<bool>) {
+        match self.status {
+            Some(JobStatus::Scheduled) => (Some(JobStatus::Pending), Some(true)),
+            Some(JobStatus::Pending) => (Some(JobStatus::Pending), Some(false)),
+            other => (other, None),
+        }
+    }
+
+    /// Whether `job` is one of the jobs asked for (but for the owner and the page): the
+    /// rule the SQL backends write as a `WHERE` clause, for a backend that filters the
+    /// records it read.
+    pub fn matches(&self, job: &JobRecord) -> bool {
+        let status = self
+            .status
+            .is_none_or(|st| job.status.shown(&job.options, self.now) == st);
+        let metadata = self.metadata.as_ref().is_none_or(|(key, value)| {
+            job.metadata
+                .as_ref()
+                .and_then(|m| serde_json::from_str::<serde_json::Map<String, Value>>(m.get()).ok())
+                .is_some_and(|m| m.get(key).and_then(Value::as_str) == Some(value.as_str()))
+        });
+        status && metadata
+    }
 }
 
 /// The name a process's leases carry in the store: random at every start, so a restarted

@@ -89,6 +89,7 @@ pub(super) fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
             last_error: row.text_or_null("last_error"),
         },
         callback_url,
+        metadata: raw(row.text_or_null("metadata"))?,
     })
 }
 
@@ -213,6 +214,12 @@ pub(super) struct NewJobRow {
     pub finished_at: Option<Millis>,
     /// No tasks: finished at once, and its callback, if it has one, due at once.
     pub empty: bool,
+    pub metadata: Option<String>,
+    /// `options.not_before`, in a column of its own for the lists that tell a scheduled
+    /// job from a pending one.
+    pub not_before: Option<Millis>,
+    /// When the tasks are first due: now, or the job's `not_before`.
+    pub run_at: Millis,
 }
 
 impl NewJobRow {
@@ -233,6 +240,9 @@ impl NewJobRow {
             callback_url: url_text(&job.callback),
             finished_at: empty.then_some(now),
             empty,
+            metadata: job.metadata.as_ref().map(|m| m.get().to_string()),
+            not_before: job.options.not_before.map(|t| t.millis()),
+            run_at: job.first_run_at(now),
         })
     }
 }

@@ -329,6 +329,25 @@ test('the page of a job shows every option, whole numbers and fractions alike', 
   }
 });
 
+test('a scheduled job is listed under Scheduled, and its page shows when it starts and its metadata', { timeout: 60_000 }, async () => {
+  const notBefore = new Date(Date.now() + 3_600_000).toISOString();
+  const id = await submit({
+    tasks: [{ endpoint: '/v1/test' }],
+    options: { not_before: notBefore },
+    metadata: { order: 'A-17' },
+  });
+  await page.goto(`${server.base}/#/?status=Scheduled`);
+  await page.locator(`tr.job-row[data-job-id="${id}"][data-status="Scheduled"]`).waitFor();
+  await page.goto(`${server.base}/#/jobs/${id}`);
+  await page.locator('#job-status[data-status="Scheduled"]').waitFor();
+  assert.equal(await page.locator('#not-before').innerText(), new Date(notBefore).toLocaleString());
+  assert.equal(await page.locator('#job-metadata').innerText(), '{"order":"A-17"}');
+  // Cancelled before its time: nothing left scheduled for the other tests.
+  await page.locator('#cancel').click({ trial: true });
+  const response = await fetch(`${server.base}/v1/jobs/${id}/cancel`, { method: 'POST' });
+  assert.equal(response.status, 200);
+});
+
 test('Cancel on the live page of a running job makes it Cancelled', { timeout: 120_000 }, async () => {
   // Slow tasks one at a time, so the job is still running when Cancel is clicked.
   const id = await submit({

@@ -17,14 +17,14 @@ use crate::helpers::{Endpoint, binary, eventually, spawn_app, spawn_app_full, te
 
 /// What one run of the binary left behind.
 #[derive(Debug)]
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Output {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:?}"))
     }
@@ -73,7 +73,7 @@ async fn doparallel(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) ->
 }
 
 /// A client command against `server`.
-async fn cli(server: &str, args: &[&str]) -> Output {
+pub(crate) async fn cli(server: &str, args: &[&str]) -> Output {
     let mut all = args.to_vec();
     all.extend(["--server", server]);
     doparallel(&all, None, &[]).await

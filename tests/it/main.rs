@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod cluster;
 mod connections;
+mod control;
 mod crash;
 mod dashboard;
 #[cfg(feature = "failpoints")]

@@ -100,6 +100,8 @@ conformance!(
     jobs_larger_than_a_transaction,
     submission_of_many_tasks,
     call_settings_travel_with_their_task,
+    metadata_is_kept_and_filters_lists,
+    not_before_holds_the_tasks_and_reads_scheduled,
 );
 
 // ---- helpers ----
@@ -126,6 +128,7 @@ fn new_job(n: usize, options: JobOptions, callback: bool) -> NewJob {
                 call: None,
             })
             .collect(),
+        metadata: None,
     }
 }
 
@@ -554,8 +557,10 @@ async fn job_list_pages_and_filters(store: Arc<dyn Store>) {
         let query = JobListQuery {
             owner: owner.map(str::to_string),
             status,
+            metadata: None,
             before,
             limit,
+            now: now_millis(),
         };
         async move {
             store
@@ -2324,4 +2329,127 @@ async fn dynamodb_requests_per_task() {
     let transactions =
         after["TransactWriteItems"] - before.get("TransactWriteItems").copied().unwrap_or(0);
     assert!(transactions < TASKS as u64, "{transactions} transactions");
+}
+
+async fn metadata_is_kept_and_filters_lists(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let text = r#"{"customer":"acme","batch":7,"tags":["a"],"note":"1e400 stays"}"#;
+    let mut a = new_job(1, options(), false);
+    a.metadata = Some(raw(text));
+    let mut b = new_job(1, options(), false);
+    b.metadata = Some(raw(r#"{"customer":"globex","batch":"7"}"#));
+    let c = new_job(1, options(), false);
+    for j in [&a, &b, &c] {
+        insert(&store, j, t0).await;
+    }
+    let read = store.job_get(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        read.metadata.as_deref().map(RawValue::get),
+        Some(text),
+        "as submitted"
+    );
+    assert!(
+        store
+            .job_get(c.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .metadata
+            .is_none()
+    );
+    let list = |key: &str, value: &str, limit| {
+        let store = store.clone();
+        let query = JobListQuery {
+            owner: None,
+            status: None,
+            metadata: Some((key.to_string(), value.to_string())),
+            before: None,
+            limit,
+            now: now_millis(),
+        };
+        async move {
+            let jobs = store.job_list(&query).await.unwrap();
+            jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list("customer", "acme", 10).await, vec![a.id]);
+    assert_eq!(list("customer", "globex", 10).await, vec![b.id]);
+    // String values only: a number 7 is not "7".
+    assert_eq!(list("batch", "7", 10).await, vec![b.id]);
+    assert_eq!(list("customer", "initech", 10).await, Vec::<JobId>::new());
+    assert_eq!(list("tags", "a", 10).await, Vec::<JobId>::new());
+    // A page is filled past the jobs that do not match.
+    let mut more = Vec::new();
+    for _ in 0..3 {
+        let mut j = new_job(1, options(), false);
+        j.metadata = Some(raw(r#"{"customer":"acme"}"#));
+        insert(&store, &j, t0).await;
+        more.push(j.id);
+        insert(&store, &new_job(1, options(), false), t0).await;
+    }
+    assert_eq!(list("customer", "acme", 2).await, vec![more[2], more[1]]);
+}
+
+async fn not_before_holds_the_tasks_and_reads_scheduled(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let later = t0 + 60_000;
+    let mut opts = options();
+    opts.not_before = Some(doparallel::job::Timestamp::from_millis(later));
+    let scheduled = new_job(2, opts, true);
+    let now_job = new_job(1, options(), false);
+    insert(&store, &scheduled, t0).await;
+    insert(&store, &now_job, t0).await;
+    // Before its time only the other job's task is handed out, and the claim says when
+    // the scheduled one is due.
+    let claim_now = claim(&store, NodeId(1), 10, t0).await;
+    let ids: Vec<JobId> = claim_now.tasks.iter().map(|t| t.job_id).collect();
+    assert_eq!(ids, vec![now_job.id]);
+    assert_eq!(claim_now.next_due, Some(later));
+    let record = store.job_get(scheduled.id).await.unwrap().unwrap();
+    assert_eq!(record.status, JobStatus::Pending, "stored as pending");
+    assert_eq!(
+        record.status.shown(&record.options, t0),
+        JobStatus::Scheduled
+    );
+    assert_eq!(
+        record.status.shown(&record.options, later),
+        JobStatus::Pending
+    );
+    let list = |status, now| {
+        let store = store.clone();
+        let query = JobListQuery {
+            owner: None,
+            status: Some(status),
+            metadata: None,
+            before: None,
+            limit: 10,
+            now,
+        };
+        async move {
+            let jobs = store.job_list(&query).await.unwrap();
+            jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list(JobStatus::Scheduled, t0).await, vec![scheduled.id]);
+    assert_eq!(
+        list(JobStatus::Pending, t0).await,
+        Vec::<JobId>::new(),
+        "the other runs"
+    );
+    assert_eq!(list(JobStatus::Scheduled, later).await, Vec::<JobId>::new());
+    assert_eq!(list(JobStatus::Pending, later).await, vec![scheduled.id]);
+    // At its time, both tasks are due.
+    let claim_later = claim(&store, NodeId(1), 10, later).await;
+    assert_eq!(claim_later.tasks.len(), 2);
+    assert!(claim_later.tasks.iter().all(|t| t.job_id == scheduled.id));
+    // A scheduled job can be cancelled like any unfinished one.
+    let other = {
+        let mut o = options();
+        o.not_before = Some(doparallel::job::Timestamp::from_millis(later));
+        new_job(1, o, false)
+    };
+    insert(&store, &other, t0).await;
+    store.job_cancel(other.id, t0).await.unwrap();
+    let cancelled = store.job_get(other.id).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
 }

@@ -145,6 +145,7 @@ pub(super) fn job_from_item(item: &Item) -> StoreResult<JobRecord> {
             attempts: get_n(item, "cb_attempts").unwrap_or(0),
             last_error: get_s(item, "cb_error").map(str::to_string),
         },
+        metadata: get_s(item, "metadata").map(raw).transpose()?,
     })
 }
 

@@ -66,6 +66,7 @@ impl DynamoStore {
         let id = job.id;
         let pk = job_pk(id);
         // The tasks first: the job is not visible until its item is written, last.
+        let run_at = job.first_run_at(now);
         let mut puts = Vec::with_capacity(job.tasks.len());
         for (i, task) in job.tasks.iter().enumerate() {
             let index = i as u64 + 1;
@@ -75,11 +76,11 @@ impl DynamoStore {
                 ("idx".into(), n(index)),
                 ("status".into(), s("Pending")),
                 ("attempts".into(), n(0)),
-                ("run_at".into(), n(now)),
+                ("run_at".into(), n(run_at)),
                 ("endpoint".into(), s(task.endpoint.as_str())),
                 ("params".into(), s(task.params.get())),
                 ("g2pk".into(), s(queue_pk(id))),
-                ("g2sk".into(), s(queue_sk(now, index))),
+                ("g2sk".into(), s(queue_sk(run_at, index))),
             ]);
             if let Some(call) = &calls[i] {
                 item.insert("call".into(), s(call.as_str()));
@@ -131,6 +132,9 @@ impl DynamoStore {
         }
         if let Some(idem) = idempotency {
             item.insert("idem_key".into(), s(idem.key.clone()));
+        }
+        if let Some(metadata) = &job.metadata {
+            item.insert("metadata".into(), s(metadata.get()));
         }
         if empty {
             item.insert("finished_at".into(), n(now));
@@ -220,18 +224,19 @@ impl DynamoStore {
             None => ("gsi4", "g4pk", "g4sk", "JOBS".to_string()),
         };
         let limit = query.limit as usize;
-        let mut ids: Vec<JobId> = Vec::with_capacity(limit);
+        let (status, _) = query.stored_status();
+        // With a filter the index cannot apply (the metadata, scheduled or not), each page's
+        // jobs are read and filtered (`JobListQuery::matches`); pages of 100 then.
+        let filtered = query.status.is_some() || query.metadata.is_some();
+        let mut jobs: Vec<JobRecord> = Vec::with_capacity(limit);
         let mut before = query.before.map(|b| b.to_string());
-        // Pages of the index until the page is full; a status filter may need several.
         for _ in 0..100 {
             let mut ex = Ex::default();
             let mut cond = format!("{} = {}", ex.n(pk_attr), ex.v(s(partition.clone())));
             if let Some(b) = &before {
                 cond.push_str(&format!(" AND {} < {}", ex.n(sk_attr), ex.v(s(b.clone()))));
             }
-            let filter = query
-                .status
-                .map(|st| format!("{} = {}", ex.n("status"), ex.v(s(st.as_str()))));
+            let filter = status.map(|st| format!("{} = {}", ex.n("status"), ex.v(s(st.as_str()))));
             self.count("Query");
             let out = self
                 .client
@@ -243,40 +248,44 @@ impl DynamoStore {
                 .set_expression_attribute_names(ex.names())
                 .set_expression_attribute_values(ex.values())
                 .scan_index_forward(false)
-                .limit(if query.status.is_some() {
-                    500
+                .limit(if filtered {
+                    100
                 } else {
-                    limit.max(1) as i32
+                    (limit - jobs.len()).max(1) as i32
                 })
                 .send()
                 .await
                 .map_err(|e| sdk_error("Query", e))?;
-            for item in out.items() {
-                if ids.len() < limit {
-                    ids.push(parse_id(need_s(item, sk_attr)?)?);
+            let ids = out
+                .items()
+                .iter()
+                .map(|item| parse_id(need_s(item, sk_attr)?))
+                .collect::<StoreResult<Vec<JobId>>>()?;
+            let items = self
+                .batch_get(ids.iter().map(|id| job_key(*id)).collect())
+                .await?;
+            let mut by_id: HashMap<JobId, JobRecord> = HashMap::with_capacity(items.len());
+            for item in items.iter().filter(|i| !i.contains_key("deleting")) {
+                let record = job_from_item(item)?;
+                by_id.insert(record.id, record);
+            }
+            // In the index's order; its copy of the status may lag the item's.
+            for id in &ids {
+                if let Some(job) = by_id.remove(id)
+                    && query.matches(&job)
+                {
+                    jobs.push(job);
+                    if jobs.len() == limit {
+                        return Ok(jobs);
+                    }
                 }
             }
             match out.last_evaluated_key() {
-                Some(last) if ids.len() < limit => {
-                    before = get_s(last, sk_attr).map(str::to_string);
-                }
-                _ => break,
+                Some(last) => before = get_s(last, sk_attr).map(str::to_string),
+                None => break,
             }
         }
-        let items = self
-            .batch_get(ids.iter().map(|id| job_key(*id)).collect())
-            .await?;
-        let mut by_id: HashMap<JobId, JobRecord> = HashMap::with_capacity(items.len());
-        for item in items.iter().filter(|i| !i.contains_key("deleting")) {
-            let record = job_from_item(item)?;
-            by_id.insert(record.id, record);
-        }
-        Ok(ids
-            .iter()
-            .filter_map(|id| by_id.remove(id))
-            // The index's copy of the status may lag the item's.
-            .filter(|job| query.status.is_none_or(|st| job.status == st))
-            .collect())
+        Ok(jobs)
     }
 
     /// `Store::tasks_page`: a page of a job's tasks, by index.

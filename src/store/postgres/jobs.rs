@@ -25,7 +25,7 @@ const INSERT_CHUNK: usize = 5000;
 
 const JOB_COLUMNS: &str = "j.id::text AS id, j.owner, j.status, j.options, j.total, j.n_running, \
      j.n_complete, j.n_failed, j.n_cancelled, j.created_at, j.finished_at, j.callback_url, \
-     c.state, c.attempts, c.last_error";
+     c.state, c.attempts, c.last_error, j.metadata";
 
 const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.call, t.result, t.error, \
      t.latency_ms, t.finished_at";
@@ -42,8 +42,8 @@ pub(super) async fn insert(
     // waits for it), inserts nothing.
     let seq: Option<i64> = sqlx::query_scalar(
         "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
-         created_at, finished_at, idempotency_key, request_hash, owner) \
-         VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         created_at, finished_at, idempotency_key, request_hash, owner, metadata, not_before) \
+         VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
          ON CONFLICT ((COALESCE(owner, '')), idempotency_key) \
              WHERE idempotency_key IS NOT NULL DO NOTHING \
          RETURNING seq",
@@ -60,6 +60,8 @@ pub(super) async fn insert(
     .bind(idempotency.map(|i| i.key.as_str()))
     .bind(idempotency.map(|i| i.request_hash.as_str()))
     .bind(job.owner.as_deref())
+    .bind(&new.metadata)
+    .bind(new.not_before)
     .fetch_optional(tx.conn().await?)
     .await
     .map_err(map_err)?;
@@ -95,7 +97,7 @@ pub(super) async fn insert(
         )
         .bind(seq)
         .bind(offset)
-        .bind(now)
+        .bind(new.run_at)
         .bind(&endpoints)
         .bind(&params)
         .bind(&calls)
@@ -136,19 +138,29 @@ pub(super) async fn list(
     store: &PostgresStore,
     query: &JobListQuery,
 ) -> StoreResult<Vec<JobRecord>> {
-    // Jobs are numbered in creation order, so "newest first, before X" is by seq.
+    // Jobs are numbered in creation order, so "newest first, before X" is by seq. The
+    // filters are `JobListQuery::matches` in SQL.
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
          WHERE ($1::smallint IS NULL OR j.status = $1) \
            AND ($2::text IS NULL OR j.seq < (SELECT seq FROM jobs WHERE id = $2::uuid)) \
            AND ($4::text IS NULL OR j.owner = $4) \
+           AND ($5::boolean IS NULL OR $5 = (j.not_before IS NOT NULL AND j.not_before > $6)) \
+           AND ($7::text IS NULL OR (jsonb_typeof(j.metadata::jsonb -> $7) = 'string' \
+                AND j.metadata::jsonb ->> $7 = $8)) \
          ORDER BY j.seq DESC LIMIT $3"
     );
+    let (status, scheduled) = query.stored_status();
+    let (key, value) = query.metadata.clone().unzip();
     let rows = sqlx::query(&sql)
-        .bind(query.status.map(job_code))
+        .bind(status.map(job_code))
         .bind(query.before.map(|id| id.to_string()))
         .bind(i64::from(query.limit))
         .bind(query.owner.as_deref())
+        .bind(scheduled)
+        .bind(query.now)
+        .bind(key)
+        .bind(value)
         .fetch_all(&store.pool)
         .await
         .map_err(map_err)?;

@@ -27,7 +27,8 @@ const INSERT_CHUNK: usize = 200;
 const JOB_INSERT_CHUNK: usize = 256;
 
 const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
-     j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error";
+     j.n_cancelled, j.created_at, j.finished_at, j.callback_url, c.state, c.attempts, c.last_error, \
+     j.metadata";
 
 const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
      t.latency_ms, t.finished_at, t.call";
@@ -95,13 +96,14 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
     for chunk in jobs.chunks(JOB_INSERT_CHUNK) {
         let mut sql = String::from(
             "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, \
-             callback_url, created_at, finished_at, idempotency_key, request_hash, owner) VALUES ",
+             callback_url, created_at, finished_at, idempotency_key, request_hash, owner, \
+             metadata, not_before) VALUES ",
         );
         for i in 0..chunk.len() {
             sql.push_str(if i == 0 {
-                "(?,?,?,?,?,?,?,?,?,?,?,?)"
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             } else {
-                ",(?,?,?,?,?,?,?,?,?,?,?,?)"
+                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             });
         }
         sql.push_str(" RETURNING id, seq");
@@ -119,7 +121,9 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
                 .bind(new.finished_at)
                 .bind(idempotency.map(|i| i.key.as_str()))
                 .bind(idempotency.map(|i| i.request_hash.as_str()))
-                .bind(job.owner.as_deref());
+                .bind(job.owner.as_deref())
+                .bind(&new.metadata)
+                .bind(new.not_before);
         }
         // SQLite does not promise RETURNING rows in the order of VALUES: matched by id.
         let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;
@@ -137,9 +141,9 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
     // The tasks, in chunks that may span jobs (filled as they go: a job of a million tasks
     // is not copied whole).
     let mut chunk: Vec<TaskInsert> = Vec::with_capacity(INSERT_CHUNK);
-    for (&(job, _, _, now), &seq) in jobs.iter().zip(&seqs) {
+    for (&(job, new, _, _), &seq) in jobs.iter().zip(&seqs) {
         for (i, task) in job.tasks.iter().enumerate() {
-            chunk.push((seq, i as i64 + 1, now, task));
+            chunk.push((seq, i as i64 + 1, new.run_at, task));
             if chunk.len() == INSERT_CHUNK {
                 insert_tasks(tx, &chunk).await?;
                 chunk.clear();
@@ -174,11 +178,11 @@ async fn insert_tasks(tx: &mut WriteTx, rows: &[TaskInsert<'_>]) -> StoreResult<
         });
     }
     let mut query = sqlx::query(&sql);
-    for &(seq, index, now, task) in rows {
+    for &(seq, index, run_at, task) in rows {
         query = query
             .bind(seq)
             .bind(index)
-            .bind(now)
+            .bind(run_at)
             .bind(task.endpoint.as_str())
             .bind(task.params.get())
             .bind(task.call_json());
@@ -200,19 +204,29 @@ pub(super) async fn get(store: &SqliteStore, id: JobId) -> StoreResult<Option<Jo
 }
 
 pub(super) async fn list(store: &SqliteStore, query: &JobListQuery) -> StoreResult<Vec<JobRecord>> {
-    // Jobs are numbered in creation order, so "newest first, before X" is by seq.
+    // Jobs are numbered in creation order, so "newest first, before X" is by seq. The
+    // filters are `JobListQuery::matches` in SQL.
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN callbacks c ON c.job_seq = j.seq \
          WHERE (?1 IS NULL OR j.status = ?1) \
            AND (?2 IS NULL OR j.seq < (SELECT seq FROM jobs WHERE id = ?2)) \
            AND (?4 IS NULL OR j.owner = ?4) \
+           AND (?5 IS NULL OR ?5 = (j.not_before IS NOT NULL AND j.not_before > ?6)) \
+           AND (?7 IS NULL OR EXISTS (SELECT 1 FROM json_each(j.metadata) m \
+                WHERE m.key = ?7 AND m.type = 'text' AND m.value = ?8)) \
          ORDER BY j.seq DESC LIMIT ?3"
     );
+    let (status, scheduled) = query.stored_status();
+    let (key, value) = query.metadata.clone().unzip();
     let rows = sqlx::query(&sql)
-        .bind(query.status.map(job_code))
+        .bind(status.map(job_code))
         .bind(query.before.map(|id| id.to_string()))
         .bind(i64::from(query.limit))
         .bind(query.owner.as_deref())
+        .bind(scheduled)
+        .bind(query.now)
+        .bind(key)
+        .bind(value)
         .fetch_all(&store.reader)
         .await
         .map_err(map_err)?;

@@ -1,0 +1,180 @@
+//! Job control through the API: a delayed start (`options.not_before`, the `Scheduled`
+//! status) and the client's `metadata`, in reads, lists and the callback. The store's part
+//! of both runs on every backend in `store.rs`.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// An RFC 3339 time `ms` milliseconds from now.
+fn from_now(ms: i64) -> String {
+    doparallel::job::Timestamp::from_millis(doparallel::store::now_millis() + ms).to_string()
+}
+
+#[tokio::test]
+async fn a_delayed_job_reads_scheduled_and_starts_at_its_time() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let not_before = doparallel::store::now_millis() + 1500;
+    let at = doparallel::job::Timestamp::from_millis(not_before).to_string();
+    let mut job = job_of(2, &endpoint.url("echo"), None, json!({"not_before": at}));
+    job["metadata"] = json!({"run": "nightly"});
+    let id = app.submit(&job).await;
+
+    let view = app.job(&id).await;
+    assert_eq!(view["status"], "Scheduled", "{view}");
+    assert_eq!(view["options"]["not_before"], at.as_str());
+    let (_, page) = app.get("/v1/jobs?status=Scheduled").await;
+    assert_eq!(page["jobs"][0]["job_id"], id.as_str(), "{page}");
+    let (_, page) = app.get("/v1/jobs?status=Pending").await;
+    assert_eq!(
+        page["jobs"],
+        json!([]),
+        "a scheduled job is not listed as pending"
+    );
+
+    let view = app.wait_settled(&id).await;
+    assert_eq!(view["status"], "Complete");
+    let first = endpoint.calls().iter().map(|c| c.at).min().expect("called");
+    let started_ms = doparallel::store::now_millis() - first.elapsed().as_millis() as i64;
+    assert!(
+        started_ms >= not_before - 5,
+        "the first call came {} ms early",
+        not_before - started_ms
+    );
+}
+
+#[tokio::test]
+async fn a_scheduled_job_can_be_cancelled_before_its_time() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let job = job_of(
+        1,
+        &endpoint.url("echo"),
+        None,
+        json!({"not_before": from_now(3_600_000)}),
+    );
+    let id = app.submit(&job).await;
+    let (status, view) = app
+        .post_raw(&format!("/v1/jobs/{id}/cancel"), None, "")
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "Cancelled");
+    assert_eq!(endpoint.call_count(), 0);
+}
+
+#[tokio::test]
+async fn not_before_and_metadata_are_checked() {
+    let app = spawn_app().await;
+    let refused = |job: Value| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .post_raw("/v1/job", Some("application/json"), &job.to_string())
+                .await;
+            assert_eq!(status, 422, "{body}");
+            body["msg"].as_str().unwrap().to_string()
+        }
+    };
+    let task = json!([{"endpoint": "/v1/test"}]);
+    let msg = refused(json!({"tasks": task, "options": {"not_before": "tomorrow"}})).await;
+    assert!(
+        msg.contains("options.not_before") && msg.contains("RFC 3339"),
+        "{msg}"
+    );
+    let far = from_now(31 * 24 * 3600 * 1000);
+    let msg = refused(json!({"tasks": task, "options": {"not_before": far}})).await;
+    assert!(msg.contains("more than 30 days ahead"), "{msg}");
+    let msg = refused(json!({"tasks": task, "metadata": ["a"]})).await;
+    assert!(msg.starts_with("metadata: expected an object"), "{msg}");
+    let big = json!({"tasks": task, "metadata": {"blob": "x".repeat(5000)}});
+    let msg = refused(big).await;
+    assert!(msg.contains("at most 4096"), "{msg}");
+    // An offset is read as such, and a time past is now.
+    let id = app
+        .submit(&json!({"tasks": task, "options": {"not_before": "2020-01-01T12:00:00+02:00"}}))
+        .await;
+    let view = app.wait_settled(&id).await;
+    assert_eq!(view["options"]["not_before"], "2020-01-01T10:00:00Z");
+    assert_eq!(view["status"], "Complete");
+    assert_eq!(app.job(&id).await["callback"]["state"], "none");
+}
+
+#[tokio::test]
+async fn metadata_comes_back_in_reads_lists_and_the_callback() {
+    let app = spawn_app().await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let metadata = json!({"customer": "acme", "order": 1234, "nested": {"x": [1, 2]}});
+    let mut job = json!({
+        "callback": receiver.url(),
+        "tasks": [{"endpoint": "/v1/test", "params": {"a": 1}}],
+        "metadata": metadata,
+    });
+    let id = app.submit(&job).await;
+    job["metadata"] = json!({"customer": "globex"});
+    let other = app.submit(&job).await;
+
+    let delivery = receiver.next().await;
+    let (mine, theirs) = if delivery.body["job_id"] == id.as_str() {
+        (delivery, receiver.next().await)
+    } else {
+        (receiver.next().await, delivery)
+    };
+    assert_eq!(mine.body["metadata"], metadata, "{}", mine.body);
+    assert_eq!(theirs.body["metadata"], json!({"customer": "globex"}));
+    // Beside status and msg, before the results.
+    let text = String::from_utf8(mine.raw.to_vec()).unwrap();
+    assert!(
+        text.find("\"metadata\"") < text.find("\"result\""),
+        "{text}"
+    );
+    assert_eq!(app.job(&id).await["metadata"], metadata);
+
+    let (status, page) = app.get("/v1/jobs?metadata.customer=acme").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id.as_str()]);
+    let (_, page) = app
+        .get("/v1/jobs?metadata.customer=globex&status=Complete&limit=5")
+        .await;
+    assert_eq!(page["jobs"][0]["job_id"], other.as_str(), "{page}");
+    let (status, body) = app
+        .get("/v1/jobs?metadata.customer=acme&metadata.order=1234")
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = app.get("/v1/jobs?colour=red").await;
+    assert_eq!(status, 400, "unknown parameters are still refused: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_lists_by_metadata_and_shows_scheduled_jobs() {
+    let app = spawn_app().await;
+    let tagged = app
+        .submit(&json!({"tasks": [{"endpoint": "/v1/test"}], "metadata": {"team": "data"}}))
+        .await;
+    let scheduled = app
+        .submit(&json!({
+            "tasks": [{"endpoint": "/v1/test"}],
+            "options": {"not_before": from_now(3_600_000)},
+        }))
+        .await;
+    let out = crate::client::cli(&app.base, &["jobs", "--metadata", "team=data", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let list = out.json();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["jobs"][0]["job_id"], tagged.as_str());
+    let out = crate::client::cli(&app.base, &["jobs", "--status", "scheduled"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains(&scheduled) && out.stdout.contains("Scheduled"),
+        "{out:?}"
+    );
+    let out = crate::client::cli(&app.base, &["jobs", "--metadata", "team"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("is not KEY=VALUE"), "{out:?}");
+}
