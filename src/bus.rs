@@ -124,9 +124,19 @@ impl Bus {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(60)).await;
             if let Some(bus) = bus.upgrade() {
-                bus.calls.lock().expect("not poisoned").remove(&job);
+                bus.forget_cancel(job);
             }
         });
+    }
+
+    /// Forgets that `job` was cancelled (it was retried since, or a minute went by): its
+    /// next calls get a new token. A token not cancelled is kept, with the calls it can
+    /// abort.
+    pub fn forget_cancel(&self, job: JobId) {
+        let mut calls = self.calls.lock().expect("not poisoned");
+        if calls.get(&job).is_some_and(CancellationToken::is_cancelled) {
+            calls.remove(&job);
+        }
     }
 
     /// What follows outcomes committed to the store (a settle, a report): the counts, the

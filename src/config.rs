@@ -80,6 +80,9 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Cancel an unfinished job.
     Cancel(CancelArgs),
+    /// Run a finished job's failed tasks again (with --include-cancelled, its cancelled
+    /// ones too), with a fresh attempt budget; a new callback follows when it finishes.
+    Retry(RetryArgs),
     /// Delete a finished job and its results now (retention would later).
     Delete(CancelArgs),
 }
@@ -791,6 +794,19 @@ pub struct JobsArgs {
     /// Only jobs older than this job id (the next page is printed as a hint).
     #[arg(long)]
     pub after: Option<String>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The job's id.
+    pub id: String,
+
+    /// Run its cancelled tasks again too (a cancelled job needs it).
+    #[arg(long)]
+    pub include_cancelled: bool,
 
     #[command(flatten)]
     pub client: ClientArgs,

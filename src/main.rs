@@ -81,6 +81,7 @@ fn main() -> ExitCode {
             Command::Tasks(args) => client_command(client::tasks(args).await),
             Command::Jobs(args) => client_command(client::jobs(args).await),
             Command::Cancel(args) => client_command(client::cancel(args).await),
+            Command::Retry(args) => client_command(client::retry(args).await),
             Command::Delete(args) => client_command(client::delete(args).await),
         }
     });

@@ -248,7 +248,7 @@ async fn deliver(outbox: Arc<Outbox>, due: CallbackDue, _busy: Busy) {
         conclude(&outbox, due.job_id, attempts, outcome, traced.as_ref()).await;
         return;
     }
-    let id = webhook_id(due.job_id);
+    let id = webhook_id(due.job_id, job.options.run());
     let timestamp = timestamp_now();
     // The job's `callback_headers`, checked at submission; each replaces one of the same
     // name (a Content-Type of the job's replaces DoParallel's).

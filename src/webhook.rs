@@ -155,9 +155,14 @@ impl Signing {
 }
 
 /// The message id of a job's callback: stable across every attempt and restart, because it
-/// is derived from the job alone, so a receiver deduplicates on it.
-pub fn webhook_id(job: JobId) -> String {
-    format!("msg_{job}")
+/// is derived from the job and its run alone, so a receiver deduplicates on it. The first
+/// run's is `msg_<job id>`; a retried job's callback is another message, `msg_<job id>_<run>`.
+pub fn webhook_id(job: JobId, run: u32) -> String {
+    if run <= 1 {
+        format!("msg_{job}")
+    } else {
+        format!("msg_{job}_{run}")
+    }
 }
 
 /// Seconds since the Unix epoch, for `webhook-timestamp`.

@@ -425,6 +425,7 @@
     const badgeSlot = el('span');
     const live = el('span', { class: 'live', id: 'job-live' });
     const cancel = el('button', { type: 'button', class: 'btn btn-danger', id: 'cancel', hidden: true, onclick: onCancel }, 'Cancel job');
+    const retry = el('button', { type: 'button', class: 'btn', id: 'retry', hidden: true, onclick: onRetry }, 'Retry failed');
     const note = el('div', { class: 'note', id: 'job-note', role: 'status', hidden: true });
     const summary = el('div', { class: 'summary', id: 'job-summary' });
     const filterSlot = el('div');
@@ -437,7 +438,7 @@
       el('nav', { class: 'crumbs' }, el('a', { href: '#/' }, 'Jobs'), ' › ', el('span', { class: 'mono' }, id)),
       el('div', { class: 'title-row' },
         el('h1', {}, 'Job ', el('span', { class: 'mono job-id' }, id)),
-        badgeSlot, live, el('span', { class: 'spacer' }), cancel),
+        badgeSlot, live, el('span', { class: 'spacer' }), retry, cancel),
       note,
       summary,
       el('div', { class: 'title-row' }, el('h2', {}, 'Tasks'), filterSlot),
@@ -502,6 +503,9 @@
       document.title = `Job ${job.job_id.slice(0, 8)}… ${job.status} · DoParallel`;
       badgeSlot.replaceChildren(el('span', { id: 'job-status', 'data-status': job.status }, badge(job.status)));
       cancel.hidden = FINISHED.has(job.status);
+      // A finished job with failed (or cancelled) tasks, once its callback is no longer owed.
+      retry.hidden = !(FINISHED.has(job.status) && (job.counts.failed > 0 || job.counts.cancelled > 0)
+        && job.callback.state !== 'pending');
       const end = job.finished_at ? Date.parse(job.finished_at) : Date.now();
       const cb = job.callback;
       const o = job.options || {};
@@ -520,7 +524,8 @@
           field('Created', timeCell(job.created_at), el('span', { class: 'muted' }, ' ' + localTime(job.created_at))),
           o.not_before ? field('Starts', el('span', { id: 'not-before' }, localTime(o.not_before))) : null,
           field('Finished', job.finished_at ? [timeCell(job.finished_at), el('span', { class: 'muted' }, ' ' + localTime(job.finished_at))] : '—'),
-          field(job.finished_at ? 'Took' : 'Running for', duration(end - Date.parse(job.created_at)))),
+          field(job.finished_at ? 'Took' : 'Running for', duration(end - Date.parse(job.created_at))),
+          job.run > 1 ? field('Run', el('span', { id: 'job-run' }, String(job.run))) : null),
         el('div', { class: 'card' },
           field('Callback', cb.url ? el('span', { class: 'mono url', title: cb.url }, cb.url) : el('span', { class: 'muted' }, 'none')),
           cb.url ? field('Delivery', el('span', { id: 'callback-state' }, badge(cb.state)), ` ${cb.attempts} attempt${cb.attempts === 1 ? '' : 's'}`) : null,
@@ -711,6 +716,23 @@
         else showNote(`Cancel failed${e.status ? ' (' + e.status + ')' : ''}: ${e.message}`, true);
       } finally {
         cancel.disabled = false;
+        jobPoller.now();
+      }
+    }
+
+    async function onRetry() {
+      // A cancelled job runs again with its cancelled tasks; another, with its failed ones.
+      const include = state.job && state.job.status === 'Cancelled' ? ['Failed', 'Cancelled'] : ['Failed'];
+      retry.disabled = true;
+      try {
+        const answer = await api(base + '/retry', { method: 'POST', body: JSON.stringify({ include }) });
+        const n = answer.requeued;
+        showNote(`Retried: ${n} task${n === 1 ? '' : 's'} to run again (run ${answer.run}).`, false);
+        startStream();
+      } catch (e) {
+        showNote(`Retry failed${e.status ? ' (' + e.status + ')' : ''}: ${e.message}`, true);
+      } finally {
+        retry.disabled = false;
         jobPoller.now();
       }
     }

@@ -52,6 +52,22 @@ pub async fn submit(
     Ok(outcome)
 }
 
+/// Retries a finished job's tasks of the `include` statuses (see `Store::job_retry`); on
+/// success wakes the engine, and forgets a cancel of the job, so that its calls start.
+pub async fn retry(
+    services: &Services,
+    id: JobId,
+    include: &[crate::job::TaskStatus],
+) -> StoreResult<crate::store::RetryOutcome> {
+    let outcome = services.store.job_retry(id, include, now_millis()).await?;
+    if let crate::store::RetryOutcome::Requeued { tasks, run } = outcome {
+        tracing::info!(job_id = %id, tasks, run, "job retried");
+        services.bus.forget_cancel(id);
+        services.bus.work();
+    }
+    Ok(outcome)
+}
+
 /// Cancels a job: its unfinished tasks become Cancelled, calls in flight on this node are
 /// aborted (other nodes hear of it through the store's notices), and its callback (status
 /// Cancelled) is due.

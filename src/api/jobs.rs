@@ -19,8 +19,8 @@ use crate::bus::Queued;
 use crate::document;
 use crate::job::{JobId, JobStatus, JobTrace, TaskStatus, parse_submission};
 use crate::store::{
-    CancelOutcome, DeleteOutcome, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Store,
-    StoreError, TaskPageQuery, TaskRecord,
+    CancelOutcome, DeleteOutcome, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord,
+    RetryOutcome, Store, StoreError, TaskPageQuery, TaskRecord,
 };
 
 /// Most tasks or jobs one page returns.
@@ -194,6 +194,7 @@ impl JobView {
                 last_error: job.callback.last_error,
             },
             trace_id: job.options.trace.as_ref().map(|t| t.trace_id.clone()),
+            run: job.options.run(),
             metadata: job.metadata,
             options: Some(job.options.masked()),
             result,
@@ -460,6 +461,95 @@ pub(super) async fn cancel_job(
             let job = find_job(store, id, &owner).await?;
             Ok(Json(job_view(&state, job).await?))
         }
+    }
+}
+
+/// Retry a finished job: its Failed tasks (and, with `include`, its Cancelled ones) run
+/// again with a fresh attempt budget, in the job's next run; Complete tasks are not called
+/// again. When the run finishes, a new callback (its own `webhook-id`) carries the whole
+/// document.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    request_body(content = Option<RetryRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The tasks run again", body = RetryAnswer),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is unfinished, or its callback is still owed", body = ErrorBody),
+        (status = 422, description = "No task to retry, or a bad include", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn retry_job(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<RetryAnswer>), ApiError> {
+    let id = parse_job_id(&id)?;
+    let body = body.map_err(body_error)?;
+    let request: RetryRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RetryRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            let status = if e.is_syntax() || e.is_eof() {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            ApiError::new(status, format!("retry: {e}"))
+        })?
+    };
+    let include = request.include.unwrap_or_else(|| vec![TaskStatus::Failed]);
+    if include.is_empty()
+        || include
+            .iter()
+            .any(|s| !matches!(s, TaskStatus::Failed | TaskStatus::Cancelled))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "include: name the statuses of the tasks to run again: Failed, Cancelled",
+        ));
+    }
+    find_job(state.services.store.as_ref(), id, &owner).await?;
+    let unprocessable = |msg: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, msg);
+    match commands::retry(&state.services, id, &include).await? {
+        RetryOutcome::Requeued { tasks, run } => Ok((
+            StatusCode::ACCEPTED,
+            Json(RetryAnswer {
+                status: "Success".into(),
+                msg: "Job Retried".into(),
+                job_id: id,
+                run,
+                requeued: tasks,
+                status_url: format!("/v1/jobs/{id}"),
+            }),
+        )),
+        RetryOutcome::NotFound => Err(ApiError::no_job(id)),
+        RetryOutcome::Unfinished(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the job is {}; only a finished job (Complete, Failed or Cancelled) can be retried",
+                status.as_str()
+            ),
+        )),
+        RetryOutcome::CallbackPending => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the job's callback is still being delivered; retry once it is delivered or given up",
+        )),
+        RetryOutcome::NothingToRetry => Err(unprocessable(format!(
+            "the job has no {} task to retry",
+            include
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))),
+        RetryOutcome::CancelledLeftOut => Err(unprocessable(
+            "a Cancelled job runs again with its cancelled tasks: add \"Cancelled\" to include"
+                .into(),
+        )),
     }
 }
 

@@ -33,7 +33,9 @@ use crate::egress::EgressPolicy;
 use crate::job::{JobId, Limits};
 use crate::store::Millis;
 use events::job_events;
-use jobs::{cancel_job, delete_job, get_job, list_jobs, list_tasks, submit, submit_alias};
+use jobs::{
+    cancel_job, delete_job, get_job, list_jobs, list_tasks, retry_job, submit, submit_alias,
+};
 use service::{health, metrics, not_found, openapi, report_task, test_task};
 
 #[derive(Clone)]
@@ -73,7 +75,8 @@ pub fn router(
         .route("/v1/jobs", post(submit_alias).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
-        .route("/v1/jobs/{id}/cancel", post(cancel_job));
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/retry", post(retry_job));
     if config.event_streams {
         guarded = guarded.route("/v1/jobs/{id}/events", get(job_events));
     }
@@ -118,6 +121,7 @@ pub fn router(
         jobs::delete_job,
         jobs::list_tasks,
         jobs::cancel_job,
+        jobs::retry_job,
         events::job_events,
         service::report_task,
         service::test_task,

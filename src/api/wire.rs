@@ -56,6 +56,30 @@ pub struct TaskRequest {
     pub options: Option<TaskOptions>,
 }
 
+/// The body of `POST /v1/jobs/{id}/retry`, all optional.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// The statuses of the tasks to run again: `Failed` (the default), `Cancelled`.
+    #[serde(default)]
+    pub include: Option<Vec<TaskStatus>>,
+}
+
+/// The answer to a retry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RetryAnswer {
+    /// Always `Success`.
+    pub status: String,
+    /// `Job Retried`.
+    pub msg: String,
+    pub job_id: JobId,
+    /// The job's run now under way: 2 after its first retry.
+    pub run: u32,
+    /// Tasks that run again.
+    pub requeued: u64,
+    pub status_url: String,
+}
+
 /// The answer to a submission.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SubmitAnswer {
@@ -140,6 +164,9 @@ pub struct JobView {
     /// `traceparent`'s, or a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// Which run of the job this is: 1, then 2 after its first retry, and so on.
+    #[serde(default = "first_run")]
+    pub run: u32,
     /// The `metadata` the job was submitted with, as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -249,6 +276,10 @@ pub struct TestAnswer {
 pub struct Health {
     /// `ok`.
     pub status: String,
+}
+
+fn first_run() -> u32 {
+    1
 }
 
 /// A job's options, or `None` when they are not a shape this build knows.

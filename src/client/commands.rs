@@ -11,7 +11,7 @@ use super::output::{
 };
 use super::{Client, ClientError, EXIT_COMPLETE, EXIT_INTERRUPTED, without_os_error};
 use crate::api::wire::{JobView, Progress};
-use crate::config::{CancelArgs, JobsArgs, StatusArgs, SubmitArgs, TasksArgs};
+use crate::config::{CancelArgs, JobsArgs, RetryArgs, StatusArgs, SubmitArgs, TasksArgs};
 use crate::progress::{POLL_EVERY, Progress as ProgressBar};
 
 /// How long `submit --wait` keeps trying while the server is unreachable (a restart keeps
@@ -316,6 +316,25 @@ pub async fn cancel(args: CancelArgs) -> Result<u8, ClientError> {
         print(&format!(
             "job {} cancelled ({} complete, {} failed, {} cancelled)\n",
             job.value.job_id, c.complete, c.failed, c.cancelled
+        ))?;
+    }
+    Ok(EXIT_COMPLETE)
+}
+
+/// `doparallel retry ID`: runs a finished job's failed (and cancelled) tasks again.
+pub async fn retry(args: RetryArgs) -> Result<u8, ClientError> {
+    let client = Client::from_args(&args.client)?;
+    let answer = client.retry(&args.id, args.include_cancelled).await?;
+    if args.client.json {
+        print_raw(&answer.raw)?;
+    } else {
+        let a = &answer.value;
+        print(&format!(
+            "job {} retried: run {}, {} task{} to run again\n",
+            a.job_id,
+            a.run,
+            a.requeued,
+            if a.requeued == 1 { "" } else { "s" },
         ))?;
     }
     Ok(EXIT_COMPLETE)

@@ -24,11 +24,11 @@ mod commands;
 mod events;
 mod output;
 
-pub use commands::{cancel, delete, jobs, status, submit, tasks};
+pub use commands::{cancel, delete, jobs, retry, status, submit, tasks};
 pub use events::{EventStream, ServerEvent};
 pub use output::{JOB_COLUMNS, TASK_COLUMNS, exit_code, final_document, job_row, table, task_row};
 
-use crate::api::wire::{ErrorBody, JobPage, JobView, SubmitAnswer, TaskPage};
+use crate::api::wire::{ErrorBody, JobPage, JobView, RetryAnswer, SubmitAnswer, TaskPage};
 use crate::config::{ClientArgs, Secret};
 use crate::job::JobStatus;
 use output::{one_line, truncate};
@@ -375,6 +375,32 @@ impl Client {
                 Method::POST,
                 self.url(&["v1", "jobs", id, "cancel"], &[]),
                 None,
+                &action,
+            )
+            .await?;
+        self.decode(raw, &action)
+    }
+
+    /// `POST /v1/jobs/{id}/retry`.
+    pub async fn retry(
+        &self,
+        id: &str,
+        include_cancelled: bool,
+    ) -> Result<Answer<RetryAnswer>, ClientError> {
+        let action = format!("retry job {id}");
+        let include: &[&str] = if include_cancelled {
+            &["Failed", "Cancelled"]
+        } else {
+            &["Failed"]
+        };
+        let body = serde_json::json!({ "include": include })
+            .to_string()
+            .into_bytes();
+        let raw = self
+            .send(
+                Method::POST,
+                self.url(&["v1", "jobs", id, "retry"], &[]),
+                Some(body),
                 &action,
             )
             .await?;

@@ -234,7 +234,13 @@ async fn run_call(
     crash_point!("response-received");
     let latency_ms = started.elapsed().as_millis() as u64;
     let now = now_millis();
-    let outcome = call::settle_outcome(&task.options, task.attempt, attempt, now, &mut rand::rng());
+    let outcome = call::settle_outcome(
+        &task.options,
+        task.attempt - task.attempt_base,
+        attempt,
+        now,
+        &mut rand::rng(),
+    );
     tracing::debug!(job_id = %task.job_id, task = task.index, attempt = task.attempt, latency_ms, ?outcome, "attempt over");
     let settle = TaskSettle {
         job_id: task.job_id,

@@ -108,7 +108,7 @@ async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken
                 now,
                 outcome: call::settle_outcome(
                     &task.options,
-                    task.attempt,
+                    task.attempt - task.attempt_base,
                     attempt,
                     now,
                     &mut rand::rng(),

@@ -258,6 +258,10 @@ async fn notice_loop(engine: Arc<Engine>, mut notices: Notices, stop: Cancellati
         match notice {
             Some(Notice::Work) => engine.bus.work(),
             Some(Notice::CallbackDue) => engine.bus.callbacks_due(),
+            Some(Notice::Retried(id)) => {
+                engine.bus.forget_cancel(id);
+                engine.bus.work();
+            }
             Some(Notice::Cancelled(id)) => {
                 // Even when this node has no token for the job yet: a claim that committed
                 // just before the cancel may be about to look one up, and must find it

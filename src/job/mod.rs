@@ -213,6 +213,11 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime, example = "2026-12-24T18:00:00Z")]
     pub not_before: Option<Timestamp>,
+    /// Which run of the job this is: 2 after its failed tasks were retried once
+    /// (`POST /v1/jobs/{id}/retry`), and so on; absent for the first. Set by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only, minimum = 2)]
+    pub run: Option<u32>,
 }
 
 /// A point in time, in milliseconds since the Unix epoch, read and written as RFC 3339
@@ -334,7 +339,13 @@ impl JobOptions {
             aws_sigv4: None,
             trace: None,
             not_before: None,
+            run: None,
         }
+    }
+
+    /// Which run of the job this is, from 1.
+    pub fn run(&self) -> u32 {
+        self.run.unwrap_or(1)
     }
 
     /// This job's own limits on the calls to each host.
@@ -392,6 +403,11 @@ impl JobOptions {
         if self.trace.is_some() {
             return Err(
                 "options.trace: set from the request's traceparent header, not the body".into(),
+            );
+        }
+        if self.run.is_some() {
+            return Err(
+                "options.run: set by the server when a job is retried, not by the body".into(),
             );
         }
         if let Some(at) = self.not_before

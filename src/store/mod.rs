@@ -195,6 +195,25 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// What [`Store::job_retry`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The job runs again: `tasks` were requeued, and this is its run number `run`.
+    Requeued {
+        tasks: u64,
+        run: u32,
+    },
+    /// The job has not finished.
+    Unfinished(JobStatus),
+    /// Finished, but its callback is still owed: the new run would race its delivery.
+    CallbackPending,
+    /// No task of the included statuses.
+    NothingToRetry,
+    /// A Cancelled job's cancelled tasks were left out: the run could never finish.
+    CancelledLeftOut,
+    NotFound,
+}
+
 /// What [`Store::job_delete`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeleteOutcome {
@@ -301,8 +320,11 @@ pub struct ClaimParams {
 pub struct ClaimedTask {
     pub job_id: JobId,
     pub index: u64,
-    /// The attempt this call is, counting from 1.
+    /// The attempt this call is, counting from 1 over every run of the job.
     pub attempt: u32,
+    /// Attempts made in the job's earlier runs: this run's budget (`max_attempts`) and
+    /// backoff count from here.
+    pub attempt_base: u32,
     pub endpoint: String,
     pub params: Box<RawValue>,
     pub options: Arc<JobOptions>,
@@ -491,6 +513,8 @@ pub enum Notice {
     CallbackDue,
     /// A job was cancelled: its calls in flight anywhere should stop.
     Cancelled(JobId),
+    /// A finished job was retried: its calls may start again, cancelled or not before.
+    Retried(JobId),
 }
 
 /// A stream of notices from every node on the database (this one's included).
@@ -536,6 +560,17 @@ pub trait Store: Send + Sync + 'static {
     /// Cancelled (a late outcome of a running one is then ignored), the job Cancelled, and
     /// its callback is due.
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome>;
+
+    /// Retries a finished job in one transaction: its tasks of the `include` statuses (Failed,
+    /// Cancelled) become Pending, due now, with a fresh attempt budget (their attempt count
+    /// goes on); the job is Running again in its next run, its counters less those tasks,
+    /// and its callback record goes (a new one is made when it finishes again).
+    async fn job_retry(
+        &self,
+        id: JobId,
+        include: &[TaskStatus],
+        now: Millis,
+    ) -> StoreResult<RetryOutcome>;
 
     /// Removes a finished job with its tasks and callback record, unless its callback is
     /// still owed.

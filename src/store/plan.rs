@@ -23,6 +23,36 @@ pub fn final_status(failed: u64, tolerated: u64) -> crate::job::JobStatus {
     }
 }
 
+/// Whether a finished job may be retried (`Store::job_retry`), decided here once for every
+/// backend: it must be finished, its callback no longer owed (the new run's would race
+/// it), and a Cancelled job's cancelled tasks must be retried with the rest, or its run
+/// could never finish. `Ok` goes on to requeue; whether any task matched is the backend's
+/// to count.
+pub fn may_retry(
+    status: crate::job::JobStatus,
+    callback_owed: bool,
+    include: &[crate::job::TaskStatus],
+    cancelled_tasks: u64,
+) -> Result<(), super::RetryOutcome> {
+    if !status.is_finished() {
+        return Err(super::RetryOutcome::Unfinished(status));
+    }
+    if callback_owed {
+        return Err(super::RetryOutcome::CallbackPending);
+    }
+    if cancelled_tasks > 0 && !include.contains(&crate::job::TaskStatus::Cancelled) {
+        return Err(super::RetryOutcome::CancelledLeftOut);
+    }
+    Ok(())
+}
+
+/// The options of a job's next run: its run number one more.
+pub fn next_run(options: &crate::job::JobOptions) -> crate::job::JobOptions {
+    let mut next = options.clone();
+    next.run = Some(options.run() + 1);
+    next
+}
+
 /// The most tasks of a job one claim takes when the job limits its own calls per host:
 /// about what its gates can start within a second (its `per_host_concurrency`, or a
 /// second's worth of its `per_host_rate`), so that claimed tasks do not sit at a gate

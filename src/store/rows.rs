@@ -141,6 +141,7 @@ fn claimed_task(
         job_id,
         index: row.int("idx") as u64,
         attempt: row.int32("attempts") as u32,
+        attempt_base: row.int32("attempt_base") as u32,
         endpoint: row.text("endpoint").to_string(),
         params: raw(Some(row.text("params").to_string()))?.expect("some"),
         // A task with settings of its own is called with them over its job's options.

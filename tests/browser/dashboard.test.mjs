@@ -348,6 +348,26 @@ test('a scheduled job is listed under Scheduled, and its page shows when it star
   assert.equal(response.status, 200);
 });
 
+test('Retry failed runs the failed task of a finished job again', { timeout: 60_000 }, async () => {
+  const id = await submit({
+    callback: `${endpoint.base}/callback`,
+    tasks: [{ endpoint: '/v1/test' }, { endpoint: `${endpoint.base}/missing` }],
+    options: { max_attempts: 1 },
+  });
+  await page.goto(`${server.base}/#/jobs/${id}`);
+  await page.locator('#job-status[data-status="Failed"]').waitFor();
+  await page.locator('#callback-state', { hasText: 'delivered' }).waitFor();
+  await page.locator('#retry').click();
+  await page.locator('#job-note', { hasText: 'Retried: 1 task to run again (run 2).' }).waitFor();
+  await page.locator('#job-run', { hasText: '2' }).waitFor();
+  // /missing answers 404 again: Failed again, after its second attempt.
+  await page.locator('#job-status[data-status="Failed"]').waitFor();
+  await page.locator('tr.task-row[data-index="2"][data-status="Failed"]').waitFor();
+  await page.locator('#callback-state', { hasText: 'delivered' }).waitFor();
+  const attempts = await fetch(`${server.base}/v1/jobs/${id}/tasks?after=1`).then((r) => r.json());
+  assert.equal(attempts.tasks[0].attempts, 2, 'the count goes on');
+});
+
 test('Cancel on the live page of a running job makes it Cancelled', { timeout: 120_000 }, async () => {
   // Slow tasks one at a time, so the job is still running when Cancel is clicked.
   const id = await submit({

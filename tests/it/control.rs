@@ -2,6 +2,10 @@
 //! status) and the client's `metadata`, in reads, lists and the callback. The store's part
 //! of both runs on every backend in `store.rs`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -177,4 +181,185 @@ async fn the_cli_lists_by_metadata_and_shows_scheduled_jobs() {
     let out = crate::client::cli(&app.base, &["jobs", "--metadata", "team"]).await;
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("is not KEY=VALUE"), "{out:?}");
+}
+
+/// An endpoint that answers 500 to the first call of every task whose `i` is a multiple
+/// of `every`, and 200 otherwise; it counts the calls of each task.
+async fn failing_every(every: u64) -> (String, Arc<Mutex<HashMap<u64, u32>>>) {
+    let calls: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let seen = calls.clone();
+    let app = axum::Router::new().route(
+        "/t",
+        axum::routing::post(move |axum::Json(params): axum::Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                let i = params["i"].as_u64().unwrap();
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.entry(i).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if i % every == 0 && n == 1 {
+                    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "not yet").into_response()
+                } else {
+                    axum::Json(json!({"i": i})).into_response()
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/t"), calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_calls_exactly_the_failed_tasks_again() {
+    // 10,000 tasks, 500 of which fail their only attempt: the retry calls those 500, and
+    // only them, and a second callback carries the whole document.
+    let app = spawn_app().await;
+    let (url, calls) = failing_every(20).await;
+    let mut receiver = Receiver::start(0, 200).await;
+    let job = job_of(
+        10_000,
+        &url,
+        Some(&receiver.url()),
+        json!({"max_attempts": 1}),
+    );
+    let id = app.submit(&job).await;
+    let first = receiver.next().await;
+    assert_eq!(first.body["status"], "Failed");
+    assert_eq!(first.webhook_id, format!("msg_{id}"));
+    let view = app.wait_settled(&id).await;
+    assert_eq!(view["counts"]["failed"], 500, "{}", view["counts"]);
+    assert_eq!(view["run"], 1);
+
+    let (status, answer) = app
+        .post_raw(
+            &format!("/v1/jobs/{id}/retry"),
+            Some("application/json"),
+            "",
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        (answer["requeued"].as_u64(), answer["run"].as_u64()),
+        (Some(500), Some(2))
+    );
+
+    let second = receiver.next().await;
+    assert_eq!(second.webhook_id, format!("msg_{id}_2"), "a new message");
+    assert_eq!(second.body["status"], "Complete");
+    let results = second.body["result"].as_object().unwrap();
+    assert_eq!(
+        results.len(),
+        10_000,
+        "the whole document: old results and new"
+    );
+    assert!(results.values().all(|r| r["status"] == "Complete"));
+    let view = app.wait_settled(&id).await;
+    assert_eq!(
+        (view["status"].as_str(), view["run"].as_u64()),
+        (Some("Complete"), Some(2))
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.values().map(|&n| u64::from(n)).sum::<u64>(), 10_500);
+    for (i, n) in calls {
+        assert_eq!(n, if i % 20 == 0 { 2 } else { 1 }, "task {i}");
+    }
+    let task = app
+        .get(&format!("/v1/jobs/{id}/tasks?after=19&limit=1"))
+        .await
+        .1;
+    assert_eq!(
+        task["tasks"][0]["attempts"], 2,
+        "the attempt count goes on: {task}"
+    );
+}
+
+#[tokio::test]
+async fn retry_is_refused_with_reasons() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let retry = |id: String, body: &'static str| {
+        let app = &app;
+        async move {
+            app.post_raw(
+                &format!("/v1/jobs/{id}/retry"),
+                Some("application/json"),
+                body,
+            )
+            .await
+        }
+    };
+    // Unfinished.
+    let slow = app
+        .submit(&job_of(1, &endpoint.url("slow?ms=3000"), None, json!({})))
+        .await;
+    let (status, body) = retry(slow.clone(), "").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .contains("only a finished job"),
+        "{body}"
+    );
+    // Nothing failed.
+    let fine = app
+        .submit(&json!({"tasks": [{"endpoint": "/v1/test"}]}))
+        .await;
+    app.wait_settled(&fine).await;
+    let (status, body) = retry(fine.clone(), r#"{"include": ["Failed"]}"#).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["msg"], "the job has no Failed task to retry");
+    let (status, body) = retry(fine.clone(), r#"{"include": ["Complete"]}"#).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["msg"].as_str().unwrap().starts_with("include:"),
+        "{body}"
+    );
+    let (status, _) = retry(fine.clone(), r#"{"include": "#).await;
+    assert_eq!(status, 400);
+    let (status, _) = retry(fine.clone(), r#"{"includes": ["Failed"]}"#).await;
+    assert_eq!(status, 422);
+    let (status, _) = retry(doparallel::job::JobId::generate().to_string(), "").await;
+    assert_eq!(status, 404);
+    // A cancelled job runs again with its cancelled tasks only.
+    let (status, _) = app
+        .post_raw(&format!("/v1/jobs/{slow}/cancel"), None, "")
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = retry(slow.clone(), "").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["msg"].as_str().unwrap().contains("Cancelled"),
+        "{body}"
+    );
+    let (status, body) = retry(slow.clone(), r#"{"include": ["Cancelled"]}"#).await;
+    assert_eq!(status, 202, "{body}");
+    let view = app.wait_settled(&slow).await;
+    assert_eq!(view["status"], "Complete", "{view}");
+    assert_eq!(endpoint.call_count(), 2, "called again after the cancel");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_retries_a_failed_job() {
+    let app = spawn_app().await;
+    let (url, _) = failing_every(1).await;
+    let id = app
+        .submit(&job_of(2, &url, None, json!({"max_attempts": 1})))
+        .await;
+    assert_eq!(app.wait_settled(&id).await["status"], "Failed");
+    let out = crate::client::cli(&app.base, &["retry", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        format!("job {id} retried: run 2, 2 tasks to run again")
+    );
+    assert_eq!(app.wait_settled(&id).await["status"], "Complete");
+    let out = crate::client::cli(&app.base, &["retry", &id]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("no Failed task to retry"), "{out:?}");
 }

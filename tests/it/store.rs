@@ -102,6 +102,8 @@ conformance!(
     call_settings_travel_with_their_task,
     metadata_is_kept_and_filters_lists,
     not_before_holds_the_tasks_and_reads_scheduled,
+    retry_requeues_failed_tasks_with_a_fresh_budget,
+    retry_of_a_cancelled_job,
 );
 
 // ---- helpers ----
@@ -2452,4 +2454,166 @@ async fn not_before_holds_the_tasks_and_reads_scheduled(store: Arc<dyn Store>) {
     store.job_cancel(other.id, t0).await.unwrap();
     let cancelled = store.job_get(other.id).await.unwrap().unwrap();
     assert_eq!(cancelled.status, JobStatus::Cancelled);
+}
+
+async fn retry_requeues_failed_tasks_with_a_fresh_budget(store: Arc<dyn Store>) {
+    use doparallel::store::{CallbackOutcome, CallbackRecord, RetryOutcome};
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let mut opts = options();
+    opts.max_attempts = 2;
+    let id = insert(&store, &new_job(3, opts, true), t0).await;
+    let failed_only = [TaskStatus::Failed];
+    assert_eq!(
+        store.job_retry(id, &failed_only, t0).await.unwrap(),
+        RetryOutcome::Unfinished(JobStatus::Pending)
+    );
+    // Task 1 completes, task 2 fails at once, task 3 fails on its second attempt.
+    let c = claim(&store, node, 10, t0).await;
+    settle_all(
+        &store,
+        node,
+        vec![
+            settle(&c.tasks[0], complete("1"), t0),
+            settle(&c.tasks[1], failed(), t0),
+            settle(&c.tasks[2], retry(t0), t0),
+        ],
+    )
+    .await;
+    let c = claim(&store, node, 10, t0).await;
+    assert_eq!((c.tasks[0].attempt, c.tasks[0].attempt_base), (2, 0));
+    let report = settle_all(&store, node, vec![settle(&c.tasks[0], failed(), t0)]).await;
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(job_of(&store, id).await.status, JobStatus::Failed);
+    // Its callback is owed: a new run would race its delivery.
+    assert_eq!(
+        store.job_retry(id, &failed_only, t0).await.unwrap(),
+        RetryOutcome::CallbackPending
+    );
+    let delivered = CallbackRecord {
+        job_id: id,
+        attempts: 1,
+        now: t0,
+        outcome: CallbackOutcome::Delivered,
+    };
+    assert!(store.callback_record(&delivered).await.unwrap());
+
+    let t1 = t0 + 10;
+    assert_eq!(
+        store.job_retry(id, &failed_only, t1).await.unwrap(),
+        RetryOutcome::Requeued { tasks: 2, run: 2 }
+    );
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (job.status, job.complete, job.failed, job.finished_at),
+        (JobStatus::Running, 1, 0, None)
+    );
+    assert_eq!(job.options.run(), 2);
+    let tasks = all_tasks(&store, id).await;
+    let statuses: Vec<TaskStatus> = tasks.iter().map(|t| t.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            TaskStatus::Complete,
+            TaskStatus::Pending,
+            TaskStatus::Pending
+        ]
+    );
+    assert_eq!(
+        (tasks[1].attempts, tasks[2].attempts),
+        (1, 2),
+        "the count goes on"
+    );
+    // Only the requeued tasks are handed out, each with the attempts of its earlier run as
+    // the base of its new budget.
+    let c = claim(&store, node, 10, t1).await;
+    let mut got: Vec<(u64, u32, u32)> = c
+        .tasks
+        .iter()
+        .map(|t| (t.index, t.attempt, t.attempt_base))
+        .collect();
+    got.sort();
+    assert_eq!(got, [(2, 2, 1), (3, 3, 2)]);
+    let report = settle_all(
+        &store,
+        node,
+        c.tasks
+            .iter()
+            .map(|t| settle(t, complete("2"), t1))
+            .collect(),
+    )
+    .await;
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(report.finished[0].status, JobStatus::Complete);
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (job.status, job.complete, job.failed),
+        (JobStatus::Complete, 3, 0)
+    );
+    // The new run's callback is due.
+    let due = store.callbacks_due(t1, t1 + 1000, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.job_id).collect::<Vec<_>>(), [id]);
+    // Nothing failed now; and after its delivery there is nothing to retry.
+    let delivered = CallbackRecord {
+        job_id: id,
+        attempts: 1,
+        now: t1,
+        outcome: CallbackOutcome::Delivered,
+    };
+    assert!(store.callback_record(&delivered).await.unwrap());
+    assert_eq!(
+        store.job_retry(id, &failed_only, t1).await.unwrap(),
+        RetryOutcome::NothingToRetry
+    );
+    assert_eq!(
+        store
+            .job_retry(JobId::generate(), &failed_only, t1)
+            .await
+            .unwrap(),
+        RetryOutcome::NotFound
+    );
+}
+
+async fn retry_of_a_cancelled_job(store: Arc<dyn Store>) {
+    use doparallel::store::RetryOutcome;
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let id = insert(&store, &new_job(3, options(), false), t0).await;
+    let c = claim(&store, node, 1, t0).await;
+    settle_all(&store, node, vec![settle(&c.tasks[0], complete("1"), t0)]).await;
+    store.job_cancel(id, t0).await.unwrap();
+    assert_eq!(
+        store
+            .job_retry(id, &[TaskStatus::Failed], t0)
+            .await
+            .unwrap(),
+        RetryOutcome::CancelledLeftOut
+    );
+    assert_eq!(
+        store
+            .job_retry(id, &[TaskStatus::Failed, TaskStatus::Cancelled], t0)
+            .await
+            .unwrap(),
+        RetryOutcome::Requeued { tasks: 2, run: 2 }
+    );
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (job.status, job.complete, job.cancelled),
+        (JobStatus::Running, 1, 0)
+    );
+    let c = claim(&store, node, 10, t0).await;
+    let mut indexes: Vec<u64> = c.tasks.iter().map(|t| t.index).collect();
+    indexes.sort();
+    assert_eq!(indexes, [2, 3]);
+    let report = settle_all(
+        &store,
+        node,
+        c.tasks
+            .iter()
+            .map(|t| settle(t, complete("2"), t0))
+            .collect(),
+    )
+    .await;
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(job_of(&store, id).await.status, JobStatus::Complete);
 }

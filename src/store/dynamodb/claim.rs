@@ -254,6 +254,8 @@ impl DynamoStore {
                             job_id: id,
                             index: *index,
                             attempt: attempts + 1,
+                            // Read below for a retried job's tasks.
+                            attempt_base: 0,
                             endpoint: endpoint.clone(),
                             params: raw(params_text)?,
                             options: with_call(&candidate.options, call.as_deref())?,
@@ -264,6 +266,21 @@ impl DynamoStore {
                 TxEnd::NoneLeft | TxEnd::GaveUp => {}
                 // The job finished or is gone.
                 TxEnd::Stopped => return Ok((claimed, true, None)),
+            }
+        }
+        if candidate.options.run() > 1 && !claimed.is_empty() {
+            // A retried job: what each task's earlier runs used of its attempts is on the
+            // task item only (the queue's index does not carry it).
+            let keys = claimed.iter().map(|t| task_key(id, t.index)).collect();
+            let mut bases = HashMap::new();
+            for item in self.batch_get(keys).await? {
+                bases.insert(
+                    need_n::<u64>(&item, "idx")?,
+                    get_n::<u32>(&item, "attempt_base").unwrap_or(0),
+                );
+            }
+            for task in &mut claimed {
+                task.attempt_base = bases.get(&task.index).copied().unwrap_or(0);
             }
         }
         if claimed.is_empty() {
@@ -371,6 +388,7 @@ impl DynamoStore {
                 job_id: id,
                 index,
                 attempt: attempts,
+                attempt_base: get_n(&task, "attempt_base").unwrap_or(0),
                 endpoint: need_s(&task, "endpoint")?.to_string(),
                 params: raw(need_s(&task, "params")?)?,
                 options: with_call(&job_options, get_s(&task, "call"))?,

@@ -89,6 +89,7 @@ mod jobs;
 mod leases;
 mod requests;
 mod retention;
+mod retry;
 mod schema;
 mod settle;
 mod tx;
@@ -204,6 +205,15 @@ impl Store for DynamoStore {
 
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
         self.cancel_job(id, now).await
+    }
+
+    async fn job_retry(
+        &self,
+        id: JobId,
+        include: &[crate::job::TaskStatus],
+        now: Millis,
+    ) -> StoreResult<super::RetryOutcome> {
+        self.retry_job(id, include, now).await
     }
 
     async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome> {

@@ -91,7 +91,7 @@ impl DynamoStore {
         }
     }
 
-    fn tx_update(&self, key: Item, change: Change) -> StoreResult<TransactWriteItem> {
+    pub(super) fn tx_update(&self, key: Item, change: Change) -> StoreResult<TransactWriteItem> {
         Ok(TransactWriteItem::builder()
             .update(change.into_update(&self.table, key)?)
             .build())

@@ -60,8 +60,8 @@ static CLAIM_TASKS_SQL: LazyLock<String> = LazyLock::new(|| {
          UPDATE tasks SET status = {TASK_RUNNING}, attempts = tasks.attempts + 1, node = $4, \
              lease_until = $5 \
          FROM picked WHERE tasks.job_seq = picked.job_seq AND tasks.idx = picked.idx \
-         RETURNING tasks.job_seq, tasks.idx, tasks.attempts, tasks.endpoint, tasks.params, \
-             tasks.call"
+         RETURNING tasks.job_seq, tasks.idx, tasks.attempts, tasks.attempt_base, \
+             tasks.endpoint, tasks.params, tasks.call"
     )
 });
 

@@ -7,17 +7,18 @@ use std::sync::LazyLock;
 use sqlx::Row;
 
 use super::callbacks::insert_callbacks;
-use super::notices::{NOTICE_CANCEL, NOTICE_WORK, notify};
+use super::notices::{NOTICE_CANCEL, NOTICE_RETRY, NOTICE_WORK, notify};
 use super::{PostgresStore, map_err};
 use crate::job::{JobId, JobStatus, NewJob};
 use crate::store::codec::{
     CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE, JOB_FAILED, JOB_PENDING, JOB_RUNNING,
-    TASK_CANCELLED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id, task_code,
+    TASK_CANCELLED, TASK_FAILED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id,
+    task_code,
 };
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
     CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, StoreResult, TaskPageQuery, TaskRecord,
+    JobRecord, Millis, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
 };
 
 /// Tasks per INSERT when storing a job (two arrays of that many texts).
@@ -205,6 +206,88 @@ pub(super) async fn tasks_failed_since(
     .await
     .map_err(map_err)?;
     rows.iter().map(failed_task_from_row).collect()
+}
+
+/// `Store::job_retry`: the job row locked (as a cancel does), its tasks requeued, every
+/// node told there is work.
+pub(super) async fn retry(
+    store: &PostgresStore,
+    id: JobId,
+    include: &[crate::job::TaskStatus],
+    now: Millis,
+) -> StoreResult<RetryOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT seq, status, options, n_cancelled FROM jobs WHERE id = $1::uuid FOR UPDATE",
+    )
+    .bind(id.to_string())
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)?
+    else {
+        tx.rollback().await?;
+        return Ok(RetryOutcome::NotFound);
+    };
+    let seq: i64 = row.get("seq");
+    let state: Option<Code> = sqlx::query_scalar("SELECT state FROM callbacks WHERE job_seq = $1")
+        .bind(seq)
+        .fetch_optional(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    let status = job_status_from(row.get("status"))?;
+    let cancelled: i64 = row.get("n_cancelled");
+    let owed = state == Some(CALLBACK_PENDING);
+    if let Err(outcome) = plan::may_retry(status, owed, include, cancelled as u64) {
+        tx.rollback().await?;
+        return Ok(outcome);
+    }
+    let codes: Vec<Code> = include.iter().map(|s| task_code(*s)).collect();
+    let requeued: Vec<Code> = sqlx::query_scalar(&format!(
+        "UPDATE tasks t SET status = {TASK_PENDING}, attempt_base = t.attempts, run_at = $2, \
+         finished_at = NULL, fail_seq = NULL, node = NULL, lease_until = NULL \
+         FROM (SELECT idx, status AS was FROM tasks WHERE job_seq = $1 \
+               AND status = ANY($3) FOR UPDATE) old \
+         WHERE t.job_seq = $1 AND t.idx = old.idx RETURNING old.was"
+    ))
+    .bind(seq)
+    .bind(now)
+    .bind(&codes)
+    .fetch_all(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    let failed = requeued.iter().filter(|c| **c == TASK_FAILED).count() as i64;
+    let cancelled = requeued.iter().filter(|c| **c == TASK_CANCELLED).count() as i64;
+    if requeued.is_empty() {
+        tx.rollback().await?;
+        return Ok(RetryOutcome::NothingToRetry);
+    }
+    let options = plan::next_run(&crate::store::codec::parse_options(row.get("options"))?);
+    let run = options.run();
+    let options_text = serde_json::to_string(&options)
+        .map_err(|e| crate::store::StoreError::Other(e.to_string()))?;
+    sqlx::query(&format!(
+        "UPDATE jobs SET status = {JOB_RUNNING}, n_failed = n_failed - $2, \
+         n_cancelled = n_cancelled - $3, finished_at = NULL, options = $4, last_claim_at = 0 \
+         WHERE seq = $1"
+    ))
+    .bind(seq)
+    .bind(failed)
+    .bind(cancelled)
+    .bind(options_text)
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    sqlx::query("DELETE FROM callbacks WHERE job_seq = $1")
+        .bind(seq)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    notify(&mut tx, &format!("{NOTICE_RETRY}{id}")).await?;
+    tx.commit().await?;
+    Ok(RetryOutcome::Requeued {
+        tasks: requeued.len() as u64,
+        run,
+    })
 }
 
 pub(super) async fn cancel(

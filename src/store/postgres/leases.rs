@@ -25,7 +25,7 @@ static OVERDUE: LazyLock<String> = LazyLock::new(|| {
                LIMIT $4 FOR UPDATE SKIP LOCKED) o, jobs j \
          WHERE tasks.job_seq = o.job_seq AND tasks.idx = o.idx AND j.seq = tasks.job_seq \
          RETURNING j.id::text AS id, j.options, j.owner, tasks.idx, tasks.attempts, \
-             tasks.endpoint, tasks.params, tasks.call"
+             tasks.attempt_base, tasks.endpoint, tasks.params, tasks.call"
     )
 });
 

@@ -41,8 +41,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use super::{
     CallbackDue, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
     FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis, NodeId, Notices,
-    OverdueParams, ReportOutcome, SettleReport, Store, StoreError, StoreResult, TaskPageQuery,
-    TaskRecord, TaskReport, TaskSettle,
+    OverdueParams, ReportOutcome, RetryOutcome, SettleReport, Store, StoreError, StoreResult,
+    TaskPageQuery, TaskRecord, TaskReport, TaskSettle,
 };
 use crate::job::{JobId, NewJob};
 
@@ -222,6 +222,15 @@ impl Store for PostgresStore {
 
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
         jobs::cancel(self, id, now).await
+    }
+
+    async fn job_retry(
+        &self,
+        id: JobId,
+        include: &[crate::job::TaskStatus],
+        now: Millis,
+    ) -> StoreResult<RetryOutcome> {
+        jobs::retry(self, id, include, now).await
     }
 
     async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome> {

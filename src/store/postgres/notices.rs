@@ -25,15 +25,23 @@ pub(super) const NOTICE_WORK: &str = "work";
 pub(super) const NOTICE_CALLBACK: &str = "callback";
 /// Followed by a job id: that job was cancelled.
 pub(super) const NOTICE_CANCEL: &str = "cancel:";
+/// Followed by a job id: that finished job was retried (its tasks are due: work too).
+pub(super) const NOTICE_RETRY: &str = "retry:";
 
 fn parse_notice(payload: &str) -> Option<Notice> {
     match payload {
         NOTICE_WORK => Some(Notice::Work),
         NOTICE_CALLBACK => Some(Notice::CallbackDue),
-        other => other
-            .strip_prefix(NOTICE_CANCEL)
-            .and_then(|id| id.parse().ok())
-            .map(Notice::Cancelled),
+        other => {
+            if let Some(id) = other.strip_prefix(NOTICE_CANCEL) {
+                id.parse().ok().map(Notice::Cancelled)
+            } else {
+                other
+                    .strip_prefix(NOTICE_RETRY)
+                    .and_then(|id| id.parse().ok())
+                    .map(Notice::Retried)
+            }
+        }
     }
 }
 

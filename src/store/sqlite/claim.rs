@@ -32,7 +32,7 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE tasks SET status = {TASK_RUNNING}, attempts = attempts + 1, node = ?{node}, \
          lease_until = ?{lease} WHERE rowid IN ({}) \
-         RETURNING job_seq, idx, attempts, endpoint, params, call",
+         RETURNING job_seq, idx, attempts, attempt_base, endpoint, params, call",
         picks.join(" UNION ALL ")
     )
 });

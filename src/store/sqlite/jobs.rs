@@ -11,12 +11,13 @@ use super::{SqliteStore, map_err};
 use crate::job::{JobId, JobStatus, NewJob, NewTask};
 use crate::store::codec::{
     CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE, JOB_FAILED, JOB_PENDING, JOB_RUNNING,
-    TASK_CANCELLED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id, task_code,
+    TASK_CANCELLED, TASK_FAILED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id,
+    task_code,
 };
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
     CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, StoreResult, TaskPageQuery, TaskRecord,
+    JobRecord, Millis, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
 };
 
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
@@ -270,6 +271,90 @@ pub(super) async fn tasks_failed_since(
     .await
     .map_err(map_err)?;
     rows.iter().map(failed_task_from_row).collect()
+}
+
+/// `Store::job_retry`: one write transaction.
+pub(super) async fn retry(
+    store: &SqliteStore,
+    id: JobId,
+    include: &[crate::job::TaskStatus],
+    now: Millis,
+) -> StoreResult<RetryOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT j.seq, j.status, j.options, j.n_cancelled, c.state FROM jobs j \
+         LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?",
+    )
+    .bind(id.to_string())
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)?
+    else {
+        return Ok(RetryOutcome::NotFound);
+    };
+    let seq: i64 = row.get("seq");
+    let owed = row.get::<Option<Code>, _>("state") == Some(CALLBACK_PENDING);
+    let status = job_status_from(row.get("status"))?;
+    let cancelled: i64 = row.get("n_cancelled");
+    if let Err(outcome) = plan::may_retry(status, owed, include, cancelled as u64) {
+        return Ok(outcome);
+    }
+    let codes: Vec<String> = include.iter().map(|s| task_code(*s).to_string()).collect();
+    let codes = codes.join(",");
+    let counts: Vec<(Code, i64)> = sqlx::query_as(&format!(
+        "SELECT status, COUNT(*) FROM tasks WHERE job_seq = ? AND status IN ({codes}) \
+         GROUP BY status"
+    ))
+    .bind(seq)
+    .fetch_all(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    let count_of = |code| {
+        counts
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or(0, |(_, n)| *n)
+    };
+    let (failed, cancelled) = (count_of(TASK_FAILED), count_of(TASK_CANCELLED));
+    if failed + cancelled == 0 {
+        return Ok(RetryOutcome::NothingToRetry);
+    }
+    sqlx::query(&format!(
+        "UPDATE tasks SET status = {TASK_PENDING}, attempt_base = attempts, run_at = ?, \
+         finished_at = NULL, fail_seq = NULL, node = NULL, lease_until = NULL \
+         WHERE job_seq = ? AND status IN ({codes})"
+    ))
+    .bind(now)
+    .bind(seq)
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    let options = plan::next_run(&crate::store::codec::parse_options(row.get("options"))?);
+    let run = options.run();
+    let options_text = serde_json::to_string(&options)
+        .map_err(|e| crate::store::StoreError::Other(e.to_string()))?;
+    sqlx::query(&format!(
+        "UPDATE jobs SET status = {JOB_RUNNING}, n_failed = n_failed - ?, \
+         n_cancelled = n_cancelled - ?, finished_at = NULL, options = ?, last_claim_at = 0 \
+         WHERE seq = ?"
+    ))
+    .bind(failed)
+    .bind(cancelled)
+    .bind(options_text)
+    .bind(seq)
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    sqlx::query("DELETE FROM callbacks WHERE job_seq = ?")
+        .bind(seq)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    tx.commit().await?;
+    Ok(RetryOutcome::Requeued {
+        tasks: (failed + cancelled) as u64,
+        run,
+    })
 }
 
 pub(super) async fn cancel(

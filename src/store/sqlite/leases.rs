@@ -106,7 +106,7 @@ pub(super) async fn overdue(
              SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = {TASK_RUNNING} \
              WHERE j.status IN ({JOB_PENDING}, {JOB_RUNNING}) AND j.n_running > 0 AND t.node IS NULL \
                AND t.lease_until IS NOT NULL AND t.lease_until <= ? LIMIT ?) \
-             RETURNING job_seq, idx, attempts, endpoint, params, call"
+             RETURNING job_seq, idx, attempts, attempt_base, endpoint, params, call"
         )
     });
     let mut tx = store.begin().await?;

@@ -1,0 +1,147 @@
+//! Retrying a finished job (`Store::job_retry`): its tasks to run again are put back in
+//! their queue, in transactions of up to 100, each on condition that the task is as it was
+//! read; then the job item, its counters counted again from the tasks, on condition that
+//! the job is as it was read. A retry cut short between the two leaves tasks pending under
+//! a finished job: the next retry of that job takes them too, and counts again.
+
+use super::DynamoStore;
+use super::expr::{Change, Ex, Item, eq, get_n, get_s, n, need_n, need_s, s};
+use super::items::{CB_PENDING, job_key, job_pk, pad_time, queue_pk, queue_sk, shard, task_key};
+use super::settle::JobCounters;
+use super::tx::TxOutcome;
+use crate::job::{JobId, JobStatus, TaskStatus};
+use crate::store::codec::parse_options;
+use crate::store::{Millis, RetryOutcome, StoreError, StoreResult, plan};
+
+/// Actions per TransactWriteItems.
+const TX_ITEMS: usize = 100;
+
+impl DynamoStore {
+    pub(super) async fn retry_job(
+        &self,
+        id: JobId,
+        include: &[TaskStatus],
+        now: Millis,
+    ) -> StoreResult<RetryOutcome> {
+        let Some(item) = self.job_item(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        let job = JobCounters::from_item(&item)?;
+        let owed = get_s(&item, "cb_state") == Some(CB_PENDING);
+        let cancelled: u64 = get_n(&item, "n_cancelled").unwrap_or(0);
+        if let Err(outcome) = plan::may_retry(job.status, owed, include, cancelled) {
+            return Ok(outcome);
+        }
+        let mut ex = Ex::default();
+        let cond = format!(
+            "{} = {} AND begins_with({}, {})",
+            ex.n("pk"),
+            ex.v(s(job_pk(id))),
+            ex.n("sk"),
+            ex.v(s("T#"))
+        );
+        let tasks = self
+            .query_all(None, cond, ex, None, true, usize::MAX)
+            .await?;
+        // What runs again, and what the job's counters become.
+        let retry_failed = include.contains(&TaskStatus::Failed);
+        let job_cancelled = job.status == JobStatus::Cancelled;
+        let (mut requeue, mut complete, mut failed) = (Vec::new(), 0u64, 0u64);
+        for task in &tasks {
+            let stored = need_s(task, "status")?;
+            let again = match stored {
+                "Failed" => retry_failed,
+                // A cancelled job's unfinished tasks read as Cancelled (see the module docs).
+                "Cancelled" | "Running" => job_cancelled,
+                // Under a finished job: a cancelled one's, or left by a retry cut short.
+                "Pending" => true,
+                _ => false,
+            };
+            match stored {
+                _ if again => requeue.push(task),
+                "Complete" => complete += 1,
+                "Failed" => failed += 1,
+                _ => {}
+            }
+        }
+        if requeue.is_empty() {
+            return Ok(RetryOutcome::NothingToRetry);
+        }
+        for chunk in requeue.chunks(TX_ITEMS) {
+            let mut actions = Vec::with_capacity(chunk.len());
+            for task in chunk {
+                actions
+                    .push(self.tx_update(requeue_key(id, task)?, requeue_change(id, task, now)?)?);
+            }
+            if let TxOutcome::Cancelled(_) = self.transact(actions).await? {
+                return Err(StoreError::Unavailable(format!(
+                    "retrying job {id}: a task changed meanwhile; try again"
+                )));
+            }
+        }
+        let options = plan::next_run(&parse_options(need_s(&item, "options")?)?);
+        let run = options.run();
+        let options_text =
+            serde_json::to_string(&options).map_err(|e| StoreError::Other(e.to_string()))?;
+        let status_was = need_s(&item, "status")?.to_string();
+        let change = Change::new()
+            .set("status", s("Running"))
+            .set("options", s(options_text))
+            .set("n_running", n(0))
+            .set("n_complete", n(complete))
+            .set("n_failed", n(failed))
+            .set("n_done", n(complete + failed))
+            .set("n_cancelled", n(0))
+            .set("last_claim_at", n(0))
+            .set("g1pk", s(format!("ACTIVE#{}", shard(id))))
+            .set("g1sk", s(format!("{}#{id}", pad_time(0))))
+            .remove("finished_at")
+            .remove("cb_state")
+            .remove("cb_attempts")
+            .remove("cb_next")
+            .remove("cb_error")
+            .when(|e| eq(e, "status", s(status_was)))
+            .when(|e| {
+                format!(
+                    "attribute_not_exists({0}) OR {0} <> {1}",
+                    e.n("cb_state"),
+                    e.v(s(CB_PENDING))
+                )
+            });
+        if self.update(job_key(id), change, None).await?.is_none() {
+            return Err(StoreError::Unavailable(format!(
+                "retrying job {id}: the job changed meanwhile; try again"
+            )));
+        }
+        Ok(RetryOutcome::Requeued {
+            tasks: requeue.len() as u64,
+            run,
+        })
+    }
+}
+
+fn requeue_key(id: JobId, task: &Item) -> StoreResult<Item> {
+    Ok(task_key(id, need_n(task, "idx")?))
+}
+
+/// A task back in its queue, due now, its attempt budget starting afresh; on condition that
+/// it is as it was read.
+fn requeue_change(id: JobId, task: &Item, now: Millis) -> StoreResult<Change> {
+    let index: u64 = need_n(task, "idx")?;
+    let attempts: u32 = need_n(task, "attempts")?;
+    let status = need_s(task, "status")?.to_string();
+    Ok(Change::new()
+        .set("status", s("Pending"))
+        .set("attempt_base", n(attempts))
+        .set("run_at", n(now))
+        .set("g2pk", s(queue_pk(id)))
+        .set("g2sk", s(queue_sk(now, index)))
+        .remove("finished_at")
+        .remove("fail_seq")
+        .remove("node")
+        .remove("lease_until")
+        .remove("g3pk")
+        .remove("g3sk")
+        .when(|e| eq(e, "status", s(status)))
+        .when(|e| eq(e, "attempts", n(attempts))))
+}
