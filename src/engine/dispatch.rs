@@ -150,6 +150,28 @@ fn answer_lost(claim: &crate::store::Claim) -> bool {
     false
 }
 
+/// Gives back a task whose call a cancel aborted: its attempt settled as a retry due now.
+/// The store refuses it for a task its cancel ended (as any late outcome), and applies it
+/// when the job was retried since (the cancel this node heard was the previous run's): the
+/// task then runs again rather than stay running with nobody calling it.
+async fn release(task: &ClaimedTask, slot: Slot, outcomes: &mpsc::Sender<Settled>) {
+    let now = now_millis();
+    let error =
+        crate::job::TaskError::new("aborted", "the call was aborted by a cancel of its job");
+    let settle = TaskSettle {
+        job_id: task.job_id,
+        index: task.index,
+        attempt: task.attempt,
+        latency_ms: 0,
+        now,
+        outcome: crate::store::SettleOutcome::Retry {
+            run_at: now,
+            error: error.to_json(),
+        },
+    };
+    let _ = outcomes.send((settle, slot)).await;
+}
+
 async fn run_call(
     engine: Arc<Engine>,
     task: ClaimedTask,
@@ -166,6 +188,8 @@ async fn run_call(
             pass = engine.hosts.pass(task.job_id, task.options.host_limits(), host.clone()) => Some(pass),
             _ = cancelled.cancelled() => {
                 tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel at its host's gate");
+                drop(queued);
+                release(&task, slot, &outcomes).await;
                 return;
             }
             _ = stop.cancelled() => {
@@ -226,9 +250,8 @@ async fn run_call(
     // The host's permits go as soon as its answer is in, before the outcome is stored.
     drop(pass);
     let Some(attempt) = attempt else {
-        // The job was cancelled: the store no longer counts this task as running, so its
-        // slot is free at once and there is no outcome to write.
         tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel");
+        release(&task, slot, &outcomes).await;
         return;
     };
     crash_point!("response-received");
@@ -236,7 +259,7 @@ async fn run_call(
     let now = now_millis();
     let outcome = call::settle_outcome(
         &task.options,
-        task.attempt - task.attempt_base,
+        task.attempt_in_run(),
         attempt,
         now,
         &mut rand::rng(),

@@ -108,7 +108,7 @@ async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken
                 now,
                 outcome: call::settle_outcome(
                     &task.options,
-                    task.attempt - task.attempt_base,
+                    task.attempt_in_run(),
                     attempt,
                     now,
                     &mut rand::rng(),

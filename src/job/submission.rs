@@ -246,9 +246,7 @@ fn explain(field: Option<&str>, e: &serde_json::Error) -> String {
         (_, "u32") => "a whole number from 0 to 4294967295",
         (_, "u64") => "a whole number, 0 or more",
         (_, "f64") => "a number",
-        (_, "struct WireJob") => {
-            "an object with \"tasks\" (and optionally \"callback\" and \"options\")"
-        }
+        (_, "struct WireJob") => WIRE_JOB,
         (_, "struct WireTask") => WIRE_TASK,
         (_, "struct JobOptions") => "an object of options",
         (_, other) => other,

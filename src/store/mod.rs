@@ -408,6 +408,14 @@ impl std::fmt::Debug for SettleOutcome {
     }
 }
 
+impl ClaimedTask {
+    /// This attempt's number within the job's current run, from 1: what its budget and
+    /// backoff are reckoned on.
+    pub fn attempt_in_run(&self) -> u32 {
+        self.attempt.saturating_sub(self.attempt_base).max(1)
+    }
+}
+
 impl std::fmt::Debug for ClaimedTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClaimedTask")

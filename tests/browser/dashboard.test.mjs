@@ -359,13 +359,20 @@ test('Retry failed runs the failed task of a finished job again', { timeout: 60_
   await page.locator('#callback-state', { hasText: 'delivered' }).waitFor();
   await page.locator('#retry').click();
   await page.locator('#job-note', { hasText: 'Retried: 1 task to run again (run 2).' }).waitFor();
+  // /missing answers 404 again: run 2 ends Failed, after the task's second attempt, and its
+  // callback is delivered.
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const job = await fetch(`${server.base}/v1/jobs/${id}`).then((r) => r.json());
+    if (job.run === 2 && job.status === 'Failed' && job.callback.state === 'delivered') break;
+    assert.ok(Date.now() < deadline, `run 2 did not end: ${JSON.stringify(job)}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  const tasks = await fetch(`${server.base}/v1/jobs/${id}/tasks?after=1`).then((r) => r.json());
+  assert.equal(tasks.tasks[0].attempts, 2, 'the count goes on');
   await page.locator('#job-run', { hasText: '2' }).waitFor();
-  // /missing answers 404 again: Failed again, after its second attempt.
   await page.locator('#job-status[data-status="Failed"]').waitFor();
   await page.locator('tr.task-row[data-index="2"][data-status="Failed"]').waitFor();
-  await page.locator('#callback-state', { hasText: 'delivered' }).waitFor();
-  const attempts = await fetch(`${server.base}/v1/jobs/${id}/tasks?after=1`).then((r) => r.json());
-  assert.equal(attempts.tasks[0].attempts, 2, 'the count goes on');
 });
 
 test('Cancel on the live page of a running job makes it Cancelled', { timeout: 120_000 }, async () => {

@@ -280,17 +280,22 @@ async fn http_events_of_each_origin_reach_the_api_and_wake_the_worker() {
     );
 
     // The worker's event drains both jobs.
-    let report = invoke(
-        &function,
-        json!({"doparallel": "work"}),
-        Some(Duration::from_secs(60)),
-    )
-    .await;
+    let report = drain(&function, 60).await;
     assert_eq!(report["calls"], 4, "{report}");
     assert_eq!(report["ended"], "idle", "{report}");
     let (_, view) = answer(&invoke_of(&function, function_url("GET", &path, None, true)).await);
     assert_eq!(view["status"], "Complete", "{view}");
     assert_eq!(endpoint.call_count(), 4);
+}
+
+/// A `{"doparallel": "work"}` event with `secs` seconds left.
+async fn drain(function: &Function, secs: u64) -> Value {
+    invoke(
+        function,
+        json!({"doparallel": "work"}),
+        Some(Duration::from_secs(secs)),
+    )
+    .await
 }
 
 /// An HTTP event without a deadline.
@@ -364,12 +369,7 @@ async fn a_drain_stops_before_the_deadline_and_loses_nothing() {
     // Ten seconds left: work is taken for 10 - 10/4 (grace) - 5 (margin) = 2.5 s, and the
     // call in flight gets its 2.5 s of grace; it needs 6.
     let started = Instant::now();
-    let report = invoke(
-        &function,
-        json!({"doparallel": "work"}),
-        Some(Duration::from_secs(10)),
-    )
-    .await;
+    let report = drain(&function, 10).await;
     assert_eq!(report["ended"], "max_duration", "{report}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -385,12 +385,7 @@ async fn a_drain_stops_before_the_deadline_and_loses_nothing() {
         "the call was cut short"
     );
 
-    let report = invoke(
-        &function,
-        json!({"doparallel": "work"}),
-        Some(Duration::from_secs(60)),
-    )
-    .await;
+    let report = drain(&function, 60).await;
     assert_eq!(report["ended"], "idle", "{report}");
     let path = format!("/v1/jobs/{id}");
     let (_, view) = answer(&invoke_of(&function, function_url("GET", &path, None, true)).await);

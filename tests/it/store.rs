@@ -2534,26 +2534,45 @@ async fn retry_requeues_failed_tasks_with_a_fresh_budget(store: Arc<dyn Store>) 
         .collect();
     got.sort();
     assert_eq!(got, [(2, 2, 1), (3, 3, 2)]);
+    let numbers_before = store.tasks_failed_since(id, 0, 10).await.unwrap();
+    assert!(
+        numbers_before.is_empty(),
+        "requeued tasks are no failures now"
+    );
+    // Task 2 fails again, task 3 completes: the new failure gets a new number, after the
+    // first run's, so an events stream resuming from those misses nothing.
+    let outcome = |t: &ClaimedTask| {
+        if t.index == 2 {
+            failed()
+        } else {
+            complete("2")
+        }
+    };
     let report = settle_all(
         &store,
         node,
-        c.tasks
-            .iter()
-            .map(|t| settle(t, complete("2"), t1))
-            .collect(),
+        c.tasks.iter().map(|t| settle(t, outcome(t), t1)).collect(),
     )
     .await;
     assert_eq!(report.finished.len(), 1);
-    assert_eq!(report.finished[0].status, JobStatus::Complete);
+    assert_eq!(report.finished[0].status, JobStatus::Failed);
+    let failures = store.tasks_failed_since(id, 0, 10).await.unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].task.index, 2);
+    assert!(
+        failures[0].fail_seq > 2,
+        "numbered after run 1's: {}",
+        failures[0].fail_seq
+    );
     let job = job_of(&store, id).await;
     assert_eq!(
         (job.status, job.complete, job.failed),
-        (JobStatus::Complete, 3, 0)
+        (JobStatus::Failed, 2, 1)
     );
     // The new run's callback is due.
     let due = store.callbacks_due(t1, t1 + 1000, 10).await.unwrap();
     assert_eq!(due.iter().map(|d| d.job_id).collect::<Vec<_>>(), [id]);
-    // Nothing failed now; and after its delivery there is nothing to retry.
+    // After its delivery: nothing cancelled to retry; the failed one, in a third run.
     let delivered = CallbackRecord {
         job_id: id,
         attempts: 1,
@@ -2562,8 +2581,15 @@ async fn retry_requeues_failed_tasks_with_a_fresh_budget(store: Arc<dyn Store>) 
     };
     assert!(store.callback_record(&delivered).await.unwrap());
     assert_eq!(
-        store.job_retry(id, &failed_only, t1).await.unwrap(),
+        store
+            .job_retry(id, &[TaskStatus::Cancelled], t1)
+            .await
+            .unwrap(),
         RetryOutcome::NothingToRetry
+    );
+    assert_eq!(
+        store.job_retry(id, &failed_only, t1).await.unwrap(),
+        RetryOutcome::Requeued { tasks: 1, run: 3 }
     );
     assert_eq!(
         store
@@ -2579,8 +2605,10 @@ async fn retry_of_a_cancelled_job(store: Arc<dyn Store>) {
     let t0 = now_millis();
     let node = NodeId::random();
     let id = insert(&store, &new_job(3, options(), false), t0).await;
-    let c = claim(&store, node, 1, t0).await;
+    // Task 1 completes, task 2 is running when the job is cancelled, task 3 never ran.
+    let c = claim(&store, node, 2, t0).await;
     settle_all(&store, node, vec![settle(&c.tasks[0], complete("1"), t0)]).await;
+    let running = c.tasks[1].clone();
     store.job_cancel(id, t0).await.unwrap();
     assert_eq!(
         store
@@ -2601,6 +2629,14 @@ async fn retry_of_a_cancelled_job(store: Arc<dyn Store>) {
         (job.status, job.complete, job.cancelled),
         (JobStatus::Running, 1, 0)
     );
+    // The call cancelled in the first run answers late: refused, the task is the new run's.
+    let late = settle_all(
+        &store,
+        node,
+        vec![settle(&running, complete("\"late\""), t0)],
+    )
+    .await;
+    assert_eq!(applied(&late), 0);
     let c = claim(&store, node, 10, t0).await;
     let mut indexes: Vec<u64> = c.tasks.iter().map(|t| t.index).collect();
     indexes.sort();

@@ -69,7 +69,7 @@ fn rejections_name_the_field_and_task() {
     check(
         r#"[1,2]"#,
         Err(
-            "job: expected an object with \"tasks\" (and optionally \"callback\" and \"options\"), got a list",
+            "job: expected an object with \"tasks\" (and optionally \"callback\", \"options\" and \"metadata\"), got a list",
         ),
     );
     check(

@@ -144,6 +144,14 @@ impl DynamoStore {
             }
             let concurrency: Option<u64> = get_n(&item, "concurrency");
             let options = Arc::new(parse_options(need_s(&item, "options")?)?);
+            // A job waiting for its start: no look at its queue (nor a write to move it
+            // back) before then; the claim says when.
+            if let Some(at) = options.not_before.map(|t| t.millis())
+                && at > params.now
+            {
+                claim.next_due = Some(claim.next_due.map_or(at, |d: Millis| d.min(at)));
+                continue;
+            }
             // A job limiting its calls per host gives one claim what its gates start soon.
             let headroom = concurrency
                 .map_or(u64::MAX, |c| c.saturating_sub(running))

@@ -246,6 +246,39 @@ impl DynamoStore {
     }
 
     /// The keys (`pk`, `sk`) of a query of the table, up to `max`.
+    /// Every item of a query of the table itself, strongly consistent, with only the
+    /// attributes of `projection` (names from `ex`).
+    pub(super) async fn query_projected(
+        &self,
+        key_condition: String,
+        ex: Ex,
+        projection: &str,
+    ) -> StoreResult<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            self.count("Query");
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression(&key_condition)
+                .set_expression_attribute_names(ex.names())
+                .set_expression_attribute_values(ex.values())
+                .projection_expression(projection)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("Query", e))?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(key) => start = Some(key),
+                None => return Ok(items),
+            }
+        }
+    }
+
     pub(super) async fn query_keys(
         &self,
         key_condition: String,

@@ -23,6 +23,7 @@ impl DynamoStore {
         include: &[TaskStatus],
         now: Millis,
     ) -> StoreResult<RetryOutcome> {
+        // (A job being deleted reads as gone.)
         let Some(item) = self.job_item(id).await? else {
             return Ok(RetryOutcome::NotFound);
         };
@@ -40,9 +41,9 @@ impl DynamoStore {
             ex.n("sk"),
             ex.v(s("T#"))
         );
-        let tasks = self
-            .query_all(None, cond, ex, None, true, usize::MAX)
-            .await?;
+        // What the choice needs, not the parameters and results.
+        let projection = ["idx", "status", "attempts"].map(|a| ex.n(a)).join(", ");
+        let tasks = self.query_projected(cond, ex, &projection).await?;
         // What runs again, and what the job's counters become.
         let retry_failed = include.contains(&TaskStatus::Failed);
         let job_cancelled = job.status == JobStatus::Cancelled;
@@ -101,6 +102,7 @@ impl DynamoStore {
             .remove("cb_next")
             .remove("cb_error")
             .when(|e| eq(e, "status", s(status_was)))
+            .when(|e| format!("attribute_not_exists({})", e.n("deleting")))
             .when(|e| {
                 format!(
                     "attribute_not_exists({0}) OR {0} <> {1}",

@@ -197,6 +197,7 @@ pub(super) async fn tasks_failed_since(
     let rows = sqlx::query(&format!(
         "SELECT {TASK_COLUMNS}, t.fail_seq FROM tasks t \
          WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = $1::uuid) AND t.fail_seq > $2 \
+           AND t.status = {TASK_FAILED} \
          ORDER BY t.fail_seq LIMIT $3"
     ))
     .bind(id.to_string())
@@ -244,7 +245,7 @@ pub(super) async fn retry(
     let codes: Vec<Code> = include.iter().map(|s| task_code(*s)).collect();
     let requeued: Vec<Code> = sqlx::query_scalar(&format!(
         "UPDATE tasks t SET status = {TASK_PENDING}, attempt_base = t.attempts, run_at = $2, \
-         finished_at = NULL, fail_seq = NULL, node = NULL, lease_until = NULL \
+         finished_at = NULL, node = NULL, lease_until = NULL \
          FROM (SELECT idx, status AS was FROM tasks WHERE job_seq = $1 \
                AND status = ANY($3) FOR UPDATE) old \
          WHERE t.job_seq = $1 AND t.idx = old.idx RETURNING old.was"

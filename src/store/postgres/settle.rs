@@ -26,7 +26,7 @@ static SETTLE_TASKS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE tasks t SET status = v.status, \
          run_at = COALESCE(v.run_at, t.run_at), result = v.result, error = v.error, \
-         latency_ms = v.latency_ms, finished_at = v.finished_at, fail_seq = v.fail_seq, \
+         latency_ms = v.latency_ms, finished_at = v.finished_at, fail_seq = COALESCE(v.fail_seq, t.fail_seq), \
          node = NULL, lease_until = v.lease \
          FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::smallint[], $5::bigint[], \
                      $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[]) \

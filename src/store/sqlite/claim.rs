@@ -50,10 +50,12 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
         format!(
             "SELECT 1 FROM jobs WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) \
              AND total > n_running + n_complete + n_failed \
-             AND (concurrency IS NULL OR n_running < concurrency) LIMIT 1"
+             AND (concurrency IS NULL OR n_running < concurrency) \
+             AND (not_before IS NULL OR not_before <= ?) LIMIT 1"
         )
     });
     let any: Option<i64> = sqlx::query_scalar(&ANY)
+        .bind(params.now)
         .fetch_optional(&store.reader)
         .await
         .map_err(map_err)?;

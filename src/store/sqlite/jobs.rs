@@ -262,6 +262,7 @@ pub(super) async fn tasks_failed_since(
     let rows = sqlx::query(&format!(
         "SELECT {TASK_COLUMNS}, t.fail_seq FROM tasks t \
          WHERE t.job_seq = (SELECT seq FROM jobs WHERE id = ?) AND t.fail_seq > ? \
+           AND t.status = {TASK_FAILED} \
          ORDER BY t.fail_seq LIMIT ?"
     ))
     .bind(id.to_string())
@@ -321,7 +322,7 @@ pub(super) async fn retry(
     }
     sqlx::query(&format!(
         "UPDATE tasks SET status = {TASK_PENDING}, attempt_base = attempts, run_at = ?, \
-         finished_at = NULL, fail_seq = NULL, node = NULL, lease_until = NULL \
+         finished_at = NULL, node = NULL, lease_until = NULL \
          WHERE job_seq = ? AND status IN ({codes})"
     ))
     .bind(now)

@@ -94,7 +94,7 @@ pub(super) async fn settle(
         sql.push_str(&format!(
             ") UPDATE tasks SET status = v.status, run_at = COALESCE(v.run_at, tasks.run_at), \
              result = v.result, error = v.error, latency_ms = v.latency_ms, \
-             finished_at = v.finished_at, fail_seq = v.fail_seq, node = NULL, \
+             finished_at = v.finished_at, fail_seq = COALESCE(v.fail_seq, tasks.fail_seq), node = NULL, \
              lease_until = v.lease \
              FROM v WHERE tasks.job_seq = v.job_seq AND tasks.idx = v.idx \
              AND tasks.status = {TASK_RUNNING} AND tasks.attempts = v.attempt"
