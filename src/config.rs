@@ -80,6 +80,10 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Cancel an unfinished job.
     Cancel(CancelArgs),
+    /// Pause an unfinished job: no new call of it starts until it is resumed.
+    Pause(CancelArgs),
+    /// Resume a paused job.
+    Resume(CancelArgs),
     /// Run a finished job's failed tasks again (with --include-cancelled, its cancelled
     /// ones too), with a fresh attempt budget; a new callback follows when it finishes.
     Retry(RetryArgs),
@@ -843,10 +847,11 @@ fn parse_metadata_filter(text: &str) -> Result<(String, String), String> {
 
 /// A job status, in any letter case (`complete` is `Complete`).
 fn parse_job_status(text: &str) -> Result<JobStatus, String> {
-    const ALL: [JobStatus; 6] = [
+    const ALL: [JobStatus; 7] = [
         JobStatus::Scheduled,
         JobStatus::Pending,
         JobStatus::Running,
+        JobStatus::Paused,
         JobStatus::Complete,
         JobStatus::Failed,
         JobStatus::Cancelled,
@@ -854,7 +859,7 @@ fn parse_job_status(text: &str) -> Result<JobStatus, String> {
     ALL.into_iter()
         .find(|s| s.as_str().eq_ignore_ascii_case(text))
         .ok_or_else(|| {
-            format!("unknown job status {text:?}; expected Scheduled, Pending, Running, Complete, Failed or Cancelled")
+            format!("unknown job status {text:?}; expected Scheduled, Pending, Running, Paused, Complete, Failed or Cancelled")
         })
 }
 

@@ -21,7 +21,7 @@
   const PREVIEW_CHARS = 100;
   const TOOLTIP_CHARS = 2000;
   const TOKEN_KEY = 'doparallel.apiToken';
-  const JOB_STATUSES = ['Scheduled', 'Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
+  const JOB_STATUSES = ['Scheduled', 'Pending', 'Running', 'Paused', 'Complete', 'Failed', 'Cancelled'];
   const TASK_STATUSES = ['Pending', 'Running', 'Complete', 'Failed', 'Cancelled'];
   const FINISHED = new Set(['Complete', 'Failed', 'Cancelled']);
 
@@ -426,6 +426,7 @@
     const live = el('span', { class: 'live', id: 'job-live' });
     const cancel = el('button', { type: 'button', class: 'btn btn-danger', id: 'cancel', hidden: true, onclick: onCancel }, 'Cancel job');
     const retry = el('button', { type: 'button', class: 'btn', id: 'retry', hidden: true, onclick: onRetry }, 'Retry failed');
+    const pause = el('button', { type: 'button', class: 'btn', id: 'pause', hidden: true, onclick: onPause }, 'Pause');
     const note = el('div', { class: 'note', id: 'job-note', role: 'status', hidden: true });
     const summary = el('div', { class: 'summary', id: 'job-summary' });
     const filterSlot = el('div');
@@ -438,7 +439,7 @@
       el('nav', { class: 'crumbs' }, el('a', { href: '#/' }, 'Jobs'), ' › ', el('span', { class: 'mono' }, id)),
       el('div', { class: 'title-row' },
         el('h1', {}, 'Job ', el('span', { class: 'mono job-id' }, id)),
-        badgeSlot, live, el('span', { class: 'spacer' }), retry, cancel),
+        badgeSlot, live, el('span', { class: 'spacer' }), retry, pause, cancel),
       note,
       summary,
       el('div', { class: 'title-row' }, el('h2', {}, 'Tasks'), filterSlot),
@@ -503,6 +504,8 @@
       document.title = `Job ${job.job_id.slice(0, 8)}… ${job.status} · DoParallel`;
       badgeSlot.replaceChildren(el('span', { id: 'job-status', 'data-status': job.status }, badge(job.status)));
       cancel.hidden = FINISHED.has(job.status);
+      pause.hidden = FINISHED.has(job.status);
+      pause.textContent = job.status === 'Paused' ? 'Resume' : 'Pause';
       // A finished job with failed (or cancelled) tasks, once its callback is no longer owed.
       retry.hidden = !(FINISHED.has(job.status) && (job.counts.failed > 0 || job.counts.cancelled > 0)
         && job.callback.state !== 'pending');
@@ -716,6 +719,21 @@
         else showNote(`Cancel failed${e.status ? ' (' + e.status + ')' : ''}: ${e.message}`, true);
       } finally {
         cancel.disabled = false;
+        jobPoller.now();
+      }
+    }
+
+    async function onPause() {
+      const verb = state.job && state.job.status === 'Paused' ? 'resume' : 'pause';
+      pause.disabled = true;
+      try {
+        update(await api(`${base}/${verb}`, { method: 'POST' }));
+        showNote(verb === 'pause' ? 'Job paused: no new call starts until it is resumed.' : 'Job resumed.', false);
+        if (verb === 'resume') startStream();
+      } catch (e) {
+        showNote(`${verb === 'pause' ? 'Pause' : 'Resume'} failed${e.status ? ' (' + e.status + ')' : ''}: ${e.message}`, true);
+      } finally {
+        pause.disabled = false;
         jobPoller.now();
       }
     }

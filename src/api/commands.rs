@@ -52,6 +52,22 @@ pub async fn submit(
     Ok(outcome)
 }
 
+/// Pauses (`pause`) or resumes a job; a resumed job wakes the engine.
+pub async fn pause(
+    services: &Services,
+    id: JobId,
+    pause: bool,
+) -> StoreResult<crate::store::PauseOutcome> {
+    let outcome = services.store.job_pause(id, pause).await?;
+    if let crate::store::PauseOutcome::Changed(status) = outcome {
+        tracing::info!(job_id = %id, status = status.as_str(), "job {}", if pause { "paused" } else { "resumed" });
+        if !pause {
+            services.bus.work();
+        }
+    }
+    Ok(outcome)
+}
+
 /// Retries a finished job's tasks of the `include` statuses (see `Store::job_retry`); on
 /// success wakes the engine, and forgets a cancel of the job, so that its calls start.
 pub async fn retry(

@@ -20,7 +20,7 @@ use crate::document;
 use crate::job::{JobId, JobStatus, JobTrace, TaskStatus, parse_submission};
 use crate::store::{
     CancelOutcome, DeleteOutcome, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord,
-    RetryOutcome, Store, StoreError, TaskPageQuery, TaskRecord,
+    PauseOutcome, RetryOutcome, Store, StoreError, TaskPageQuery, TaskRecord,
 };
 
 /// Most tasks or jobs one page returns.
@@ -459,6 +459,70 @@ pub(super) async fn cancel_job(
         CancelOutcome::Cancelled { .. } => {
             let store = state.services.store.as_ref();
             let job = find_job(store, id, &owner).await?;
+            Ok(Json(job_view(&state, job).await?))
+        }
+    }
+}
+
+/// Pause a job: no new call of it starts (on any node) until it is resumed; calls in
+/// flight finish and are stored. Pausing a paused job changes nothing.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/pause", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, now Paused", body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job already finished", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn pause_job(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    pause_or_resume(state, owner, id, true).await
+}
+
+/// Resume a paused job: its calls start again. Resuming a job not paused changes nothing.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/resume", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, Pending or Running again", body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job already finished", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn resume_job(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    pause_or_resume(state, owner, id, false).await
+}
+
+async fn pause_or_resume(
+    state: AppState,
+    owner: Owner,
+    id: String,
+    pause: bool,
+) -> Result<Json<JobView>, ApiError> {
+    let id = parse_job_id(&id)?;
+    find_job(state.services.store.as_ref(), id, &owner).await?;
+    match commands::pause(&state.services, id, pause).await? {
+        PauseOutcome::NotFound => Err(ApiError::no_job(id)),
+        PauseOutcome::Finished(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the job is already {}; only an unfinished job can be {}",
+                status.as_str(),
+                if pause { "paused" } else { "resumed" }
+            ),
+        )),
+        PauseOutcome::Changed(_) | PauseOutcome::Unchanged(_) => {
+            let job = find_job(state.services.store.as_ref(), id, &owner).await?;
             Ok(Json(job_view(&state, job).await?))
         }
     }

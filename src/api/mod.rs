@@ -34,7 +34,8 @@ use crate::job::{JobId, Limits};
 use crate::store::Millis;
 use events::job_events;
 use jobs::{
-    cancel_job, delete_job, get_job, list_jobs, list_tasks, retry_job, submit, submit_alias,
+    cancel_job, delete_job, get_job, list_jobs, list_tasks, pause_job, resume_job, retry_job,
+    submit, submit_alias,
 };
 use service::{health, metrics, not_found, openapi, report_task, test_task};
 
@@ -76,7 +77,9 @@ pub fn router(
         .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/v1/jobs/{id}/retry", post(retry_job));
+        .route("/v1/jobs/{id}/retry", post(retry_job))
+        .route("/v1/jobs/{id}/pause", post(pause_job))
+        .route("/v1/jobs/{id}/resume", post(resume_job));
     if config.event_streams {
         guarded = guarded.route("/v1/jobs/{id}/events", get(job_events));
     }
@@ -122,6 +125,8 @@ pub fn router(
         jobs::list_tasks,
         jobs::cancel_job,
         jobs::retry_job,
+        jobs::pause_job,
+        jobs::resume_job,
         events::job_events,
         service::report_task,
         service::test_task,

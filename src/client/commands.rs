@@ -321,6 +321,22 @@ pub async fn cancel(args: CancelArgs) -> Result<u8, ClientError> {
     Ok(EXIT_COMPLETE)
 }
 
+/// `doparallel pause ID` (`pause`) and `doparallel resume ID`.
+pub async fn pause(args: CancelArgs, pause: bool) -> Result<u8, ClientError> {
+    let client = Client::from_args(&args.client)?;
+    let job = client.pause(&args.id, pause).await?;
+    if args.client.json {
+        print_raw(&job.raw)?;
+    } else {
+        print(&format!(
+            "job {} {}\n",
+            job.value.job_id,
+            job.value.status.as_str()
+        ))?;
+    }
+    Ok(EXIT_COMPLETE)
+}
+
 /// `doparallel retry ID`: runs a finished job's failed (and cancelled) tasks again.
 pub async fn retry(args: RetryArgs) -> Result<u8, ClientError> {
     let client = Client::from_args(&args.client)?;

@@ -24,7 +24,7 @@ mod commands;
 mod events;
 mod output;
 
-pub use commands::{cancel, delete, jobs, retry, status, submit, tasks};
+pub use commands::{cancel, delete, jobs, pause, retry, status, submit, tasks};
 pub use events::{EventStream, ServerEvent};
 pub use output::{JOB_COLUMNS, TASK_COLUMNS, exit_code, final_document, job_row, table, task_row};
 
@@ -374,6 +374,21 @@ impl Client {
             .send(
                 Method::POST,
                 self.url(&["v1", "jobs", id, "cancel"], &[]),
+                None,
+                &action,
+            )
+            .await?;
+        self.decode(raw, &action)
+    }
+
+    /// `POST /v1/jobs/{id}/pause`, or `resume`.
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<Answer<JobView>, ClientError> {
+        let verb = if pause { "pause" } else { "resume" };
+        let action = format!("{verb} job {id}");
+        let raw = self
+            .send(
+                Method::POST,
+                self.url(&["v1", "jobs", id, verb], &[]),
                 None,
                 &action,
             )

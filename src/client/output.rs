@@ -40,9 +40,11 @@ pub fn exit_code(status: JobStatus) -> u8 {
     match status {
         JobStatus::Failed => EXIT_FAILED,
         JobStatus::Cancelled => EXIT_CANCELLED,
-        JobStatus::Complete | JobStatus::Scheduled | JobStatus::Pending | JobStatus::Running => {
-            EXIT_COMPLETE
-        }
+        JobStatus::Complete
+        | JobStatus::Scheduled
+        | JobStatus::Pending
+        | JobStatus::Running
+        | JobStatus::Paused => EXIT_COMPLETE,
     }
 }
 

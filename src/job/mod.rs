@@ -73,6 +73,9 @@ pub enum JobStatus {
     Scheduled,
     Pending,
     Running,
+    /// Paused by a client: no call of it starts until it is resumed; calls in flight
+    /// finish and are stored.
+    Paused,
     Complete,
     Failed,
     Cancelled,
@@ -100,6 +103,7 @@ impl JobStatus {
             JobStatus::Scheduled => "Scheduled",
             JobStatus::Pending => "Pending",
             JobStatus::Running => "Running",
+            JobStatus::Paused => "Paused",
             JobStatus::Complete => "Complete",
             JobStatus::Failed => "Failed",
             JobStatus::Cancelled => "Cancelled",

@@ -43,6 +43,7 @@ pub(super) const fn job_code(s: JobStatus) -> Code {
         JobStatus::Complete => 2,
         JobStatus::Failed => 3,
         JobStatus::Cancelled => 4,
+        JobStatus::Paused => 5,
     })
 }
 
@@ -62,6 +63,7 @@ pub(super) const JOB_RUNNING: Code = job_code(JobStatus::Running);
 pub(super) const JOB_COMPLETE: Code = job_code(JobStatus::Complete);
 pub(super) const JOB_FAILED: Code = job_code(JobStatus::Failed);
 pub(super) const JOB_CANCELLED: Code = job_code(JobStatus::Cancelled);
+pub(super) const JOB_PAUSED: Code = job_code(JobStatus::Paused);
 
 pub(super) const TASK_PENDING: Code = task_code(TaskStatus::Pending);
 pub(super) const TASK_RUNNING: Code = task_code(TaskStatus::Running);
@@ -76,9 +78,10 @@ pub(super) const CALLBACK_DELIVERED: Code = Code(2);
 /// Given up on after its last attempt.
 pub(super) const CALLBACK_FAILED: Code = Code(3);
 
-const JOB_STATUSES: [JobStatus; 5] = [
+const JOB_STATUSES: [JobStatus; 6] = [
     JobStatus::Pending,
     JobStatus::Running,
+    JobStatus::Paused,
     JobStatus::Complete,
     JobStatus::Failed,
     JobStatus::Cancelled,

@@ -195,6 +195,19 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// What [`Store::job_pause`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PauseOutcome {
+    /// The job is now in this status: `Paused` after a pause, `Pending` or `Running` after
+    /// a resume.
+    Changed(JobStatus),
+    /// It already was: paused (a pause), or not paused (a resume).
+    Unchanged(JobStatus),
+    /// The job has finished; nothing changed.
+    Finished(JobStatus),
+    NotFound,
+}
+
 /// What [`Store::job_retry`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RetryOutcome {
@@ -568,6 +581,11 @@ pub trait Store: Send + Sync + 'static {
     /// Cancelled (a late outcome of a running one is then ignored), the job Cancelled, and
     /// its callback is due.
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome>;
+
+    /// Pauses an unfinished job (`pause`): no claim takes its tasks until it is resumed;
+    /// its calls in flight settle as usual, and may finish it. Or resumes a paused one, in
+    /// the status `plan::resumed_status` says.
+    async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<PauseOutcome>;
 
     /// Retries a finished job in one transaction: its tasks of the `include` statuses (Failed,
     /// Cancelled) become Pending, due now, with a fresh attempt budget (their attempt count

@@ -46,6 +46,26 @@ pub fn may_retry(
     Ok(())
 }
 
+/// The status a pause (`pause`) or a resume moves a job in `status` to, given its
+/// `(running, complete, failed)` counts, or what it answers instead: a finished job
+/// changes no more; a paused one resumes `Running` once any of its tasks was called, else
+/// `Pending`. The one rule of every backend's `Store::job_pause`.
+pub fn pause_target(
+    status: crate::job::JobStatus,
+    pause: bool,
+    (running, complete, failed): (u64, u64, u64),
+) -> Result<crate::job::JobStatus, super::PauseOutcome> {
+    use crate::job::JobStatus;
+    match (status, pause) {
+        (done, _) if done.is_finished() => Err(super::PauseOutcome::Finished(done)),
+        (JobStatus::Paused, true) => Err(super::PauseOutcome::Unchanged(status)),
+        (_, true) => Ok(JobStatus::Paused),
+        (JobStatus::Paused, false) if running + complete + failed > 0 => Ok(JobStatus::Running),
+        (JobStatus::Paused, false) => Ok(JobStatus::Pending),
+        (_, false) => Err(super::PauseOutcome::Unchanged(status)),
+    }
+}
+
 /// The options of a job's next run: its run number one more.
 pub fn next_run(options: &crate::job::JobOptions) -> crate::job::JobOptions {
     let mut next = options.clone();

@@ -375,6 +375,24 @@ test('Retry failed runs the failed task of a finished job again', { timeout: 60_
   await page.locator('tr.task-row[data-index="2"][data-status="Failed"]').waitFor();
 });
 
+test('Pause holds a running job and Resume lets it finish', { timeout: 60_000 }, async () => {
+  const tasks = Array.from({ length: 6 }, (_, i) => ({ endpoint: `${endpoint.base}/work?delay_ms=400`, params: { i } }));
+  const id = await submit({ tasks, options: { concurrency: 1 } });
+  await page.goto(`${server.base}/#/jobs/${id}`);
+  await page.locator('#job-status[data-status="Running"]').waitFor();
+  await page.locator('#pause', { hasText: 'Pause' }).click();
+  await page.locator('#job-status[data-status="Paused"]').waitFor();
+  await page.locator('#job-note', { hasText: 'Job paused' }).waitFor();
+  // The call in flight finishes; no other starts.
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const held = await fetch(`${server.base}/v1/jobs/${id}`).then((r) => r.json());
+  assert.equal(held.status, 'Paused');
+  assert.ok(held.counts.complete <= 2 && held.counts.running === 0, JSON.stringify(held.counts));
+  await page.locator('#pause', { hasText: 'Resume' }).click();
+  await page.locator('#job-status[data-status="Complete"]').waitFor({ timeout: 30_000 });
+  assert.equal(await page.locator('#pause').isVisible(), false, 'no Pause once finished');
+});
+
 test('Cancel on the live page of a running job makes it Cancelled', { timeout: 120_000 }, async () => {
   // Slow tasks one at a time, so the job is still running when Cancel is clicked.
   const id = await submit({

@@ -363,3 +363,59 @@ async fn the_cli_retries_a_failed_job() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("no Failed task to retry"), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_holds_a_job_and_resume_lets_it_finish() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let id = app
+        .submit(&job_of(
+            6,
+            &endpoint.url("slow?ms=300"),
+            None,
+            json!({"concurrency": 1}),
+        ))
+        .await;
+    eventually("the first call", || async {
+        (endpoint.call_count() >= 1).then_some(())
+    })
+    .await;
+    let out = crate::client::cli(&app.base, &["pause", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), format!("job {id} Paused"));
+    // The call in flight finishes and is stored; none starts after it.
+    let held = eventually("the call in flight to settle", || async {
+        let job = app.job(&id).await;
+        (job["counts"]["running"] == 0).then_some(job)
+    })
+    .await;
+    assert_eq!(held["status"], "Paused", "{held}");
+    let calls = endpoint.call_count();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert_eq!(endpoint.call_count(), calls, "no call starts while paused");
+    let (_, page) = app.get("/v1/jobs?status=Paused").await;
+    assert_eq!(page["jobs"][0]["job_id"], id.as_str());
+
+    let (status, view) = app
+        .post_raw(&format!("/v1/jobs/{id}/pause"), None, "")
+        .await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (200, Some("Paused")),
+        "idempotent"
+    );
+    let out = crate::client::cli(&app.base, &["resume", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), format!("job {id} Running"));
+    let view = app.wait_settled(&id).await;
+    assert_eq!(view["status"], "Complete");
+    assert_eq!(endpoint.call_count(), 6);
+    let (status, body) = app
+        .post_raw(&format!("/v1/jobs/{id}/pause"), None, "")
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["msg"].as_str().unwrap().contains("already Complete"),
+        "{body}"
+    );
+}

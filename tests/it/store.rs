@@ -104,6 +104,7 @@ conformance!(
     not_before_holds_the_tasks_and_reads_scheduled,
     retry_requeues_failed_tasks_with_a_fresh_budget,
     retry_of_a_cancelled_job,
+    pause_holds_claims_until_resumed,
 );
 
 // ---- helpers ----
@@ -2652,4 +2653,87 @@ async fn retry_of_a_cancelled_job(store: Arc<dyn Store>) {
     .await;
     assert_eq!(report.finished.len(), 1);
     assert_eq!(job_of(&store, id).await.status, JobStatus::Complete);
+}
+
+async fn pause_holds_claims_until_resumed(store: Arc<dyn Store>) {
+    use doparallel::store::PauseOutcome;
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let a = insert(&store, &new_job(3, options(), false), t0).await;
+    assert_eq!(
+        store.job_pause(a, false).await.unwrap(),
+        PauseOutcome::Unchanged(JobStatus::Pending),
+        "resuming a job not paused changes nothing"
+    );
+    let c = claim(&store, node, 1, t0).await;
+    let first = c.tasks[0].clone();
+    assert_eq!(
+        store.job_pause(a, true).await.unwrap(),
+        PauseOutcome::Changed(JobStatus::Paused)
+    );
+    assert_eq!(
+        store.job_pause(a, true).await.unwrap(),
+        PauseOutcome::Unchanged(JobStatus::Paused)
+    );
+    // No claim takes a paused job's tasks; another job's, yes.
+    let b = insert(&store, &new_job(1, options(), false), t0).await;
+    let c = claim(&store, node, 10, t0).await;
+    assert_eq!(c.tasks.iter().map(|t| t.job_id).collect::<Vec<_>>(), [b]);
+    // Its call in flight settles as usual.
+    let report = settle_all(&store, node, vec![settle(&first, complete("1"), t0)]).await;
+    assert_eq!(applied(&report), 1);
+    let job = job_of(&store, a).await;
+    assert_eq!((job.status, job.complete), (JobStatus::Paused, 1));
+    // Resumed: Running (a task of it was called), and claimed again.
+    assert_eq!(
+        store.job_pause(a, false).await.unwrap(),
+        PauseOutcome::Changed(JobStatus::Running)
+    );
+    let c = claim(&store, node, 10, t0).await;
+    let mut indexes: Vec<u64> = c.tasks.iter().map(|t| t.index).collect();
+    indexes.sort();
+    assert_eq!(indexes, [2, 3]);
+    let report = settle_all(
+        &store,
+        node,
+        c.tasks
+            .iter()
+            .map(|t| settle(t, complete("2"), t0))
+            .collect(),
+    )
+    .await;
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(
+        store.job_pause(a, true).await.unwrap(),
+        PauseOutcome::Finished(JobStatus::Complete)
+    );
+    // A paused job whose last call settles is finished by it.
+    let d = insert(&store, &new_job(1, options(), false), t0).await;
+    let mut c = claim(&store, node, 10, t0).await;
+    c.tasks.retain(|t| t.job_id == d);
+    store.job_pause(d, true).await.unwrap();
+    let report = settle_all(&store, node, vec![settle(&c.tasks[0], complete("3"), t0)]).await;
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(job_of(&store, d).await.status, JobStatus::Complete);
+    // A paused job can be cancelled, and is listed as paused.
+    let e = insert(&store, &new_job(2, options(), false), t0).await;
+    store.job_pause(e, true).await.unwrap();
+    let paused = store
+        .job_list(&JobListQuery {
+            owner: None,
+            status: Some(JobStatus::Paused),
+            metadata: None,
+            before: None,
+            limit: 10,
+            now: t0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(paused.iter().map(|j| j.id).collect::<Vec<_>>(), [e]);
+    store.job_cancel(e, t0).await.unwrap();
+    assert_eq!(job_of(&store, e).await.status, JobStatus::Cancelled);
+    assert_eq!(
+        store.job_pause(JobId::generate(), true).await.unwrap(),
+        PauseOutcome::NotFound
+    );
 }

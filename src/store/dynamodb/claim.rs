@@ -13,7 +13,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use super::DynamoStore;
 use super::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s};
 use super::items::{
-    SHARDS, UNFINISHED, id_of_pk, index_of_sk, job_key, job_status_from, pad_time, queue_pk, raw,
+    CLAIMABLE, SHARDS, id_of_pk, index_of_sk, job_key, job_status_from, pad_time, queue_pk, raw,
     task_key,
 };
 use super::requests::PARALLEL;
@@ -64,7 +64,7 @@ impl TaskTx<&Due> for ClaimTx<'_> {
             .set("status", s("Running"))
             .set("last_claim_at", n(params.now))
             .set("g1sk", s(format!("{}#{id}", pad_time(params.now))))
-            .when(|e| is_in(e, "status", &UNFINISHED))
+            .when(|e| is_in(e, "status", &CLAIMABLE))
             .when(|e| format!("attribute_exists({})", e.n("g1pk")));
         if let Some(limit) = self.candidate.concurrency {
             let at_most = limit.saturating_sub(k);

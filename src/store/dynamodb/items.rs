@@ -21,6 +21,7 @@ pub(super) fn job_status_from(text: &str) -> StoreResult<JobStatus> {
     Ok(match text {
         "Pending" => JobStatus::Pending,
         "Running" => JobStatus::Running,
+        "Paused" => JobStatus::Paused,
         "Complete" => JobStatus::Complete,
         "Failed" => JobStatus::Failed,
         "Cancelled" => JobStatus::Cancelled,
@@ -39,7 +40,10 @@ fn task_status_from(text: &str) -> StoreResult<TaskStatus> {
     })
 }
 
-pub(super) const UNFINISHED: [&str; 2] = ["Pending", "Running"];
+/// A job whose outcomes are written, which a cancel or a lease sweep may touch.
+pub(super) const UNFINISHED: [&str; 3] = ["Pending", "Running", "Paused"];
+/// A job whose tasks a claim may take.
+pub(super) const CLAIMABLE: [&str; 2] = ["Pending", "Running"];
 pub(super) const FINISHED: [&str; 3] = ["Complete", "Failed", "Cancelled"];
 
 pub(super) const CB_PENDING: &str = "pending";

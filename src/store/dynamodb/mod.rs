@@ -207,6 +207,10 @@ impl Store for DynamoStore {
         self.cancel_job(id, now).await
     }
 
+    async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<super::PauseOutcome> {
+        self.pause_job(id, pause).await
+    }
+
     async fn job_retry(
         &self,
         id: JobId,

@@ -1,3 +1,7 @@
+//! Pausing and resuming a job (`Store::job_pause`): one conditional write of the job item,
+//! which leaves gsi1's `ACTIVE#` partitions (where claims look) for `PAUSED#` ones, and
+//! comes back.
+//!
 //! Retrying a finished job (`Store::job_retry`): its tasks to run again are put back in
 //! their queue, in transactions of up to 100, each on condition that the task is as it was
 //! read; then the job item, its counters counted again from the tasks, on condition that
@@ -8,15 +12,47 @@ use super::DynamoStore;
 use super::expr::{Change, Ex, Item, eq, get_n, get_s, n, need_n, need_s, s};
 use super::items::{CB_PENDING, job_key, job_pk, pad_time, queue_pk, queue_sk, shard, task_key};
 use super::settle::JobCounters;
-use super::tx::TxOutcome;
+use super::tx::{TX_TRIES, TxOutcome};
 use crate::job::{JobId, JobStatus, TaskStatus};
 use crate::store::codec::parse_options;
-use crate::store::{Millis, RetryOutcome, StoreError, StoreResult, plan};
+use crate::store::{Millis, PauseOutcome, RetryOutcome, StoreError, StoreResult, plan};
 
 /// Actions per TransactWriteItems.
 const TX_ITEMS: usize = 100;
 
 impl DynamoStore {
+    pub(super) async fn pause_job(&self, id: JobId, pause: bool) -> StoreResult<PauseOutcome> {
+        for _ in 0..TX_TRIES {
+            let Some(item) = self.job_item(id).await? else {
+                return Ok(PauseOutcome::NotFound);
+            };
+            let job = JobCounters::from_item(&item)?;
+            let counts = (
+                need_n(&item, "n_running")?,
+                need_n(&item, "n_complete")?,
+                need_n(&item, "n_failed")?,
+            );
+            let to = match plan::pause_target(job.status, pause, counts) {
+                Ok(to) => to,
+                Err(outcome) => return Ok(outcome),
+            };
+            let partition = if pause { "PAUSED" } else { "ACTIVE" };
+            let seen = need_s(&item, "status")?.to_string();
+            let change = Change::new()
+                .set("status", s(to.as_str()))
+                .set("g1pk", s(format!("{partition}#{}", shard(id))))
+                .when(|e| eq(e, "status", s(seen)))
+                .when(|e| format!("attribute_not_exists({})", e.n("deleting")));
+            if self.update(job_key(id), change, None).await?.is_some() {
+                return Ok(PauseOutcome::Changed(to));
+            }
+            // A settle finished it, or another pause came first: look again.
+        }
+        Err(StoreError::Unavailable(format!(
+            "pausing job {id} kept conflicting with its settles; try again"
+        )))
+    }
+
     pub(super) async fn retry_job(
         &self,
         id: JobId,

@@ -18,7 +18,7 @@ use crate::store::codec::{
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
     CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
+    JobRecord, Millis, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
 };
 
 /// Tasks per INSERT when storing a job (two arrays of that many texts).
@@ -207,6 +207,48 @@ pub(super) async fn tasks_failed_since(
     .await
     .map_err(map_err)?;
     rows.iter().map(failed_task_from_row).collect()
+}
+
+/// `Store::job_pause`: the job row locked; a resume tells every node there is work.
+pub(super) async fn pause(
+    store: &PostgresStore,
+    id: JobId,
+    pause: bool,
+) -> StoreResult<PauseOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT seq, status, n_running, n_complete, n_failed FROM jobs \
+         WHERE id = $1::uuid FOR UPDATE",
+    )
+    .bind(id.to_string())
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)?
+    else {
+        tx.rollback().await?;
+        return Ok(PauseOutcome::NotFound);
+    };
+    let count = |name| row.get::<i64, _>(name).max(0) as u64;
+    let status = job_status_from(row.get("status"))?;
+    let counts = (count("n_running"), count("n_complete"), count("n_failed"));
+    let to = match plan::pause_target(status, pause, counts) {
+        Ok(to) => to,
+        Err(outcome) => {
+            tx.rollback().await?;
+            return Ok(outcome);
+        }
+    };
+    sqlx::query("UPDATE jobs SET status = $2 WHERE seq = $1")
+        .bind(row.get::<i64, _>("seq"))
+        .bind(job_code(to))
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    if !pause {
+        notify(&mut tx, NOTICE_WORK).await?;
+    }
+    tx.commit().await?;
+    Ok(PauseOutcome::Changed(to))
 }
 
 /// `Store::job_retry`: the job row locked (as a cancel does), its tasks requeued, every

@@ -224,6 +224,10 @@ impl Store for PostgresStore {
         jobs::cancel(self, id, now).await
     }
 
+    async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<super::PauseOutcome> {
+        jobs::pause(self, id, pause).await
+    }
+
     async fn job_retry(
         &self,
         id: JobId,

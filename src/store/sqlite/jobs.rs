@@ -17,7 +17,7 @@ use crate::store::codec::{
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
     CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
+    JobRecord, Millis, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
 };
 
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
@@ -272,6 +272,39 @@ pub(super) async fn tasks_failed_since(
     .await
     .map_err(map_err)?;
     rows.iter().map(failed_task_from_row).collect()
+}
+
+/// `Store::job_pause`: one write transaction.
+pub(super) async fn pause(
+    store: &SqliteStore,
+    id: JobId,
+    pause: bool,
+) -> StoreResult<PauseOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) =
+        sqlx::query("SELECT seq, status, n_running, n_complete, n_failed FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+    else {
+        return Ok(PauseOutcome::NotFound);
+    };
+    let count = |name| row.get::<i64, _>(name).max(0) as u64;
+    let status = job_status_from(row.get("status"))?;
+    let counts = (count("n_running"), count("n_complete"), count("n_failed"));
+    let to = match plan::pause_target(status, pause, counts) {
+        Ok(to) => to,
+        Err(outcome) => return Ok(outcome),
+    };
+    sqlx::query("UPDATE jobs SET status = ? WHERE seq = ?")
+        .bind(job_code(to))
+        .bind(row.get::<i64, _>("seq"))
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    tx.commit().await?;
+    Ok(PauseOutcome::Changed(to))
 }
 
 /// `Store::job_retry`: one write transaction.

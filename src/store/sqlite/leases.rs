@@ -10,7 +10,7 @@ use sqlx::Row;
 
 use super::{SqliteStore, map_err};
 use crate::store::codec::{
-    JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING, parse_id, parse_options,
+    JOB_PAUSED, JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING, parse_id, parse_options,
 };
 use crate::store::rows::ClaimedJob;
 use crate::store::{ClaimedTask, Millis, NodeId, OverdueParams, StoreResult};
@@ -18,7 +18,10 @@ use crate::store::{ClaimedTask, Millis, NodeId, OverdueParams, StoreResult};
 /// The jobs with calls running, through which the statements below find running tasks by
 /// each job's `tasks_due` index rather than by reading every task.
 static JOBS_RUNNING: LazyLock<String> = LazyLock::new(|| {
-    format!("SELECT seq FROM jobs WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND n_running > 0")
+    format!(
+        "SELECT seq FROM jobs WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}, {JOB_PAUSED}) \
+         AND n_running > 0"
+    )
 });
 
 /// Puts the running tasks that match `which` (a condition on `node` and `lease_until`,
@@ -104,7 +107,8 @@ pub(super) async fn overdue(
         format!(
             "UPDATE tasks SET node = ?, lease_until = ? WHERE rowid IN (\
              SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = {TASK_RUNNING} \
-             WHERE j.status IN ({JOB_PENDING}, {JOB_RUNNING}) AND j.n_running > 0 AND t.node IS NULL \
+             WHERE j.status IN ({JOB_PENDING}, {JOB_RUNNING}, {JOB_PAUSED}) AND j.n_running > 0 \
+               AND t.node IS NULL \
                AND t.lease_until IS NOT NULL AND t.lease_until <= ? LIMIT ?) \
              RETURNING job_seq, idx, attempts, attempt_base, endpoint, params, call"
         )

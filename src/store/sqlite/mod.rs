@@ -248,6 +248,10 @@ impl Store for SqliteStore {
         jobs::cancel(self, id, now).await
     }
 
+    async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<super::PauseOutcome> {
+        jobs::pause(self, id, pause).await
+    }
+
     async fn job_retry(
         &self,
         id: JobId,
