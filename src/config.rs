@@ -82,6 +82,8 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Pause an unfinished job: no new call of it starts until it is resumed.
     Pause(CancelArgs),
+    /// Change a running job's limits (each takes effect at the next claim on every node).
+    Update(UpdateArgs),
     /// Resume a paused job.
     Resume(CancelArgs),
     /// Run a finished job's failed tasks again (with --include-cancelled, its cancelled
@@ -801,6 +803,54 @@ pub struct JobsArgs {
 
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("limits").required(true).multiple(true)
+    .args(["concurrency", "per_host_concurrency", "per_host_rate"])))]
+pub struct UpdateArgs {
+    /// The job's id.
+    pub id: String,
+
+    /// Most calls of the job in flight at once (`none`: no limit of its own).
+    #[arg(long, value_name = "N|none", value_parser = parse_limit)]
+    pub concurrency: Option<Limit<u64>>,
+
+    /// Most calls of the job in flight at once to one host (`none`: no limit of its own).
+    #[arg(long, value_name = "N|none", value_parser = parse_limit)]
+    pub per_host_concurrency: Option<Limit<u64>>,
+
+    /// Most calls of the job started per second to one host (`none`: no limit of its own).
+    #[arg(long, value_name = "RATE|none", value_parser = parse_rate_or_none)]
+    pub per_host_rate: Option<Limit<f64>>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// A limit given on the command line: a value, or `None` for `none` (no limit).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limit<T>(pub Option<T>);
+
+/// A whole number of 1 or more, or `none`.
+fn parse_limit(text: &str) -> Result<Limit<u64>, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    match text.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(Limit(Some(n))),
+        _ => Err(format!(
+            "{text:?} is not a whole number of 1 or more, nor none"
+        )),
+    }
+}
+
+/// Calls per second (see [`parse_rate`]), or `none`.
+fn parse_rate_or_none(text: &str) -> Result<Limit<f64>, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    parse_rate(text).map(|r| Limit(Some(r)))
 }
 
 #[derive(Debug, Args)]

@@ -82,6 +82,7 @@ fn main() -> ExitCode {
             Command::Jobs(args) => client_command(client::jobs(args).await),
             Command::Cancel(args) => client_command(client::cancel(args).await),
             Command::Retry(args) => client_command(client::retry(args).await),
+            Command::Update(args) => client_command(client::update(args).await),
             Command::Pause(args) => client_command(client::pause(args, true).await),
             Command::Resume(args) => client_command(client::pause(args, false).await),
             Command::Delete(args) => client_command(client::delete(args).await),

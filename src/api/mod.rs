@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use utoipa::OpenApi;
 
 pub mod commands;
+mod control;
 mod error;
 mod events;
 mod jobs;
@@ -32,11 +33,9 @@ use crate::auth::{ApiTokens, require_token};
 use crate::egress::EgressPolicy;
 use crate::job::{JobId, Limits};
 use crate::store::Millis;
+use control::{pause_job, resume_job, retry_job, update_job};
 use events::job_events;
-use jobs::{
-    cancel_job, delete_job, get_job, list_jobs, list_tasks, pause_job, resume_job, retry_job,
-    submit, submit_alias,
-};
+use jobs::{cancel_job, delete_job, get_job, list_jobs, list_tasks, submit, submit_alias};
 use service::{health, metrics, not_found, openapi, report_task, test_task};
 
 #[derive(Clone)]
@@ -74,7 +73,10 @@ pub fn router(
     let mut guarded = Router::new()
         .route("/v1/job", post(submit))
         .route("/v1/jobs", post(submit_alias).get(list_jobs))
-        .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
+        .route(
+            "/v1/jobs/{id}",
+            get(get_job).delete(delete_job).patch(update_job),
+        )
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/retry", post(retry_job))
@@ -124,9 +126,10 @@ pub fn router(
         jobs::delete_job,
         jobs::list_tasks,
         jobs::cancel_job,
-        jobs::retry_job,
-        jobs::pause_job,
-        jobs::resume_job,
+        control::retry_job,
+        control::pause_job,
+        control::update_job,
+        control::resume_job,
         events::job_events,
         service::report_task,
         service::test_task,

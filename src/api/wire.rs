@@ -56,6 +56,16 @@ pub struct TaskRequest {
     pub options: Option<TaskOptions>,
 }
 
+/// The body of `PATCH /v1/jobs/{id}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobPatch {
+    /// The limits to change: `concurrency`, `per_host_concurrency`, `per_host_rate`, each
+    /// a number, or `null` for no limit of the job's own.
+    #[schema(value_type = Object)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
 /// The body of `POST /v1/jobs/{id}/retry`, all optional.
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

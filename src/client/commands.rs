@@ -11,7 +11,9 @@ use super::output::{
 };
 use super::{Client, ClientError, EXIT_COMPLETE, EXIT_INTERRUPTED, without_os_error};
 use crate::api::wire::{JobView, Progress};
-use crate::config::{CancelArgs, JobsArgs, RetryArgs, StatusArgs, SubmitArgs, TasksArgs};
+use crate::config::{
+    CancelArgs, JobsArgs, RetryArgs, StatusArgs, SubmitArgs, TasksArgs, UpdateArgs,
+};
 use crate::progress::{POLL_EVERY, Progress as ProgressBar};
 
 /// How long `submit --wait` keeps trying while the server is unreachable (a restart keeps
@@ -316,6 +318,39 @@ pub async fn cancel(args: CancelArgs) -> Result<u8, ClientError> {
         print(&format!(
             "job {} cancelled ({} complete, {} failed, {} cancelled)\n",
             job.value.job_id, c.complete, c.failed, c.cancelled
+        ))?;
+    }
+    Ok(EXIT_COMPLETE)
+}
+
+/// `doparallel update ID --concurrency N ...`: changes a running job's limits.
+pub async fn update(args: UpdateArgs) -> Result<u8, ClientError> {
+    let client = Client::from_args(&args.client)?;
+    let mut options = serde_json::Map::new();
+    if let Some(n) = args.concurrency {
+        options.insert("concurrency".into(), serde_json::json!(n.0));
+    }
+    if let Some(n) = args.per_host_concurrency {
+        options.insert("per_host_concurrency".into(), serde_json::json!(n.0));
+    }
+    if let Some(r) = args.per_host_rate {
+        options.insert("per_host_rate".into(), serde_json::json!(r.0));
+    }
+    let job = client.update(&args.id, options).await?;
+    if args.client.json {
+        print_raw(&job.raw)?;
+    } else {
+        let o = job.value.options.as_ref();
+        let shown = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+        print(&format!(
+            "job {}: concurrency {}, per host {} at once, {} a second\n",
+            job.value.job_id,
+            shown(o.and_then(|o| o.concurrency).map(|n| n.to_string())),
+            shown(
+                o.and_then(|o| o.per_host_concurrency)
+                    .map(|n| n.to_string())
+            ),
+            shown(o.and_then(|o| o.per_host_rate).map(|r| r.to_string())),
         ))?;
     }
     Ok(EXIT_COMPLETE)

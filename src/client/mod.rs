@@ -24,7 +24,7 @@ mod commands;
 mod events;
 mod output;
 
-pub use commands::{cancel, delete, jobs, pause, retry, status, submit, tasks};
+pub use commands::{cancel, delete, jobs, pause, retry, status, submit, tasks, update};
 pub use events::{EventStream, ServerEvent};
 pub use output::{JOB_COLUMNS, TASK_COLUMNS, exit_code, final_document, job_row, table, task_row};
 
@@ -375,6 +375,27 @@ impl Client {
                 Method::POST,
                 self.url(&["v1", "jobs", id, "cancel"], &[]),
                 None,
+                &action,
+            )
+            .await?;
+        self.decode(raw, &action)
+    }
+
+    /// `PATCH /v1/jobs/{id}` with `{"options": options}`.
+    pub async fn update(
+        &self,
+        id: &str,
+        options: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Answer<JobView>, ClientError> {
+        let action = format!("update job {id}");
+        let body = serde_json::json!({ "options": options })
+            .to_string()
+            .into_bytes();
+        let raw = self
+            .send(
+                Method::PATCH,
+                self.url(&["v1", "jobs", id], &[]),
+                Some(body),
                 &action,
             )
             .await?;

@@ -352,6 +352,58 @@ impl JobOptions {
         self.run.unwrap_or(1)
     }
 
+    /// These options with the limits in `patch` changed (`PATCH /v1/jobs/{id}`): the
+    /// options a running job may change, each a number or `null` (no limit of the job's
+    /// own). Any other option is refused by name.
+    pub fn with_limits(
+        &self,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<JobOptions, String> {
+        let mut next = self.clone();
+        for (name, value) in patch {
+            let place = format!("options.{name}");
+            let whole = |min: u64| -> Result<Option<u32>, String> {
+                match value {
+                    serde_json::Value::Null => Ok(None),
+                    v => v
+                        .as_u64()
+                        .filter(|n| *n >= min && *n <= u64::from(u32::MAX))
+                        .map(|n| Some(n as u32))
+                        .ok_or_else(|| {
+                            format!("{place}: expected a whole number from {min}, or null")
+                        }),
+                }
+            };
+            match name.as_str() {
+                "concurrency" => next.concurrency = whole(1)?,
+                "per_host_concurrency" => next.per_host_concurrency = whole(1)?,
+                "per_host_rate" => {
+                    next.per_host_rate = match value {
+                        serde_json::Value::Null => None,
+                        v => Some(
+                            v.as_f64()
+                                .filter(|r| PER_HOST_RATES.contains(r))
+                                .ok_or_else(|| {
+                                    format!(
+                                        "{place}: expected calls per second from {} to {}, or null",
+                                        PER_HOST_RATES.start(),
+                                        PER_HOST_RATES.end()
+                                    )
+                                })?,
+                        ),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "{place}: cannot be changed once a job is submitted; a running job's \
+                         concurrency, per_host_concurrency and per_host_rate can"
+                    ));
+                }
+            }
+        }
+        Ok(next)
+    }
+
     /// This job's own limits on the calls to each host.
     pub fn host_limits(&self) -> HostLimits {
         HostLimits {

@@ -208,6 +208,11 @@ pub(super) fn parse_options(text: &str) -> StoreResult<JobOptions> {
         .map_err(|e| StoreError::Other(format!("stored options are invalid: {e}")))
 }
 
+/// Options as stored: JSON text, every field named.
+pub(super) fn options_text(options: &JobOptions) -> StoreResult<String> {
+    serde_json::to_string(options).map_err(|e| StoreError::Other(e.to_string()))
+}
+
 pub(super) fn parse_id(text: &str) -> StoreResult<JobId> {
     text.parse()
         .map_err(|e| StoreError::Other(format!("stored job id {text:?} is invalid: {e}")))

@@ -195,6 +195,17 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// What [`Store::job_set_options`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OptionsOutcome {
+    Updated,
+    /// The job's options changed since they were read (another change, a retry): read
+    /// them again.
+    Changed,
+    Finished(JobStatus),
+    NotFound,
+}
+
 /// What [`Store::job_pause`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PauseOutcome {
@@ -581,6 +592,15 @@ pub trait Store: Send + Sync + 'static {
     /// Cancelled (a late outcome of a running one is then ignored), the job Cancelled, and
     /// its callback is due.
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome>;
+
+    /// Replaces an unfinished job's options with `options`, on condition that they still
+    /// are `seen` (as read): the next claim on every node serves the job under them.
+    async fn job_set_options(
+        &self,
+        id: JobId,
+        seen: &JobOptions,
+        options: &JobOptions,
+    ) -> StoreResult<OptionsOutcome>;
 
     /// Pauses an unfinished job (`pause`): no claim takes its tasks until it is resumed;
     /// its calls in flight settle as usual, and may finish it. Or resumes a paused one, in

@@ -419,3 +419,78 @@ async fn pause_holds_a_job_and_resume_lets_it_finish() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_jobs_limits_change_at_the_next_claim() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let id = app
+        .submit(&job_of(
+            12,
+            &endpoint.url("slow?ms=400"),
+            None,
+            json!({"concurrency": 1}),
+        ))
+        .await;
+    eventually("the first call", || async {
+        (endpoint.call_count() >= 1).then_some(())
+    })
+    .await;
+    let patch = |body: Value| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            let resp = app
+                .http
+                .patch(format!("{}/v1/jobs/{id}", app.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, view) = patch(json!({"options": {"concurrency": 4}})).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["options"]["concurrency"], 4);
+    let (status, body) = patch(json!({"options": {"timeout_ms": 1000}})).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("options.timeout_ms: cannot be changed"),
+        "{body}"
+    );
+    let (status, body) = patch(json!({"options": {"concurrency": 0}})).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = patch(json!({"concurrency": 2})).await;
+    assert_eq!(status, 422, "the options go under \"options\"");
+    let out = crate::client::cli(
+        &app.base,
+        &[
+            "update",
+            &id,
+            "--per-host-rate",
+            "none",
+            "--concurrency",
+            "4",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        format!("job {id}: concurrency 4, per host none at once, none a second")
+    );
+    app.wait_settled(&id).await;
+    assert!(
+        endpoint.max_in_flight_of(&id) > 1,
+        "the raised concurrency was used: {}",
+        endpoint.max_in_flight_of(&id)
+    );
+    let (status, body) = patch(json!({"options": {"concurrency": 2}})).await;
+    assert_eq!(status, 409, "{body}");
+    let out = crate::client::cli(&app.base, &["update", &id]).await;
+    assert_eq!(out.code, 2, "a limit must be named: {out:?}");
+}

@@ -105,6 +105,7 @@ conformance!(
     retry_requeues_failed_tasks_with_a_fresh_budget,
     retry_of_a_cancelled_job,
     pause_holds_claims_until_resumed,
+    changed_limits_hold_at_the_next_claim,
 );
 
 // ---- helpers ----
@@ -2735,5 +2736,49 @@ async fn pause_holds_claims_until_resumed(store: Arc<dyn Store>) {
     assert_eq!(
         store.job_pause(JobId::generate(), true).await.unwrap(),
         PauseOutcome::NotFound
+    );
+}
+
+async fn changed_limits_hold_at_the_next_claim(store: Arc<dyn Store>) {
+    use doparallel::store::OptionsOutcome;
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let mut opts = options();
+    opts.concurrency = Some(1);
+    let id = insert(&store, &new_job(5, opts, false), t0).await;
+    assert_eq!(claim(&store, node, 10, t0).await.tasks.len(), 1);
+    let seen = job_of(&store, id).await.options;
+    let mut raised = seen.clone();
+    raised.concurrency = Some(3);
+    raised.per_host_rate = Some(2.5);
+    assert_eq!(
+        store.job_set_options(id, &seen, &raised).await.unwrap(),
+        OptionsOutcome::Updated
+    );
+    // A change over options read before it is refused: read again.
+    assert_eq!(
+        store.job_set_options(id, &seen, &raised).await.unwrap(),
+        OptionsOutcome::Changed
+    );
+    let job = job_of(&store, id).await;
+    assert_eq!(job.options, raised);
+    let c = claim(&store, node, 10, t0).await;
+    assert_eq!(c.tasks.len(), 2, "one running, room for two more");
+    assert!(c.tasks.iter().all(|t| t.options.per_host_rate == Some(2.5)));
+    // No limit of its own: the rest at once.
+    let mut open = raised.clone();
+    open.concurrency = None;
+    assert_eq!(
+        store.job_set_options(id, &raised, &open).await.unwrap(),
+        OptionsOutcome::Updated
+    );
+    assert_eq!(claim(&store, node, 10, t0).await.tasks.len(), 2);
+    let done = insert(&store, &new_job(0, options(), false), t0).await;
+    assert_eq!(
+        store
+            .job_set_options(done, &options(), &open)
+            .await
+            .unwrap(),
+        OptionsOutcome::Finished(JobStatus::Complete)
     );
 }

@@ -83,13 +83,13 @@
 
 mod callbacks;
 mod claim;
+mod control;
 mod expr;
 mod items;
 mod jobs;
 mod leases;
 mod requests;
 mod retention;
-mod retry;
 mod schema;
 mod settle;
 mod tx;
@@ -205,6 +205,15 @@ impl Store for DynamoStore {
 
     async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
         self.cancel_job(id, now).await
+    }
+
+    async fn job_set_options(
+        &self,
+        id: JobId,
+        seen: &crate::job::JobOptions,
+        options: &crate::job::JobOptions,
+    ) -> StoreResult<super::OptionsOutcome> {
+        self.set_options(id, seen, options).await
     }
 
     async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<super::PauseOutcome> {

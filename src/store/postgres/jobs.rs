@@ -18,7 +18,8 @@ use crate::store::codec::{
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
     CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
+    JobRecord, Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery,
+    TaskRecord, plan,
 };
 
 /// Tasks per INSERT when storing a job (two arrays of that many texts).
@@ -209,6 +210,49 @@ pub(super) async fn tasks_failed_since(
     rows.iter().map(failed_task_from_row).collect()
 }
 
+/// `Store::job_set_options`: the job row locked; every node is told there may be work (a
+/// limit raised).
+pub(super) async fn set_options(
+    store: &PostgresStore,
+    id: JobId,
+    seen: &crate::job::JobOptions,
+    options: &crate::job::JobOptions,
+) -> StoreResult<OptionsOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) =
+        sqlx::query("SELECT seq, status, options FROM jobs WHERE id = $1::uuid FOR UPDATE")
+            .bind(id.to_string())
+            .fetch_optional(tx.conn().await?)
+            .await
+            .map_err(map_err)?
+    else {
+        tx.rollback().await?;
+        return Ok(OptionsOutcome::NotFound);
+    };
+    let status = job_status_from(row.get("status"))?;
+    let outcome = if status.is_finished() {
+        Some(OptionsOutcome::Finished(status))
+    } else if crate::store::codec::parse_options(row.get("options"))? != *seen {
+        Some(OptionsOutcome::Changed)
+    } else {
+        None
+    };
+    if let Some(outcome) = outcome {
+        tx.rollback().await?;
+        return Ok(outcome);
+    }
+    sqlx::query("UPDATE jobs SET options = $2, concurrency = $3 WHERE seq = $1")
+        .bind(row.get::<i64, _>("seq"))
+        .bind(crate::store::codec::options_text(options)?)
+        .bind(options.concurrency.map(i64::from))
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    notify(&mut tx, NOTICE_WORK).await?;
+    tx.commit().await?;
+    Ok(OptionsOutcome::Updated)
+}
+
 /// `Store::job_pause`: the job row locked; a resume tells every node there is work.
 pub(super) async fn pause(
     store: &PostgresStore,
@@ -306,8 +350,7 @@ pub(super) async fn retry(
     }
     let options = plan::next_run(&crate::store::codec::parse_options(row.get("options"))?);
     let run = options.run();
-    let options_text = serde_json::to_string(&options)
-        .map_err(|e| crate::store::StoreError::Other(e.to_string()))?;
+    let options_text = crate::store::codec::options_text(&options)?;
     sqlx::query(&format!(
         "UPDATE jobs SET status = {JOB_RUNNING}, n_failed = n_failed - $2, \
          n_cancelled = n_cancelled - $3, finished_at = NULL, options = $4, last_claim_at = 0 \

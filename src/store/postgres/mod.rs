@@ -224,6 +224,15 @@ impl Store for PostgresStore {
         jobs::cancel(self, id, now).await
     }
 
+    async fn job_set_options(
+        &self,
+        id: JobId,
+        seen: &crate::job::JobOptions,
+        options: &crate::job::JobOptions,
+    ) -> StoreResult<super::OptionsOutcome> {
+        jobs::set_options(self, id, seen, options).await
+    }
+
     async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<super::PauseOutcome> {
         jobs::pause(self, id, pause).await
     }

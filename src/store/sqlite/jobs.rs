@@ -17,7 +17,8 @@ use crate::store::codec::{
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
     CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery, TaskRecord, plan,
+    JobRecord, Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery,
+    TaskRecord, plan,
 };
 
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
@@ -274,6 +275,40 @@ pub(super) async fn tasks_failed_since(
     rows.iter().map(failed_task_from_row).collect()
 }
 
+/// `Store::job_set_options`: one write transaction.
+pub(super) async fn set_options(
+    store: &SqliteStore,
+    id: JobId,
+    seen: &crate::job::JobOptions,
+    options: &crate::job::JobOptions,
+) -> StoreResult<OptionsOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query("SELECT seq, status, options FROM jobs WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(tx.conn().await?)
+        .await
+        .map_err(map_err)?
+    else {
+        return Ok(OptionsOutcome::NotFound);
+    };
+    let status = job_status_from(row.get("status"))?;
+    if status.is_finished() {
+        return Ok(OptionsOutcome::Finished(status));
+    }
+    if crate::store::codec::parse_options(row.get("options"))? != *seen {
+        return Ok(OptionsOutcome::Changed);
+    }
+    sqlx::query("UPDATE jobs SET options = ?, concurrency = ? WHERE seq = ?")
+        .bind(crate::store::codec::options_text(options)?)
+        .bind(options.concurrency.map(i64::from))
+        .bind(row.get::<i64, _>("seq"))
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    tx.commit().await?;
+    Ok(OptionsOutcome::Updated)
+}
+
 /// `Store::job_pause`: one write transaction.
 pub(super) async fn pause(
     store: &SqliteStore,
@@ -365,8 +400,7 @@ pub(super) async fn retry(
     .map_err(map_err)?;
     let options = plan::next_run(&crate::store::codec::parse_options(row.get("options"))?);
     let run = options.run();
-    let options_text = serde_json::to_string(&options)
-        .map_err(|e| crate::store::StoreError::Other(e.to_string()))?;
+    let options_text = crate::store::codec::options_text(&options)?;
     sqlx::query(&format!(
         "UPDATE jobs SET status = {JOB_RUNNING}, n_failed = n_failed - ?, \
          n_cancelled = n_cancelled - ?, finished_at = NULL, options = ?, last_claim_at = 0 \

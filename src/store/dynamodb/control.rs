@@ -1,6 +1,11 @@
+//! Job control on a job item.
+//!
 //! Pausing and resuming a job (`Store::job_pause`): one conditional write of the job item,
 //! which leaves gsi1's `ACTIVE#` partitions (where claims look) for `PAUSED#` ones, and
 //! comes back.
+//!
+//! Changing a running job's limits (`Store::job_set_options`): one write of the job item on
+//! condition that its options are still the ones read.
 //!
 //! Retrying a finished job (`Store::job_retry`): its tasks to run again are put back in
 //! their queue, in transactions of up to 100, each on condition that the task is as it was
@@ -9,13 +14,17 @@
 //! a finished job: the next retry of that job takes them too, and counts again.
 
 use super::DynamoStore;
-use super::expr::{Change, Ex, Item, eq, get_n, get_s, n, need_n, need_s, s};
-use super::items::{CB_PENDING, job_key, job_pk, pad_time, queue_pk, queue_sk, shard, task_key};
+use super::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s};
+use super::items::{
+    CB_PENDING, UNFINISHED, job_key, job_pk, pad_time, queue_pk, queue_sk, shard, task_key,
+};
 use super::settle::JobCounters;
 use super::tx::{TX_TRIES, TxOutcome};
-use crate::job::{JobId, JobStatus, TaskStatus};
-use crate::store::codec::parse_options;
-use crate::store::{Millis, PauseOutcome, RetryOutcome, StoreError, StoreResult, plan};
+use crate::job::{JobId, JobOptions, JobStatus, TaskStatus};
+use crate::store::codec::{options_text, parse_options};
+use crate::store::{
+    Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreError, StoreResult, plan,
+};
 
 /// Actions per TransactWriteItems.
 const TX_ITEMS: usize = 100;
@@ -51,6 +60,38 @@ impl DynamoStore {
         Err(StoreError::Unavailable(format!(
             "pausing job {id} kept conflicting with its settles; try again"
         )))
+    }
+
+    pub(super) async fn set_options(
+        &self,
+        id: JobId,
+        seen: &JobOptions,
+        options: &JobOptions,
+    ) -> StoreResult<OptionsOutcome> {
+        let Some(item) = self.job_item(id).await? else {
+            return Ok(OptionsOutcome::NotFound);
+        };
+        let status = JobCounters::from_item(&item)?.status;
+        if status.is_finished() {
+            return Ok(OptionsOutcome::Finished(status));
+        }
+        let stored = need_s(&item, "options")?.to_string();
+        if parse_options(&stored)? != *seen {
+            return Ok(OptionsOutcome::Changed);
+        }
+        let mut change = Change::new().set("options", s(options_text(options)?));
+        change = match options.concurrency {
+            Some(c) => change.set("concurrency", n(c)),
+            None => change.remove("concurrency"),
+        };
+        let change = change
+            .when(|e| eq(e, "options", s(stored)))
+            .when(|e| is_in(e, "status", &UNFINISHED))
+            .when(|e| format!("attribute_not_exists({})", e.n("deleting")));
+        Ok(match self.update(job_key(id), change, None).await? {
+            Some(_) => OptionsOutcome::Updated,
+            None => OptionsOutcome::Changed,
+        })
     }
 
     pub(super) async fn retry_job(
@@ -118,8 +159,7 @@ impl DynamoStore {
         }
         let options = plan::next_run(&parse_options(need_s(&item, "options")?)?);
         let run = options.run();
-        let options_text =
-            serde_json::to_string(&options).map_err(|e| StoreError::Other(e.to_string()))?;
+        let options_text = options_text(&options)?;
         let status_was = need_s(&item, "status")?.to_string();
         let change = Change::new()
             .set("status", s("Running"))
