@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{JobId, JobStatus};
 use crate::metrics::Metrics;
-use crate::store::SettleReport;
+use crate::store::{CancelOutcome, SettleReport, Store, StoreResult, now_millis, plan};
 
 /// What happened, for whoever listens.
 #[derive(Clone, Debug)]
@@ -166,6 +166,65 @@ impl Bus {
             });
         }
     }
+}
+
+impl Bus {
+    /// What follows a job ended before all its tasks ran (a cancel, an outcome decided
+    /// early) and committed: the counts, its calls here aborted, the callback and the
+    /// dispatcher woken, the announcement.
+    pub fn ended(
+        self: &Arc<Self>,
+        id: JobId,
+        status: JobStatus,
+        tasks: u64,
+        has_callback: bool,
+        metrics: &Metrics,
+    ) {
+        metrics.tasks_finished("cancelled", tasks);
+        self.cancel_calls(id);
+        tracing::info!(job_id = %id, status = status.as_str(), stopped = tasks, "job ended");
+        metrics.job_finished(status);
+        if has_callback {
+            self.callbacks_due();
+        }
+        self.work();
+        self.emit(Event::JobFinished { job_id: id, status });
+    }
+}
+
+/// Ends `job` when its outcome is decided before all its tasks ran (`plan::decided`:
+/// `min_complete`, `fail_fast`): its remaining tasks are cancelled and its callback sent at
+/// once. Asked after an outcome of such a job is stored, on whichever node stored it; a job
+/// decided already, or ended meanwhile, is left as it is.
+pub async fn end_if_decided(
+    store: &dyn Store,
+    bus: &Arc<Bus>,
+    metrics: &Metrics,
+    job: JobId,
+) -> StoreResult<()> {
+    let Some(record) = store.job_get(job).await? else {
+        return Ok(());
+    };
+    if record.status.is_finished() {
+        return Ok(());
+    }
+    let Some(status) = plan::decided(
+        &record.options,
+        record.total,
+        record.complete,
+        record.failed,
+    ) else {
+        return Ok(());
+    };
+    if let CancelOutcome::Cancelled {
+        has_callback,
+        newly: true,
+        tasks,
+    } = store.job_end(job, status, now_millis()).await?
+    {
+        bus.ended(job, status, tasks, has_callback, metrics);
+    }
+    Ok(())
 }
 
 /// Claimed tasks of this node whose call has not started yet, by job: they wait at a host's

@@ -95,18 +95,13 @@ pub async fn cancel(services: &Services, id: JobId) -> StoreResult<CancelOutcome
         tasks,
     } = outcome
     {
-        services.metrics.tasks_finished("cancelled", tasks);
-        services.bus.cancel_calls(id);
-        tracing::info!(job_id = %id, "job cancelled");
-        services.metrics.job_finished(JobStatus::Cancelled);
-        if has_callback {
-            services.bus.callbacks_due();
-        }
-        services.bus.work();
-        services.bus.emit(Event::JobFinished {
-            job_id: id,
-            status: JobStatus::Cancelled,
-        });
+        services.bus.ended(
+            id,
+            JobStatus::Cancelled,
+            tasks,
+            has_callback,
+            &services.metrics,
+        );
     }
     Ok(outcome)
 }
@@ -133,6 +128,15 @@ pub async fn report(
     if let ReportOutcome::Applied(report) = &outcome {
         tracing::debug!(job_id = %claims.job_id, task = claims.index, attempt = claims.attempt, "outcome reported");
         services.bus.settled(report.clone(), &services.metrics);
+        if report.finished.is_empty() {
+            crate::bus::end_if_decided(
+                services.store.as_ref(),
+                &services.bus,
+                &services.metrics,
+                claims.job_id,
+            )
+            .await?;
+        }
     }
     Ok(outcome)
 }

@@ -97,7 +97,9 @@ pub(super) async fn dispatch(
         // A claim lists each job's tasks together: one token lookup per job.
         let mut token: Option<(JobId, CancellationToken)> = None;
         for task in claim.tasks {
+            let decides_early = task.options.decides_early();
             let slot = Slot {
+                decides_early,
                 _permit: permits.split(1).expect("one permit per claimed task"),
                 lease: engine.names.hold(node),
                 _tenant: engine.tenants.hold(task.owner.as_ref()),

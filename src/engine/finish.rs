@@ -62,6 +62,25 @@ pub(super) async fn finish(
                 settle_batch(&engine, node, &part, &stop).await;
             }
         }
+        // Jobs whose outcome these may have decided early: ended now, their other calls
+        // aborted (before the slots go, so that no claim takes one of their tasks meanwhile).
+        let mut deciding: Vec<JobId> = batch
+            .iter()
+            .zip(&slots)
+            .filter(|(_, slot)| slot.decides_early)
+            .map(|(settle, _)| settle.job_id)
+            .collect();
+        deciding.sort();
+        deciding.dedup();
+        for job in deciding {
+            if let Err(e) =
+                crate::bus::end_if_decided(engine.store.as_ref(), &engine.bus, &engine.metrics, job)
+                    .await
+            {
+                // The next outcome of the job looks again.
+                tracing::warn!(job_id = %job, error = %e, "cannot end a job decided early");
+            }
+        }
         batch.clear();
         // Only now may these tasks' slots be claimed again.
         slots.clear();

@@ -123,4 +123,19 @@ async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken
     // Leased to this node until settled: renewed like calls in flight meanwhile.
     let _held: Vec<names::Held> = batch.iter().map(|_| engine.names.hold(node)).collect();
     settle_batch(engine, node, &batch, stop).await;
+    let mut deciding: Vec<_> = overdue
+        .iter()
+        .filter(|t| t.options.decides_early())
+        .map(|t| t.job_id)
+        .collect();
+    deciding.sort();
+    deciding.dedup();
+    for job in deciding {
+        if let Err(e) =
+            crate::bus::end_if_decided(engine.store.as_ref(), &engine.bus, &engine.metrics, job)
+                .await
+        {
+            tracing::warn!(job_id = %job, error = %e, "cannot end a job decided early");
+        }
+    }
 }

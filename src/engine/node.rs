@@ -73,6 +73,9 @@ pub(super) struct Slot {
     pub(super) _permit: OwnedSemaphorePermit,
     pub(super) lease: names::Held,
     pub(super) _tenant: Option<tenants::TenantHeld>,
+    /// The task's job may be decided before all its tasks ran (`JobOptions::decides_early`):
+    /// once its outcome is stored, the job is looked at.
+    pub(super) decides_early: bool,
 }
 
 /// An outcome on its way to the store, with the slot it frees once written.

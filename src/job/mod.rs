@@ -217,6 +217,15 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime, example = "2026-12-24T18:00:00Z")]
     pub not_before: Option<Timestamp>,
+    /// The job is Complete as soon as this many of its tasks are Complete (a quorum, the
+    /// first N); the rest end Cancelled. Failed at once when so many cannot complete any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub min_complete: Option<u64>,
+    /// The job is Failed as soon as more than `tolerated_failures` of its tasks failed; the
+    /// rest end Cancelled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_fast: bool,
     /// Which run of the job this is: 2 after its failed tasks were retried once
     /// (`POST /v1/jobs/{id}/retry`), and so on; absent for the first. Set by the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,8 +352,16 @@ impl JobOptions {
             aws_sigv4: None,
             trace: None,
             not_before: None,
+            min_complete: None,
+            fail_fast: false,
             run: None,
         }
+    }
+
+    /// Whether the job's outcome may be decided before all its tasks ran
+    /// (`min_complete`, `fail_fast`).
+    pub fn decides_early(&self) -> bool {
+        self.min_complete.is_some() || self.fail_fast
     }
 
     /// Which run of the job this is, from 1.
@@ -460,6 +477,9 @@ impl JobOptions {
             return Err(
                 "options.trace: set from the request's traceparent header, not the body".into(),
             );
+        }
+        if self.min_complete == Some(0) {
+            return Err("options.min_complete: must be at least 1".into());
         }
         if self.run.is_some() {
             return Err(

@@ -398,6 +398,14 @@ pub fn parse_submission(
     }
     seal_headers(sealer, &job_context, &mut options.secret_headers)
         .map_err(|why| invalid(format!("options.secret_headers: {why}")))?;
+    if let Some(n) = options.min_complete
+        && n > tasks.len() as u64
+    {
+        return Err(invalid(format!(
+            "options.min_complete: {n} is more than the job's {} tasks",
+            tasks.len()
+        )));
+    }
 
     let metadata = match wire.metadata {
         None => None,

@@ -591,7 +591,19 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels an unfinished job in one transaction: its pending and running tasks become
     /// Cancelled (a late outcome of a running one is then ignored), the job Cancelled, and
     /// its callback is due.
-    async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome>;
+    async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
+        self.job_end(id, JobStatus::Cancelled, now).await
+    }
+
+    /// Ends an unfinished job in `status` as [`Store::job_cancel`] does: Cancelled, or
+    /// Complete or Failed when its outcome is decided before every task ran
+    /// (`plan::decided`). A job already in `status` reads `Cancelled { newly: false }`.
+    async fn job_end(
+        &self,
+        id: JobId,
+        status: JobStatus,
+        now: Millis,
+    ) -> StoreResult<CancelOutcome>;
 
     /// Replaces an unfinished job's options with `options`, on condition that they still
     /// are `seen` (as read): the next claim on every node serves the job under them.

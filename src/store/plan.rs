@@ -46,6 +46,31 @@ pub fn may_retry(
     Ok(())
 }
 
+/// A job's status once its outcome is decided before all its tasks ran, if it is: Complete
+/// once `min_complete` tasks are Complete (Failed once that many cannot be any more), Failed
+/// with `fail_fast` once more than `tolerated_failures` failed. `None` while undecided, and
+/// for a job without those options (its last settle decides, by [`final_status`]).
+pub fn decided(
+    options: &crate::job::JobOptions,
+    total: u64,
+    complete: u64,
+    failed: u64,
+) -> Option<crate::job::JobStatus> {
+    use crate::job::JobStatus;
+    if let Some(quorum) = options.min_complete {
+        if complete >= quorum {
+            return Some(JobStatus::Complete);
+        }
+        if total.saturating_sub(failed) < quorum {
+            return Some(JobStatus::Failed);
+        }
+    }
+    if options.fail_fast && failed > options.tolerated_failures {
+        return Some(JobStatus::Failed);
+    }
+    None
+}
+
 /// The status a pause (`pause`) or a resume moves a job in `status` to, given its
 /// `(running, complete, failed)` counts, or what it answers instead: a finished job
 /// changes no more; a paused one resumes `Running` once any of its tasks was called, else
@@ -244,6 +269,27 @@ impl FairShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_decided_early() {
+        use crate::job::{JobOptions, JobStatus};
+        let plain = JobOptions::defaults();
+        assert_eq!(decided(&plain, 10, 9, 1), None, "decided by its last settle");
+        let quorum = JobOptions {
+            min_complete: Some(3),
+            ..JobOptions::defaults()
+        };
+        assert_eq!(decided(&quorum, 10, 2, 5), None);
+        assert_eq!(decided(&quorum, 10, 3, 0), Some(JobStatus::Complete));
+        assert_eq!(decided(&quorum, 10, 2, 8), Some(JobStatus::Failed), "3 out of reach");
+        let fast = JobOptions {
+            fail_fast: true,
+            tolerated_failures: 1,
+            ..JobOptions::defaults()
+        };
+        assert_eq!(decided(&fast, 10, 5, 1), None);
+        assert_eq!(decided(&fast, 10, 5, 2), Some(JobStatus::Failed));
+    }
 
     /// Plays a claim over jobs with `due` tasks each (and the given owners and headroom);
     /// returns what each job got.

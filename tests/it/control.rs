@@ -494,3 +494,75 @@ async fn a_running_jobs_limits_change_at_the_next_claim() {
     let out = crate::client::cli(&app.base, &["update", &id]).await;
     assert_eq!(out.code, 2, "a limit must be named: {out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn min_complete_and_fail_fast_end_a_job_early() {
+    let app = spawn_app().await;
+    let endpoint = Endpoint::start().await;
+    let mut receiver = Receiver::start(0, 200).await;
+    // A quorum: 3 of 10 tasks, two at a time.
+    let id = app
+        .submit(&job_of(
+            10,
+            &endpoint.url("slow?ms=200"),
+            Some(&receiver.url()),
+            json!({"concurrency": 2, "min_complete": 3}),
+        ))
+        .await;
+    let delivery = receiver.next().await;
+    assert_eq!(delivery.body["status"], "Complete", "{}", delivery.body);
+    let view = app.wait_settled(&id).await;
+    let counts = &view["counts"];
+    assert!(counts["complete"].as_u64().unwrap() >= 3, "{counts}");
+    assert_eq!(
+        counts["complete"].as_u64().unwrap() + counts["cancelled"].as_u64().unwrap(),
+        10,
+        "the rest cancelled: {counts}"
+    );
+    assert!(endpoint.call_count() < 10, "not every task was called");
+
+    // Fail fast: one failure tolerated, the second ends the job.
+    let (url, _) = failing_every(1).await;
+    let id = app
+        .submit(&job_of(
+            8,
+            &url,
+            None,
+            json!({"concurrency": 1, "max_attempts": 1, "tolerated_failures": 1, "fail_fast": true}),
+        ))
+        .await;
+    let view = app.wait_settled(&id).await;
+    assert_eq!(view["status"], "Failed");
+    assert_eq!(view["counts"]["failed"], 2, "{}", view["counts"]);
+    assert_eq!(view["counts"]["cancelled"], 6, "{}", view["counts"]);
+
+    // A quorum that can no longer be reached fails at once.
+    let id = app
+        .submit(&job_of(
+            3,
+            &url,
+            None,
+            json!({"concurrency": 1, "max_attempts": 1, "min_complete": 3}),
+        ))
+        .await;
+    let view = app.wait_settled(&id).await;
+    assert_eq!(view["status"], "Failed");
+    assert_eq!(view["counts"]["failed"], 1, "{}", view["counts"]);
+
+    let (status, body) = app
+        .post_raw(
+            "/v1/job",
+            Some("application/json"),
+            &json!({"tasks": [{"endpoint": "/v1/test"}], "options": {"min_complete": 2}})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .contains("more than the job's 1 tasks"),
+        "{body}"
+    );
+}

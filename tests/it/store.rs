@@ -106,6 +106,7 @@ conformance!(
     retry_of_a_cancelled_job,
     pause_holds_claims_until_resumed,
     changed_limits_hold_at_the_next_claim,
+    a_job_decided_early_ends_with_its_status,
 );
 
 // ---- helpers ----
@@ -2781,4 +2782,42 @@ async fn changed_limits_hold_at_the_next_claim(store: Arc<dyn Store>) {
             .unwrap(),
         OptionsOutcome::Finished(JobStatus::Complete)
     );
+}
+
+async fn a_job_decided_early_ends_with_its_status(store: Arc<dyn Store>) {
+    use doparallel::store::CancelOutcome;
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let id = insert(&store, &new_job(4, options(), true), t0).await;
+    let c = claim(&store, node, 2, t0).await;
+    settle_all(&store, node, vec![settle(&c.tasks[0], complete("1"), t0)]).await;
+    match store.job_end(id, JobStatus::Complete, t0).await.unwrap() {
+        CancelOutcome::Cancelled {
+            has_callback: true,
+            newly: true,
+            tasks: 3,
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (job.status, job.complete, job.cancelled, job.running),
+        (JobStatus::Complete, 1, 3, 0)
+    );
+    assert!(job.finished_at.is_some());
+    // Ended once: the same end again changes nothing, a cancel is too late, and the call
+    // still running has its outcome refused.
+    assert!(matches!(
+        store.job_end(id, JobStatus::Complete, t0).await.unwrap(),
+        CancelOutcome::Cancelled { newly: false, .. }
+    ));
+    assert!(matches!(
+        store.job_cancel(id, t0).await.unwrap(),
+        CancelOutcome::AlreadyFinished(JobStatus::Complete)
+    ));
+    let late = settle_all(&store, node, vec![settle(&c.tasks[1], complete("2"), t0)]).await;
+    assert_eq!(applied(&late), 0);
+    assert!(claim(&store, node, 10, t0).await.tasks.is_empty());
+    let due = store.callbacks_due(t0, t0 + 1000, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.job_id).collect::<Vec<_>>(), [id]);
 }

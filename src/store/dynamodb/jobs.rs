@@ -403,14 +403,20 @@ impl DynamoStore {
     }
 
     /// `Store::job_cancel`: one conditional write of the job item, then its running tasks.
-    pub(super) async fn cancel_job(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
+    /// `Store::job_end`: one conditional write of the job item (see the module docs).
+    pub(super) async fn end_job(
+        &self,
+        id: JobId,
+        status: JobStatus,
+        now: Millis,
+    ) -> StoreResult<CancelOutcome> {
         for _ in 0..TX_TRIES {
             let Some(item) = self.job_item(id).await? else {
                 return Ok(CancelOutcome::NotFound);
             };
             let job = JobCounters::from_item(&item)?;
             match job.status {
-                JobStatus::Cancelled => {
+                same if same == status => {
                     return Ok(CancelOutcome::Cancelled {
                         has_callback: job.has_callback,
                         newly: false,
@@ -423,7 +429,7 @@ impl DynamoStore {
             let stopped = job.total - job.done;
             let seen_done = job.done;
             let change = Change::new()
-                .set("status", s("Cancelled"))
+                .set("status", s(status.as_str()))
                 .set("n_running", n(0))
                 .set("n_cancelled", n(stopped))
                 .when(|e| is_in(e, "status", &UNFINISHED))

@@ -203,8 +203,13 @@ impl Store for DynamoStore {
         self.failures_since(id, after, limit).await
     }
 
-    async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
-        self.cancel_job(id, now).await
+    async fn job_end(
+        &self,
+        id: JobId,
+        status: crate::job::JobStatus,
+        now: Millis,
+    ) -> StoreResult<CancelOutcome> {
+        self.end_job(id, status, now).await
     }
 
     async fn job_set_options(

@@ -376,9 +376,13 @@ pub(super) async fn retry(
     })
 }
 
-pub(super) async fn cancel(
+/// `Store::job_end`: the job ends in `status` (Cancelled, or Complete or Failed decided
+/// early), its unfinished tasks Cancelled, its callback due, every node told to stop its
+/// calls.
+pub(super) async fn end(
     store: &PostgresStore,
     id: JobId,
+    status: JobStatus,
     now: Millis,
 ) -> StoreResult<CancelOutcome> {
     let mut tx = store.begin().await?;
@@ -397,7 +401,7 @@ pub(super) async fn cancel(
     let seq: i64 = row.get("seq");
     let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
     let unchanged = match job_status_from(row.get("status"))? {
-        JobStatus::Cancelled => Some(CancelOutcome::Cancelled {
+        same if same == status => Some(CancelOutcome::Cancelled {
             has_callback,
             newly: false,
             tasks: 0,
@@ -417,12 +421,8 @@ pub(super) async fn cancel(
              lease_until = NULL WHERE job_seq = $2 AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
         )
     });
-    static CANCEL_JOB: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "UPDATE jobs SET status = {JOB_CANCELLED}, n_running = 0, \
-             n_cancelled = n_cancelled + $1, finished_at = $2 WHERE seq = $3"
-        )
-    });
+    const CANCEL_JOB: &str = "UPDATE jobs SET status = $4, n_running = 0, \
+         n_cancelled = n_cancelled + $1, finished_at = $2 WHERE seq = $3";
     let cancelled = sqlx::query(&CANCEL_TASKS)
         .bind(now)
         .bind(seq)
@@ -430,10 +430,11 @@ pub(super) async fn cancel(
         .await
         .map_err(map_err)?
         .rows_affected();
-    sqlx::query(&CANCEL_JOB)
+    sqlx::query(CANCEL_JOB)
         .bind(cancelled as i64)
         .bind(now)
         .bind(seq)
+        .bind(job_code(status))
         .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;

@@ -425,9 +425,12 @@ pub(super) async fn retry(
     })
 }
 
-pub(super) async fn cancel(
+/// `Store::job_end`: the job ends in `status` (Cancelled, or Complete or Failed decided
+/// early), its unfinished tasks Cancelled, its callback due; one write transaction.
+pub(super) async fn end(
     store: &SqliteStore,
     id: JobId,
+    status: JobStatus,
     now: Millis,
 ) -> StoreResult<CancelOutcome> {
     let mut tx = store.begin().await?;
@@ -442,7 +445,7 @@ pub(super) async fn cancel(
     let seq: i64 = row.get("seq");
     let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
     match job_status_from(row.get("status"))? {
-        JobStatus::Cancelled => {
+        same if same == status => {
             return Ok(CancelOutcome::Cancelled {
                 has_callback,
                 newly: false,
@@ -458,12 +461,8 @@ pub(super) async fn cancel(
              WHERE job_seq = ? AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
         )
     });
-    static CANCEL_JOB: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "UPDATE jobs SET status = {JOB_CANCELLED}, n_running = 0, \
-             n_cancelled = n_cancelled + ?, finished_at = ? WHERE seq = ?"
-        )
-    });
+    const CANCEL_JOB: &str = "UPDATE jobs SET status = ?, n_running = 0, \
+         n_cancelled = n_cancelled + ?, finished_at = ? WHERE seq = ?";
     let cancelled = sqlx::query(&CANCEL_TASKS)
         .bind(now)
         .bind(seq)
@@ -471,7 +470,8 @@ pub(super) async fn cancel(
         .await
         .map_err(map_err)?
         .rows_affected();
-    sqlx::query(&CANCEL_JOB)
+    sqlx::query(CANCEL_JOB)
+        .bind(job_code(status))
         .bind(cancelled as i64)
         .bind(now)
         .bind(seq)

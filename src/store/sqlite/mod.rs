@@ -244,8 +244,13 @@ impl Store for SqliteStore {
         jobs::tasks_failed_since(self, id, after, limit).await
     }
 
-    async fn job_cancel(&self, id: JobId, now: Millis) -> StoreResult<CancelOutcome> {
-        jobs::cancel(self, id, now).await
+    async fn job_end(
+        &self,
+        id: JobId,
+        status: crate::job::JobStatus,
+        now: Millis,
+    ) -> StoreResult<CancelOutcome> {
+        jobs::end(self, id, status, now).await
     }
 
     async fn job_set_options(
