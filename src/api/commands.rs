@@ -128,14 +128,17 @@ pub async fn report(
     if let ReportOutcome::Applied(report) = &outcome {
         tracing::debug!(job_id = %claims.job_id, task = claims.index, attempt = claims.attempt, "outcome reported");
         services.bus.settled(report.clone(), &services.metrics);
-        if report.finished.is_empty() {
-            crate::bus::end_if_decided(
+        // The outcome is stored: a trouble deciding the job early is left to its next one.
+        if report.finished.is_empty()
+            && let Err(e) = crate::bus::end_if_decided(
                 services.store.as_ref(),
                 &services.bus,
                 &services.metrics,
                 claims.job_id,
             )
-            .await?;
+            .await
+        {
+            tracing::warn!(job_id = %claims.job_id, error = %e, "cannot end a job decided early");
         }
     }
     Ok(outcome)

@@ -231,7 +231,8 @@ pub(super) async fn retry_job(
                 .join(" or ")
         ))),
         RetryOutcome::CancelledLeftOut => Err(unprocessable(
-            "a Cancelled job runs again with its cancelled tasks: add \"Cancelled\" to include"
+            "the job's cancelled tasks must run again with it (its run could not finish \
+             otherwise): add \"Cancelled\" to include"
                 .into(),
         )),
     }

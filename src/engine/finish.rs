@@ -183,9 +183,12 @@ async fn with_jobs_finished_meanwhile(
                 }
             }
         };
+        // A job that ended with tasks unfinished (a cancel, an early end) was announced by
+        // whoever ended it.
         if let Some(job) = job
             && job.status.is_finished()
             && job.status != JobStatus::Cancelled
+            && job.cancelled == 0
         {
             tracing::info!(job_id = %id, "a settle whose answer was lost had finished this job");
             report.finished.push(crate::store::JobFinished {

@@ -358,6 +358,15 @@ impl JobOptions {
         }
     }
 
+    /// How many of a job of `total` tasks may fail with the job still Complete: with
+    /// `min_complete`, all but that many; else `tolerated_failures`. What the store keeps as
+    /// the job's tolerance, so that its last settle decides by the same rule as an early end.
+    pub fn tolerated(&self, total: u64) -> u64 {
+        self.min_complete.map_or(self.tolerated_failures, |quorum| {
+            total.saturating_sub(quorum)
+        })
+    }
+
     /// Whether the job's outcome may be decided before all its tasks ran
     /// (`min_complete`, `fail_fast`).
     pub fn decides_early(&self) -> bool {

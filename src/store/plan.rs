@@ -48,7 +48,9 @@ pub fn may_retry(
 
 /// A job's status once its outcome is decided before all its tasks ran, if it is: Complete
 /// once `min_complete` tasks are Complete (Failed once that many cannot be any more), Failed
-/// with `fail_fast` once more than `tolerated_failures` failed. `None` while undecided, and
+/// with `fail_fast` once more than it tolerates failed (`JobOptions::tolerated`: with a
+/// quorum, all but the quorum). A job's last settle decides by [`final_status`] over the
+/// same tolerance, stored with the job, so both agree. `None` while undecided, and
 /// for a job without those options (its last settle decides, by [`final_status`]).
 pub fn decided(
     options: &crate::job::JobOptions,
@@ -61,11 +63,12 @@ pub fn decided(
         if complete >= quorum {
             return Some(JobStatus::Complete);
         }
-        if total.saturating_sub(failed) < quorum {
+        // More failed than the quorum leaves room for: out of reach.
+        if failed > options.tolerated(total) {
             return Some(JobStatus::Failed);
         }
     }
-    if options.fail_fast && failed > options.tolerated_failures {
+    if options.fail_fast && failed > options.tolerated(total) {
         return Some(JobStatus::Failed);
     }
     None
@@ -274,14 +277,22 @@ mod tests {
     fn outcomes_decided_early() {
         use crate::job::{JobOptions, JobStatus};
         let plain = JobOptions::defaults();
-        assert_eq!(decided(&plain, 10, 9, 1), None, "decided by its last settle");
+        assert_eq!(
+            decided(&plain, 10, 9, 1),
+            None,
+            "decided by its last settle"
+        );
         let quorum = JobOptions {
             min_complete: Some(3),
             ..JobOptions::defaults()
         };
         assert_eq!(decided(&quorum, 10, 2, 5), None);
         assert_eq!(decided(&quorum, 10, 3, 0), Some(JobStatus::Complete));
-        assert_eq!(decided(&quorum, 10, 2, 8), Some(JobStatus::Failed), "3 out of reach");
+        assert_eq!(
+            decided(&quorum, 10, 2, 8),
+            Some(JobStatus::Failed),
+            "3 out of reach"
+        );
         let fast = JobOptions {
             fail_fast: true,
             tolerated_failures: 1,

@@ -236,7 +236,7 @@ impl NewJobRow {
             options: serde_json::to_string(&job.options)
                 .map_err(|e| StoreError::Other(e.to_string()))?,
             concurrency: job.options.concurrency.map(i64::from),
-            tolerated: job.options.tolerated_failures as i64,
+            tolerated: job.options.tolerated(job.tasks.len() as u64) as i64,
             total: job.tasks.len() as i64,
             callback_url: url_text(&job.callback),
             finished_at: empty.then_some(now),

@@ -536,7 +536,9 @@ async fn min_complete_and_fail_fast_end_a_job_early() {
     assert_eq!(view["counts"]["failed"], 2, "{}", view["counts"]);
     assert_eq!(view["counts"]["cancelled"], 6, "{}", view["counts"]);
 
-    // A quorum that can no longer be reached fails at once.
+    // A quorum that can no longer be reached fails at once (a fresh endpoint: this one's
+    // tasks have answered already).
+    let (url, _) = failing_every(1).await;
     let id = app
         .submit(&job_of(
             3,

@@ -2805,6 +2805,21 @@ async fn a_job_decided_early_ends_with_its_status(store: Arc<dyn Store>) {
         (JobStatus::Complete, 1, 3, 0)
     );
     assert!(job.finished_at.is_some());
+    let statuses: Vec<TaskStatus> = all_tasks(&store, id)
+        .await
+        .iter()
+        .map(|t| t.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            TaskStatus::Complete,
+            TaskStatus::Cancelled,
+            TaskStatus::Cancelled,
+            TaskStatus::Cancelled
+        ],
+        "its unfinished tasks read Cancelled"
+    );
     // Ended once: the same end again changes nothing, a cancel is too late, and the call
     // still running has its outcome refused.
     assert!(matches!(
@@ -2820,4 +2835,21 @@ async fn a_job_decided_early_ends_with_its_status(store: Arc<dyn Store>) {
     assert!(claim(&store, node, 10, t0).await.tasks.is_empty());
     let due = store.callbacks_due(t0, t0 + 1000, 10).await.unwrap();
     assert_eq!(due.iter().map(|d| d.job_id).collect::<Vec<_>>(), [id]);
+    // With a quorum, the last settle decides as an early end would: 1 of 2 complete is
+    // Complete, however many failed.
+    let mut quorum = options();
+    quorum.min_complete = Some(1);
+    let q = insert(&store, &new_job(2, quorum, false), t0).await;
+    let c = claim(&store, node, 10, t0).await;
+    let report = settle_all(
+        &store,
+        node,
+        vec![
+            settle(&c.tasks[0], failed(), t0),
+            settle(&c.tasks[1], complete("1"), t0),
+        ],
+    )
+    .await;
+    assert_eq!(report.finished.len(), 1);
+    assert_eq!(job_of(&store, q).await.status, JobStatus::Complete);
 }

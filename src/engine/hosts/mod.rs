@@ -378,6 +378,13 @@ impl HostGates {
             );
         }
         let job_entry = entry.jobs.get_mut(&job).expect("inserted above");
+        if job_entry.limits != limits {
+            // The job's limits changed (`PATCH /v1/jobs/{id}`): a new gate for the calls from
+            // now on; those already past or waiting at the old one keep it.
+            job_entry.gate =
+                (!limits.is_unlimited()).then(|| Arc::new(Gate::new(limits, entry.pause.clone())));
+            job_entry.limits = limits;
+        }
         job_entry.users += 1;
         // Most calls meet no limit and no pause: they need not count as waiting nor take
         // the pacer's lock.

@@ -102,7 +102,7 @@ impl TaskTx<&Due> for ClaimTx<'_> {
                 return Ok(Then::Stop);
             };
             let status = job_status_from(need_s(&item, "status")?)?;
-            if status.is_finished() {
+            if status.is_finished() || status == crate::job::JobStatus::Paused {
                 return Ok(Then::Stop);
             }
             let running: u64 = need_n(&item, "n_running")?;

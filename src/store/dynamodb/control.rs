@@ -20,7 +20,7 @@ use super::items::{
 };
 use super::settle::JobCounters;
 use super::tx::{TX_TRIES, TxOutcome};
-use crate::job::{JobId, JobOptions, JobStatus, TaskStatus};
+use crate::job::{JobId, JobOptions, TaskStatus};
 use crate::store::codec::{options_text, parse_options};
 use crate::store::{
     Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreError, StoreResult, plan,
@@ -123,7 +123,8 @@ impl DynamoStore {
         let tasks = self.query_projected(cond, ex, &projection).await?;
         // What runs again, and what the job's counters become.
         let retry_failed = include.contains(&TaskStatus::Failed);
-        let job_cancelled = job.status == JobStatus::Cancelled;
+        // Ended with tasks unfinished (cancelled, or decided early): those read Cancelled.
+        let job_cancelled = cancelled > 0;
         let (mut requeue, mut complete, mut failed) = (Vec::new(), 0u64, 0u64);
         for task in &tasks {
             let stored = need_s(task, "status")?;

@@ -158,9 +158,8 @@ pub(super) fn job_from_item(item: &Item) -> StoreResult<JobRecord> {
 pub(super) fn task_from_item(item: &Item, job: &JobRecord) -> StoreResult<TaskRecord> {
     let mut status = task_status_from(need_s(item, "status")?)?;
     let mut finished_at = get_n(item, "finished_at");
-    if job.status == JobStatus::Cancelled
-        && matches!(status, TaskStatus::Pending | TaskStatus::Running)
-    {
+    // (A job ended early, Complete or Failed, left its unfinished tasks so too.)
+    if job.status.is_finished() && matches!(status, TaskStatus::Pending | TaskStatus::Running) {
         status = TaskStatus::Cancelled;
         finished_at = job.finished_at;
     }

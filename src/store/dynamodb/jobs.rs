@@ -106,7 +106,10 @@ impl DynamoStore {
                 s(if empty { "Complete" } else { "Pending" }),
             ),
             ("options".into(), s(options)),
-            ("tolerated".into(), n(job.options.tolerated_failures)),
+            (
+                "tolerated".into(),
+                n(job.options.tolerated(job.tasks.len() as u64)),
+            ),
             ("total".into(), n(job.tasks.len())),
             ("n_running".into(), n(0)),
             ("n_done".into(), n(0)),
@@ -298,7 +301,8 @@ impl DynamoStore {
             return Ok(Vec::new());
         };
         let job = job_from_item(&job_item)?;
-        let cancelled = job.status == JobStatus::Cancelled;
+        // A finished job's unfinished tasks read as Cancelled (a cancel, an early end).
+        let cancelled = job.status.is_finished();
         let mut ex = Ex::default();
         let cond = format!(
             "{} = {} AND {} BETWEEN {} AND {}",

@@ -13,7 +13,7 @@ use super::items::{
 };
 use super::schema::sdk_error;
 use super::tx::{Cancelled, TX_TASKS, TaskTx, Then, TxEnd};
-use crate::job::{JobId, JobStatus};
+use crate::job::JobId;
 use crate::store::{Millis, NodeId, StoreError, StoreResult};
 
 /// How long after its lease ran out a node's item is kept, so that gsi3's lag cannot hide a
@@ -68,7 +68,7 @@ impl TaskTx<(u64, u32)> for TakeBackTx {
         // The job finished meanwhile: a cancelled job's tasks are marked Cancelled; a
         // deleted job's are gone.
         if let Some(item) = store.job_item(self.id).await?
-            && job_status_from(need_s(&item, "status")?)? == JobStatus::Cancelled
+            && job_status_from(need_s(&item, "status")?)?.is_finished()
         {
             for &(index, attempts) in tasks.iter() {
                 store

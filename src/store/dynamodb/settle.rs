@@ -337,7 +337,8 @@ impl DynamoStore {
         job: &JobCounters,
         settles: &[&TaskSettle],
     ) -> StoreResult<()> {
-        if job.status != JobStatus::Cancelled {
+        // Ended with tasks unfinished (a cancel, an early end): they are Cancelled.
+        if !job.status.is_finished() {
             return Ok(());
         }
         // Futures made first: a closure over borrowed settles in the stream would not be
