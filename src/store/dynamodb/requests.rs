@@ -254,6 +254,30 @@ impl DynamoStore {
         ex: Ex,
         projection: &str,
     ) -> StoreResult<Vec<Item>> {
+        self.query_table(key_condition, ex, projection, true, usize::MAX)
+            .await
+    }
+
+    pub(super) async fn query_keys(
+        &self,
+        key_condition: String,
+        ex: Ex,
+        max: usize,
+    ) -> StoreResult<Vec<Item>> {
+        self.query_table(key_condition, ex, "pk, sk", false, max)
+            .await
+    }
+
+    /// The items of a query of the table itself, page after page (at most `max`), with the
+    /// attributes of `projection` only.
+    async fn query_table(
+        &self,
+        key_condition: String,
+        ex: Ex,
+        projection: &str,
+        consistent: bool,
+        max: usize,
+    ) -> StoreResult<Vec<Item>> {
         let mut items = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -266,45 +290,15 @@ impl DynamoStore {
                 .set_expression_attribute_names(ex.names())
                 .set_expression_attribute_values(ex.values())
                 .projection_expression(projection)
-                .consistent_read(true)
+                .consistent_read(consistent)
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| sdk_error("Query", e))?;
             items.extend(out.items.unwrap_or_default());
             match out.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => return Ok(items),
-            }
-        }
-    }
-
-    pub(super) async fn query_keys(
-        &self,
-        key_condition: String,
-        ex: Ex,
-        max: usize,
-    ) -> StoreResult<Vec<Item>> {
-        let mut keys = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            self.count("Query");
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression(&key_condition)
-                .set_expression_attribute_names(ex.names())
-                .set_expression_attribute_values(ex.values())
-                .projection_expression("pk, sk")
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_error("Query", e))?;
-            keys.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(key) if keys.len() < max => start = Some(key),
-                _ => return Ok(keys),
+                Some(key) if items.len() < max => start = Some(key),
+                _ => return Ok(items),
             }
         }
     }

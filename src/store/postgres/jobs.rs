@@ -210,6 +210,22 @@ pub(super) async fn tasks_failed_since(
     rows.iter().map(failed_task_from_row).collect()
 }
 
+/// The job's row, with `columns`, locked for this transaction: it waits for a claim or a
+/// settle of the job under way, and keeps later ones off until the transaction ends.
+async fn lock_job(
+    tx: &mut super::tx::PgTx,
+    id: JobId,
+    columns: &str,
+) -> StoreResult<Option<sqlx::postgres::PgRow>> {
+    sqlx::query(&format!(
+        "SELECT {columns} FROM jobs WHERE id = $1::uuid FOR UPDATE"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)
+}
+
 /// `Store::job_set_options`: the job row locked; every node is told there may be work (a
 /// limit raised).
 pub(super) async fn set_options(
@@ -219,13 +235,7 @@ pub(super) async fn set_options(
     options: &crate::job::JobOptions,
 ) -> StoreResult<OptionsOutcome> {
     let mut tx = store.begin().await?;
-    let Some(row) =
-        sqlx::query("SELECT seq, status, options FROM jobs WHERE id = $1::uuid FOR UPDATE")
-            .bind(id.to_string())
-            .fetch_optional(tx.conn().await?)
-            .await
-            .map_err(map_err)?
-    else {
+    let Some(row) = lock_job(&mut tx, id, "seq, status, options").await? else {
         tx.rollback().await?;
         return Ok(OptionsOutcome::NotFound);
     };
@@ -260,14 +270,7 @@ pub(super) async fn pause(
     pause: bool,
 ) -> StoreResult<PauseOutcome> {
     let mut tx = store.begin().await?;
-    let Some(row) = sqlx::query(
-        "SELECT seq, status, n_running, n_complete, n_failed FROM jobs \
-         WHERE id = $1::uuid FOR UPDATE",
-    )
-    .bind(id.to_string())
-    .fetch_optional(tx.conn().await?)
-    .await
-    .map_err(map_err)?
+    let Some(row) = lock_job(&mut tx, id, "seq, status, n_running, n_complete, n_failed").await?
     else {
         tx.rollback().await?;
         return Ok(PauseOutcome::NotFound);
@@ -304,14 +307,7 @@ pub(super) async fn retry(
     now: Millis,
 ) -> StoreResult<RetryOutcome> {
     let mut tx = store.begin().await?;
-    let Some(row) = sqlx::query(
-        "SELECT seq, status, options, n_cancelled FROM jobs WHERE id = $1::uuid FOR UPDATE",
-    )
-    .bind(id.to_string())
-    .fetch_optional(tx.conn().await?)
-    .await
-    .map_err(map_err)?
-    else {
+    let Some(row) = lock_job(&mut tx, id, "seq, status, options, n_cancelled").await? else {
         tx.rollback().await?;
         return Ok(RetryOutcome::NotFound);
     };
@@ -388,13 +384,7 @@ pub(super) async fn end(
     let mut tx = store.begin().await?;
     // The job row's lock waits for a claim or settle of this job under way, and keeps
     // later ones off until the cancel is committed.
-    let Some(row) =
-        sqlx::query("SELECT seq, status, callback_url FROM jobs WHERE id = $1::uuid FOR UPDATE")
-            .bind(id.to_string())
-            .fetch_optional(tx.conn().await?)
-            .await
-            .map_err(map_err)?
-    else {
+    let Some(row) = lock_job(&mut tx, id, "seq, status, callback_url").await? else {
         tx.rollback().await?;
         return Ok(CancelOutcome::NotFound);
     };
