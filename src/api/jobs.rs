@@ -452,7 +452,7 @@ pub(super) async fn cancel_job(
         CancelOutcome::AlreadyFinished(status) => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "the job is already {}; only a Pending or Running job can be cancelled",
+                "the job is already {}; only an unfinished job can be cancelled",
                 status.as_str()
             ),
         )),
