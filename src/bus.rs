@@ -3,7 +3,7 @@
 //! committed to the store first; a signal only says "look again" or "this happened".
 //!
 //! - wake-ups: tasks may be claimable ([`Bus::work`]), a callback may be due
-//!   ([`Bus::callbacks_due`]);
+//!   ([`Bus::callbacks_due`]), a job's deadline may have been set ([`Bus::deadlines`]);
 //! - events for whoever listens (`doparallel run`, the events stream): a job finished, a
 //!   callback settled;
 //! - the cancellation of a job's calls on this node, whether the cancel came through this
@@ -40,6 +40,7 @@ pub enum Event {
 
 pub struct Bus {
     work: Notify,
+    deadlines: Notify,
     callbacks_due: Notify,
     events: broadcast::Sender<Event>,
     /// One token per unfinished job this node has made calls for: cancelling the job
@@ -54,6 +55,7 @@ impl Default for Bus {
     fn default() -> Self {
         Bus {
             work: Notify::new(),
+            deadlines: Notify::new(),
             callbacks_due: Notify::new(),
             events: broadcast::channel(1024).0,
             calls: Mutex::new(HashMap::new()),
@@ -74,6 +76,16 @@ impl Bus {
 
     pub async fn work_signalled(&self) {
         self.work.notified().await;
+    }
+
+    /// A job's deadline may have been set or moved (a submission, a change of its options,
+    /// a retry, or a job with a deadline claimed): the deadline sweep looks again.
+    pub fn deadlines(&self) {
+        self.deadlines.notify_one();
+    }
+
+    pub async fn deadlines_signalled(&self) {
+        self.deadlines.notified().await;
     }
 
     /// Whether work or a callback became due since the last look: for a node without an
@@ -181,6 +193,31 @@ impl Bus {
         metrics: &Metrics,
     ) {
         metrics.tasks_finished("cancelled", tasks);
+        self.stopped(id, status, tasks, has_callback, metrics);
+    }
+
+    /// What follows a job ended at its deadline (`Store::job_expire`) and committed: as
+    /// [`Bus::ended`], its stopped tasks counted as failed.
+    pub fn expired(
+        self: &Arc<Self>,
+        id: JobId,
+        status: JobStatus,
+        tasks: u64,
+        has_callback: bool,
+        metrics: &Metrics,
+    ) {
+        metrics.tasks_finished("failed", tasks);
+        self.stopped(id, status, tasks, has_callback, metrics);
+    }
+
+    fn stopped(
+        self: &Arc<Self>,
+        id: JobId,
+        status: JobStatus,
+        tasks: u64,
+        has_callback: bool,
+        metrics: &Metrics,
+    ) {
         self.cancel_calls(id);
         tracing::info!(job_id = %id, status = status.as_str(), stopped = tasks, "job ended");
         metrics.job_finished(status);

@@ -48,6 +48,9 @@ pub async fn submit(
         });
     } else {
         services.bus.work();
+        if job.options.deadline_ms.is_some() {
+            services.bus.deadlines();
+        }
     }
     Ok(outcome)
 }
@@ -80,6 +83,8 @@ pub async fn retry(
         tracing::info!(job_id = %id, tasks, run, "job retried");
         services.bus.forget_cancel(id);
         services.bus.work();
+        // Its deadline counts from now.
+        services.bus.deadlines();
     }
     Ok(outcome)
 }
@@ -104,6 +109,27 @@ pub async fn cancel(services: &Services, id: JobId) -> StoreResult<CancelOutcome
         );
     }
     Ok(outcome)
+}
+
+/// Records a heartbeat of an attempt that answered 202 (see `Store::tasks_heartbeat`).
+pub async fn heartbeat(
+    services: &Services,
+    token: &str,
+    progress: Option<Box<serde_json::value::RawValue>>,
+) -> StoreResult<crate::store::HeartbeatOutcome> {
+    let Some(claims) = services.tokens.verify(token) else {
+        return Ok(crate::store::HeartbeatOutcome::Unknown);
+    };
+    services
+        .store
+        .tasks_heartbeat(&crate::store::TaskHeartbeat {
+            job_id: claims.job_id,
+            index: claims.index,
+            attempt: claims.attempt,
+            now: now_millis(),
+            progress,
+        })
+        .await
 }
 
 /// Stores the outcome an endpoint reported for an attempt it answered with 202.

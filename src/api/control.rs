@@ -70,6 +70,7 @@ pub(super) async fn update_job(
             OptionsOutcome::Updated => {
                 tracing::info!(job_id = %id, "job limits changed");
                 state.services.bus.work();
+                state.services.bus.deadlines();
                 let job = find_job(store, id, &owner).await?;
                 return Ok(Json(job_view(&state, job).await?));
             }

@@ -195,6 +195,7 @@ impl JobView {
             },
             trace_id: job.options.trace.as_ref().map(|t| t.trace_id.clone()),
             run: job.options.run(),
+            deadline_at: crate::store::plan::deadline(&job.options, job.created_at).map(rfc3339),
             metadata: job.metadata,
             options: Some(job.options.masked()),
             result,
@@ -283,6 +284,7 @@ impl From<TaskRecord> for TaskView {
             error: t.error,
             latency_ms: t.latency_ms,
             finished_at: t.finished_at.map(rfc3339),
+            progress: t.progress,
         }
     }
 }

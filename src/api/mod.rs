@@ -36,7 +36,7 @@ use crate::store::Millis;
 use control::{pause_job, resume_job, retry_job, update_job};
 use events::job_events;
 use jobs::{cancel_job, delete_job, get_job, list_jobs, list_tasks, submit, submit_alias};
-use service::{health, metrics, not_found, openapi, report_task, test_task};
+use service::{health, heartbeat_task, metrics, not_found, openapi, report_task, test_task};
 
 #[derive(Clone)]
 struct AppState {
@@ -94,6 +94,7 @@ pub fn router(
         // The task token in the path is the credential: the endpoint reporting an outcome
         // holds no API token.
         .route("/v1/tasks/{token}/result", post(report_task))
+        .route("/v1/tasks/{token}/heartbeat", post(heartbeat_task))
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))
         // The dashboard's scripts and styles are the same for everyone and hold no data.
@@ -132,6 +133,7 @@ pub fn router(
         control::resume_job,
         events::job_events,
         service::report_task,
+        service::heartbeat_task,
         service::test_task,
         service::health,
         service::metrics,

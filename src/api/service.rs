@@ -16,7 +16,7 @@ use super::error::{ApiError, body_error};
 use super::wire::*;
 use super::{ApiDoc, AppState, commands};
 use crate::job::compact_json;
-use crate::store::{ReportOutcome, SettleOutcome};
+use crate::store::{HeartbeatOutcome, ReportOutcome, SettleOutcome};
 
 /// The outcome of a task whose endpoint answered 202, posted later with its task token.
 #[derive(Deserialize, ToSchema)]
@@ -38,6 +38,84 @@ pub(super) struct TaskReportBody<'a> {
 pub(super) enum ReportedStatus {
     Complete,
     Failed,
+}
+
+/// A heartbeat's body: all optional.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HeartbeatBody<'a> {
+    /// How far the task got (any JSON, at most 4 KiB), kept as the task's `progress`.
+    #[serde(borrow, default)]
+    #[schema(value_type = Option<serde_json::Value>)]
+    progress: Option<&'a RawValue>,
+}
+
+/// The most bytes of JSON a heartbeat's `progress` may take.
+pub const MAX_PROGRESS_BYTES: usize = 4096;
+
+/// Say that a task whose endpoint answered `202 Accepted` is still being worked on, with its
+/// progress if you like. With the job's `options.async_heartbeat_ms`, an attempt that sends
+/// neither a heartbeat nor its outcome for that long times out (and is retried like any
+/// timeout); every heartbeat moves that on, within `async_timeout_ms` of the 202. The token
+/// is the call's `DoParallel-Task-Token`, as for the result.
+#[utoipa::path(
+    post, path = "/v1/tasks/{token}/heartbeat", tag = "tasks",
+    params(("token" = String, Path, description = "The call's DoParallel-Task-Token")),
+    request_body(content = Option<HeartbeatBody>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded", body = ReportAnswer),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 404, description = "No such attempt runs (unknown token, or its attempt timed out or was superseded)", body = ErrorBody),
+        (status = 409, description = "This attempt's task has its outcome already", body = ErrorBody),
+        (status = 413, description = "Progress larger than 4 KiB", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn heartbeat_task(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<ReportAnswer>), ApiError> {
+    let body = body.map_err(body_error)?;
+    let progress = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let beat: HeartbeatBody = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("body is not a heartbeat (empty, or {{\"progress\": ...}}): {e}"),
+            )
+        })?;
+        beat.progress.map(compact_json)
+    };
+    if let Some(progress) = &progress
+        && progress.get().len() > MAX_PROGRESS_BYTES
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "progress: takes {} bytes of JSON; at most {MAX_PROGRESS_BYTES} are kept",
+                progress.get().len()
+            ),
+        ));
+    }
+    match commands::heartbeat(&state.services, &token, progress).await? {
+        HeartbeatOutcome::Alive => Ok((
+            StatusCode::ACCEPTED,
+            Json(ReportAnswer {
+                status: "Recorded".into(),
+            }),
+        )),
+        HeartbeatOutcome::Finished => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this attempt's task has its outcome already; stop working on it",
+        )),
+        HeartbeatOutcome::Unknown => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no attempt runs for this token: it is unknown, or its attempt timed out or was \
+             superseded (a newer attempt has its own token)",
+        )),
+    }
 }
 
 /// Report the outcome of a task whose endpoint answered `202 Accepted`. The token comes

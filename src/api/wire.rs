@@ -177,6 +177,10 @@ pub struct JobView {
     /// Which run of the job this is: 1, then 2 after its first retry, and so on.
     #[serde(default = "first_run")]
     pub run: u32,
+    /// When the job's time budget (`options.deadline_ms`) runs out (RFC 3339), for a job
+    /// with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<String>,
     /// The `metadata` the job was submitted with, as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -215,6 +219,11 @@ pub struct TaskView {
     /// Duration of the last attempt.
     pub latency_ms: Option<u64>,
     pub finished_at: Option<String>,
+    /// The last progress an attempt that answered 202 reported with a heartbeat
+    /// (`POST /v1/tasks/{token}/heartbeat`), as it sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub progress: Option<Box<RawValue>>,
 }
 
 /// A page of a job's tasks.

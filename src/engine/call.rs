@@ -48,7 +48,10 @@ pub enum Attempt {
 /// Where an endpoint that answers 202 posts its outcome: the call's token and the URL.
 pub struct ReportTo {
     pub token: String,
+    /// Where the outcome goes (`DoParallel-Result-Url`).
     pub url: String,
+    /// Where heartbeats go (`DoParallel-Heartbeat-Url`).
+    pub heartbeat_url: String,
 }
 
 /// Makes the call for `task`: a POST of its params, or the built-in test task in-process.
@@ -210,11 +213,16 @@ async fn call(
         match (
             HeaderValue::from_str(&to.token),
             HeaderValue::from_str(&to.url),
+            HeaderValue::from_str(&to.heartbeat_url),
         ) {
-            (Ok(mut token), Ok(url)) => {
+            (Ok(mut token), Ok(url), Ok(heartbeat)) => {
                 token.set_sensitive(true);
                 late.push((HeaderName::from_static("doparallel-task-token"), token));
                 late.push((HeaderName::from_static("doparallel-result-url"), url));
+                late.push((
+                    HeaderName::from_static("doparallel-heartbeat-url"),
+                    heartbeat,
+                ));
             }
             _ => {
                 return Attempt::Fatal(TaskError::new(
@@ -584,9 +592,15 @@ pub fn settle_outcome(
 ) -> SettleOutcome {
     match outcome {
         Attempt::Complete(result) => SettleOutcome::Complete { result },
-        Attempt::Accepted => SettleOutcome::Await {
-            deadline: now + options.async_timeout_ms as Millis,
-        },
+        Attempt::Accepted => {
+            let until = now + options.async_timeout_ms as Millis;
+            SettleOutcome::Await {
+                // With heartbeats, the first is due within their interval.
+                deadline: crate::store::plan::heartbeat_deadline(options, until, now)
+                    .unwrap_or(until),
+                until,
+            }
+        }
         Attempt::Fatal(error) => SettleOutcome::Failed {
             error: error.to_json(),
         },

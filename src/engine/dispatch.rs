@@ -94,6 +94,11 @@ pub(super) async fn dispatch(
         if claimed > 0 {
             crash_point!("task-claimed");
         }
+        // A job with a deadline, perhaps submitted through another node: the deadline
+        // sweep learns of it (it looks at most once a second for this).
+        if claim.tasks.iter().any(|t| t.options.deadline_ms.is_some()) {
+            engine.bus.deadlines();
+        }
         // A claim lists each job's tasks together: one token lookup per job.
         let mut token: Option<(JobId, CancellationToken)> = None;
         for task in claim.tasks {
@@ -217,11 +222,12 @@ async fn run_call(
         .filter(|_| task.options.async_reports));
     let report_to = report_base.map(|base| {
         let token = engine.tokens.mint(task.job_id, task.index, task.attempt);
-        let url = format!(
-            "{}/v1/tasks/{token}/result",
-            base.as_str().trim_end_matches('/')
-        );
-        call::ReportTo { token, url }
+        let base = format!("{}/v1/tasks/{token}", base.as_str().trim_end_matches('/'));
+        call::ReportTo {
+            url: format!("{base}/result"),
+            heartbeat_url: format!("{base}/heartbeat"),
+            token,
+        }
     });
     let attempt = if report_to.is_none()
         && task.options.async_reports

@@ -92,10 +92,17 @@ async fn time_out_awaited(engine: &Engine, now: Millis, stop: &CancellationToken
     let batch: Vec<TaskSettle> = overdue
         .iter()
         .map(|task| {
-            let error = crate::job::TaskError::timeout(format!(
-                "no outcome reported within {} ms of the 202 answer",
-                task.options.async_timeout_ms
-            ));
+            let error = crate::job::TaskError::timeout(match task.options.async_heartbeat_ms {
+                Some(every) => format!(
+                    "neither an outcome nor a heartbeat within {every} ms \
+                     (options.async_heartbeat_ms), or no outcome within {} ms of the 202 answer",
+                    task.options.async_timeout_ms
+                ),
+                None => format!(
+                    "no outcome reported within {} ms of the 202 answer",
+                    task.options.async_timeout_ms
+                ),
+            });
             let attempt = call::Attempt::Retryable {
                 error,
                 retry_after: None,

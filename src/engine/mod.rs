@@ -22,6 +22,7 @@
 //! API nor the outbox: they meet through the store and the bus.
 
 pub mod call;
+mod deadlines;
 mod dispatch;
 mod finish;
 pub mod hosts;
@@ -116,6 +117,7 @@ pub struct EngineHandle {
     finisher_stop: CancellationToken,
     retention: Option<JoinHandle<()>>,
     leases: JoinHandle<()>,
+    deadlines: JoinHandle<()>,
     notices: Option<JoinHandle<()>>,
 }
 
@@ -173,6 +175,7 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
         stop.clone(),
         finisher_stop.clone(),
     ));
+    let deadlines = tokio::spawn(deadlines::deadline_loop(engine.clone(), stop.clone()));
     let notices = parts
         .notices
         .map(|n| tokio::spawn(notice_loop(engine.clone(), n, stop.clone())));
@@ -186,6 +189,7 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
         finisher_stop,
         retention,
         leases,
+        deadlines,
         notices,
     }
 }
@@ -225,6 +229,7 @@ impl EngineHandle {
         if let Some(retention) = self.retention {
             let _ = retention.await;
         }
+        let _ = self.deadlines.await;
         let all = self.max_in_flight as u32;
         if tokio::time::timeout(grace, self.in_flight.acquire_many(all))
             .await
@@ -256,11 +261,16 @@ async fn notice_loop(engine: Arc<Engine>, mut notices: Notices, stop: Cancellati
             n = notices.next() => n,
         };
         match notice {
-            Some(Notice::Work) => engine.bus.work(),
+            Some(Notice::Work) => {
+                engine.bus.work();
+                // A submission or a change of options there may have set a deadline.
+                engine.bus.deadlines();
+            }
             Some(Notice::CallbackDue) => engine.bus.callbacks_due(),
             Some(Notice::Retried(id)) => {
                 engine.bus.forget_cancel(id);
                 engine.bus.work();
+                engine.bus.deadlines();
             }
             Some(Notice::Cancelled(id)) => {
                 // Even when this node has no token for the job yet: a claim that committed

@@ -226,11 +226,29 @@ pub struct JobOptions {
     /// rest end Cancelled.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fail_fast: bool,
+    /// The job's time budget, in milliseconds from its submission (from its retry, for a
+    /// later run): when it passes, every unfinished task ends `Failed` with error kind
+    /// `deadline` (its calls aborted), and `tolerated_failures` decides the job's status.
+    /// Runs while the job is paused. At most 30 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub deadline_ms: Option<u64>,
+    /// With tasks that answer 202 and report later: an attempt with neither a report nor a
+    /// heartbeat (`POST /v1/tasks/{token}/heartbeat`) for this long times out (and is
+    /// retried like any timeout), within its `async_timeout_ms` as ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub async_heartbeat_ms: Option<u64>,
     /// Which run of the job this is: 2 after its failed tasks were retried once
     /// (`POST /v1/jobs/{id}/retry`), and so on; absent for the first. Set by the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(read_only, minimum = 2)]
     pub run: Option<u32>,
+    /// When the job's current run began, for a run after the first (the retry's time): its
+    /// `deadline_ms` counts from here. Set by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    pub run_started: Option<Timestamp>,
 }
 
 /// A point in time, in milliseconds since the Unix epoch, read and written as RFC 3339
@@ -317,6 +335,8 @@ const MAX_ATTEMPTS: u32 = 100;
 /// sensible `Duration`) to one a microsecond, past which the limit means nothing.
 pub const PER_HOST_RATES: RangeInclusive<f64> = 0.001..=1_000_000.0;
 const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The `deadline_ms` accepted: up to 30 days.
+pub const DEADLINES: RangeInclusive<u64> = 1..=30 * 24 * 3600 * 1000;
 
 impl JobOptions {
     fn default_timeout_ms() -> u64 {
@@ -354,7 +374,10 @@ impl JobOptions {
             not_before: None,
             min_complete: None,
             fail_fast: false,
+            deadline_ms: None,
+            async_heartbeat_ms: None,
             run: None,
+            run_started: None,
         }
     }
 
@@ -402,6 +425,20 @@ impl JobOptions {
             };
             match name.as_str() {
                 "concurrency" => next.concurrency = whole(1)?,
+                "deadline_ms" => {
+                    next.deadline_ms = match value {
+                        serde_json::Value::Null => None,
+                        v => Some(v.as_u64().filter(|ms| DEADLINES.contains(ms)).ok_or_else(
+                            || {
+                                format!(
+                                    "{place}: expected milliseconds from {} to {} (30 days), or null",
+                                    DEADLINES.start(),
+                                    DEADLINES.end()
+                                )
+                            },
+                        )?),
+                    }
+                }
                 "per_host_concurrency" => next.per_host_concurrency = whole(1)?,
                 "per_host_rate" => {
                     next.per_host_rate = match value {
@@ -422,7 +459,7 @@ impl JobOptions {
                 _ => {
                     return Err(format!(
                         "{place}: cannot be changed once a job is submitted; a running job's \
-                         concurrency, per_host_concurrency and per_host_rate can"
+                         concurrency, per_host_concurrency, per_host_rate and deadline_ms can"
                     ));
                 }
             }
@@ -490,10 +527,32 @@ impl JobOptions {
         if self.min_complete == Some(0) {
             return Err("options.min_complete: must be at least 1".into());
         }
-        if self.run.is_some() {
-            return Err(
-                "options.run: set by the server when a job is retried, not by the body".into(),
-            );
+        if self.run.is_some() || self.run_started.is_some() {
+            let name = if self.run.is_some() {
+                "run"
+            } else {
+                "run_started"
+            };
+            return Err(format!(
+                "options.{name}: set by the server when a job is retried, not by the body"
+            ));
+        }
+        if let Some(ms) = self.deadline_ms
+            && !DEADLINES.contains(&ms)
+        {
+            return Err(format!(
+                "options.deadline_ms: must be between {} and {} (30 days)",
+                DEADLINES.start(),
+                DEADLINES.end()
+            ));
+        }
+        if let Some(ms) = self.async_heartbeat_ms
+            && (ms == 0 || ms > self.async_timeout_ms)
+        {
+            return Err(format!(
+                "options.async_heartbeat_ms: must be between 1 and options.async_timeout_ms ({})",
+                self.async_timeout_ms
+            ));
         }
         if let Some(at) = self.not_before
             && at.millis() > now_millis() + MAX_NOT_BEFORE_MS
@@ -568,7 +627,8 @@ pub fn test_result(params: &RawValue) -> Box<RawValue> {
 /// failure an endpoint reports is stored as it sent it instead).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskError {
-    /// `timeout`, `connect`, `http_status`, `response_too_large`, `blocked` or `request`.
+    /// `timeout`, `connect`, `http_status`, `response_too_large`, `blocked`, `request`, or
+    /// `deadline` (the job's `deadline_ms` passed before the task finished).
     pub kind: Cow<'static, str>,
     pub http_status: Option<u16>,
     pub message: String,

@@ -158,6 +158,8 @@ pub struct TaskRecord {
     pub error: Option<Box<RawValue>>,
     pub latency_ms: Option<u64>,
     pub finished_at: Option<Millis>,
+    /// The last progress an attempt of the task reported with a heartbeat.
+    pub progress: Option<Box<RawValue>>,
 }
 
 /// A client's `Idempotency-Key` and a digest of the body it came with.
@@ -393,9 +395,13 @@ pub enum SettleOutcome {
     /// The endpoint accepted the task (202) and will report its outcome later: the attempt
     /// stays running, held by no node (so it leaves this node's slots free, but still counts
     /// against the job's `concurrency`), until a report ([`Store::tasks_report`]) or
-    /// `deadline` ([`Store::tasks_overdue`]).
+    /// `deadline` ([`Store::tasks_overdue`]). A heartbeat ([`Store::tasks_heartbeat`]) of a
+    /// job with `async_heartbeat_ms` moves the deadline on, never past `until`
+    /// (`async_timeout_ms` after the 202), which the SQL backends keep in the running
+    /// task's `run_at` (a pending task's due time, unused while it runs).
     Await {
         deadline: Millis,
+        until: Millis,
     },
 }
 
@@ -425,9 +431,11 @@ impl std::fmt::Debug for SettleOutcome {
                 .field("run_at", run_at)
                 .field("error", &Size(error.get().len()))
                 .finish(),
-            SettleOutcome::Await { deadline } => {
-                f.debug_struct("Await").field("deadline", deadline).finish()
-            }
+            SettleOutcome::Await { deadline, until } => f
+                .debug_struct("Await")
+                .field("deadline", deadline)
+                .field("until", until)
+                .finish(),
         }
     }
 }
@@ -485,6 +493,52 @@ pub enum ReportOutcome {
     /// No such attempt is running: an unknown task, an attempt that timed out or was
     /// superseded, or a cancelled job.
     Unknown,
+}
+
+/// A heartbeat of an attempt that answered 202 (`POST /v1/tasks/{token}/heartbeat`).
+#[derive(Clone, Debug)]
+pub struct TaskHeartbeat {
+    pub job_id: JobId,
+    pub index: u64,
+    /// The attempt the token was minted for.
+    pub attempt: u32,
+    pub now: Millis,
+    /// The progress it reports, kept as the task's last (JSON text, bounded by the API).
+    pub progress: Option<Box<RawValue>>,
+}
+
+/// What [`Store::tasks_heartbeat`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// Recorded: the attempt is running (awaiting its report, or still in its call).
+    Alive,
+    /// This attempt's outcome is stored already.
+    Finished,
+    /// No such attempt: an unknown task, or an attempt timed out or superseded.
+    Unknown,
+}
+
+/// Unfinished jobs by their deadline ([`Store::jobs_deadline`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Jobs whose deadline is at or before the time asked about, earliest first.
+    pub due: Vec<JobId>,
+    /// The earliest deadline after that time, if any.
+    pub next: Option<Millis>,
+}
+
+/// What [`Store::job_expire`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpireOutcome {
+    /// The job ended in `status`, `tasks` of its tasks failed by the deadline.
+    Expired {
+        status: JobStatus,
+        has_callback: bool,
+        tasks: u64,
+    },
+    /// Nothing changed: the job is gone or finished, or its deadline (as stored at that
+    /// moment: it may have been changed or the job retried) is not past.
+    NotDue,
 }
 
 /// Overdue awaited attempts to take, like a claim, so that this node records their timeout.
@@ -619,6 +673,22 @@ pub trait Store: Send + Sync + 'static {
     /// the status `plan::resumed_status` says.
     async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<PauseOutcome>;
 
+    /// Unfinished jobs (Pending, Running, Paused) whose deadline (`plan::deadline`) is at or
+    /// before `now`, up to `limit`, earliest first, and the next deadline after `now`.
+    async fn jobs_deadline(&self, now: Millis, limit: u32) -> StoreResult<Deadlines>;
+
+    /// Ends a job whose deadline passed, in one transaction: its unfinished tasks (pending,
+    /// in backoff, in a call or awaiting a report) `Failed` with `error`, the job Complete
+    /// or Failed by its stored tolerance (`plan::final_status`), its callback due, every
+    /// node told to stop its calls (as a cancel). Changes nothing unless the job is
+    /// unfinished and its deadline, as stored at that moment, is at or before `now`.
+    async fn job_expire(
+        &self,
+        id: JobId,
+        error: &RawValue,
+        now: Millis,
+    ) -> StoreResult<ExpireOutcome>;
+
     /// Retries a finished job in one transaction: its tasks of the `include` statuses (Failed,
     /// Cancelled) become Pending, due now, with a fresh attempt budget (their attempt count
     /// goes on); the job is Running again in its next run, its counters less those tasks,
@@ -660,6 +730,12 @@ pub trait Store: Send + Sync + 'static {
     /// still in its call: a report may overtake the 202 that announces it), whichever node
     /// made it, with the same counters and fan-in as [`Store::tasks_settle`].
     async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome>;
+
+    /// Records a heartbeat of a running attempt, whichever node made it: its progress, if
+    /// it carries one, becomes the task's; an attempt awaiting its report of a job with
+    /// `async_heartbeat_ms` gets its deadline moved to that long after `beat.now`, never
+    /// past its `until` (`plan::heartbeat_deadline`).
+    async fn tasks_heartbeat(&self, beat: &TaskHeartbeat) -> StoreResult<HeartbeatOutcome>;
 
     /// Leases to `params.node` up to `params.limit` awaited attempts whose deadline passed,
     /// so that it settles them as timed out. Returns them as claimed (same attempt).

@@ -94,11 +94,39 @@ pub fn pause_target(
     }
 }
 
-/// The options of a job's next run: its run number one more.
-pub fn next_run(options: &crate::job::JobOptions) -> crate::job::JobOptions {
+/// The options of a job's next run, begun at `now`: its run number one more, its start
+/// (from which its `deadline_ms` counts) now.
+pub fn next_run(options: &crate::job::JobOptions, now: super::Millis) -> crate::job::JobOptions {
     let mut next = options.clone();
     next.run = Some(options.run() + 1);
+    next.run_started = Some(crate::job::Timestamp::from_millis(now));
     next
+}
+
+/// When a job's time budget (`options.deadline_ms`) runs out: counted from its submission
+/// (`created_at`), or from the start of its current run when it was retried. What every
+/// backend stores beside the job, where its deadline sweep (`Store::jobs_deadline`) finds
+/// it; written again whenever the options or the run change.
+pub fn deadline(
+    options: &crate::job::JobOptions,
+    created_at: super::Millis,
+) -> Option<super::Millis> {
+    let start = options.run_started.map_or(created_at, |t| t.millis());
+    options
+        .deadline_ms
+        .map(|ms| start.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX)))
+}
+
+/// An awaited attempt's deadline after a heartbeat at `now`: `async_heartbeat_ms` later,
+/// never past `until` (its `async_timeout_ms` after the 202). `None` for a job without
+/// heartbeats, whose attempts keep their deadline.
+pub fn heartbeat_deadline(
+    options: &crate::job::JobOptions,
+    until: super::Millis,
+    now: super::Millis,
+) -> Option<super::Millis> {
+    let every = i64::try_from(options.async_heartbeat_ms?).unwrap_or(i64::MAX);
+    Some(now.saturating_add(every).min(until))
 }
 
 /// The most tasks of a job one claim takes when the job limits its own calls per host:

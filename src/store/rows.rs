@@ -105,6 +105,7 @@ pub(super) fn task_from_row(row: &impl Columns) -> StoreResult<TaskRecord> {
         error: raw(row.text_or_null("error"))?,
         latency_ms: row.int_or_null("latency_ms").map(|v| v as u64),
         finished_at: row.int_or_null("finished_at"),
+        progress: raw(row.text_or_null("progress"))?,
     })
 }
 
@@ -221,6 +222,8 @@ pub(super) struct NewJobRow {
     pub not_before: Option<Millis>,
     /// When the tasks are first due: now, or the job's `not_before`.
     pub run_at: Millis,
+    /// When its time budget runs out (`plan::deadline`), for the deadline sweep.
+    pub deadline_at: Option<Millis>,
 }
 
 impl NewJobRow {
@@ -244,6 +247,9 @@ impl NewJobRow {
             metadata: job.metadata.as_ref().map(|m| m.get().to_string()),
             not_before: job.options.not_before.map(|t| t.millis()),
             run_at: job.first_run_at(now),
+            deadline_at: (!empty)
+                .then(|| super::plan::deadline(&job.options, now))
+                .flatten(),
         })
     }
 }

@@ -13,7 +13,8 @@ use crate::job::JobStatus;
 /// The columns one outcome writes to its task.
 pub(super) struct Written<'a> {
     pub status: Code,
-    /// When a retry is due; the task keeps its `run_at` otherwise.
+    /// When a retry is due, or the latest an awaited attempt's deadline may be moved to (a
+    /// running task's `run_at` is unused otherwise); the task keeps its `run_at` otherwise.
     pub run_at: Option<Millis>,
     pub result: Option<&'a str>,
     pub error: Option<&'a str>,
@@ -33,7 +34,10 @@ impl<'a> Written<'a> {
             SettleOutcome::Retry { run_at, error } => {
                 (TASK_PENDING, Some(*run_at), None, Some(error.get()), None)
             }
-            SettleOutcome::Await { deadline } => (TASK_RUNNING, None, None, None, Some(*deadline)),
+            // `run_at` holds the latest deadline a heartbeat may move it to.
+            SettleOutcome::Await { deadline, until } => {
+                (TASK_RUNNING, Some(*until), None, None, Some(*deadline))
+            }
         };
         let done = status == TASK_COMPLETE || status == TASK_FAILED;
         Written {
@@ -220,7 +224,10 @@ mod tests {
             (w.status, w.run_at, w.finished_at),
             (TASK_PENDING, Some(7), None)
         );
-        let s = settle(SettleOutcome::Await { deadline: 9 });
+        let s = settle(SettleOutcome::Await {
+            deadline: 9,
+            until: 9,
+        });
         let w = Written::of(&s);
         assert_eq!(
             (w.status, w.lease, w.finished_at),
@@ -244,7 +251,10 @@ mod tests {
     #[test]
     fn stored_rows_count_towards_their_jobs() {
         let mut tally = Tally::default();
-        let mut s = settle(SettleOutcome::Await { deadline: 9 });
+        let mut s = settle(SettleOutcome::Await {
+            deadline: 9,
+            until: 9,
+        });
         tally.sent(1, &s);
         s.now = 300;
         tally.sent(1, &s);

@@ -107,6 +107,8 @@ conformance!(
     pause_holds_claims_until_resumed,
     changed_limits_hold_at_the_next_claim,
     a_job_decided_early_ends_with_its_status,
+    a_job_past_its_deadline_fails_what_is_unfinished,
+    heartbeats_keep_an_awaited_attempt_alive,
 );
 
 // ---- helpers ----
@@ -1554,7 +1556,14 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
     settle_all(
         &store,
         dead,
-        vec![settle(&a.tasks[0], SettleOutcome::Await { deadline }, t0)],
+        vec![settle(
+            &a.tasks[0],
+            SettleOutcome::Await {
+                deadline,
+                until: deadline,
+            },
+            t0,
+        )],
     )
     .await;
     assert_eq!(store.tasks_recover().await.unwrap(), 2);
@@ -1612,6 +1621,7 @@ async fn awaited_attempts_wait_for_their_report(store: Arc<dyn Store>) {
             first,
             SettleOutcome::Await {
                 deadline: t0 + 60_000,
+                until: t0 + 60_000,
             },
             t0 + 1,
         )],
@@ -1700,7 +1710,14 @@ async fn awaited_attempts_time_out(store: Arc<dyn Store>) {
     settle_all(
         &store,
         node,
-        vec![settle(&c.tasks[0], SettleOutcome::Await { deadline }, t0)],
+        vec![settle(
+            &c.tasks[0],
+            SettleOutcome::Await {
+                deadline,
+                until: deadline,
+            },
+            t0,
+        )],
     )
     .await;
     // It still holds the job's only place.
@@ -1918,7 +1935,14 @@ async fn call_settings_travel_with_their_task(store: Arc<dyn Store>) {
     settle_all(
         &store,
         node,
-        vec![settle(&c.tasks[1], SettleOutcome::Await { deadline }, t0)],
+        vec![settle(
+            &c.tasks[1],
+            SettleOutcome::Await {
+                deadline,
+                until: deadline,
+            },
+            t0,
+        )],
     )
     .await;
     let taken = store
@@ -2852,4 +2876,278 @@ async fn a_job_decided_early_ends_with_its_status(store: Arc<dyn Store>) {
     .await;
     assert_eq!(report.finished.len(), 1);
     assert_eq!(job_of(&store, q).await.status, JobStatus::Complete);
+}
+
+fn deadline_error() -> Box<RawValue> {
+    raw(r#"{"kind":"deadline","http_status":null,"message":"passed","body":null}"#)
+}
+
+async fn a_job_past_its_deadline_fails_what_is_unfinished(store: Arc<dyn Store>) {
+    use doparallel::store::{CallbackOutcome, CallbackRecord, Deadlines, ExpireOutcome};
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let mut opts = options();
+    opts.deadline_ms = Some(1000);
+    let id = insert(&store, &new_job(4, opts.clone(), true), t0).await;
+    assert_eq!(
+        store.jobs_deadline(t0, 10).await.unwrap(),
+        Deadlines {
+            due: vec![],
+            next: Some(t0 + 1000)
+        }
+    );
+    // Task 1 completes, task 2 awaits its report, task 3 is in its call, task 4 pending.
+    let c = claim(&store, node, 3, t0).await;
+    settle_all(
+        &store,
+        node,
+        vec![
+            settle(&c.tasks[0], complete("1"), t0),
+            settle(
+                &c.tasks[1],
+                SettleOutcome::Await {
+                    deadline: t0 + 60_000,
+                    until: t0 + 60_000,
+                },
+                t0,
+            ),
+        ],
+    )
+    .await;
+    let error = deadline_error();
+    assert_eq!(
+        store.job_expire(id, &error, t0 + 999).await.unwrap(),
+        ExpireOutcome::NotDue,
+        "not before its deadline"
+    );
+    assert_eq!(store.jobs_deadline(t0 + 1000, 10).await.unwrap().due, [id]);
+    assert_eq!(
+        store.job_expire(id, &error, t0 + 1000).await.unwrap(),
+        ExpireOutcome::Expired {
+            status: JobStatus::Failed,
+            has_callback: true,
+            tasks: 3
+        }
+    );
+    let job = job_of(&store, id).await;
+    assert_eq!(
+        (
+            job.status,
+            job.complete,
+            job.failed,
+            job.cancelled,
+            job.running
+        ),
+        (JobStatus::Failed, 1, 3, 0, 0)
+    );
+    let tasks = all_tasks(&store, id).await;
+    let statuses: Vec<TaskStatus> = tasks.iter().map(|t| t.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            TaskStatus::Complete,
+            TaskStatus::Failed,
+            TaskStatus::Failed,
+            TaskStatus::Failed
+        ]
+    );
+    for task in &tasks[1..] {
+        let error: serde_json::Value =
+            serde_json::from_str(task.error.as_ref().unwrap().get()).unwrap();
+        assert_eq!(error["kind"], "deadline", "task {}", task.index);
+    }
+    let failed_page = store
+        .tasks_page(
+            id,
+            &TaskPageQuery {
+                after: 0,
+                limit: 10,
+                status: Some(TaskStatus::Failed),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        failed_page.iter().map(|t| t.index).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    // Ended once: out of the sweep, late outcomes refused, nothing claimed, callback due.
+    assert_eq!(
+        store.jobs_deadline(t0 + 5000, 10).await.unwrap(),
+        Deadlines::default()
+    );
+    assert_eq!(
+        store.job_expire(id, &error, t0 + 5000).await.unwrap(),
+        ExpireOutcome::NotDue
+    );
+    let late = settle_all(&store, node, vec![settle(&c.tasks[2], complete("3"), t0)]).await;
+    assert_eq!(applied(&late), 0);
+    assert!(!matches!(
+        report(&store, &c.tasks[1], 1, complete("2"), t0 + 1001).await,
+        ReportOutcome::Applied(_)
+    ));
+    assert!(claim(&store, node, 10, t0 + 1001).await.tasks.is_empty());
+    let due = store.callbacks_due(t0 + 1001, t0 + 2000, 10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.job_id).collect::<Vec<_>>(), [id]);
+    // A retry runs the failed tasks again, its deadline counted from the retry.
+    store
+        .callback_record(&CallbackRecord {
+            job_id: id,
+            attempts: 1,
+            now: t0 + 1500,
+            outcome: CallbackOutcome::Delivered,
+        })
+        .await
+        .unwrap();
+    let t1 = t0 + 2000;
+    assert!(matches!(
+        store
+            .job_retry(id, &[TaskStatus::Failed], t1)
+            .await
+            .unwrap(),
+        doparallel::store::RetryOutcome::Requeued { tasks: 3, run: 2 }
+    ));
+    assert_eq!(
+        store.jobs_deadline(t1, 10).await.unwrap().next,
+        Some(t1 + 1000)
+    );
+    let again = claim(&store, node, 10, t1).await;
+    assert_eq!(indexes(&again, id), [2, 3, 4]);
+
+    // Within its tolerance, a job past its deadline is Complete.
+    let mut tolerant = opts.clone();
+    tolerant.tolerated_failures = 2;
+    let tol = insert(&store, &new_job(2, tolerant, false), t0).await;
+    assert_eq!(
+        store.job_expire(tol, &error, t0 + 1000).await.unwrap(),
+        ExpireOutcome::Expired {
+            status: JobStatus::Complete,
+            has_callback: false,
+            tasks: 2
+        }
+    );
+    // A deadline runs while a job is paused, and moves with its options.
+    let paused = insert(&store, &new_job(1, opts.clone(), false), t0).await;
+    store.job_pause(paused, true).await.unwrap();
+    let moved = insert(&store, &new_job(1, opts.clone(), false), t0).await;
+    let mut longer = opts.clone();
+    longer.deadline_ms = Some(60_000);
+    assert_eq!(
+        store.job_set_options(moved, &opts, &longer).await.unwrap(),
+        doparallel::store::OptionsOutcome::Updated
+    );
+    let found = store.jobs_deadline(t0 + 1000, 10).await.unwrap();
+    assert!(found.due.contains(&paused), "{found:?}");
+    assert!(!found.due.contains(&moved), "{found:?}");
+    assert_eq!(
+        store.job_expire(moved, &error, t0 + 1000).await.unwrap(),
+        ExpireOutcome::NotDue
+    );
+    assert!(matches!(
+        store.job_expire(paused, &error, t0 + 1000).await.unwrap(),
+        ExpireOutcome::Expired {
+            status: JobStatus::Failed,
+            tasks: 1,
+            ..
+        }
+    ));
+    // What is left: the retried run's deadline, then the moved one.
+    let found = store.jobs_deadline(t1 + 1000, 10).await.unwrap();
+    assert_eq!(found.due, [id], "{found:?}");
+    assert_eq!(found.next, Some(t0 + 60_000), "{found:?}");
+}
+
+async fn heartbeats_keep_an_awaited_attempt_alive(store: Arc<dyn Store>) {
+    use doparallel::store::{HeartbeatOutcome, TaskHeartbeat};
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let mut opts = options();
+    opts.async_heartbeat_ms = Some(1000);
+    opts.async_timeout_ms = 60_000;
+    let id = insert(&store, &new_job(3, opts, false), t0).await;
+    let c = claim(&store, node, 3, t0).await;
+    let beat = |task: &ClaimedTask, attempt: u32, now: Millis, progress: Option<&str>| {
+        let store = store.clone();
+        let beat = TaskHeartbeat {
+            job_id: task.job_id,
+            index: task.index,
+            attempt,
+            now,
+            progress: progress.map(raw),
+        };
+        async move { store.tasks_heartbeat(&beat).await.unwrap() }
+    };
+    let overdue = |now| {
+        let store = store.clone();
+        async move {
+            store
+                .tasks_overdue(&OverdueParams {
+                    limit: 10,
+                    now,
+                    node,
+                    lease_until: now + LEASE,
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|t| t.index)
+                .collect::<Vec<_>>()
+        }
+    };
+    // A heartbeat during the call keeps its progress.
+    assert_eq!(
+        beat(&c.tasks[2], 1, t0, Some(r#"{"step": 1}"#)).await,
+        HeartbeatOutcome::Alive
+    );
+    // Tasks 1 and 2 answer 202: their first heartbeat is due within a second.
+    let awaiting = SettleOutcome::Await {
+        deadline: t0 + 1000,
+        until: t0 + 60_000,
+    };
+    settle_all(
+        &store,
+        node,
+        vec![
+            settle(&c.tasks[0], awaiting.clone(), t0),
+            settle(&c.tasks[1], awaiting, t0),
+        ],
+    )
+    .await;
+    assert_eq!(
+        beat(&c.tasks[0], 1, t0 + 900, Some(r#"{"done":0.5}"#)).await,
+        HeartbeatOutcome::Alive
+    );
+    // Task 2 sent none: it alone is overdue.
+    assert_eq!(overdue(t0 + 1000).await, [2]);
+    assert!(overdue(t0 + 1899).await.is_empty());
+    // Heartbeats go on, but never past async_timeout_ms after the 202.
+    assert_eq!(
+        beat(&c.tasks[0], 1, t0 + 59_500, None).await,
+        HeartbeatOutcome::Alive
+    );
+    assert!(overdue(t0 + 59_999).await.is_empty());
+    // Unknown attempts and tasks.
+    assert_eq!(
+        beat(&c.tasks[0], 2, t0, None).await,
+        HeartbeatOutcome::Unknown
+    );
+    let mut stranger = c.tasks[0].clone();
+    stranger.index = 99;
+    assert_eq!(
+        beat(&stranger, 1, t0, None).await,
+        HeartbeatOutcome::Unknown
+    );
+    let tasks = all_tasks(&store, id).await;
+    assert_eq!(tasks[0].progress.as_ref().unwrap().get(), r#"{"done":0.5}"#);
+    assert_eq!(tasks[2].progress.as_ref().unwrap().get(), r#"{"step": 1}"#);
+    assert!(tasks[1].progress.is_none());
+    // Once its outcome is stored, a heartbeat hears so.
+    assert!(matches!(
+        report(&store, &c.tasks[0], 1, complete("1"), t0 + 59_600).await,
+        ReportOutcome::Applied(_)
+    ));
+    assert_eq!(
+        beat(&c.tasks[0], 1, t0 + 59_700, None).await,
+        HeartbeatOutcome::Finished
+    );
 }

@@ -7,6 +7,10 @@
 //! Changing a running job's limits (`Store::job_set_options`): one write of the job item on
 //! condition that its options are still the ones read.
 //!
+//! Ending a job at its deadline (`Store::job_expire`): as a cancel, one conditional write of
+//! the job item; the deadline sweep finds unfinished jobs with a deadline in gsi3
+//! `DEADLINE` (`items::with_deadline`), which a job leaves when it finishes.
+//!
 //! Retrying a finished job (`Store::job_retry`): its tasks to run again are put back in
 //! their queue, in transactions of up to 100, each on condition that the task is as it was
 //! read; then the job item, its counters counted again from the tasks, on condition that
@@ -16,15 +20,18 @@
 use super::DynamoStore;
 use super::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s};
 use super::items::{
-    CB_PENDING, UNFINISHED, job_key, job_pk, pad_time, queue_pk, queue_sk, shard, task_key,
+    CB_PENDING, DEADLINE_PK, UNFINISHED, finish_job, job_key, job_pk, pad_time, queue_pk, queue_sk,
+    shard, task_key, with_deadline,
 };
 use super::settle::JobCounters;
 use super::tx::{TX_TRIES, TxOutcome};
 use crate::job::{JobId, JobOptions, TaskStatus};
-use crate::store::codec::{options_text, parse_options};
+use crate::store::codec::{options_text, parse_id, parse_options};
 use crate::store::{
-    Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreError, StoreResult, plan,
+    Deadlines, ExpireOutcome, Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreError,
+    StoreResult, plan,
 };
+use serde_json::value::RawValue;
 
 /// Actions per TransactWriteItems.
 const TX_ITEMS: usize = 100;
@@ -79,7 +86,12 @@ impl DynamoStore {
         if parse_options(&stored)? != *seen {
             return Ok(OptionsOutcome::Changed);
         }
-        let mut change = Change::new().set("options", s(options_text(options)?));
+        let created_at: Millis = need_n(&item, "created_at")?;
+        let mut change = with_deadline(
+            Change::new().set("options", s(options_text(options)?)),
+            id,
+            plan::deadline(options, created_at),
+        );
         change = match options.concurrency {
             Some(c) => change.set("concurrency", n(c)),
             None => change.remove("concurrency"),
@@ -125,11 +137,14 @@ impl DynamoStore {
         let retry_failed = include.contains(&TaskStatus::Failed);
         // Ended with tasks unfinished (cancelled, or decided early): those read Cancelled.
         let job_cancelled = cancelled > 0;
+        // Ended at its deadline: those read Failed (`items::task_from_item`).
+        let expired = item.contains_key("expired_error");
         let (mut requeue, mut complete, mut failed) = (Vec::new(), 0u64, 0u64);
         for task in &tasks {
             let stored = need_s(task, "status")?;
             let again = match stored {
                 "Failed" => retry_failed,
+                "Cancelled" | "Running" | "Pending" if expired => retry_failed,
                 // A cancelled job's unfinished tasks read as Cancelled (see the module docs).
                 "Cancelled" | "Running" => job_cancelled,
                 // Under a finished job: a cancelled one's, or left by a retry cut short.
@@ -140,6 +155,7 @@ impl DynamoStore {
                 _ if again => requeue.push(task),
                 "Complete" => complete += 1,
                 "Failed" => failed += 1,
+                "Cancelled" | "Running" | "Pending" if expired => failed += 1,
                 _ => {}
             }
         }
@@ -158,11 +174,13 @@ impl DynamoStore {
                 )));
             }
         }
-        let options = plan::next_run(&parse_options(need_s(&item, "options")?)?);
+        let options = plan::next_run(&parse_options(need_s(&item, "options")?)?, now);
         let run = options.run();
         let options_text = options_text(&options)?;
         let status_was = need_s(&item, "status")?.to_string();
-        let change = Change::new()
+        let created_at: Millis = need_n(&item, "created_at")?;
+        let change = with_deadline(Change::new(), id, plan::deadline(&options, created_at))
+            .remove("expired_error")
             .set("status", s("Running"))
             .set("options", s(options_text))
             .set("n_running", n(0))
@@ -223,4 +241,90 @@ fn requeue_change(id: JobId, task: &Item, now: Millis) -> StoreResult<Change> {
         .remove("g3sk")
         .when(|e| eq(e, "status", s(status)))
         .when(|e| eq(e, "attempts", n(attempts))))
+}
+
+impl DynamoStore {
+    /// `Store::jobs_deadline`: one Query of gsi3 `DEADLINE`, earliest first.
+    pub(super) async fn deadlines(&self, now: Millis, limit: u32) -> StoreResult<Deadlines> {
+        let mut ex = Ex::default();
+        let cond = format!("{} = {}", ex.n("g3pk"), ex.v(s(DEADLINE_PK)));
+        let items = self
+            .query_all(Some("gsi3"), cond, ex, None, true, limit as usize + 1)
+            .await?;
+        let mut deadlines = Deadlines::default();
+        for item in items {
+            let key = need_s(&item, "g3sk")?;
+            let (at, id) = key
+                .split_once('#')
+                .and_then(|(at, id)| Some((at.parse::<Millis>().ok()?, id)))
+                .ok_or_else(|| {
+                    StoreError::Other(format!("stored deadline key {key:?} is invalid"))
+                })?;
+            if at > now {
+                deadlines.next = Some(at);
+                break;
+            }
+            if deadlines.due.len() < limit as usize {
+                deadlines.due.push(parse_id(id)?);
+            }
+        }
+        Ok(deadlines)
+    }
+
+    /// `Store::job_expire`: one conditional write of the job item, as a cancel: its
+    /// unfinished tasks are not rewritten but read as Failed with `error`, kept on the job
+    /// item (`items::task_from_item`); its calls in flight are marked where gsi3 shows them.
+    pub(super) async fn expire_job(
+        &self,
+        id: JobId,
+        error: &RawValue,
+        now: Millis,
+    ) -> StoreResult<ExpireOutcome> {
+        for _ in 0..TX_TRIES {
+            let Some(item) = self.job_item(id).await? else {
+                return Ok(ExpireOutcome::NotDue);
+            };
+            let job = JobCounters::from_item(&item)?;
+            let deadline: Option<Millis> = get_n(&item, "deadline_at");
+            let Some(deadline) = deadline.filter(|at| *at <= now) else {
+                return Ok(ExpireOutcome::NotDue);
+            };
+            if job.status.is_finished() {
+                return Ok(ExpireOutcome::NotDue);
+            }
+            let stopped = job.total - job.done;
+            let failed = need_n::<u64>(&item, "n_failed")? + stopped;
+            let to = plan::final_status(failed, need_n(&item, "tolerated")?);
+            let seen_done = job.done;
+            let change = Change::new()
+                .set("status", s(to.as_str()))
+                .set("n_running", n(0))
+                .set("n_failed", n(failed))
+                .set("expired_error", s(error.get()))
+                .when(|e| is_in(e, "status", &UNFINISHED))
+                .when(|e| eq(e, "n_done", n(seen_done)))
+                .when(|e| eq(e, "deadline_at", n(deadline)));
+            let change = finish_job(change, id, job.has_callback, now);
+            if self.update(job_key(id), change, None).await?.is_none() {
+                // A settle, a cancel or a change of its options came first: look again.
+                continue;
+            }
+            // The calls in flight, where gsi3 shows them; the rest are marked when their
+            // outcome is refused or their lease expires. Marked Cancelled, they read Failed.
+            for (node, _) in self.nodes().await? {
+                for (job_id, index, attempts) in self.node_tasks(node, Some(id)).await? {
+                    self.cancel_running_task(job_id, index, attempts, Some(node), now)
+                        .await?;
+                }
+            }
+            return Ok(ExpireOutcome::Expired {
+                status: to,
+                has_callback: job.has_callback,
+                tasks: stopped,
+            });
+        }
+        Err(StoreError::Unavailable(format!(
+            "ending job {id} at its deadline kept conflicting with its settles; try again"
+        )))
+    }
 }

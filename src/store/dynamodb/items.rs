@@ -154,14 +154,37 @@ pub(super) fn job_from_item(item: &Item) -> StoreResult<JobRecord> {
 }
 
 /// A task item as a record; a task left pending or running by a cancelled job reads as
-/// Cancelled (see the module docs).
-pub(super) fn task_from_item(item: &Item, job: &JobRecord) -> StoreResult<TaskRecord> {
+/// Cancelled (see the module docs), and one left by a job ended at its deadline reads as
+/// Failed with the deadline's error (`expired`, the job item's `expired_error`; such a job's
+/// stopped calls are marked Cancelled, and read Failed too).
+pub(super) fn task_from_item(
+    item: &Item,
+    job: &JobRecord,
+    expired: Option<&str>,
+) -> StoreResult<TaskRecord> {
     let mut status = task_status_from(need_s(item, "status")?)?;
     let mut finished_at = get_n(item, "finished_at");
-    // (A job ended early, Complete or Failed, left its unfinished tasks so too.)
-    if job.status.is_finished() && matches!(status, TaskStatus::Pending | TaskStatus::Running) {
-        status = TaskStatus::Cancelled;
-        finished_at = job.finished_at;
+    let mut error = get_s(item, "error").map(raw).transpose()?;
+    match expired {
+        Some(expired)
+            if job.status.is_finished()
+                && matches!(
+                    status,
+                    TaskStatus::Pending | TaskStatus::Running | TaskStatus::Cancelled
+                ) =>
+        {
+            status = TaskStatus::Failed;
+            finished_at = job.finished_at;
+            error = Some(raw(expired)?);
+        }
+        // (A job ended early, Complete or Failed, left its unfinished tasks so too.)
+        _ if job.status.is_finished()
+            && matches!(status, TaskStatus::Pending | TaskStatus::Running) =>
+        {
+            status = TaskStatus::Cancelled;
+            finished_at = job.finished_at;
+        }
+        _ => {}
     }
     Ok(TaskRecord {
         index: need_n(item, "idx")?,
@@ -170,16 +193,21 @@ pub(super) fn task_from_item(item: &Item, job: &JobRecord) -> StoreResult<TaskRe
         endpoint: need_s(item, "endpoint")?.to_string(),
         call: parse_call(get_s(item, "call"))?,
         result: get_s(item, "result").map(raw).transpose()?,
-        error: get_s(item, "error").map(raw).transpose()?,
+        error,
         latency_ms: get_n(item, "latency_ms"),
         finished_at,
+        progress: get_s(item, "progress").map(raw).transpose()?,
     })
 }
 
 /// The index attributes of a job that has just finished: its callback becomes due, or,
 /// without one, it goes where retention finds it.
 pub(super) fn finish_job(change: Change, id: JobId, has_callback: bool, now: Millis) -> Change {
-    let change = change.set("finished_at", n(now));
+    // Out of the deadline sweep's partition too.
+    let change = change
+        .set("finished_at", n(now))
+        .remove("g3pk")
+        .remove("g3sk");
     if has_callback {
         // Out of the active jobs; into retention's index once the callback is settled.
         change
@@ -194,6 +222,22 @@ pub(super) fn finish_job(change: Change, id: JobId, has_callback: bool, now: Mil
         retire(change, id, now)
     }
 }
+
+/// An unfinished job's deadline (`plan::deadline`): in gsi3 `DEADLINE`, by time, where the
+/// deadline sweep (`Store::jobs_deadline`) reads it; out of it without one. (A job item is
+/// in gsi3 for nothing else; it leaves when the job finishes, `finish_job`.)
+pub(super) fn with_deadline(change: Change, id: JobId, deadline: Option<Millis>) -> Change {
+    match deadline {
+        Some(at) => change
+            .set("deadline_at", n(at))
+            .set("g3pk", s(DEADLINE_PK))
+            .set("g3sk", s(format!("{}#{id}", pad_time(at)))),
+        None => change.remove("deadline_at").remove("g3pk").remove("g3sk"),
+    }
+}
+
+/// The gsi3 partition of unfinished jobs with a deadline.
+pub(super) const DEADLINE_PK: &str = "DEADLINE";
 
 /// Puts a finished job whose callback is no longer owed in gsi1 `DONE#`, by finish time.
 pub(super) fn retire(change: Change, id: JobId, finished_at: Millis) -> Change {

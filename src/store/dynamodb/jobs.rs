@@ -8,8 +8,8 @@ use aws_sdk_dynamodb::types::{DeleteRequest, Put, PutRequest, TransactWriteItem,
 
 use super::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_s, s};
 use super::items::{
-    CB_PENDING, UNFINISHED, finish_job, idem_key, job_from_item, job_key, job_pk, pad_time,
-    queue_pk, queue_sk, shard, task_from_item, task_key, task_sk,
+    CB_PENDING, DEADLINE_PK, UNFINISHED, finish_job, idem_key, job_from_item, job_key, job_pk,
+    pad_time, queue_pk, queue_sk, shard, task_from_item, task_key, task_sk,
 };
 use super::schema::sdk_error;
 use super::settle::JobCounters;
@@ -19,7 +19,7 @@ use crate::job::{JobId, JobStatus, NewJob, TaskStatus};
 use crate::store::codec::parse_id;
 use crate::store::{
     CancelOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis,
-    StoreError, StoreResult, TaskPageQuery, TaskRecord, url_text,
+    StoreError, StoreResult, TaskPageQuery, TaskRecord, plan, url_text,
 };
 
 impl DynamoStore {
@@ -124,6 +124,12 @@ impl DynamoStore {
         ]);
         if let Some(c) = job.options.concurrency {
             item.insert("concurrency".into(), n(c));
+        }
+        // In the deadline sweep's partition (`items::with_deadline`) while unfinished.
+        if let Some(at) = plan::deadline(&job.options, now).filter(|_| !empty) {
+            item.insert("deadline_at".into(), n(at));
+            item.insert("g3pk".into(), s(DEADLINE_PK));
+            item.insert("g3sk".into(), s(format!("{}#{id}", pad_time(at))));
         }
         if let Some(url) = &callback_url {
             item.insert("callback_url".into(), s(url.clone()));
@@ -301,8 +307,10 @@ impl DynamoStore {
             return Ok(Vec::new());
         };
         let job = job_from_item(&job_item)?;
-        // A finished job's unfinished tasks read as Cancelled (a cancel, an early end).
-        let cancelled = job.status.is_finished();
+        // A finished job's unfinished tasks read as Cancelled (a cancel, an early end), or
+        // as Failed when it ended at its deadline.
+        let expired = get_s(&job_item, "expired_error");
+        let cancelled = job.status.is_finished() && expired.is_none();
         let mut ex = Ex::default();
         let cond = format!(
             "{} = {} AND {} BETWEEN {} AND {}",
@@ -320,6 +328,16 @@ impl DynamoStore {
                 "status",
                 &["Pending", "Running", "Cancelled"],
             )),
+            Some(TaskStatus::Failed) if expired.is_some() => Some(is_in(
+                &mut ex,
+                "status",
+                &["Pending", "Running", "Cancelled", "Failed"],
+            )),
+            Some(TaskStatus::Pending | TaskStatus::Running | TaskStatus::Cancelled)
+                if expired.is_some() =>
+            {
+                return Ok(Vec::new());
+            }
             Some(TaskStatus::Pending | TaskStatus::Running) if cancelled => return Ok(Vec::new()),
             Some(st) => Some(eq(&mut ex, "status", s(st.as_str()))),
         };
@@ -348,7 +366,7 @@ impl DynamoStore {
                 .map_err(|e| sdk_error("Query", e))?;
             for item in out.items() {
                 if tasks.len() < limit {
-                    tasks.push(task_from_item(item, &job)?);
+                    tasks.push(task_from_item(item, &job, expired)?);
                 }
             }
             match out.last_evaluated_key {
@@ -398,7 +416,7 @@ impl DynamoStore {
             {
                 failed.push(FailedTask {
                     fail_seq,
-                    task: task_from_item(&item, &job)?,
+                    task: task_from_item(&item, &job, get_s(&job_item, "expired_error"))?,
                 });
             }
         }

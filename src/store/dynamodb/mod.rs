@@ -203,6 +203,26 @@ impl Store for DynamoStore {
         self.failures_since(id, after, limit).await
     }
 
+    async fn jobs_deadline(&self, now: Millis, limit: u32) -> StoreResult<super::Deadlines> {
+        self.deadlines(now, limit).await
+    }
+
+    async fn job_expire(
+        &self,
+        id: JobId,
+        error: &serde_json::value::RawValue,
+        now: Millis,
+    ) -> StoreResult<super::ExpireOutcome> {
+        self.expire_job(id, error, now).await
+    }
+
+    async fn tasks_heartbeat(
+        &self,
+        beat: &super::TaskHeartbeat,
+    ) -> StoreResult<super::HeartbeatOutcome> {
+        self.heartbeat(beat).await
+    }
+
     async fn job_end(
         &self,
         id: JobId,

@@ -1,7 +1,7 @@
 //! Settling: a job's outcomes written with its counters, a transaction of up to
 //! [`TX_TASKS`] tasks at a time, the last of which finishes the job (see the module docs);
-//! a report of an awaited task is settled the same way. An outcome for a job that was
-//! cancelled meanwhile is refused, and its task marked Cancelled.
+//! a report of an awaited task is settled the same way, and its heartbeats recorded. An
+//! outcome for a job that was cancelled meanwhile is refused, and its task marked Cancelled.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,10 +17,11 @@ use super::requests::PARALLEL;
 use super::tx::{Cancelled, TX_TASKS, TX_TRIES, TaskTx, Then, TxEnd};
 use super::{DynamoStore, MAX_RESULT_BYTES};
 use crate::job::{JobId, JobStatus};
+use crate::store::codec::parse_options;
 use crate::store::plan;
 use crate::store::{
-    JobFinished, Millis, NodeId, ReportOutcome, SettleOutcome, SettleReport, StoreError,
-    StoreResult, TaskReport, TaskSettle,
+    HeartbeatOutcome, JobFinished, Millis, NodeId, ReportOutcome, SettleOutcome, SettleReport,
+    StoreError, StoreResult, TaskHeartbeat, TaskReport, TaskSettle,
 };
 
 /// A settle outcome the store can keep: a result too large for an item becomes a failure
@@ -380,6 +381,73 @@ impl DynamoStore {
     }
 }
 
+impl DynamoStore {
+    /// `Store::tasks_heartbeat`: the task and its job read, then one write of the task on
+    /// condition that it still runs that attempt (read again if that lost a race).
+    pub(super) async fn heartbeat(&self, beat: &TaskHeartbeat) -> StoreResult<HeartbeatOutcome> {
+        for _ in 0..TX_TRIES {
+            let (Some(job), Some(task)) = (
+                self.job_item(beat.job_id).await?,
+                self.get(task_key(beat.job_id, beat.index)).await?,
+            ) else {
+                return Ok(HeartbeatOutcome::Unknown);
+            };
+            if need_n::<u32>(&task, "attempts")? != beat.attempt {
+                return Ok(HeartbeatOutcome::Unknown);
+            }
+            match need_s(&task, "status")? {
+                // Taken back: this attempt no longer runs.
+                "Pending" if !job_status_from(need_s(&job, "status")?)?.is_finished() => {
+                    return Ok(HeartbeatOutcome::Unknown);
+                }
+                "Running" if !job_status_from(need_s(&job, "status")?)?.is_finished() => {}
+                // Its outcome is stored, or its job ended (which decided it).
+                _ => return Ok(HeartbeatOutcome::Finished),
+            }
+            let mut change = Change::new()
+                .when(|e| eq(e, "status", s("Running")))
+                .when(|e| eq(e, "attempts", n(beat.attempt)));
+            let mut writes = false;
+            if let Some(progress) = &beat.progress {
+                change = change.set("progress", s(progress.get()));
+                writes = true;
+            }
+            if get_s(&task, "g3pk") == Some("AWAIT") {
+                let options = parse_options(need_s(&job, "options")?)?;
+                if let Some(deadline) =
+                    plan::heartbeat_deadline(&options, need_n(&task, "run_at")?, beat.now)
+                {
+                    change = change
+                        .set("lease_until", n(deadline))
+                        .set(
+                            "g3sk",
+                            s(format!(
+                                "{}#{}#{:010}",
+                                pad_time(deadline),
+                                beat.job_id,
+                                beat.index
+                            )),
+                        )
+                        .when(|e| eq(e, "g3pk", s("AWAIT")));
+                    writes = true;
+                }
+            }
+            if !writes
+                || self
+                    .update(task_key(beat.job_id, beat.index), change, None)
+                    .await?
+                    .is_some()
+            {
+                return Ok(HeartbeatOutcome::Alive);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "a heartbeat of job {} task {} kept conflicting with its outcome; try again",
+            beat.job_id, beat.index
+        )))
+    }
+}
+
 /// A task's settle as an update: only the attempt that is running under this node changes
 /// it.
 fn settle_change(
@@ -398,11 +466,13 @@ fn settle_change(
     }
     change = change.set("latency_ms", n(settle.latency_ms));
     match outcome {
-        SettleOutcome::Await { deadline } => {
+        SettleOutcome::Await { deadline, until } => {
             // Still running, held by no node until its report or its deadline
-            // (tasks_overdue finds it in gsi3 `AWAIT`).
+            // (tasks_overdue finds it in gsi3 `AWAIT`); `run_at` the latest a heartbeat
+            // may move the deadline to.
             change = change
                 .set("lease_until", n(*deadline))
+                .set("run_at", n(*until))
                 .set("g3pk", s("AWAIT"))
                 .set(
                     "g3sk",

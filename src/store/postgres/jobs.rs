@@ -1,25 +1,22 @@
-//! Jobs as a whole: submission with its tasks, the reads the API serves, cancel (which
-//! tells every node to stop the job's calls), removal (one job, or the retention purge) and
-//! the queue depth.
+//! Jobs as a whole: submission with its tasks, the reads the API serves, removal (one job,
+//! or the retention purge) and the queue depth. Job control is `control`.
 
 use std::sync::LazyLock;
 
 use sqlx::Row;
 
 use super::callbacks::insert_callbacks;
-use super::notices::{NOTICE_CANCEL, NOTICE_RETRY, NOTICE_WORK, notify};
+use super::notices::{NOTICE_WORK, notify};
 use super::{PostgresStore, map_err};
-use crate::job::{JobId, JobStatus, NewJob};
+use crate::job::{JobId, NewJob};
 use crate::store::codec::{
     CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE, JOB_FAILED, JOB_PENDING, JOB_RUNNING,
-    TASK_CANCELLED, TASK_FAILED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id,
-    task_code,
+    TASK_FAILED, job_code, job_status_from, parse_id, task_code,
 };
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
-    CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery,
-    TaskRecord, plan,
+    DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis,
+    StoreResult, TaskPageQuery, TaskRecord,
 };
 
 /// Tasks per INSERT when storing a job (two arrays of that many texts).
@@ -30,7 +27,7 @@ const JOB_COLUMNS: &str = "j.id::text AS id, j.owner, j.status, j.options, j.tot
      c.state, c.attempts, c.last_error, j.metadata";
 
 const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.call, t.result, t.error, \
-     t.latency_ms, t.finished_at";
+     t.latency_ms, t.finished_at, t.progress";
 
 pub(super) async fn insert(
     store: &PostgresStore,
@@ -44,8 +41,9 @@ pub(super) async fn insert(
     // waits for it), inserts nothing.
     let seq: Option<i64> = sqlx::query_scalar(
         "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
-         created_at, finished_at, idempotency_key, request_hash, owner, metadata, not_before) \
-         VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         created_at, finished_at, idempotency_key, request_hash, owner, metadata, not_before, \
+         deadline_at) \
+         VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
          ON CONFLICT ((COALESCE(owner, '')), idempotency_key) \
              WHERE idempotency_key IS NOT NULL DO NOTHING \
          RETURNING seq",
@@ -64,6 +62,7 @@ pub(super) async fn insert(
     .bind(job.owner.as_deref())
     .bind(&new.metadata)
     .bind(new.not_before)
+    .bind(new.deadline_at)
     .fetch_optional(tx.conn().await?)
     .await
     .map_err(map_err)?;
@@ -208,240 +207,6 @@ pub(super) async fn tasks_failed_since(
     .await
     .map_err(map_err)?;
     rows.iter().map(failed_task_from_row).collect()
-}
-
-/// The job's row, with `columns`, locked for this transaction: it waits for a claim or a
-/// settle of the job under way, and keeps later ones off until the transaction ends.
-async fn lock_job(
-    tx: &mut super::tx::PgTx,
-    id: JobId,
-    columns: &str,
-) -> StoreResult<Option<sqlx::postgres::PgRow>> {
-    sqlx::query(&format!(
-        "SELECT {columns} FROM jobs WHERE id = $1::uuid FOR UPDATE"
-    ))
-    .bind(id.to_string())
-    .fetch_optional(tx.conn().await?)
-    .await
-    .map_err(map_err)
-}
-
-/// `Store::job_set_options`: the job row locked; every node is told there may be work (a
-/// limit raised).
-pub(super) async fn set_options(
-    store: &PostgresStore,
-    id: JobId,
-    seen: &crate::job::JobOptions,
-    options: &crate::job::JobOptions,
-) -> StoreResult<OptionsOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) = lock_job(&mut tx, id, "seq, status, options").await? else {
-        tx.rollback().await?;
-        return Ok(OptionsOutcome::NotFound);
-    };
-    let status = job_status_from(row.get("status"))?;
-    let outcome = if status.is_finished() {
-        Some(OptionsOutcome::Finished(status))
-    } else if crate::store::codec::parse_options(row.get("options"))? != *seen {
-        Some(OptionsOutcome::Changed)
-    } else {
-        None
-    };
-    if let Some(outcome) = outcome {
-        tx.rollback().await?;
-        return Ok(outcome);
-    }
-    sqlx::query("UPDATE jobs SET options = $2, concurrency = $3 WHERE seq = $1")
-        .bind(row.get::<i64, _>("seq"))
-        .bind(crate::store::codec::options_text(options)?)
-        .bind(options.concurrency.map(i64::from))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    notify(&mut tx, NOTICE_WORK).await?;
-    tx.commit().await?;
-    Ok(OptionsOutcome::Updated)
-}
-
-/// `Store::job_pause`: the job row locked; a resume tells every node there is work.
-pub(super) async fn pause(
-    store: &PostgresStore,
-    id: JobId,
-    pause: bool,
-) -> StoreResult<PauseOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) = lock_job(&mut tx, id, "seq, status, n_running, n_complete, n_failed").await?
-    else {
-        tx.rollback().await?;
-        return Ok(PauseOutcome::NotFound);
-    };
-    let count = |name| row.get::<i64, _>(name).max(0) as u64;
-    let status = job_status_from(row.get("status"))?;
-    let counts = (count("n_running"), count("n_complete"), count("n_failed"));
-    let to = match plan::pause_target(status, pause, counts) {
-        Ok(to) => to,
-        Err(outcome) => {
-            tx.rollback().await?;
-            return Ok(outcome);
-        }
-    };
-    sqlx::query("UPDATE jobs SET status = $2 WHERE seq = $1")
-        .bind(row.get::<i64, _>("seq"))
-        .bind(job_code(to))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    if !pause {
-        notify(&mut tx, NOTICE_WORK).await?;
-    }
-    tx.commit().await?;
-    Ok(PauseOutcome::Changed(to))
-}
-
-/// `Store::job_retry`: the job row locked (as a cancel does), its tasks requeued, every
-/// node told there is work.
-pub(super) async fn retry(
-    store: &PostgresStore,
-    id: JobId,
-    include: &[crate::job::TaskStatus],
-    now: Millis,
-) -> StoreResult<RetryOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) = lock_job(&mut tx, id, "seq, status, options, n_cancelled").await? else {
-        tx.rollback().await?;
-        return Ok(RetryOutcome::NotFound);
-    };
-    let seq: i64 = row.get("seq");
-    let state: Option<Code> = sqlx::query_scalar("SELECT state FROM callbacks WHERE job_seq = $1")
-        .bind(seq)
-        .fetch_optional(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    let status = job_status_from(row.get("status"))?;
-    let cancelled: i64 = row.get("n_cancelled");
-    let owed = state == Some(CALLBACK_PENDING);
-    if let Err(outcome) = plan::may_retry(status, owed, include, cancelled as u64) {
-        tx.rollback().await?;
-        return Ok(outcome);
-    }
-    let codes: Vec<Code> = include.iter().map(|s| task_code(*s)).collect();
-    let requeued: Vec<Code> = sqlx::query_scalar(&format!(
-        "UPDATE tasks t SET status = {TASK_PENDING}, attempt_base = t.attempts, run_at = $2, \
-         finished_at = NULL, node = NULL, lease_until = NULL \
-         FROM (SELECT idx, status AS was FROM tasks WHERE job_seq = $1 \
-               AND status = ANY($3) FOR UPDATE) old \
-         WHERE t.job_seq = $1 AND t.idx = old.idx RETURNING old.was"
-    ))
-    .bind(seq)
-    .bind(now)
-    .bind(&codes)
-    .fetch_all(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
-    let failed = requeued.iter().filter(|c| **c == TASK_FAILED).count() as i64;
-    let cancelled = requeued.iter().filter(|c| **c == TASK_CANCELLED).count() as i64;
-    if requeued.is_empty() {
-        tx.rollback().await?;
-        return Ok(RetryOutcome::NothingToRetry);
-    }
-    let options = plan::next_run(&crate::store::codec::parse_options(row.get("options"))?);
-    let run = options.run();
-    let options_text = crate::store::codec::options_text(&options)?;
-    sqlx::query(&format!(
-        "UPDATE jobs SET status = {JOB_RUNNING}, n_failed = n_failed - $2, \
-         n_cancelled = n_cancelled - $3, finished_at = NULL, options = $4, last_claim_at = 0 \
-         WHERE seq = $1"
-    ))
-    .bind(seq)
-    .bind(failed)
-    .bind(cancelled)
-    .bind(options_text)
-    .execute(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
-    sqlx::query("DELETE FROM callbacks WHERE job_seq = $1")
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    notify(&mut tx, &format!("{NOTICE_RETRY}{id}")).await?;
-    tx.commit().await?;
-    Ok(RetryOutcome::Requeued {
-        tasks: requeued.len() as u64,
-        run,
-    })
-}
-
-/// `Store::job_end`: the job ends in `status` (Cancelled, or Complete or Failed decided
-/// early), its unfinished tasks Cancelled, its callback due, every node told to stop its
-/// calls.
-pub(super) async fn end(
-    store: &PostgresStore,
-    id: JobId,
-    status: JobStatus,
-    now: Millis,
-) -> StoreResult<CancelOutcome> {
-    let mut tx = store.begin().await?;
-    // The job row's lock waits for a claim or settle of this job under way, and keeps
-    // later ones off until the cancel is committed.
-    let Some(row) = lock_job(&mut tx, id, "seq, status, callback_url").await? else {
-        tx.rollback().await?;
-        return Ok(CancelOutcome::NotFound);
-    };
-    let seq: i64 = row.get("seq");
-    let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-    let unchanged = match job_status_from(row.get("status"))? {
-        same if same == status => Some(CancelOutcome::Cancelled {
-            has_callback,
-            newly: false,
-            tasks: 0,
-        }),
-        done if done.is_finished() => Some(CancelOutcome::AlreadyFinished(done)),
-        _ => None,
-    };
-    if let Some(outcome) = unchanged {
-        // At once, not when the dropped transaction is rolled back later: the row lock
-        // would keep claims off meanwhile.
-        tx.rollback().await?;
-        return Ok(outcome);
-    }
-    static CANCEL_TASKS: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "UPDATE tasks SET status = {TASK_CANCELLED}, finished_at = $1, node = NULL, \
-             lease_until = NULL WHERE job_seq = $2 AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
-        )
-    });
-    const CANCEL_JOB: &str = "UPDATE jobs SET status = $4, n_running = 0, \
-         n_cancelled = n_cancelled + $1, finished_at = $2 WHERE seq = $3";
-    let cancelled = sqlx::query(&CANCEL_TASKS)
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-    sqlx::query(CANCEL_JOB)
-        .bind(cancelled as i64)
-        .bind(now)
-        .bind(seq)
-        .bind(job_code(status))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    if has_callback {
-        insert_callbacks(&mut tx, &[seq], &[now]).await?;
-    }
-    // Every node aborts its calls of this job.
-    notify(&mut tx, &format!("{NOTICE_CANCEL}{id}")).await?;
-    tx.commit().await?;
-    if has_callback {
-        store.callbacks_changed();
-    }
-    Ok(CancelOutcome::Cancelled {
-        has_callback,
-        newly: true,
-        tasks: cancelled,
-    })
 }
 
 pub(super) async fn delete(store: &PostgresStore, id: JobId) -> StoreResult<DeleteOutcome> {

@@ -48,6 +48,7 @@ use crate::job::{JobId, NewJob};
 
 mod callbacks;
 mod claim;
+mod control;
 mod jobs;
 mod leases;
 mod notices;
@@ -226,7 +227,7 @@ impl Store for PostgresStore {
         status: crate::job::JobStatus,
         now: Millis,
     ) -> StoreResult<CancelOutcome> {
-        jobs::end(self, id, status, now).await
+        control::end(self, id, status, now).await
     }
 
     async fn job_set_options(
@@ -235,11 +236,24 @@ impl Store for PostgresStore {
         seen: &crate::job::JobOptions,
         options: &crate::job::JobOptions,
     ) -> StoreResult<super::OptionsOutcome> {
-        jobs::set_options(self, id, seen, options).await
+        control::set_options(self, id, seen, options).await
     }
 
     async fn job_pause(&self, id: JobId, pause: bool) -> StoreResult<super::PauseOutcome> {
-        jobs::pause(self, id, pause).await
+        control::pause(self, id, pause).await
+    }
+
+    async fn jobs_deadline(&self, now: Millis, limit: u32) -> StoreResult<super::Deadlines> {
+        control::deadlines(self, now, limit).await
+    }
+
+    async fn job_expire(
+        &self,
+        id: JobId,
+        error: &serde_json::value::RawValue,
+        now: Millis,
+    ) -> StoreResult<super::ExpireOutcome> {
+        control::expire(self, id, error, now).await
     }
 
     async fn job_retry(
@@ -248,7 +262,7 @@ impl Store for PostgresStore {
         include: &[crate::job::TaskStatus],
         now: Millis,
     ) -> StoreResult<RetryOutcome> {
-        jobs::retry(self, id, include, now).await
+        control::retry(self, id, include, now).await
     }
 
     async fn job_delete(&self, id: JobId) -> StoreResult<DeleteOutcome> {
@@ -269,6 +283,13 @@ impl Store for PostgresStore {
 
     async fn tasks_settle(&self, node: NodeId, batch: &[TaskSettle]) -> StoreResult<SettleReport> {
         settle::settle(self, Some(node), batch).await
+    }
+
+    async fn tasks_heartbeat(
+        &self,
+        beat: &super::TaskHeartbeat,
+    ) -> StoreResult<super::HeartbeatOutcome> {
+        settle::heartbeat(self, beat).await
     }
 
     async fn tasks_report(&self, report: &TaskReport) -> StoreResult<ReportOutcome> {

@@ -1,6 +1,6 @@
 //! Settling: a batch of attempt outcomes stored in one transaction with the job counters
 //! they change, the final status and callback records of the jobs they finish; and the
-//! outcome an awaited attempt reports later, through whichever node.
+//! outcome an awaited attempt reports later, and its heartbeats, through whichever node.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -11,11 +11,13 @@ use super::callbacks::insert_callbacks;
 use super::{PostgresStore, map_err};
 use crate::job::JobId;
 use crate::store::codec::{
-    Code, TASK_COMPLETE, TASK_FAILED, TASK_RUNNING, job_code, job_status_from, parse_id,
+    Code, TASK_COMPLETE, TASK_FAILED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from,
+    parse_id,
 };
 use crate::store::tally::{Counters, FailNumbers, Tally, Written, numbers_a_failure, settle_of};
 use crate::store::{
-    JobFinished, Millis, NodeId, ReportOutcome, SettleReport, StoreResult, TaskReport, TaskSettle,
+    HeartbeatOutcome, JobFinished, Millis, NodeId, ReportOutcome, SettleReport, StoreResult,
+    TaskHeartbeat, TaskReport, TaskSettle, plan,
 };
 
 /// Records outcomes given as arrays, one element per outcome; `$12` is the settling node.
@@ -261,4 +263,63 @@ pub(super) async fn report(
     } else {
         ReportOutcome::Unknown
     })
+}
+
+/// `Store::tasks_heartbeat`: the task's row locked while its deadline is reckoned.
+pub(super) async fn heartbeat(
+    store: &PostgresStore,
+    beat: &TaskHeartbeat,
+) -> StoreResult<HeartbeatOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT t.job_seq, t.status, t.attempts, t.node, t.run_at, t.lease_until, j.options \
+         FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = $1::uuid AND t.idx = $2 \
+         FOR UPDATE OF t",
+    )
+    .bind(beat.job_id.to_string())
+    .bind(beat.index as i64)
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)?
+    else {
+        tx.rollback().await?;
+        return Ok(HeartbeatOutcome::Unknown);
+    };
+    let status: Code = row.get("status");
+    let outcome = if row.get::<i32, _>("attempts") != beat.attempt as i32 {
+        Some(HeartbeatOutcome::Unknown)
+    } else if status == TASK_PENDING {
+        // Taken back: this attempt no longer runs.
+        Some(HeartbeatOutcome::Unknown)
+    } else if status != TASK_RUNNING {
+        Some(HeartbeatOutcome::Finished)
+    } else {
+        None
+    };
+    if let Some(outcome) = outcome {
+        tx.rollback().await?;
+        return Ok(outcome);
+    }
+    // An awaited attempt (held by no node) of a job with heartbeats lives on.
+    let awaited = row.get::<Option<i64>, _>("node").is_none()
+        && row.get::<Option<i64>, _>("lease_until").is_some();
+    let deadline = if awaited {
+        let options = crate::store::codec::parse_options(row.get("options"))?;
+        plan::heartbeat_deadline(&options, row.get("run_at"), beat.now)
+    } else {
+        None
+    };
+    sqlx::query(
+        "UPDATE tasks SET progress = COALESCE($3, progress), \
+         lease_until = COALESCE($4, lease_until) WHERE job_seq = $1 AND idx = $2",
+    )
+    .bind(row.get::<i64, _>("job_seq"))
+    .bind(beat.index as i64)
+    .bind(beat.progress.as_ref().map(|p| p.get()))
+    .bind(deadline)
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    tx.commit().await?;
+    Ok(HeartbeatOutcome::Alive)
 }

@@ -1,5 +1,5 @@
-//! Jobs as a whole: submission with its tasks, the reads the API serves, cancel, removal
-//! (one job, or the retention purge) and the queue depth.
+//! Jobs as a whole: submission with its tasks, the reads the API serves, removal (one job,
+//! or the retention purge) and the queue depth. Job control is `control`.
 
 use std::sync::LazyLock;
 
@@ -8,17 +8,15 @@ use sqlx::Row;
 use super::callbacks::insert_callbacks;
 use super::writer::WriteTx;
 use super::{SqliteStore, map_err};
-use crate::job::{JobId, JobStatus, NewJob, NewTask};
+use crate::job::{JobId, NewJob, NewTask};
 use crate::store::codec::{
     CALLBACK_PENDING, Code, JOB_CANCELLED, JOB_COMPLETE, JOB_FAILED, JOB_PENDING, JOB_RUNNING,
-    TASK_CANCELLED, TASK_FAILED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from, parse_id,
-    task_code,
+    TASK_FAILED, job_code, job_status_from, parse_id, task_code,
 };
 use crate::store::rows::{NewJobRow, failed_task_from_row, job_from_row, task_from_row};
 use crate::store::{
-    CancelOutcome, DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery,
-    JobRecord, Millis, OptionsOutcome, PauseOutcome, RetryOutcome, StoreResult, TaskPageQuery,
-    TaskRecord, plan,
+    DeleteOutcome, FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis,
+    StoreResult, TaskPageQuery, TaskRecord,
 };
 
 /// Rows per multi-row INSERT when storing a job's tasks (5 parameters each, far below
@@ -33,7 +31,7 @@ const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_runn
      j.metadata";
 
 const TASK_COLUMNS: &str = "t.idx, t.status, t.attempts, t.endpoint, t.result, t.error, \
-     t.latency_ms, t.finished_at, t.call";
+     t.latency_ms, t.finished_at, t.call, t.progress";
 
 /// Stores a job in a transaction of its own. Small jobs go through the group commit
 /// instead (`group`), which stores those that arrive together in one transaction.
@@ -99,13 +97,13 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
         let mut sql = String::from(
             "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, \
              callback_url, created_at, finished_at, idempotency_key, request_hash, owner, \
-             metadata, not_before) VALUES ",
+             metadata, not_before, deadline_at) VALUES ",
         );
         for i in 0..chunk.len() {
             sql.push_str(if i == 0 {
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             } else {
-                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             });
         }
         sql.push_str(" RETURNING id, seq");
@@ -125,7 +123,8 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
                 .bind(idempotency.map(|i| i.request_hash.as_str()))
                 .bind(job.owner.as_deref())
                 .bind(&new.metadata)
-                .bind(new.not_before);
+                .bind(new.not_before)
+                .bind(new.deadline_at);
         }
         // SQLite does not promise RETURNING rows in the order of VALUES: matched by id.
         let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;
@@ -273,220 +272,6 @@ pub(super) async fn tasks_failed_since(
     .await
     .map_err(map_err)?;
     rows.iter().map(failed_task_from_row).collect()
-}
-
-/// `Store::job_set_options`: one write transaction.
-pub(super) async fn set_options(
-    store: &SqliteStore,
-    id: JobId,
-    seen: &crate::job::JobOptions,
-    options: &crate::job::JobOptions,
-) -> StoreResult<OptionsOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) = sqlx::query("SELECT seq, status, options FROM jobs WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-    else {
-        return Ok(OptionsOutcome::NotFound);
-    };
-    let status = job_status_from(row.get("status"))?;
-    if status.is_finished() {
-        return Ok(OptionsOutcome::Finished(status));
-    }
-    if crate::store::codec::parse_options(row.get("options"))? != *seen {
-        return Ok(OptionsOutcome::Changed);
-    }
-    sqlx::query("UPDATE jobs SET options = ?, concurrency = ? WHERE seq = ?")
-        .bind(crate::store::codec::options_text(options)?)
-        .bind(options.concurrency.map(i64::from))
-        .bind(row.get::<i64, _>("seq"))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    tx.commit().await?;
-    Ok(OptionsOutcome::Updated)
-}
-
-/// `Store::job_pause`: one write transaction.
-pub(super) async fn pause(
-    store: &SqliteStore,
-    id: JobId,
-    pause: bool,
-) -> StoreResult<PauseOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) =
-        sqlx::query("SELECT seq, status, n_running, n_complete, n_failed FROM jobs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(tx.conn().await?)
-            .await
-            .map_err(map_err)?
-    else {
-        return Ok(PauseOutcome::NotFound);
-    };
-    let count = |name| row.get::<i64, _>(name).max(0) as u64;
-    let status = job_status_from(row.get("status"))?;
-    let counts = (count("n_running"), count("n_complete"), count("n_failed"));
-    let to = match plan::pause_target(status, pause, counts) {
-        Ok(to) => to,
-        Err(outcome) => return Ok(outcome),
-    };
-    sqlx::query("UPDATE jobs SET status = ? WHERE seq = ?")
-        .bind(job_code(to))
-        .bind(row.get::<i64, _>("seq"))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    tx.commit().await?;
-    Ok(PauseOutcome::Changed(to))
-}
-
-/// `Store::job_retry`: one write transaction.
-pub(super) async fn retry(
-    store: &SqliteStore,
-    id: JobId,
-    include: &[crate::job::TaskStatus],
-    now: Millis,
-) -> StoreResult<RetryOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) = sqlx::query(
-        "SELECT j.seq, j.status, j.options, j.n_cancelled, c.state FROM jobs j \
-         LEFT JOIN callbacks c ON c.job_seq = j.seq WHERE j.id = ?",
-    )
-    .bind(id.to_string())
-    .fetch_optional(tx.conn().await?)
-    .await
-    .map_err(map_err)?
-    else {
-        return Ok(RetryOutcome::NotFound);
-    };
-    let seq: i64 = row.get("seq");
-    let owed = row.get::<Option<Code>, _>("state") == Some(CALLBACK_PENDING);
-    let status = job_status_from(row.get("status"))?;
-    let cancelled: i64 = row.get("n_cancelled");
-    if let Err(outcome) = plan::may_retry(status, owed, include, cancelled as u64) {
-        return Ok(outcome);
-    }
-    let codes: Vec<String> = include.iter().map(|s| task_code(*s).to_string()).collect();
-    let codes = codes.join(",");
-    let counts: Vec<(Code, i64)> = sqlx::query_as(&format!(
-        "SELECT status, COUNT(*) FROM tasks WHERE job_seq = ? AND status IN ({codes}) \
-         GROUP BY status"
-    ))
-    .bind(seq)
-    .fetch_all(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
-    let count_of = |code| {
-        counts
-            .iter()
-            .find(|(c, _)| *c == code)
-            .map_or(0, |(_, n)| *n)
-    };
-    let (failed, cancelled) = (count_of(TASK_FAILED), count_of(TASK_CANCELLED));
-    if failed + cancelled == 0 {
-        return Ok(RetryOutcome::NothingToRetry);
-    }
-    sqlx::query(&format!(
-        "UPDATE tasks SET status = {TASK_PENDING}, attempt_base = attempts, run_at = ?, \
-         finished_at = NULL, node = NULL, lease_until = NULL \
-         WHERE job_seq = ? AND status IN ({codes})"
-    ))
-    .bind(now)
-    .bind(seq)
-    .execute(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
-    let options = plan::next_run(&crate::store::codec::parse_options(row.get("options"))?);
-    let run = options.run();
-    let options_text = crate::store::codec::options_text(&options)?;
-    sqlx::query(&format!(
-        "UPDATE jobs SET status = {JOB_RUNNING}, n_failed = n_failed - ?, \
-         n_cancelled = n_cancelled - ?, finished_at = NULL, options = ?, last_claim_at = 0 \
-         WHERE seq = ?"
-    ))
-    .bind(failed)
-    .bind(cancelled)
-    .bind(options_text)
-    .bind(seq)
-    .execute(tx.conn().await?)
-    .await
-    .map_err(map_err)?;
-    sqlx::query("DELETE FROM callbacks WHERE job_seq = ?")
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    tx.commit().await?;
-    Ok(RetryOutcome::Requeued {
-        tasks: (failed + cancelled) as u64,
-        run,
-    })
-}
-
-/// `Store::job_end`: the job ends in `status` (Cancelled, or Complete or Failed decided
-/// early), its unfinished tasks Cancelled, its callback due; one write transaction.
-pub(super) async fn end(
-    store: &SqliteStore,
-    id: JobId,
-    status: JobStatus,
-    now: Millis,
-) -> StoreResult<CancelOutcome> {
-    let mut tx = store.begin().await?;
-    let Some(row) = sqlx::query("SELECT seq, status, callback_url FROM jobs WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-    else {
-        return Ok(CancelOutcome::NotFound);
-    };
-    let seq: i64 = row.get("seq");
-    let has_callback = row.get::<Option<String>, _>("callback_url").is_some();
-    match job_status_from(row.get("status"))? {
-        same if same == status => {
-            return Ok(CancelOutcome::Cancelled {
-                has_callback,
-                newly: false,
-                tasks: 0,
-            });
-        }
-        done if done.is_finished() => return Ok(CancelOutcome::AlreadyFinished(done)),
-        _ => {}
-    }
-    static CANCEL_TASKS: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "UPDATE tasks SET status = {TASK_CANCELLED}, finished_at = ? \
-             WHERE job_seq = ? AND status IN ({TASK_PENDING}, {TASK_RUNNING})"
-        )
-    });
-    const CANCEL_JOB: &str = "UPDATE jobs SET status = ?, n_running = 0, \
-         n_cancelled = n_cancelled + ?, finished_at = ? WHERE seq = ?";
-    let cancelled = sqlx::query(&CANCEL_TASKS)
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-    sqlx::query(CANCEL_JOB)
-        .bind(job_code(status))
-        .bind(cancelled as i64)
-        .bind(now)
-        .bind(seq)
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    if has_callback {
-        insert_callbacks(&mut tx, &[(seq, now)]).await?;
-    }
-    tx.commit().await?;
-    Ok(CancelOutcome::Cancelled {
-        has_callback,
-        newly: true,
-        tasks: cancelled,
-    })
 }
 
 pub(super) async fn delete(store: &SqliteStore, id: JobId) -> StoreResult<DeleteOutcome> {

@@ -1,6 +1,6 @@
 //! Settling: a batch of attempt outcomes stored in one transaction with the job counters
 //! they change, the final status and callback record of the jobs they finish; and the
-//! outcome an awaited attempt reports later.
+//! outcome an awaited attempt reports later, and its heartbeats.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -11,11 +11,13 @@ use super::callbacks::insert_callbacks;
 use super::{SETTLE_CHUNK, SqliteStore, map_err};
 use crate::job::JobId;
 use crate::store::codec::{
-    Code, TASK_COMPLETE, TASK_FAILED, TASK_RUNNING, job_code, job_status_from, parse_id,
+    Code, TASK_COMPLETE, TASK_FAILED, TASK_PENDING, TASK_RUNNING, job_code, job_status_from,
+    parse_id,
 };
 use crate::store::tally::{Counters, FailNumbers, Tally, Written, numbers_a_failure, settle_of};
 use crate::store::{
-    JobFinished, NodeId, ReportOutcome, SettleReport, StoreResult, TaskReport, TaskSettle,
+    HeartbeatOutcome, JobFinished, NodeId, ReportOutcome, SettleReport, StoreResult, TaskHeartbeat,
+    TaskReport, TaskSettle, plan,
 };
 
 /// Settles a batch in one transaction: see [`crate::store::Store::tasks_settle`]. Without
@@ -233,4 +235,61 @@ pub(super) async fn report(store: &SqliteStore, report: &TaskReport) -> StoreRes
     } else {
         ReportOutcome::Unknown
     })
+}
+
+/// `Store::tasks_heartbeat`: one write transaction.
+pub(super) async fn heartbeat(
+    store: &SqliteStore,
+    beat: &TaskHeartbeat,
+) -> StoreResult<HeartbeatOutcome> {
+    let mut tx = store.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT t.job_seq, t.status, t.attempts, t.node, t.run_at, t.lease_until, j.options \
+         FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = ? AND t.idx = ?",
+    )
+    .bind(beat.job_id.to_string())
+    .bind(beat.index as i64)
+    .fetch_optional(tx.conn().await?)
+    .await
+    .map_err(map_err)?
+    else {
+        return Ok(HeartbeatOutcome::Unknown);
+    };
+    let status: Code = row.get("status");
+    if row.get::<i64, _>("attempts") != i64::from(beat.attempt) {
+        return Ok(HeartbeatOutcome::Unknown);
+    }
+    if status != TASK_RUNNING {
+        // This attempt's outcome is stored (a pending task with the same count was taken
+        // back: its attempt no longer runs).
+        return Ok(if status == TASK_PENDING {
+            HeartbeatOutcome::Unknown
+        } else {
+            HeartbeatOutcome::Finished
+        });
+    }
+    // An awaited attempt (held by no node) of a job with heartbeats lives on.
+    let awaited = row.get::<Option<i64>, _>("node").is_none()
+        && row.get::<Option<i64>, _>("lease_until").is_some();
+    let deadline = if awaited {
+        let options = crate::store::codec::parse_options(row.get("options"))?;
+        plan::heartbeat_deadline(&options, row.get("run_at"), beat.now)
+    } else {
+        None
+    };
+    sqlx::query(&format!(
+        "UPDATE tasks SET progress = COALESCE(?, progress), \
+         lease_until = COALESCE(?, lease_until) \
+         WHERE job_seq = ? AND idx = ? AND status = {TASK_RUNNING} AND attempts = ?"
+    ))
+    .bind(beat.progress.as_ref().map(|p| p.get()))
+    .bind(deadline)
+    .bind(row.get::<i64, _>("job_seq"))
+    .bind(beat.index as i64)
+    .bind(i64::from(beat.attempt))
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    tx.commit().await?;
+    Ok(HeartbeatOutcome::Alive)
 }
