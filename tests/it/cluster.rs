@@ -272,6 +272,46 @@ async fn a_cancel_stops_the_calls_of_every_node() {
     assert_eq!(job["counts"]["cancelled"], 20);
 }
 
+/// A job whose deadline passes, submitted through an API-only node: whichever node's sweep
+/// ends it, every node's calls stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_stops_the_calls_of_every_node() {
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    let endpoint = Endpoint::start().await;
+    let api = ServerProcess::on_url(&db.url).args(&["--api-only"]).start();
+    let a = ServerProcess::on_url(&db.url)
+        .args(&["--max-in-flight", "5"])
+        .start();
+    let b = ServerProcess::on_url(&db.url).start();
+    let id = api
+        .api
+        .submit(&job_of(
+            12,
+            &endpoint.url("hang"),
+            None,
+            json!({"timeout_ms": 600_000, "deadline_ms": 2000}),
+        ))
+        .await;
+    eventually("every call under way", || async {
+        let on_a = metric(&a.api, "doparallel_calls_in_flight").await;
+        let on_b = metric(&b.api, "doparallel_calls_in_flight").await;
+        (on_a + on_b == 12.0).then_some(())
+    })
+    .await;
+    assert!(metric(&b.api, "doparallel_calls_in_flight").await >= 7.0);
+    let job = api.api.wait_settled(&id).await;
+    assert_eq!(job["status"], "Failed", "{job}");
+    assert_eq!(job["counts"]["failed"], 12, "{job}");
+    eventually("the calls of both nodes to stop", || async {
+        let on_a = metric(&a.api, "doparallel_calls_in_flight").await;
+        let on_b = metric(&b.api, "doparallel_calls_in_flight").await;
+        (on_a == 0.0 && on_b == 0.0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_node_makes_at_most_one_query_a_second() {
     // Long enough for three idle polls of each loop and one lease sweep (every 10 s with

@@ -10,6 +10,7 @@ mod connections;
 mod control;
 mod crash;
 mod dashboard;
+mod deadlines;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 mod faults;

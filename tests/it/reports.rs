@@ -194,3 +194,104 @@ async fn only_jobs_that_ask_for_reports_learn_where_to_send_them() {
     );
     assert!(!call.header("doparallel-task-token").is_empty());
 }
+
+#[tokio::test]
+async fn heartbeats_keep_an_accepted_task_alive_and_show_its_progress() {
+    let mut config = crate::helpers::test_settings();
+    // The sweep that finds overdue tasks runs every third of the lease timeout.
+    config.lease_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(config).await;
+    let endpoint = Endpoint::start().await;
+    // Two accepted tasks; only the first keeps sending heartbeats.
+    let id = app
+        .submit(&json!({"tasks": [
+            {"endpoint": endpoint.url("accept"), "params": {"n": 1}},
+            {"endpoint": endpoint.url("accept"), "params": {"n": 2}},
+        ], "options": {"async_reports": true, "async_heartbeat_ms": 600, "max_attempts": 1}}))
+        .await;
+    let calls = eventually("both calls", || async {
+        let calls = endpoint.calls();
+        (calls.len() == 2).then_some(calls)
+    })
+    .await;
+    let (alive, silent) = if calls[0].body.contains('1') {
+        (&calls[0], &calls[1])
+    } else {
+        (&calls[1], &calls[0])
+    };
+    let beat_url = alive.header("doparallel-heartbeat-url");
+    assert_eq!(
+        beat_url,
+        format!(
+            "{}/v1/tasks/{}/heartbeat",
+            app.base,
+            alive.header("doparallel-task-token")
+        )
+    );
+    // The silent one times out after 600 ms without news; the other lives on as long as
+    // it beats (three times its interval here), and shows its progress.
+    let mut beats = 0;
+    let job = eventually("the silent task to time out", || {
+        beats += 1;
+        let (beat_url, app, id) = (&beat_url, &app, &id);
+        let progress = json!({"progress": {"done": beats}}).to_string();
+        async move {
+            let (status, body) = report(beat_url, &progress).await;
+            assert_eq!(status, 202, "{body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let job = app.job(id).await;
+            (job["counts"]["failed"] == 1).then_some(job)
+        }
+    })
+    .await;
+    assert_eq!(job["counts"]["running"], 1, "{job}");
+    let tasks = app.tasks(&id).await;
+    let (alive_task, silent_task) = (&tasks[0], &tasks[1]);
+    assert_eq!(alive_task["status"], "Running");
+    assert!(
+        alive_task["progress"]["done"].as_u64().unwrap() >= 1,
+        "{alive_task}"
+    );
+    assert_eq!(silent_task["status"], "Failed");
+    assert_eq!(silent_task["error"]["kind"], "timeout");
+    assert!(
+        silent_task["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat"),
+        "{silent_task}"
+    );
+    assert_eq!(
+        report(&silent.header("doparallel-heartbeat-url"), "")
+            .await
+            .0,
+        409,
+        "a heartbeat of a task that timed out for good"
+    );
+    // Kept alive past its interval many times over.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (status, _) = report(&beat_url, "").await;
+        assert_eq!(status, 202, "an empty heartbeat");
+    }
+    assert_eq!(app.tasks(&id).await[0]["status"], "Running");
+
+    // Refusals: too much progress, a body that is not a heartbeat, an unknown token.
+    let big = json!({"progress": "x".repeat(5000)}).to_string();
+    let (status, body) = report(&beat_url, &big).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["msg"].as_str().unwrap().contains("4096"), "{body}");
+    let (status, body) = report(&beat_url, r#"{"progres": 1}"#).await;
+    assert_eq!(status, 400, "{body}");
+    let unknown = format!("{}/v1/tasks/nonsense/heartbeat", app.base);
+    let (status, body) = report(&unknown, "").await;
+    assert_eq!(status, 404, "{body}");
+    // Its outcome reported, a heartbeat is told to stop.
+    let result_url = alive.header("doparallel-result-url");
+    let (status, body) = report(&result_url, r#"{"status":"Complete","result":1}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = report(&beat_url, "").await;
+    assert_eq!(status, 409, "{body}");
+    let job = app.wait_settled(&id).await;
+    assert_eq!(job["status"], "Failed", "{job}");
+}
