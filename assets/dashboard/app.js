@@ -528,6 +528,7 @@
           o.not_before ? field('Starts', el('span', { id: 'not-before' }, localTime(o.not_before))) : null,
           field('Finished', job.finished_at ? [timeCell(job.finished_at), el('span', { class: 'muted' }, ' ' + localTime(job.finished_at))] : '—'),
           field(job.finished_at ? 'Took' : 'Running for', duration(end - Date.parse(job.created_at))),
+          job.deadline_at ? field('Deadline', el('span', { id: 'job-deadline' }, localTime(job.deadline_at))) : null,
           job.run > 1 ? field('Run', el('span', { id: 'job-run' }, String(job.run))) : null),
         el('div', { class: 'card' },
           field('Callback', cb.url ? el('span', { class: 'mono url', title: cb.url }, cb.url) : el('span', { class: 'muted' }, 'none')),
@@ -658,6 +659,11 @@
           el('div', { class: 'error-detail' }, el('span', { class: 'error-text' }, text), more));
       }
       if (t.result !== undefined) return jsonCell(t.result, 'result', 'r' + t.index, expanded);
+      // The last progress a heartbeat reported, while the task runs.
+      if (t.progress !== undefined && t.progress !== null) {
+        return el('div', { class: 'outcome task-progress' },
+          el('span', { class: 'muted' }, 'progress '), jsonCell(t.progress, 'progress', 'p' + t.index, expanded));
+      }
       return el('span', { class: 'muted' }, '—');
     }
 

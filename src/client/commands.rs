@@ -336,6 +336,9 @@ pub async fn update(args: UpdateArgs) -> Result<u8, ClientError> {
     if let Some(r) = args.per_host_rate {
         options.insert("per_host_rate".into(), serde_json::json!(r.0));
     }
+    if let Some(ms) = args.deadline_ms {
+        options.insert("deadline_ms".into(), serde_json::json!(ms.0));
+    }
     let job = client.update(&args.id, options).await?;
     if args.client.json {
         print_raw(&job.raw)?;
@@ -352,6 +355,9 @@ pub async fn update(args: UpdateArgs) -> Result<u8, ClientError> {
             ),
             shown(o.and_then(|o| o.per_host_rate).map(|r| r.to_string())),
         ))?;
+        if let Some(at) = &job.value.deadline_at {
+            print(&format!("deadline {at}\n"))?;
+        }
     }
     Ok(EXIT_COMPLETE)
 }

@@ -114,7 +114,7 @@ pub struct JobsArgs {
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true)
-    .args(["concurrency", "per_host_concurrency", "per_host_rate"])))]
+    .args(["concurrency", "per_host_concurrency", "per_host_rate", "deadline_ms"])))]
 pub struct UpdateArgs {
     /// The job's id.
     pub id: String,
@@ -130,6 +130,11 @@ pub struct UpdateArgs {
     /// Most calls of the job started per second to one host (`none`: no limit of its own).
     #[arg(long, value_name = "RATE|none", value_parser = parse_rate_or_none)]
     pub per_host_rate: Option<Limit<f64>>,
+
+    /// The job's time budget, in milliseconds from its submission (from its retry, for a
+    /// later run); `none`: no deadline.
+    #[arg(long, value_name = "MS|none", value_parser = parse_limit)]
+    pub deadline_ms: Option<Limit<u64>>,
 
     #[command(flatten)]
     pub client: ClientArgs,

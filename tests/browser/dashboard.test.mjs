@@ -148,7 +148,10 @@ async function submit(job, to = server, token = null) {
  * that must be shown as text.
  * `POST /missing`: 404, so its task fails at once.
  * `POST /callback`: the job's callback receiver.
+ * `POST /accept`: 202, its heartbeat URL kept in `accepted` (the outcome comes later).
  */
+const accepted = [];
+
 function startEndpoint() {
   const s = http.createServer((req, res) => {
     const chunks = [];
@@ -176,6 +179,11 @@ function startEndpoint() {
           break;
         case '/callback':
           res.writeHead(204);
+          res.end();
+          break;
+        case '/accept':
+          accepted.push({ heartbeat: req.headers['doparallel-heartbeat-url'], result: req.headers['doparallel-result-url'] });
+          res.writeHead(202);
           res.end();
           break;
         default:
@@ -373,6 +381,29 @@ test('Retry failed runs the failed task of a finished job again', { timeout: 60_
   await page.locator('#job-run', { hasText: '2' }).waitFor();
   await page.locator('#job-status[data-status="Failed"]').waitFor();
   await page.locator('tr.task-row[data-index="2"][data-status="Failed"]').waitFor();
+});
+
+test('a running task shows the progress of its last heartbeat, and the job its deadline', { timeout: 60_000 }, async () => {
+  const id = await submit({
+    tasks: [{ endpoint: `${endpoint.base}/accept` }],
+    options: { async_reports: true, async_heartbeat_ms: 60_000, deadline_ms: 3_600_000 },
+  });
+  const deadline = Date.now() + 30_000;
+  while (!accepted.length) {
+    assert.ok(Date.now() < deadline, 'the task was not called');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  const call = accepted.shift();
+  const beat = await fetch(call.heartbeat, { method: 'POST', body: JSON.stringify({ progress: { done: 42, of: 100 } }) });
+  assert.equal(beat.status, 202);
+  await page.goto(`${server.base}/#/jobs/${id}`);
+  await page.locator('tr.task-row[data-index="1"] .task-progress', { hasText: '{"done":42,"of":100}' }).waitFor();
+  const job = await fetch(`${server.base}/v1/jobs/${id}`).then((r) => r.json());
+  assert.equal(await page.locator('#job-deadline').innerText(), new Date(job.deadline_at).toLocaleString());
+  // Its outcome reported, the job finishes; nothing left running for the other tests.
+  const done = await fetch(call.result, { method: 'POST', body: '{"status":"Complete","result":1}' });
+  assert.equal(done.status, 200);
+  await page.locator('#job-status[data-status="Complete"]').waitFor();
 });
 
 test('Pause holds a running job and Resume lets it finish', { timeout: 60_000 }, async () => {

@@ -131,9 +131,10 @@ async fn a_paused_jobs_deadline_runs_and_patch_moves_it() {
         (endpoint.in_flight() == 2).then_some(())
     })
     .await;
-    let (status, view) = patch(&app, &id, json!({"options": {"deadline_ms": 200}})).await;
-    assert_eq!(status, 200, "{view}");
-    assert_eq!(view["options"]["deadline_ms"], 200);
+    let out = crate::client::cli(&app.base, &["update", &id, "--deadline-ms", "200"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("\ndeadline 20"), "{out:?}");
+    assert_eq!(app.job(&id).await["options"]["deadline_ms"], 200);
     let view = app.wait_settled(&id).await;
     assert_eq!(view["status"], "Failed", "{view}");
     assert_eq!(view["result"]["1"]["error"]["kind"], "deadline", "{view}");
