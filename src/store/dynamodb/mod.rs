@@ -9,7 +9,7 @@
 //!
 //! | item | `pk` | `sk` | in the indexes |
 //! | --- | --- | --- | --- |
-//! | a job (`META`) | `JOB#<id>` | `META` | gsi1 `ACTIVE#<shard>`/`<last_claim_at>#<id>` while unfinished, `DONE#<shard>`/`<finished_at>#<id>` once its callback is no longer owed; gsi2 `CB`/`<next_attempt_at>#<id>` while its callback is due; gsi4 `JOBS`/`<id>`; gsi5 `OWNER#<owner>`/`<id>` |
+//! | a job (`META`) | `JOB#<id>` | `META` | gsi1 `ACTIVE#<shard>`/`<last_claim_at>#<id>` while unfinished, `DONE#<shard>`/`<finished_at>#<id>` once its callback is no longer owed; gsi2 `CB`/`<next_attempt_at>#<id>` while its callback is due; gsi3 `DEADLINE`/`<deadline_at>#<id>` while unfinished with a deadline; gsi4 `JOBS`/`<id>`; gsi5 `OWNER#<owner>`/`<id>` |
 //! | a task | `JOB#<id>` | `T#<index>` | gsi2 `Q#<job>`/`<run_at>#<index>` while pending; gsi3 `N#<node>`/`<job>#<index>` while running, `F#<job>`/`<fail_seq>` once failed |
 //! | an idempotency key | `IDEM#<owner>#<key>` | `IDEM` | |
 //! | a node's lease | `NODES` | `<node>` | |
@@ -47,6 +47,11 @@
 //!   is, and no claim takes them (the job left gsi1, and claims are conditional on an
 //!   unfinished job). Running tasks are marked Cancelled at once where the index shows them,
 //!   or when their late outcome is refused.
+//! - **A deadline** ends a job the same way (`job_expire`): one conditional write of the job
+//!   item, its unfinished tasks counted as failed and read as Failed with the deadline's
+//!   error, kept on the job item (`expired_error`); their stopped calls are marked Cancelled,
+//!   which reads Failed too. Such failures have no failure number, so the events stream
+//!   does not list them one by one (the job's `finished` event follows).
 //! - **Callbacks** are the job items in gsi2 `CB`, sorted by due time: `callbacks_due`
 //!   leases one by moving its due time on condition that it is still the one read;
 //!   `callback_record` writes an attempt on condition that the attempts stored are one less.
@@ -78,7 +83,8 @@
 //!   without the stale ones (claim, settle, take-back).
 //! - `jobs`: submission, reads, lists, cancel. `retention`: delete and purge.
 //! - `claim`: claims and overdue awaited tasks. `leases`: node leases and their expiry.
-//! - `settle`: outcomes and reports. `callbacks`: the outbox.
+//! - `settle`: outcomes, reports and heartbeats. `callbacks`: the outbox.
+//! - `control`: pause, limits, retry, deadlines.
 //! - `schema`: the table and its URL. `expr`: expressions and attribute values.
 
 mod callbacks;
