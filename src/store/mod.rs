@@ -527,6 +527,30 @@ pub struct Deadlines {
     pub next: Option<Millis>,
 }
 
+impl Deadlines {
+    /// The answer from unfinished jobs' deadlines read earliest first, `limit` + 1 of them
+    /// (how every backend asks): those at or before `now`, up to `limit`, and the first
+    /// after it.
+    pub fn from_earliest(
+        now: Millis,
+        limit: u32,
+        earliest: impl IntoIterator<Item = StoreResult<(JobId, Millis)>>,
+    ) -> StoreResult<Self> {
+        let mut deadlines = Deadlines::default();
+        for found in earliest {
+            let (id, at) = found?;
+            if at > now {
+                deadlines.next = Some(at);
+                break;
+            }
+            if deadlines.due.len() < limit as usize {
+                deadlines.due.push(id);
+            }
+        }
+        Ok(deadlines)
+    }
+}
+
 /// What [`Store::job_expire`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExpireOutcome {

@@ -251,24 +251,20 @@ impl DynamoStore {
         let items = self
             .query_all(Some("gsi3"), cond, ex, None, true, limit as usize + 1)
             .await?;
-        let mut deadlines = Deadlines::default();
-        for item in items {
-            let key = need_s(&item, "g3sk")?;
-            let (at, id) = key
-                .split_once('#')
-                .and_then(|(at, id)| Some((at.parse::<Millis>().ok()?, id)))
-                .ok_or_else(|| {
-                    StoreError::Other(format!("stored deadline key {key:?} is invalid"))
-                })?;
-            if at > now {
-                deadlines.next = Some(at);
-                break;
-            }
-            if deadlines.due.len() < limit as usize {
-                deadlines.due.push(parse_id(id)?);
-            }
-        }
-        Ok(deadlines)
+        Deadlines::from_earliest(
+            now,
+            limit,
+            items.iter().map(|item| {
+                let key = need_s(item, "g3sk")?;
+                let (at, id) = key
+                    .split_once('#')
+                    .and_then(|(at, id)| Some((at.parse::<Millis>().ok()?, id)))
+                    .ok_or_else(|| {
+                        StoreError::Other(format!("stored deadline key {key:?} is invalid"))
+                    })?;
+                Ok((parse_id(id)?, at))
+            }),
+        )
     }
 
     /// `Store::job_expire`: one conditional write of the job item, as a cancel: its
@@ -309,14 +305,8 @@ impl DynamoStore {
                 // A settle, a cancel or a change of its options came first: look again.
                 continue;
             }
-            // The calls in flight, where gsi3 shows them; the rest are marked when their
-            // outcome is refused or their lease expires. Marked Cancelled, they read Failed.
-            for (node, _) in self.nodes().await? {
-                for (job_id, index, attempts) in self.node_tasks(node, Some(id)).await? {
-                    self.cancel_running_task(job_id, index, attempts, Some(node), now)
-                        .await?;
-                }
-            }
+            // Marked Cancelled, they read Failed.
+            self.stop_running_tasks(id, now).await?;
             return Ok(ExpireOutcome::Expired {
                 status: to,
                 has_callback: job.has_callback,

@@ -424,6 +424,18 @@ impl DynamoStore {
         Ok(failed)
     }
 
+    /// Marks the running tasks of a job that ended Cancelled where gsi3 shows them; the rest
+    /// are marked when their outcome is refused or their lease expires.
+    pub(super) async fn stop_running_tasks(&self, id: JobId, now: Millis) -> StoreResult<()> {
+        for (node, _) in self.nodes().await? {
+            for (job_id, index, attempts) in self.node_tasks(node, Some(id)).await? {
+                self.cancel_running_task(job_id, index, attempts, Some(node), now)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// `Store::job_cancel`: one conditional write of the job item, then its running tasks.
     /// `Store::job_end`: one conditional write of the job item (see the module docs).
     pub(super) async fn end_job(
@@ -461,14 +473,7 @@ impl DynamoStore {
                 // A settle or another cancel came first: look again.
                 continue;
             }
-            // The calls in flight, where gsi3 shows them; the rest are marked when their
-            // outcome is refused or their lease expires.
-            for (node, _) in self.nodes().await? {
-                for (job_id, index, attempts) in self.node_tasks(node, Some(id)).await? {
-                    self.cancel_running_task(job_id, index, attempts, Some(node), now)
-                        .await?;
-                }
-            }
+            self.stop_running_tasks(id, now).await?;
             return Ok(CancelOutcome::Cancelled {
                 has_callback: job.has_callback,
                 newly: true,

@@ -255,17 +255,12 @@ pub(super) async fn deadlines(
         .fetch_all(&store.reader)
         .await
         .map_err(map_err)?;
-    let mut deadlines = crate::store::Deadlines::default();
-    for (id, at) in rows {
-        if at > now {
-            deadlines.next = Some(at);
-            break;
-        }
-        if deadlines.due.len() < limit as usize {
-            deadlines.due.push(crate::store::codec::parse_id(&id)?);
-        }
-    }
-    Ok(deadlines)
+    crate::store::Deadlines::from_earliest(
+        now,
+        limit,
+        rows.iter()
+            .map(|(id, at)| Ok((crate::store::codec::parse_id(id)?, *at))),
+    )
 }
 
 /// `Store::job_expire`: one write transaction. The unfinished tasks fail in index order,
