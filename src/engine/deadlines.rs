@@ -27,23 +27,37 @@ const PROMPTED_EVERY: Duration = Duration::from_secs(1);
 /// Jobs ended per look; a full batch is followed by another look at once.
 const BATCH: u32 = 64;
 
+/// The next look after the store failed to answer or to end a job.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 pub(super) async fn deadline_loop(engine: Arc<Engine>, stop: CancellationToken) {
     loop {
         let now = now_millis();
         let last_look = Instant::now();
         let next = match engine.store.jobs_deadline(now, BATCH).await {
             Ok(found) => {
+                let mut ended = 0;
+                let mut failed = false;
                 for id in &found.due {
-                    expire(&engine, *id).await;
+                    match expire(&engine, *id).await {
+                        Ok(true) => ended += 1,
+                        Ok(false) => {}
+                        Err(()) => failed = true,
+                    }
                 }
-                if found.due.len() == BATCH as usize {
+                // A full batch that ended jobs: more may be due now.
+                if found.due.len() == BATCH as usize && ended > 0 && !stop.is_cancelled() {
                     continue;
                 }
-                found.next
+                if failed {
+                    Some(now + RETRY_AFTER.as_millis() as i64)
+                } else {
+                    found.next
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "looking for jobs past their deadline failed");
-                None
+                Some(now + RETRY_AFTER.as_millis() as i64)
             }
         };
         let until_next = next.map_or(DEADLINE_POLL, |at| {
@@ -65,8 +79,9 @@ pub(super) async fn deadline_loop(engine: Arc<Engine>, stop: CancellationToken) 
     }
 }
 
-/// Ends one job at its deadline, unless that changed meanwhile.
-async fn expire(engine: &Engine, id: crate::job::JobId) {
+/// Ends one job at its deadline, unless that changed meanwhile; whether it did, or `Err`
+/// when the store failed (logged here).
+async fn expire(engine: &Engine, id: crate::job::JobId) -> Result<bool, ()> {
     let error = TaskError::new(
         "deadline",
         "the job's deadline (options.deadline_ms) passed before this task finished",
@@ -82,8 +97,12 @@ async fn expire(engine: &Engine, id: crate::job::JobId) {
             engine
                 .bus
                 .expired(id, status, tasks, has_callback, &engine.metrics);
+            Ok(true)
         }
-        Ok(ExpireOutcome::NotDue) => {}
-        Err(e) => tracing::error!(job_id = %id, error = %e, "ending a job at its deadline failed"),
+        Ok(ExpireOutcome::NotDue) => Ok(false),
+        Err(e) => {
+            tracing::error!(job_id = %id, error = %e, "ending a job at its deadline failed");
+            Err(())
+        }
     }
 }

@@ -3117,15 +3117,46 @@ async fn heartbeats_keep_an_awaited_attempt_alive(store: Arc<dyn Store>) {
         beat(&c.tasks[0], 1, t0 + 900, Some(r#"{"done":0.5}"#)).await,
         HeartbeatOutcome::Alive
     );
-    // Task 2 sent none: it alone is overdue.
-    assert_eq!(overdue(t0 + 1000).await, [2]);
-    assert!(overdue(t0 + 1899).await.is_empty());
-    // Heartbeats go on, but never past async_timeout_ms after the 202.
+    // A heartbeat that comes late (sent before the last) does not move the deadline back.
     assert_eq!(
-        beat(&c.tasks[0], 1, t0 + 59_500, None).await,
+        beat(&c.tasks[0], 1, t0 + 500, None).await,
         HeartbeatOutcome::Alive
     );
-    assert!(overdue(t0 + 59_999).await.is_empty());
+    // Task 2 sent none: past its deadline, a heartbeat is too late, and it alone is overdue.
+    assert_eq!(
+        beat(&c.tasks[1], 1, t0 + 1000, None).await,
+        HeartbeatOutcome::Unknown
+    );
+    assert_eq!(overdue(t0 + 1000).await, [2]);
+    assert!(overdue(t0 + 1899).await.is_empty());
+    // Should the node that took it for its timeout die, it is due again at once, not at
+    // the latest deadline a heartbeat could have reached.
+    // (Task 3's lease, of its call, ran out too.)
+    let later = t0 + 1000 + LEASE + 1;
+    assert_eq!(store.tasks_expire(later).await.unwrap(), 2);
+    let again = claim(&store, node, 10, later).await;
+    assert_eq!(indexes(&again, id), [2, 3]);
+    // Heartbeats move a deadline on, but never past async_timeout_ms after the 202.
+    settle_all(
+        &store,
+        node,
+        vec![settle(
+            &again.tasks[1],
+            SettleOutcome::Await {
+                deadline: later + 1000,
+                until: later + 1500,
+            },
+            later,
+        )],
+    )
+    .await;
+    assert_eq!(
+        beat(&again.tasks[1], again.tasks[1].attempt, later + 900, None).await,
+        HeartbeatOutcome::Alive
+    );
+    // (Task 1, silent since its last heartbeat, is overdue by now.)
+    assert_eq!(overdue(later + 1499).await, [1]);
+    assert_eq!(overdue(later + 1500).await, [3]);
     // Unknown attempts and tasks.
     assert_eq!(
         beat(&c.tasks[0], 2, t0, None).await,
@@ -3143,11 +3174,11 @@ async fn heartbeats_keep_an_awaited_attempt_alive(store: Arc<dyn Store>) {
     assert!(tasks[1].progress.is_none());
     // Once its outcome is stored, a heartbeat hears so.
     assert!(matches!(
-        report(&store, &c.tasks[0], 1, complete("1"), t0 + 59_600).await,
+        report(&store, &c.tasks[0], 1, complete("1"), t0 + 1800).await,
         ReportOutcome::Applied(_)
     ));
     assert_eq!(
-        beat(&c.tasks[0], 1, t0 + 59_700, None).await,
+        beat(&c.tasks[0], 1, t0 + 1850, None).await,
         HeartbeatOutcome::Finished
     );
 }

@@ -385,7 +385,9 @@ impl DynamoStore {
                 .set("g3sk", s(format!("{id}#{index:010}")))
                 .when(|e| eq(e, "status", s("Running")))
                 .when(|e| eq(e, "attempts", n(attempts)))
-                .when(|e| format!("attribute_not_exists({})", e.n("node")));
+                .when(|e| format!("attribute_not_exists({})", e.n("node")))
+                // A heartbeat may have moved its deadline on since the index was read.
+                .when(|e| format!("{} <= {}", e.n("lease_until"), e.v(n(params.now))));
             let Some(task) = self
                 .update(task_key(id, index), change, Some(ReturnValue::AllNew))
                 .await?

@@ -9,7 +9,7 @@
 //!
 //! Ending a job at its deadline (`Store::job_expire`): as a cancel, one conditional write of
 //! the job item; the deadline sweep finds unfinished jobs with a deadline in gsi3
-//! `DEADLINE` (`items::with_deadline`), which a job leaves when it finishes.
+//! `DEADLINE#<shard>` (`items::with_deadline`), which a job leaves when it finishes.
 //!
 //! Retrying a finished job (`Store::job_retry`): its tasks to run again are put back in
 //! their queue, in transactions of up to 100, each on condition that the task is as it was
@@ -20,7 +20,7 @@
 use super::DynamoStore;
 use super::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_n, need_s, s};
 use super::items::{
-    CB_PENDING, DEADLINE_PK, UNFINISHED, finish_job, job_key, job_pk, pad_time, queue_pk, queue_sk,
+    CB_PENDING, SHARDS, UNFINISHED, finish_job, job_key, job_pk, pad_time, queue_pk, queue_sk,
     shard, task_key, with_deadline,
 };
 use super::settle::JobCounters;
@@ -244,17 +244,21 @@ fn requeue_change(id: JobId, task: &Item, now: Millis) -> StoreResult<Change> {
 }
 
 impl DynamoStore {
-    /// `Store::jobs_deadline`: one Query of gsi3 `DEADLINE`, earliest first.
+    /// `Store::jobs_deadline`: one Query of each gsi3 `DEADLINE#<shard>`, earliest first,
+    /// merged.
     pub(super) async fn deadlines(&self, now: Millis, limit: u32) -> StoreResult<Deadlines> {
-        let mut ex = Ex::default();
-        let cond = format!("{} = {}", ex.n("g3pk"), ex.v(s(DEADLINE_PK)));
-        let items = self
-            .query_all(Some("gsi3"), cond, ex, None, true, limit as usize + 1)
-            .await?;
-        Deadlines::from_earliest(
-            now,
-            limit,
-            items.iter().map(|item| {
+        let mut earliest = Vec::new();
+        for shard in 0..SHARDS {
+            let mut ex = Ex::default();
+            let cond = format!(
+                "{} = {}",
+                ex.n("g3pk"),
+                ex.v(s(format!("DEADLINE#{shard}")))
+            );
+            let items = self
+                .query_all(Some("gsi3"), cond, ex, None, true, limit as usize + 1)
+                .await?;
+            for item in &items {
                 let key = need_s(item, "g3sk")?;
                 let (at, id) = key
                     .split_once('#')
@@ -262,9 +266,11 @@ impl DynamoStore {
                     .ok_or_else(|| {
                         StoreError::Other(format!("stored deadline key {key:?} is invalid"))
                     })?;
-                Ok((parse_id(id)?, at))
-            }),
-        )
+                earliest.push((parse_id(id)?, at));
+            }
+        }
+        earliest.sort_by_key(|(_, at)| *at);
+        Deadlines::from_earliest(now, limit, earliest.into_iter().map(Ok))
     }
 
     /// `Store::job_expire`: one conditional write of the job item, as a cancel: its

@@ -223,21 +223,24 @@ pub(super) fn finish_job(change: Change, id: JobId, has_callback: bool, now: Mil
     }
 }
 
-/// An unfinished job's deadline (`plan::deadline`): in gsi3 `DEADLINE`, by time, where the
+/// An unfinished job's deadline (`plan::deadline`): in gsi3 `DEADLINE#<shard>`, by time, where the
 /// deadline sweep (`Store::jobs_deadline`) reads it; out of it without one. (A job item is
 /// in gsi3 for nothing else; it leaves when the job finishes, `finish_job`.)
 pub(super) fn with_deadline(change: Change, id: JobId, deadline: Option<Millis>) -> Change {
     match deadline {
         Some(at) => change
             .set("deadline_at", n(at))
-            .set("g3pk", s(DEADLINE_PK))
+            .set("g3pk", s(deadline_pk(id)))
             .set("g3sk", s(format!("{}#{id}", pad_time(at)))),
         None => change.remove("deadline_at").remove("g3pk").remove("g3sk"),
     }
 }
 
-/// The gsi3 partition of unfinished jobs with a deadline.
-pub(super) const DEADLINE_PK: &str = "DEADLINE";
+/// The gsi3 partition of an unfinished job with a deadline: one of [`SHARDS`], as gsi1's
+/// `ACTIVE#`, so that no single key takes every such job's writes.
+pub(super) fn deadline_pk(id: JobId) -> String {
+    format!("DEADLINE#{}", shard(id))
+}
 
 /// Puts a finished job whose callback is no longer owed in gsi1 `DONE#`, by finish time.
 pub(super) fn retire(change: Change, id: JobId, finished_at: Millis) -> Change {

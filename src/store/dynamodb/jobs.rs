@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::{DeleteRequest, Put, PutRequest, TransactWriteItem,
 
 use super::expr::{Change, Ex, Item, eq, get_n, get_s, is_in, n, need_s, s};
 use super::items::{
-    CB_PENDING, DEADLINE_PK, UNFINISHED, finish_job, idem_key, job_from_item, job_key, job_pk,
+    CB_PENDING, UNFINISHED, deadline_pk, finish_job, idem_key, job_from_item, job_key, job_pk,
     pad_time, queue_pk, queue_sk, shard, task_from_item, task_key, task_sk,
 };
 use super::schema::sdk_error;
@@ -128,7 +128,7 @@ impl DynamoStore {
         // In the deadline sweep's partition (`items::with_deadline`) while unfinished.
         if let Some(at) = plan::deadline(&job.options, now).filter(|_| !empty) {
             item.insert("deadline_at".into(), n(at));
-            item.insert("g3pk".into(), s(DEADLINE_PK));
+            item.insert("g3pk".into(), s(deadline_pk(id)));
             item.insert("g3sk".into(), s(format!("{}#{id}", pad_time(at))));
         }
         if let Some(url) = &callback_url {

@@ -9,7 +9,7 @@
 //!
 //! | item | `pk` | `sk` | in the indexes |
 //! | --- | --- | --- | --- |
-//! | a job (`META`) | `JOB#<id>` | `META` | gsi1 `ACTIVE#<shard>`/`<last_claim_at>#<id>` while unfinished, `DONE#<shard>`/`<finished_at>#<id>` once its callback is no longer owed; gsi2 `CB`/`<next_attempt_at>#<id>` while its callback is due; gsi3 `DEADLINE`/`<deadline_at>#<id>` while unfinished with a deadline; gsi4 `JOBS`/`<id>`; gsi5 `OWNER#<owner>`/`<id>` |
+//! | a job (`META`) | `JOB#<id>` | `META` | gsi1 `ACTIVE#<shard>`/`<last_claim_at>#<id>` while unfinished, `DONE#<shard>`/`<finished_at>#<id>` once its callback is no longer owed; gsi2 `CB`/`<next_attempt_at>#<id>` while its callback is due; gsi3 `DEADLINE#<shard>`/`<deadline_at>#<id>` while unfinished with a deadline; gsi4 `JOBS`/`<id>`; gsi5 `OWNER#<owner>`/`<id>` |
 //! | a task | `JOB#<id>` | `T#<index>` | gsi2 `Q#<job>`/`<run_at>#<index>` while pending; gsi3 `N#<node>`/`<job>#<index>` while running, `F#<job>`/`<fail_seq>` once failed |
 //! | an idempotency key | `IDEM#<owner>#<key>` | `IDEM` | |
 //! | a node's lease | `NODES` | `<node>` | |

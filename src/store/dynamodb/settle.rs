@@ -413,9 +413,16 @@ impl DynamoStore {
                 writes = true;
             }
             if get_s(&task, "g3pk") == Some("AWAIT") {
+                // Past its deadline, it times out (the sweep records it); a heartbeat that
+                // comes late never moves it back.
+                let stored: Millis = need_n(&task, "lease_until")?;
+                if stored <= beat.now {
+                    return Ok(HeartbeatOutcome::Unknown);
+                }
                 let options = parse_options(need_s(&job, "options")?)?;
                 if let Some(deadline) =
                     plan::heartbeat_deadline(&options, need_n(&task, "run_at")?, beat.now)
+                        .filter(|moved| *moved > stored)
                 {
                     change = change
                         .set("lease_until", n(deadline))
@@ -428,7 +435,8 @@ impl DynamoStore {
                                 beat.index
                             )),
                         )
-                        .when(|e| eq(e, "g3pk", s("AWAIT")));
+                        .when(|e| eq(e, "g3pk", s("AWAIT")))
+                        .when(|e| eq(e, "lease_until", n(stored)));
                     writes = true;
                 }
             }

@@ -16,10 +16,12 @@ use crate::store::rows::ClaimedJob;
 use crate::store::{ClaimedTask, Millis, NodeId, OverdueParams, StoreResult};
 
 /// Leases awaited attempts (running, held by no node) whose deadline `$3` passed to node
-/// `$1` until `$2`, at most `$4`, skipping those another node is taking right now.
+/// `$1` until `$2`, at most `$4`, skipping those another node is taking right now. Their
+/// `run_at` (the latest a heartbeat could have moved the deadline to) becomes now: should
+/// this node die before it records the timeout, the task taken back is due at once.
 static OVERDUE: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "UPDATE tasks SET node = $1, lease_until = $2 \
+        "UPDATE tasks SET node = $1, lease_until = $2, run_at = $3 \
          FROM (SELECT job_seq, idx FROM tasks \
                WHERE status = {TASK_RUNNING} AND node IS NULL AND lease_until <= $3 \
                LIMIT $4 FOR UPDATE SKIP LOCKED) o, jobs j \

@@ -300,14 +300,23 @@ pub(super) async fn heartbeat(
         tx.rollback().await?;
         return Ok(outcome);
     }
-    // An awaited attempt (held by no node) of a job with heartbeats lives on.
-    let awaited = row.get::<Option<i64>, _>("node").is_none()
-        && row.get::<Option<i64>, _>("lease_until").is_some();
-    let deadline = if awaited {
-        let options = crate::store::codec::parse_options(row.get("options"))?;
-        plan::heartbeat_deadline(&options, row.get("run_at"), beat.now)
-    } else {
-        None
+    // An awaited attempt (held by no node) of a job with heartbeats lives on, unless its
+    // deadline passed already (the sweep records its timeout); never moved back by a
+    // heartbeat that comes late.
+    let awaited = row
+        .get::<Option<i64>, _>("lease_until")
+        .filter(|_| row.get::<Option<i64>, _>("node").is_none());
+    if awaited.is_some_and(|deadline| deadline <= beat.now) {
+        tx.rollback().await?;
+        return Ok(HeartbeatOutcome::Unknown);
+    }
+    let deadline = match awaited {
+        Some(deadline) => {
+            let options = crate::store::codec::parse_options(row.get("options"))?;
+            plan::heartbeat_deadline(&options, row.get("run_at"), beat.now)
+                .map(|moved| moved.max(deadline))
+        }
+        None => None,
     };
     sqlx::query(
         "UPDATE tasks SET progress = COALESCE($3, progress), \

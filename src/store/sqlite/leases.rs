@@ -102,10 +102,12 @@ pub(super) async fn overdue(
     params: &OverdueParams,
 ) -> StoreResult<Vec<ClaimedTask>> {
     // Awaited attempts: running, held by no node, with a deadline. Found through the
-    // jobs with tasks running, each by its `tasks_due` index.
+    // jobs with tasks running, each by its `tasks_due` index. Their `run_at` (the latest a
+    // heartbeat could have moved the deadline to) becomes now: should this node die before
+    // it records the timeout, the task taken back is due at once.
     static OVERDUE: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "UPDATE tasks SET node = ?, lease_until = ? WHERE rowid IN (\
+            "UPDATE tasks SET node = ?, lease_until = ?, run_at = ? WHERE rowid IN (\
              SELECT t.rowid FROM jobs j JOIN tasks t ON t.job_seq = j.seq AND t.status = {TASK_RUNNING} \
              WHERE j.status IN ({JOB_PENDING}, {JOB_RUNNING}, {JOB_PAUSED}) AND j.n_running > 0 \
                AND t.node IS NULL \
@@ -117,6 +119,7 @@ pub(super) async fn overdue(
     let rows = sqlx::query(&OVERDUE)
         .bind(params.node.0)
         .bind(params.lease_until)
+        .bind(params.now)
         .bind(params.now)
         .bind(i64::from(params.limit))
         .fetch_all(tx.conn().await?)
