@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::egress::EgressPolicy;
-use crate::job::{HostLimits, Limits, PER_HOST_RATES};
+use crate::job::{HostConcurrency, HostLimits, Limits, PER_HOST_RATES};
 use crate::sealing::{Sealer, SecretKey};
 use crate::server::Settings;
 use crate::webhook::{CallbackSigners, Signer, WebhookSecret};
@@ -321,10 +321,29 @@ pub struct EngineArgs {
     pub owner_max_in_flight: Option<u32>,
 
     /// Calls in flight at once to one endpoint host (`host:port`), across all jobs on this
-    /// node. Unlimited when not given.
-    #[arg(long, env = "DOPARALLEL_PER_HOST_CONCURRENCY", value_name = "N",
+    /// node: a number, or `auto`, a limit per host that adapts to its answers (it starts at
+    /// --per-host-initial, grows while calls succeed at their usual latency, and halves on
+    /// a 429, a 503, timeouts, or latency well above its recent best). Unlimited when not
+    /// given.
+    #[arg(long, env = "DOPARALLEL_PER_HOST_CONCURRENCY", value_name = "N|auto",
+          value_parser = HostConcurrency::parse)]
+    pub per_host_concurrency: Option<HostConcurrency>,
+
+    /// Where an adaptive limit per host (`auto`, of the server or of a job) starts.
+    #[arg(long, env = "DOPARALLEL_PER_HOST_INITIAL", value_name = "N", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub per_host_concurrency: Option<u32>,
+    pub per_host_initial: u32,
+
+    /// Connection failures in a row after which calls to a host wait (they are not failed)
+    /// for a cool-down, 1 s doubling up to 60 s, then one probe call decides whether the
+    /// host is back. 0 turns the breaker off.
+    #[arg(
+        long,
+        env = "DOPARALLEL_HOST_BREAKER_FAILURES",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub host_breaker_failures: u32,
 
     /// Calls started per second to one endpoint host, across all jobs on this node (may be
     /// fractional: 0.5 is one every 2 s; 0.001 to 1000000). Calls are spaced evenly, with no
@@ -525,6 +544,10 @@ impl EngineArgs {
             per_host: HostLimits {
                 concurrency: self.per_host_concurrency,
                 rate: self.per_host_rate,
+            },
+            per_host_adaptation: crate::engine::hosts::Adaptation {
+                initial: self.per_host_initial,
+                breaker_failures: self.host_breaker_failures,
             },
             max_response_bytes: self.max_response_bytes,
             callback_schedule: callback_schedule.0.clone(),

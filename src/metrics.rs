@@ -20,6 +20,11 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabel {
+    pub host: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs_submitted: Counter,
@@ -34,6 +39,9 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub host_gate_waiting: Gauge,
     pub host_pauses: Counter,
+    /// The adaptive limit of each host called under one (`--per-host-concurrency auto`).
+    pub host_concurrency_limit: Family<HostLabel, Gauge>,
+    pub host_breaker_trips: Counter,
     /// Spans dropped: a full export queue, or a batch the collector refused (see
     /// `crate::telemetry`).
     pub trace_spans_dropped: Counter,
@@ -113,6 +121,18 @@ impl Metrics {
             "Pauses of all calls to a host set or extended by its 429 or 503 answers",
             host_pauses.clone(),
         );
+        let host_concurrency_limit = Family::<HostLabel, Gauge>::default();
+        registry.register(
+            "host_concurrency_limit",
+            "The adaptive limit on calls in flight to a host (--per-host-concurrency auto), on this node",
+            host_concurrency_limit.clone(),
+        );
+        let host_breaker_trips = Counter::default();
+        registry.register(
+            "host_breaker_trips",
+            "Times a host's breaker opened after connection failures in a row (its calls wait)",
+            host_breaker_trips.clone(),
+        );
         let trace_spans_dropped = Counter::default();
         registry.register(
             "trace_spans_dropped",
@@ -150,6 +170,8 @@ impl Metrics {
             queue_depth,
             host_gate_waiting,
             host_pauses,
+            host_concurrency_limit,
+            host_breaker_trips,
             trace_spans_dropped,
         }
     }

@@ -42,6 +42,8 @@ pub struct Settings {
     pub owner_max_in_flight: Option<u64>,
     /// The server's limits on calls to one endpoint host, for all jobs together.
     pub per_host: HostLimits,
+    /// How adaptive limits (`auto`) start, and when a host's breaker opens.
+    pub per_host_adaptation: crate::engine::hosts::Adaptation,
     /// The largest answer (or reported outcome) a task may have.
     pub max_response_bytes: usize,
     /// Delays between callback attempts after the first.
@@ -89,6 +91,7 @@ impl Settings {
                 max_in_flight: self.max_in_flight,
                 owner_max_in_flight: self.owner_max_in_flight,
                 per_host: self.per_host,
+                adaptation: self.per_host_adaptation,
                 max_response_bytes: self.max_response_bytes,
                 retention: self.retention,
                 egress: self.egress.clone(),

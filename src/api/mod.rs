@@ -190,8 +190,12 @@ mod tests {
     fn the_document_gives_the_per_host_options_and_their_bounds() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
         let options = &doc["components"]["schemas"]["JobOptions"]["properties"];
-        let concurrency = &options["per_host_concurrency"];
-        assert_eq!(concurrency["minimum"], 1, "{concurrency}");
+        let concurrency = &doc["components"]["schemas"]["HostConcurrency"];
+        let text = concurrency.to_string();
+        assert!(
+            text.contains(r#""minimum":1"#) && text.contains(r#""enum":["auto"]"#),
+            "a number from 1, or auto: {concurrency}"
+        );
         let rate = &options["per_host_rate"];
         assert_eq!(rate["minimum"], 0.001, "{rate}");
         assert!(

@@ -115,7 +115,11 @@ fn per_host_limits_are_checked_at_parse_time() {
     assert_eq!(limits(&[]), Ok((None, None)));
     assert_eq!(
         limits(&["--per-host-concurrency", "4", "--per-host-rate", "0.5"]),
-        Ok((Some(4), Some(0.5)))
+        Ok((Some(crate::job::HostConcurrency::Fixed(4)), Some(0.5)))
+    );
+    assert_eq!(
+        limits(&["--per-host-concurrency", "auto"]),
+        Ok((Some(crate::job::HostConcurrency::Auto), None))
     );
     for bad in [
         &["--per-host-concurrency", "0"][..],

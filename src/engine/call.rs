@@ -557,6 +557,29 @@ pub fn host_pause(attempt: &Attempt) -> Option<Duration> {
     .filter(|delay| !delay.is_zero())
 }
 
+/// What an attempt says about its host's capacity, for the host's adaptive limit and its
+/// breaker (see `hosts::adaptive`): an answer and its latency; overload (a 429 or a 503,
+/// a timeout); a host that answered something else (a retryable 5xx, a request error after
+/// connecting: reachable, nothing more); no connection at all; or nothing (the call never
+/// reached the network: blocked, refused before sending).
+pub fn host_signal(attempt: &Attempt, latency: Duration) -> hosts::adaptive::Signal {
+    use hosts::adaptive::Signal;
+    let (error, retryable) = match attempt {
+        Attempt::Complete(_) | Attempt::Accepted => return Signal::Answered(latency),
+        Attempt::Fatal(error) => (error, false),
+        Attempt::Retryable { error, .. } => (error, true),
+    };
+    match (error.kind.as_ref(), error.http_status) {
+        (_, Some(429 | 503)) | ("timeout", _) => Signal::Overloaded,
+        ("connect", _) => Signal::Unreachable,
+        // A 4xx is an answer like a 2xx; a retryable status says the host is there.
+        ("http_status", Some(_)) if !retryable => Signal::Answered(latency),
+        ("http_status" | "response_too_large", _) => Signal::Reachable,
+        _ if retryable => Signal::Reachable,
+        _ => Signal::Nothing,
+    }
+}
+
 /// `Retry-After` as seconds or as an HTTP date, capped at [`RETRY_AFTER_CAP`].
 fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();

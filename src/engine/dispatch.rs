@@ -253,10 +253,25 @@ async fn run_call(
     if let (Some(host), Some(attempt)) = (&host, &attempt)
         && let Some(delay) = call::host_pause(attempt)
     {
-        engine.hosts.pause(host, delay);
+        let asked = matches!(
+            attempt,
+            call::Attempt::Retryable {
+                retry_after: Some(_),
+                ..
+            }
+        );
+        engine.hosts.pause(host, task.job_id, delay, asked);
     }
-    // The host's permits go as soon as its answer is in, before the outcome is stored.
-    drop(pass);
+    // The host's permits go as soon as its answer is in, before the outcome is stored; its
+    // adaptive limit and breaker learn from it.
+    if let Some(pass) = pass {
+        let signal = attempt
+            .as_ref()
+            .map_or(hosts::adaptive::Signal::Nothing, |a| {
+                call::host_signal(a, started.elapsed())
+            });
+        pass.finish(signal);
+    }
     let Some(attempt) = attempt else {
         tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel");
         release(&task, slot, &outcomes).await;

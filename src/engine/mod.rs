@@ -64,6 +64,8 @@ pub struct EngineConfig {
     /// The server's limits on calls to one endpoint host, for all jobs together on this
     /// node (see `hosts`).
     pub per_host: HostLimits,
+    /// How adaptive limits start, and when a host's breaker opens.
+    pub adaptation: hosts::Adaptation,
     pub max_response_bytes: usize,
     /// How long finished jobs are kept; `None` keeps them until deleted.
     pub retention: Option<Duration>,
@@ -131,8 +133,13 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
     tracing::info!(node = %names.current(), shared = parts.notices.is_some(), "engine starting");
     let hosts = Arc::new(HostGates::new(
         config.per_host,
-        parts.metrics.host_gate_waiting.clone(),
-        parts.metrics.host_pauses.clone(),
+        config.adaptation,
+        hosts::HostMetrics {
+            waiting: parts.metrics.host_gate_waiting.clone(),
+            pauses: parts.metrics.host_pauses.clone(),
+            limits: parts.metrics.host_concurrency_limit.clone(),
+            breaker_trips: parts.metrics.host_breaker_trips.clone(),
+        },
     ));
     let engine = Arc::new(Engine {
         store: parts.store,

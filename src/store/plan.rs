@@ -134,7 +134,12 @@ pub fn heartbeat_deadline(
 /// second's worth of its `per_host_rate`), so that claimed tasks do not sit at a gate
 /// counted as running while others could use the slots. `u64::MAX` without such limits.
 pub fn claim_cap(options: &crate::job::JobOptions) -> u64 {
-    let by_concurrency = options.per_host_concurrency.map(u64::from);
+    // An adaptive limit (`auto`) is the node's to know; the backlog keeps its claims in
+    // check (`engine::hosts`).
+    let by_concurrency = options
+        .per_host_concurrency
+        .and_then(|c| c.fixed())
+        .map(u64::from);
     let by_rate = options.per_host_rate.map(|r| r.ceil().max(1.0) as u64);
     match (by_concurrency, by_rate) {
         (None, None) => u64::MAX,
@@ -402,7 +407,7 @@ mod tests {
     fn a_job_limiting_its_hosts_is_given_a_seconds_worth() {
         use crate::job::JobOptions;
         let with = |c: Option<u32>, r: Option<f64>| JobOptions {
-            per_host_concurrency: c,
+            per_host_concurrency: c.map(crate::job::HostConcurrency::Fixed),
             per_host_rate: r,
             ..JobOptions::defaults()
         };

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use doparallel::Settings;
-use doparallel::job::HostLimits;
+use doparallel::job::{HostConcurrency, HostLimits};
 use serde_json::json;
 
 use crate::helpers::{
@@ -28,7 +28,7 @@ fn limited(per_host: HostLimits) -> Settings {
 
 fn concurrency(n: u32) -> HostLimits {
     HostLimits {
-        concurrency: Some(n),
+        concurrency: Some(HostConcurrency::Fixed(n)),
         rate: None,
     }
 }

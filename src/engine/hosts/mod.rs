@@ -51,7 +51,47 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use url::Url;
 
-use crate::job::{HostLimits, JobId};
+use self::adaptive::{Adaptive, Signal};
+use crate::job::{HostConcurrency, HostLimits, JobId};
+use crate::metrics::HostLabel;
+
+pub mod adaptive;
+
+/// How adaptive limits (`auto`) start, and when a host's breaker opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adaptation {
+    /// Where an adaptive limit starts (`--per-host-initial`).
+    pub initial: u32,
+    /// Connection failures in a row that open a host's breaker; 0: never
+    /// (`--host-breaker-failures`).
+    pub breaker_failures: u32,
+}
+
+impl Default for Adaptation {
+    fn default() -> Self {
+        Adaptation {
+            initial: 16,
+            breaker_failures: 20,
+        }
+    }
+}
+
+/// The highest an adaptive limit goes: far above any host's capacity, below any overflow.
+const ADAPTIVE_CAP: u32 = 100_000;
+
+/// The first cool-down of an open breaker; each failed probe doubles it, up to
+/// [`BREAKER_MAX_COOLDOWN`].
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+const BREAKER_MAX_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// What the gates record: calls waiting, pauses, adaptive limits, breaker trips.
+#[derive(Clone, Default)]
+pub struct HostMetrics {
+    pub waiting: Gauge,
+    pub pauses: Counter,
+    pub limits: prometheus_client::metrics::family::Family<HostLabel, Gauge>,
+    pub breaker_trips: Counter,
+}
 
 /// The horizon of "soon" in [`HostGates::backlogged_jobs`]: a job may have as many calls
 /// waiting at a host as its gates can start within this time.
@@ -63,9 +103,14 @@ pub const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// Maps are swept no more often than when they reach this size, then twice the size left.
 const SWEEP_MIN: usize = 64;
 
-/// How many waiting calls `limits` can start within [`SOON`].
-fn soon(limits: &HostLimits) -> u64 {
-    let by_concurrency = limits.concurrency.map_or(u64::MAX, u64::from);
+/// How many waiting calls `limits` can start within [`SOON`] (an adaptive limit counted at
+/// `adaptive_now`).
+fn soon(limits: &HostLimits, adaptive_now: Option<u32>) -> u64 {
+    let by_concurrency = match limits.concurrency {
+        None => u64::MAX,
+        Some(HostConcurrency::Fixed(n)) => u64::from(n),
+        Some(HostConcurrency::Auto) => u64::from(adaptive_now.unwrap_or(1)),
+    };
     let by_rate = limits.rate.map_or(u64::MAX, |r| {
         (r * SOON.as_secs_f64()).floor().max(1.0) as u64
     });
@@ -202,36 +247,87 @@ impl Pacer {
     }
 }
 
+/// A gate's limit on calls in flight.
+enum Permits {
+    Fixed(Arc<Semaphore>),
+    Adaptive(Arc<Adaptive>),
+}
+
+/// A call's place under a gate's limit: given back when dropped, or with what the call said
+/// ([`GatePermit::release`]).
+enum GatePermit {
+    Fixed(#[allow(dead_code)] OwnedSemaphorePermit),
+    Adaptive(Arc<Adaptive>, Option<adaptive::Slot>),
+}
+
+impl GatePermit {
+    /// Gives the place back with what the call said; the adaptive limit afterwards, when it
+    /// changed.
+    fn release(&mut self, signal: Signal) -> Option<u32> {
+        match self {
+            GatePermit::Fixed(_) => None,
+            GatePermit::Adaptive(limit, slot) => {
+                slot.take().and_then(|slot| limit.release(slot, signal))
+            }
+        }
+    }
+}
+
+impl Drop for GatePermit {
+    fn drop(&mut self) {
+        self.release(Signal::Nothing);
+    }
+}
+
 /// The limits on calls to one host, of the server or of one job.
 struct Gate {
-    permits: Option<Arc<Semaphore>>,
+    permits: Option<Permits>,
     pacer: Pacer,
 }
 
 impl Gate {
-    fn new(limits: HostLimits, pause: Arc<Pause>) -> Self {
+    fn new(limits: HostLimits, pause: Arc<Pause>, adaptation: Adaptation) -> Self {
         Gate {
-            permits: limits
-                .concurrency
-                .map(|n| Arc::new(Semaphore::new(n as usize))),
+            permits: limits.concurrency.map(|c| match c {
+                HostConcurrency::Fixed(n) => Permits::Fixed(Arc::new(Semaphore::new(n as usize))),
+                HostConcurrency::Auto => {
+                    Permits::Adaptive(Arc::new(Adaptive::new(adaptation.initial, ADAPTIVE_CAP)))
+                }
+            }),
             pacer: Pacer::new(limits.rate, pause),
         }
     }
 
-    /// A concurrency permit (when limited), then the call's turn.
-    async fn pass(&self) -> Option<OwnedSemaphorePermit> {
+    /// A place under the limit (when limited), then the call's turn.
+    async fn pass(&self) -> Option<GatePermit> {
         let permit = match &self.permits {
-            Some(permits) => Some(
+            Some(Permits::Fixed(permits)) => Some(GatePermit::Fixed(
                 permits
                     .clone()
                     .acquire_owned()
                     .await
                     .expect("gate semaphores are never closed"),
-            ),
+            )),
+            Some(Permits::Adaptive(limit)) => {
+                let slot = limit.acquire().await;
+                Some(GatePermit::Adaptive(limit.clone(), Some(slot)))
+            }
             None => None,
         };
         self.pacer.wait().await;
         permit
+    }
+
+    /// The adaptive limit now, if the gate has one.
+    fn adaptive_limit(&self) -> Option<u32> {
+        match &self.permits {
+            Some(Permits::Adaptive(limit)) => Some(limit.limit()),
+            _ => None,
+        }
+    }
+
+    fn is_adaptive(&self) -> bool {
+        matches!(self.permits, Some(Permits::Adaptive(_)))
     }
 
     fn at_rest(&self, now: Instant) -> bool {
@@ -258,9 +354,19 @@ impl JobEntry {
     }
 }
 
+/// A host's breaker: connection failures in a row, and once open, the cool-down and the
+/// probe's permit (one call at a time until the host answers again).
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    cooldown: Duration,
+    probe: Option<Arc<Semaphore>>,
+}
+
 struct HostEntry {
     gate: Arc<Gate>,
     pause: Arc<Pause>,
+    breaker: Breaker,
     /// Calls to this host, of all jobs: waiting or in flight.
     users: usize,
     jobs: HashMap<JobId, JobEntry>,
@@ -269,7 +375,10 @@ struct HostEntry {
 
 impl HostEntry {
     fn at_rest(&self, now: Instant) -> bool {
-        !self.pause.in_force(now) && self.gate.at_rest(now)
+        !self.pause.in_force(now)
+            && self.gate.at_rest(now)
+            && self.breaker.failures == 0
+            && self.breaker.probe.is_none()
     }
 }
 
@@ -284,14 +393,13 @@ pub struct HostGates {
     state: Mutex<State>,
     /// Signalled when a job named by `backlogged_jobs` no longer is: it may be claimed again.
     cleared: Notify,
-    waiting: Gauge,
-    pauses: Counter,
+    adaptation: Adaptation,
+    metrics: HostMetrics,
 }
 
 impl HostGates {
-    /// Gates with the server's limits; `waiting` counts calls waiting at gates, `pauses` the
-    /// pauses that 429 and 503 answers caused.
-    pub fn new(server: HostLimits, waiting: Gauge, pauses: Counter) -> Self {
+    /// Gates with the server's limits, adaptive ones (`auto`) as `adaptation` says.
+    pub fn new(server: HostLimits, adaptation: Adaptation, metrics: HostMetrics) -> Self {
         HostGates {
             server,
             state: Mutex::new(State {
@@ -299,8 +407,8 @@ impl HostGates {
                 sweep_hosts_at: SWEEP_MIN,
             }),
             cleared: Notify::new(),
-            waiting,
-            pauses,
+            adaptation,
+            metrics,
         }
     }
 
@@ -308,7 +416,13 @@ impl HostGates {
     /// returned pass holds the call's permits: drop it when the call is over. Dropping the
     /// future gives up the call's place.
     pub async fn pass(self: &Arc<Self>, job: JobId, limits: HostLimits, host: Arc<str>) -> Pass {
-        let (host_gate, job_gate, waiting) = self.enter(job, limits, &host);
+        let Entered {
+            host_gate,
+            job_gate,
+            waiting,
+            probe,
+            pause,
+        } = self.enter(job, limits, &host);
         let mut ticket = Ticket {
             gates: self.clone(),
             job,
@@ -319,6 +433,22 @@ impl HostGates {
             Some(gate) => gate.pass().await,
             None => None,
         };
+        // An open breaker: the cool-down, then one call at a time (the probe) until the host
+        // answers; its close lets everyone through.
+        let mut probe_permit = None;
+        if let Some(probe) = probe {
+            loop {
+                pause.wait().await;
+                match probe.clone().acquire_owned().await {
+                    Ok(permit) if pause.in_force(Instant::now()) => drop(permit),
+                    Ok(permit) => {
+                        probe_permit = Some(permit);
+                        break;
+                    }
+                    Err(_closed) => break,
+                }
+            }
+        }
         let host_permit = if waiting {
             host_gate.pass().await
         } else {
@@ -326,33 +456,89 @@ impl HostGates {
         };
         ticket.arrived();
         Pass {
-            _job_permit: job_permit,
-            _host_permit: host_permit,
-            _ticket: ticket,
+            job_permit,
+            host_permit,
+            probe: probe_permit,
+            ticket,
         }
+    }
+
+    /// What a call said about its host, when it is over: the adaptive limits it passed
+    /// learn from it, and the host's breaker counts its connection failures in a row.
+    fn record(&self, pass: &mut Pass, signal: Signal) {
+        pass.job_permit.as_mut().map(|p| p.release(signal));
+        let changed = pass.host_permit.as_mut().and_then(|p| p.release(signal));
+        let host = pass.ticket.host.clone();
+        if let Some(limit) = changed {
+            self.metrics
+                .limits
+                .get_or_create(&HostLabel {
+                    host: host.to_string(),
+                })
+                .set(i64::from(limit));
+        }
+        let threshold = self.adaptation.breaker_failures;
+        if threshold == 0 || signal == Signal::Nothing {
+            return;
+        }
+        let was_probe = pass.probe.take().is_some();
+        let mut state = self.state.lock().expect("not poisoned");
+        let Some(entry) = state.hosts.get_mut(&host) else {
+            return;
+        };
+        let breaker = &mut entry.breaker;
+        if signal != Signal::Unreachable {
+            breaker.failures = 0;
+            if let Some(probe) = breaker.probe.take() {
+                probe.close();
+                breaker.cooldown = Duration::ZERO;
+                tracing::info!(host = %host, "host answers again; its breaker closes");
+            }
+            return;
+        }
+        breaker.failures = breaker.failures.saturating_add(1);
+        let cooldown = if was_probe {
+            (breaker.cooldown * 2).min(BREAKER_MAX_COOLDOWN)
+        } else if breaker.probe.is_none() && breaker.failures >= threshold {
+            breaker.probe = Some(Arc::new(Semaphore::new(1)));
+            self.metrics.breaker_trips.inc();
+            BREAKER_COOLDOWN
+        } else {
+            return;
+        };
+        breaker.cooldown = cooldown;
+        entry.pause.extend(Instant::now() + cooldown);
+        tracing::warn!(
+            host = %host,
+            failures = breaker.failures,
+            cooldown_ms = cooldown.as_millis() as u64,
+            "host unreachable: its calls wait, then one probe decides"
+        );
     }
 
     /// Registers a call at its gates: the host's, the job's own (when it has limits), and
     /// whether the call has to wait at all.
-    fn enter(
-        &self,
-        job: JobId,
-        limits: HostLimits,
-        host: &Arc<str>,
-    ) -> (Arc<Gate>, Option<Arc<Gate>>, bool) {
+    fn enter(&self, job: JobId, limits: HostLimits, host: &Arc<str>) -> Entered {
         let now = Instant::now();
         let mut state = self.state.lock().expect("not poisoned");
         let state = &mut *state;
         if !state.hosts.contains_key(host) {
-            sweep(&mut state.hosts, &mut state.sweep_hosts_at, |h| {
-                h.users > 0 || !h.at_rest(now)
+            sweep(&mut state.hosts, &mut state.sweep_hosts_at, |host, h| {
+                let keep = h.users > 0 || !h.at_rest(now);
+                if !keep && h.gate.is_adaptive() {
+                    self.metrics.limits.remove(&HostLabel {
+                        host: host.to_string(),
+                    });
+                }
+                keep
             });
             let pause = Arc::new(Pause::new());
             state.hosts.insert(
                 host.clone(),
                 HostEntry {
-                    gate: Arc::new(Gate::new(self.server, pause.clone())),
+                    gate: Arc::new(Gate::new(self.server, pause.clone(), self.adaptation)),
                     pause,
+                    breaker: Breaker::default(),
                     users: 0,
                     jobs: HashMap::new(),
                     sweep_jobs_at: SWEEP_MIN,
@@ -362,14 +548,14 @@ impl HostGates {
         let entry = state.hosts.get_mut(host).expect("inserted above");
         entry.users += 1;
         if !entry.jobs.contains_key(&job) {
-            sweep(&mut entry.jobs, &mut entry.sweep_jobs_at, |j| {
+            sweep(&mut entry.jobs, &mut entry.sweep_jobs_at, |_, j| {
                 j.users > 0 || !j.at_rest(now)
             });
             entry.jobs.insert(
                 job,
                 JobEntry {
                     gate: (!limits.is_unlimited())
-                        .then(|| Arc::new(Gate::new(limits, entry.pause.clone()))),
+                        .then(|| Arc::new(Gate::new(limits, entry.pause.clone(), self.adaptation))),
                     limits,
                     users: 0,
                     waiting: 0,
@@ -381,35 +567,51 @@ impl HostGates {
         if job_entry.limits != limits {
             // The job's limits changed (`PATCH /v1/jobs/{id}`): a new gate for the calls from
             // now on; those already past or waiting at the old one keep it.
-            job_entry.gate =
-                (!limits.is_unlimited()).then(|| Arc::new(Gate::new(limits, entry.pause.clone())));
+            job_entry.gate = (!limits.is_unlimited())
+                .then(|| Arc::new(Gate::new(limits, entry.pause.clone(), self.adaptation)));
             job_entry.limits = limits;
         }
         job_entry.users += 1;
         // Most calls meet no limit and no pause: they need not count as waiting nor take
         // the pacer's lock.
-        let waiting =
-            job_entry.gate.is_some() || !self.server.is_unlimited() || entry.pause.in_force(now);
+        let probe = entry.breaker.probe.clone();
+        let waiting = job_entry.gate.is_some()
+            || !self.server.is_unlimited()
+            || entry.pause.in_force(now)
+            || probe.is_some();
         if waiting {
             job_entry.waiting += 1;
-            self.waiting.inc();
+            self.metrics.waiting.inc();
         }
-        (entry.gate.clone(), job_entry.gate.clone(), waiting)
+        Entered {
+            host_gate: entry.gate.clone(),
+            job_gate: job_entry.gate.clone(),
+            waiting,
+            probe,
+            pause: entry.pause.clone(),
+        }
     }
 
-    /// Pauses every new call to `host` for `delay` (a 429 or 503 answer asked for it), unless
-    /// a longer pause is in force.
-    pub fn pause(&self, host: &str, delay: Duration) {
+    /// Pauses every new call to `host` for `delay` (a 429 or 503 answer to a call of `job`
+    /// asked for it), unless a longer pause is in force. A pause the host did not ask for
+    /// (`asked`: a 429 without `Retry-After`) is left to an adaptive limit the call passed
+    /// (the host's, or its job's there), which halves instead.
+    pub fn pause(&self, host: &str, job: JobId, delay: Duration, asked: bool) {
         let extended = {
             let state = self.state.lock().expect("not poisoned");
             // The caller holds a pass for this host, so its entry is there.
-            state
-                .hosts
-                .get(host)
-                .is_some_and(|entry| entry.pause.extend(Instant::now() + delay))
+            state.hosts.get(host).is_some_and(|entry| {
+                let adaptive = entry.gate.is_adaptive()
+                    || entry
+                        .jobs
+                        .get(&job)
+                        .and_then(|j| j.gate.as_ref())
+                        .is_some_and(|g| g.is_adaptive());
+                (asked || !adaptive) && entry.pause.extend(Instant::now() + delay)
+            })
         };
         if extended {
-            self.pauses.inc();
+            self.metrics.pauses.inc();
             tracing::debug!(host, delay_ms = delay.as_millis() as u64, "host paused");
         }
     }
@@ -424,9 +626,15 @@ impl HostGates {
         let mut state = self.state.lock().expect("not poisoned");
         let mut jobs = HashSet::new();
         for host in state.hosts.values_mut() {
-            let paused_long = host.pause.until().is_some_and(|until| until > now + SOON);
+            // (An open breaker holds its calls until a probe gets through.)
+            let paused_long = host.pause.until().is_some_and(|until| until > now + SOON)
+                || host.breaker.probe.is_some();
             for (id, job) in host.jobs.iter_mut() {
-                let soon = if paused_long { 0 } else { self.soon(job) };
+                let soon = if paused_long {
+                    0
+                } else {
+                    self.soon(job, &host.gate)
+                };
                 job.backlogged = job.waiting as u64 > soon;
                 if job.backlogged {
                     jobs.insert(*id);
@@ -438,8 +646,9 @@ impl HostGates {
 
     /// How many of a job's calls waiting at a host its gates and the host's can start
     /// within [`SOON`].
-    fn soon(&self, job: &JobEntry) -> u64 {
-        soon(&job.limits).min(soon(&self.server))
+    fn soon(&self, job: &JobEntry, host_gate: &Gate) -> u64 {
+        let job_now = job.gate.as_ref().and_then(|g| g.adaptive_limit());
+        soon(&job.limits, job_now).min(soon(&self.server, host_gate.adaptive_limit()))
     }
 
     /// Resolves when a job that `backlogged_jobs` named has cleared its backlog.
@@ -457,11 +666,11 @@ impl HostGates {
 /// Removes the entries `keep` rejects once the map has reached `*at`, then sets the next
 /// sweep at twice what is left: the cost is constant per insert on average, and the map
 /// stays within twice the entries in use or holding state.
-fn sweep<K, V>(map: &mut HashMap<K, V>, at: &mut usize, mut keep: impl FnMut(&V) -> bool) {
+fn sweep<K, V>(map: &mut HashMap<K, V>, at: &mut usize, mut keep: impl FnMut(&K, &V) -> bool) {
     if map.len() < *at {
         return;
     }
-    map.retain(|_, v| keep(v));
+    map.retain(|k, v| keep(k, v));
     *at = (map.len() * 2).max(SWEEP_MIN);
 }
 
@@ -483,16 +692,16 @@ impl Ticket {
         self.waiting = false;
         let gates = &self.gates;
         let mut state = gates.state.lock().expect("not poisoned");
-        gates.waiting.dec();
-        let Some(job) = state
-            .hosts
-            .get_mut(&self.host)
-            .and_then(|h| h.jobs.get_mut(&self.job))
-        else {
+        gates.metrics.waiting.dec();
+        let Some(host) = state.hosts.get_mut(&self.host) else {
+            return;
+        };
+        let host_gate = host.gate.clone();
+        let Some(job) = host.jobs.get_mut(&self.job) else {
             return;
         };
         job.waiting -= 1;
-        if job.backlogged && job.waiting as u64 <= gates.soon(job) {
+        if job.backlogged && job.waiting as u64 <= gates.soon(job, &host_gate) {
             job.backlogged = false;
             gates.cleared.notify_one();
         }
@@ -513,25 +722,51 @@ impl Drop for Ticket {
             if self.waiting {
                 // Given up while waiting (cancelled, or the engine stopping).
                 job.waiting -= 1;
-                gates.waiting.dec();
+                gates.metrics.waiting.dec();
             }
             if job.users == 0 && job.at_rest(now) {
                 host.jobs.remove(&self.job);
             }
         }
-        if host.users == 0 && host.jobs.is_empty() && host.at_rest(now) {
+        // An adaptive limit learnt is kept between calls (until a sweep, should the map
+        // grow): a job calling one at a time would otherwise start it afresh each call.
+        if host.users == 0 && host.jobs.is_empty() && host.at_rest(now) && !host.gate.is_adaptive()
+        {
             state.hosts.remove(&self.host);
         }
     }
 }
 
-/// Leave to call a host; dropping it frees the permits taken at the gates.
+/// Leave to call a host; dropping it frees the permits taken at the gates, [`Pass::finish`]
+/// with what the call said.
 pub struct Pass {
     // Fields drop in order: the permits before the ticket, which looks whether the gates
     // are at rest.
-    _job_permit: Option<OwnedSemaphorePermit>,
-    _host_permit: Option<OwnedSemaphorePermit>,
-    _ticket: Ticket,
+    job_permit: Option<GatePermit>,
+    host_permit: Option<GatePermit>,
+    /// Held by the one call an open breaker lets through.
+    probe: Option<OwnedSemaphorePermit>,
+    ticket: Ticket,
+}
+
+impl Pass {
+    /// The call is over: frees its permits, and the host's adaptive limits and breaker
+    /// learn what it said.
+    pub fn finish(mut self, signal: Signal) {
+        let gates = self.ticket.gates.clone();
+        gates.record(&mut self, signal);
+    }
+}
+
+/// A call's gates, as it registers at them.
+struct Entered {
+    host_gate: Arc<Gate>,
+    job_gate: Option<Arc<Gate>>,
+    /// Whether the call has anything to wait for.
+    waiting: bool,
+    /// An open breaker's probe permit.
+    probe: Option<Arc<Semaphore>>,
+    pause: Arc<Pause>,
 }
 
 #[cfg(test)]

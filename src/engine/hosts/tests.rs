@@ -3,7 +3,11 @@
 use super::*;
 
 fn gates(server: HostLimits) -> Arc<HostGates> {
-    Arc::new(HostGates::new(server, Gauge::default(), Counter::default()))
+    Arc::new(HostGates::new(
+        server,
+        Adaptation::default(),
+        HostMetrics::default(),
+    ))
 }
 
 fn rate(r: f64) -> HostLimits {
@@ -15,7 +19,7 @@ fn rate(r: f64) -> HostLimits {
 
 fn concurrency(n: u32) -> HostLimits {
     HostLimits {
-        concurrency: Some(n),
+        concurrency: Some(HostConcurrency::Fixed(n)),
         rate: None,
     }
 }
@@ -152,7 +156,7 @@ async fn a_pause_holds_every_new_call_then_the_rate_resumes_from_empty() {
     starts(&gates, job, HostLimits::UNLIMITED, "h", 1, Duration::ZERO).await;
     // Held by the host so that its entry stays, as a call's own pass does.
     let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
-    gates.pause("h", Duration::from_secs(1));
+    gates.pause("h", job, Duration::from_secs(1), true);
     let times = starts(
         &gates,
         JobId::generate(),
@@ -164,7 +168,7 @@ async fn a_pause_holds_every_new_call_then_the_rate_resumes_from_empty() {
     .await;
     drop(held);
     assert_eq!(times, [1000, 1100, 1200]);
-    assert_eq!(gates.pauses.get(), 1);
+    assert_eq!(gates.metrics.pauses.get(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -172,7 +176,7 @@ async fn a_pause_holds_hosts_without_limits_too_and_can_be_extended() {
     let gates = gates(HostLimits::UNLIMITED);
     let job = JobId::generate();
     let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
-    gates.pause("h", Duration::from_millis(500));
+    gates.pause("h", job, Duration::from_millis(500), true);
     let waiter = tokio::spawn({
         let gates = gates.clone();
         async move {
@@ -182,11 +186,11 @@ async fn a_pause_holds_hosts_without_limits_too_and_can_be_extended() {
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    gates.pause("h", Duration::from_millis(1000));
+    gates.pause("h", job, Duration::from_millis(1000), true);
     // A shorter pause than the one in force changes nothing.
-    gates.pause("h", Duration::from_millis(10));
+    gates.pause("h", job, Duration::from_millis(10), true);
     assert_eq!(waiter.await.unwrap(), 1200);
-    assert_eq!(gates.pauses.get(), 2);
+    assert_eq!(gates.metrics.pauses.get(), 2);
     drop(held);
 }
 
@@ -202,7 +206,7 @@ async fn a_call_that_gives_up_waiting_leaves_no_gap() {
     )
     .await;
     assert!(given_up.is_err());
-    assert_eq!(gates.waiting.get(), 0);
+    assert_eq!(gates.metrics.waiting.get(), 0);
     let _second = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
     assert_eq!((Instant::now() - start).as_millis(), 1000);
 }
@@ -243,7 +247,7 @@ async fn jobs_with_more_waiting_than_soon_startable_are_backlogged() {
         .map(|_| waiter(&gates, busy, HostLimits::UNLIMITED, "h"))
         .collect();
     settle().await;
-    assert_eq!(gates.waiting.get(), 2);
+    assert_eq!(gates.metrics.waiting.get(), 2);
     assert_eq!(gates.backlogged_jobs(), Vec::<JobId>::new());
     waiters.push(waiter(&gates, busy, HostLimits::UNLIMITED, "h"));
     // A job with a limit of its own of one a second: its first call goes at once, the
@@ -252,7 +256,7 @@ async fn jobs_with_more_waiting_than_soon_startable_are_backlogged() {
         waiters.push(waiter(&gates, light, rate(1.0), "other"));
     }
     settle().await;
-    assert_eq!(gates.waiting.get(), 5);
+    assert_eq!(gates.metrics.waiting.get(), 5);
     assert_eq!(sorted(gates.backlogged_jobs()), sorted(vec![busy, light]));
     // The backlog clears as calls start; the dispatcher hears of it.
     held.clear();
@@ -264,7 +268,7 @@ async fn jobs_with_more_waiting_than_soon_startable_are_backlogged() {
         w.await.unwrap();
     }
     assert_eq!(gates.backlogged_jobs(), Vec::<JobId>::new());
-    assert_eq!(gates.waiting.get(), 0);
+    assert_eq!(gates.metrics.waiting.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -272,7 +276,7 @@ async fn a_long_pause_backlogs_any_job_waiting_at_the_host() {
     let gates = gates(HostLimits::UNLIMITED);
     let job = JobId::generate();
     let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
-    gates.pause("h", Duration::from_secs(5));
+    gates.pause("h", job, Duration::from_secs(5), true);
     let w = waiter(&gates, job, HostLimits::UNLIMITED, "h");
     settle().await;
     assert_eq!(gates.backlogged_jobs(), vec![job]);
@@ -315,4 +319,111 @@ async fn idle_gates_are_dropped() {
     assert_eq!(gates.hosts(), SWEEP_MIN - 10 + 1);
     held.clear();
     assert_eq!(gates.hosts(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_holds_calls_after_failures_in_a_row_and_one_probe_decides() {
+    let gates = Arc::new(HostGates::new(
+        HostLimits::UNLIMITED,
+        Adaptation {
+            initial: 16,
+            breaker_failures: 3,
+        },
+        HostMetrics::default(),
+    ));
+    let job = JobId::generate();
+    let start = Instant::now();
+    let elapsed = || (Instant::now() - start).as_millis() as u64;
+    // An answer between failures starts the count again.
+    for signal in [
+        Signal::Unreachable,
+        Signal::Unreachable,
+        Signal::Reachable,
+        Signal::Unreachable,
+        Signal::Unreachable,
+    ] {
+        gates
+            .pass(job, HostLimits::UNLIMITED, host("h"))
+            .await
+            .finish(signal);
+    }
+    assert_eq!(gates.metrics.breaker_trips.get(), 0);
+    assert_eq!(elapsed(), 0);
+    // The third in a row opens it: the next call waits out a second, and is the probe.
+    gates
+        .pass(job, HostLimits::UNLIMITED, host("h"))
+        .await
+        .finish(Signal::Unreachable);
+    assert_eq!(gates.metrics.breaker_trips.get(), 1);
+    assert_eq!(
+        gates.backlogged_jobs(),
+        Vec::<JobId>::new(),
+        "nobody waits yet"
+    );
+    let probe = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+    assert_eq!(elapsed(), 1000);
+    // Meanwhile others wait for the probe's answer, and their jobs are not claimed for.
+    let other = waiter(&gates, job, HostLimits::UNLIMITED, "h");
+    settle().await;
+    assert!(!other.is_finished());
+    assert_eq!(gates.backlogged_jobs(), vec![job]);
+    // A failed probe doubles the cool-down; the next call is the next probe.
+    probe.finish(Signal::Unreachable);
+    let probe = loop {
+        // The waiter takes the probe's turn; wait for it to finish and take the next.
+        if other.is_finished() {
+            break gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+        }
+        settle().await;
+    };
+    assert!(elapsed() >= 3000, "{}", elapsed());
+    // It answers: the breaker closes, and calls go at once.
+    probe.finish(Signal::Answered(Duration::from_millis(5)));
+    let before = elapsed();
+    starts(&gates, job, HostLimits::UNLIMITED, "h", 5, Duration::ZERO).await;
+    assert_eq!(elapsed(), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adaptive_limit_learns_from_what_calls_say() {
+    let gates = Arc::new(HostGates::new(
+        HostLimits {
+            concurrency: Some(HostConcurrency::Auto),
+            rate: None,
+        },
+        Adaptation {
+            initial: 4,
+            breaker_failures: 0,
+        },
+        HostMetrics::default(),
+    ));
+    let job = JobId::generate();
+    let label = HostLabel { host: "h".into() };
+    // Four at once; a fifth waits.
+    let mut passes = Vec::new();
+    for _ in 0..4 {
+        passes.push(gates.pass(job, HostLimits::UNLIMITED, host("h")).await);
+    }
+    let fifth = waiter(&gates, job, HostLimits::UNLIMITED, "h");
+    settle().await;
+    assert!(!fifth.is_finished());
+    // A round of answers at the usual latency: one more.
+    for pass in passes.drain(..) {
+        pass.finish(Signal::Answered(Duration::from_millis(10)));
+    }
+    fifth.await.unwrap();
+    assert_eq!(gates.metrics.limits.get_or_create(&label).get(), 5);
+    // A 429: halved.
+    gates
+        .pass(job, HostLimits::UNLIMITED, host("h"))
+        .await
+        .finish(Signal::Overloaded);
+    assert_eq!(gates.metrics.limits.get_or_create(&label).get(), 2);
+    // Without Retry-After, a 429 does not pause a host under an adaptive limit.
+    let held = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+    gates.pause("h", job, Duration::from_secs(1), false);
+    assert_eq!(gates.metrics.pauses.get(), 0);
+    gates.pause("h", job, Duration::from_secs(1), true);
+    assert_eq!(gates.metrics.pauses.get(), 1);
+    drop(held);
 }

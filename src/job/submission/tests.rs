@@ -112,12 +112,20 @@ fn rejections_name_the_field_and_task() {
     );
     check(
         r#"{"tasks":[],"options":{"per_host_concurrency":0}}"#,
-        Err("options.per_host_concurrency: must be at least 1"),
+        Err(
+            "options.per_host_concurrency: expected a whole number from 1 to 4294967295, or \"auto\", got the number 0",
+        ),
     );
     check(
         r#"{"tasks":[],"options":{"per_host_concurrency":-2}}"#,
         Err(
-            "options.per_host_concurrency: expected a whole number from 0 to 4294967295, got the number -2",
+            "options.per_host_concurrency: expected a whole number from 1 to 4294967295, or \"auto\", got the number -2",
+        ),
+    );
+    check(
+        r#"{"tasks":[],"options":{"per_host_concurrency":"lots"}}"#,
+        Err(
+            "options.per_host_concurrency: expected a whole number from 1 to 4294967295, or \"auto\", got the string \"lots\"",
         ),
     );
     check(
@@ -320,7 +328,7 @@ fn per_host_options_are_kept() {
     assert_eq!(
         job.options.host_limits(),
         HostLimits {
-            concurrency: Some(3),
+            concurrency: Some(crate::job::HostConcurrency::Fixed(3)),
             rate: Some(0.5)
         }
     );
