@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0 with a fresh database, against local
 //! endpoints and callback receivers. One binary, so the build links once.
 
+mod adaptive;
 mod callbacks;
 mod calls;
 mod cli;
