@@ -49,7 +49,30 @@ pub struct Bus {
     calls: Mutex<HashMap<JobId, CancellationToken>>,
     /// Claimed tasks whose call has not started, by job.
     pub queued: Arc<Queued>,
+    /// How this node's engine sees the hosts it calls, when it has an engine.
+    hosts: Mutex<Option<HostsView>>,
 }
+
+/// One host this node calls, as its gates see it now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostState {
+    /// `host` or `host:port`.
+    pub host: String,
+    /// The limit on calls in flight: the adaptive one's value now, or the fixed one.
+    pub limit: Option<u32>,
+    pub adaptive: bool,
+    /// Calls that passed the host's gate and are not over.
+    pub in_flight: u64,
+    /// Calls waiting at its gates (limits, a pause, an open breaker).
+    pub waiting: u64,
+    /// Its breaker is open: calls wait for the cool-down and a probe.
+    pub breaker_open: bool,
+    /// Connection failures in a row so far.
+    pub failures: u32,
+}
+
+/// Reads the engine's view of its hosts.
+pub type HostsView = Arc<dyn Fn() -> Vec<HostState> + Send + Sync>;
 
 impl Default for Bus {
     fn default() -> Self {
@@ -60,6 +83,7 @@ impl Default for Bus {
             events: broadcast::channel(1024).0,
             calls: Mutex::new(HashMap::new()),
             queued: Arc::default(),
+            hosts: Mutex::new(None),
         }
     }
 }
@@ -67,6 +91,17 @@ impl Default for Bus {
 impl Bus {
     pub fn new() -> Arc<Self> {
         Arc::new(Bus::default())
+    }
+
+    /// The engine of this node shows its hosts through `view`.
+    pub fn show_hosts(&self, view: HostsView) {
+        *self.hosts.lock().expect("not poisoned") = Some(view);
+    }
+
+    /// The hosts this node's engine calls; empty on a node without one.
+    pub fn hosts(&self) -> Vec<HostState> {
+        let view = self.hosts.lock().expect("not poisoned").clone();
+        view.map(|view| view()).unwrap_or_default()
     }
 
     /// Tasks may have become claimable (a submission, a settled task, a lease taken back).

@@ -305,6 +305,7 @@
     document.title = 'Jobs · DoParallel';
 
     const filterSlot = el('div');
+    const hostsSlot = el('div', { class: 'hosts', id: 'hosts' });
     const tbody = el('tbody');
     const updated = el('span', { class: 'live', id: 'jobs-updated' }, 'loading…');
     const newer = el('button', { type: 'button', class: 'btn', onclick: () => page(-1) }, '‹ Newer');
@@ -324,7 +325,31 @@
           el('th', {}, 'Created'),
           el('th', { class: 'num' }, 'Duration'))),
         tbody),
-      el('div', { class: 'pager' }, newer, older)));
+      el('div', { class: 'pager' }, newer, older),
+      hostsSlot));
+
+    // The hosts this node calls: each one's limit (an adaptive one's value now), calls under
+    // way and waiting, its breaker. Shown while there are any.
+    function renderHosts(hosts) {
+      if (!hosts.length) {
+        hostsSlot.replaceChildren();
+        return;
+      }
+      hostsSlot.replaceChildren(el('h2', {}, 'Hosts on this node'),
+        el('table', { class: 'table', id: 'hosts-table' },
+          el('thead', {}, el('tr', {},
+            el('th', {}, 'Host'),
+            el('th', { class: 'num', title: 'Most calls in flight at once: adaptive (auto) or fixed' }, 'Limit'),
+            el('th', { class: 'num' }, 'In flight'),
+            el('th', { class: 'num' }, 'Waiting'),
+            el('th', {}, 'Breaker'))),
+          el('tbody', {}, ...hosts.map((h) => el('tr', { class: 'host-row', 'data-host': h.host },
+            el('td', {}, el('span', { class: 'mono' }, h.host)),
+            el('td', { class: 'num host-limit' }, h.limit === null || h.limit === undefined ? 'none' : (h.adaptive ? `auto ${h.limit}` : String(h.limit))),
+            el('td', { class: 'num' }, h.in_flight),
+            el('td', { class: 'num' }, h.waiting),
+            el('td', {}, h.breaker === 'open' ? badge('open') : el('span', { class: 'muted' }, 'closed')))))));
+    }
 
     function renderFilter() {
       filterSlot.replaceChildren(pills('jobs-filter', ['', ...JOB_STATUSES], state.status, null, (s) => {
@@ -386,9 +411,10 @@
       if (state.status) params.set('status', state.status);
       if (state.after) params.set('after', state.after);
       try {
-        const answer = await api('/v1/jobs?' + params);
+        const [answer, hosts] = await Promise.all([api('/v1/jobs?' + params), api('/v1/hosts')]);
         state.next = answer.next_after;
         render(answer.jobs);
+        renderHosts(hosts.hosts);
         updated.replaceChildren(el('span', { class: 'dot dot-live' }), `updated ${new Date().toLocaleTimeString()} · every ${JOBS_POLL_MS / 1000} s`);
         clearBanner();
       } catch (e) {

@@ -36,7 +36,7 @@ use crate::store::Millis;
 use control::{pause_job, resume_job, retry_job, update_job};
 use events::job_events;
 use jobs::{cancel_job, delete_job, get_job, list_jobs, list_tasks, submit, submit_alias};
-use service::{health, heartbeat_task, metrics, not_found, openapi, report_task, test_task};
+use service::{health, heartbeat_task, hosts, metrics, not_found, openapi, report_task, test_task};
 
 #[derive(Clone)]
 struct AppState {
@@ -86,6 +86,7 @@ pub fn router(
         guarded = guarded.route("/v1/jobs/{id}/events", get(job_events));
     }
     let guarded = guarded
+        .route("/v1/hosts", get(hosts))
         .route("/metrics", get(metrics))
         .merge(crate::dashboard::page_router())
         .route_layer(middleware::from_fn_with_state(tokens, require_token));
@@ -134,6 +135,7 @@ pub fn router(
         events::job_events,
         service::report_task,
         service::heartbeat_task,
+        service::hosts,
         service::test_task,
         service::health,
         service::metrics,

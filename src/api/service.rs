@@ -210,6 +210,32 @@ pub(super) async fn test_task(body: Result<Bytes, BytesRejection>) -> Result<Res
         .into_response())
 }
 
+/// The hosts this node calls, as its per-host gates see them: each one's limit on calls in
+/// flight (an adaptive one's value now), calls under way and waiting, and its breaker. A
+/// node's own view: on several nodes, ask each; an API-only node calls nothing.
+#[utoipa::path(
+    get, path = "/v1/hosts", tag = "service",
+    responses((status = 200, body = HostPage))
+)]
+pub(super) async fn hosts(State(state): State<AppState>) -> Json<HostPage> {
+    let hosts = state
+        .services
+        .bus
+        .hosts()
+        .into_iter()
+        .map(|h| HostView {
+            host: h.host,
+            limit: h.limit,
+            adaptive: h.adaptive,
+            in_flight: h.in_flight,
+            waiting: h.waiting,
+            breaker: if h.breaker_open { "open" } else { "closed" }.into(),
+            failures: h.failures,
+        })
+        .collect();
+    Json(HostPage { hosts })
+}
+
 /// Answers 200 when the database does.
 #[utoipa::path(
     get, path = "/healthz", tag = "service",

@@ -309,3 +309,29 @@ where
     let value = serde_json::Value::deserialize(deserializer)?;
     Ok(serde_json::from_value(value).ok())
 }
+
+/// One host this node calls (`GET /v1/hosts`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    /// `host` or `host:port`, as endpoints name it.
+    pub host: String,
+    /// The limit on calls in flight to it on this node: the adaptive limit's value now
+    /// (`adaptive`), or the fixed `--per-host-concurrency`; absent when unlimited.
+    pub limit: Option<u32>,
+    pub adaptive: bool,
+    /// Calls under way.
+    pub in_flight: u64,
+    /// Calls waiting at its gates (limits, a pause, an open breaker).
+    pub waiting: u64,
+    /// `closed`, or `open`: connection failures in a row made its calls wait for a
+    /// cool-down and a probe.
+    pub breaker: String,
+    /// Connection failures in a row so far.
+    pub failures: u32,
+}
+
+/// The hosts this node calls now (those with calls, limits or state worth keeping).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostPage {
+    pub hosts: Vec<HostView>,
+}

@@ -141,6 +141,10 @@ pub fn start(parts: Parts, config: EngineConfig) -> EngineHandle {
             breaker_trips: parts.metrics.host_breaker_trips.clone(),
         },
     ));
+    parts.bus.show_hosts({
+        let hosts = Arc::downgrade(&hosts);
+        Arc::new(move || hosts.upgrade().map(|h| h.states()).unwrap_or_default())
+    });
     let engine = Arc::new(Engine {
         store: parts.store,
         names,

@@ -201,7 +201,8 @@ function startEndpoint() {
 
 before(async () => {
   fs.mkdirSync(TARGET, { recursive: true });
-  server = await startServer('open');
+  // An adaptive limit per host, which the list page shows.
+  server = await startServer('open', ['--per-host-concurrency', 'auto']);
   endpoint = await startEndpoint();
   // A persistent context is how playwright takes a profile directory of our choosing.
   context = await chromium.launchPersistentContext(path.join(tmp, 'profile'), {
@@ -404,6 +405,20 @@ test('a running task shows the progress of its last heartbeat, and the job its d
   const done = await fetch(call.result, { method: 'POST', body: '{"status":"Complete","result":1}' });
   assert.equal(done.status, 200);
   await page.locator('#job-status[data-status="Complete"]').waitFor();
+});
+
+test('the jobs page shows the hosts this node calls, with their adaptive limit', { timeout: 60_000 }, async () => {
+  const tasks = Array.from({ length: 2 }, (_, i) => ({ endpoint: `${endpoint.base}/work?delay_ms=2500`, params: { i } }));
+  const id = await submit({ tasks });
+  const host = new URL(endpoint.base).host;
+  await page.goto(`${server.base}/#/`);
+  const row = page.locator(`#hosts tr.host-row[data-host="${host}"]`);
+  await row.waitFor();
+  // It started at 16 and learnt from the calls of the tests before.
+  assert.match(await row.locator('.host-limit').innerText(), /^auto \d+$/);
+  // Done: nothing left running for the other tests.
+  await page.goto(`${server.base}/#/jobs/${id}`);
+  await page.locator('#job-status[data-status="Complete"]').waitFor({ timeout: 30_000 });
 });
 
 test('Pause holds a running job and Resume lets it finish', { timeout: 60_000 }, async () => {

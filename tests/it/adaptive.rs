@@ -142,6 +142,12 @@ async fn an_adaptive_limit_finds_a_hosts_capacity_and_costs_little() {
     let refused = seen.refused.load(Ordering::SeqCst);
     let calls = refused + seen.served.load(Ordering::SeqCst);
     let limit = limit_of(&app, &url).await;
+    let (status, page) = app.get("/v1/hosts").await;
+    assert_eq!(status, 200, "{page}");
+    let shown = &page["hosts"][0];
+    assert_eq!(shown["adaptive"], true, "{page}");
+    assert_eq!(shown["limit"].as_f64(), Some(limit), "{page}");
+    assert_eq!(shown["breaker"], "closed", "{page}");
     let ratio = adaptive.as_secs_f64() / fixed.as_secs_f64();
     eprintln!(
         "capacity {K}: fixed limit {fixed:?}, adaptive {adaptive:?} (x{ratio:.2}), \
@@ -209,6 +215,12 @@ async fn a_broken_host_makes_its_calls_wait_rather_than_fail() {
         (app.metric("doparallel_host_breaker_trips_total").await? >= 1.0).then_some(())
     })
     .await;
+    let (_, page) = app.get("/v1/hosts").await;
+    assert_eq!(page["hosts"][0]["breaker"], "open", "{page}");
+    assert!(
+        page["hosts"][0]["failures"].as_u64().unwrap() >= 20,
+        "{page}"
+    );
     // Held, not failed: no task has used up its attempts while the host stays down.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let job = app.job(&id).await;

@@ -651,6 +651,36 @@ impl HostGates {
         soon(&job.limits, job_now).min(soon(&self.server, host_gate.adaptive_limit()))
     }
 
+    /// Every host with a gate in memory, as `GET /v1/hosts` shows them, busiest first.
+    pub fn states(&self) -> Vec<crate::bus::HostState> {
+        let state = self.state.lock().expect("not poisoned");
+        let mut hosts: Vec<crate::bus::HostState> = state
+            .hosts
+            .iter()
+            .map(|(host, entry)| {
+                let waiting: usize = entry.jobs.values().map(|j| j.waiting).sum();
+                crate::bus::HostState {
+                    host: host.to_string(),
+                    limit: entry
+                        .gate
+                        .adaptive_limit()
+                        .or_else(|| self.server.concurrency.and_then(|c| c.fixed())),
+                    adaptive: entry.gate.is_adaptive(),
+                    in_flight: entry.users.saturating_sub(waiting) as u64,
+                    waiting: waiting as u64,
+                    breaker_open: entry.breaker.probe.is_some(),
+                    failures: entry.breaker.failures,
+                }
+            })
+            .collect();
+        hosts.sort_by(|a, b| {
+            (b.in_flight + b.waiting)
+                .cmp(&(a.in_flight + a.waiting))
+                .then_with(|| a.host.cmp(&b.host))
+        });
+        hosts
+    }
+
     /// Resolves when a job that `backlogged_jobs` named has cleared its backlog.
     pub async fn cleared(&self) {
         self.cleared.notified().await
