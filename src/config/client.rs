@@ -123,9 +123,10 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "N|none", value_parser = parse_limit)]
     pub concurrency: Option<Limit<u64>>,
 
-    /// Most calls of the job in flight at once to one host (`none`: no limit of its own).
-    #[arg(long, value_name = "N|none", value_parser = parse_limit)]
-    pub per_host_concurrency: Option<Limit<u64>>,
+    /// Most calls of the job in flight at once to one host: a number, `auto` (a limit that
+    /// adapts to the host's answers), or `none` (no limit of its own).
+    #[arg(long, value_name = "N|auto|none", value_parser = parse_host_concurrency)]
+    pub per_host_concurrency: Option<Limit<crate::job::HostConcurrency>>,
 
     /// Most calls of the job started per second to one host (`none`: no limit of its own).
     #[arg(long, value_name = "RATE|none", value_parser = parse_rate_or_none)]
@@ -155,6 +156,16 @@ fn parse_limit(text: &str) -> Result<Limit<u64>, String> {
             "{text:?} is not a whole number of 1 or more, nor none"
         )),
     }
+}
+
+/// A limit per host (`N` or `auto`), or `none`.
+fn parse_host_concurrency(text: &str) -> Result<Limit<crate::job::HostConcurrency>, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    crate::job::HostConcurrency::parse(text)
+        .map(|c| Limit(Some(c)))
+        .map_err(|e| format!("{e}, nor none"))
 }
 
 /// Calls per second (see [`parse_rate`]), or `none`.
