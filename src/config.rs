@@ -329,6 +329,12 @@ pub struct EngineArgs {
           value_parser = HostConcurrency::parse)]
     pub per_host_concurrency: Option<HostConcurrency>,
 
+    /// How long a job may go unserved while jobs of higher priority take every slot: after
+    /// that, its next claim serves it as if it were one above them.
+    #[arg(long, env = "DOPARALLEL_PRIORITY_MAX_WAIT", default_value = "60s",
+          value_parser = parse_duration)]
+    pub priority_max_wait: Duration,
+
     /// Where an adaptive limit per host (`auto`, of the server or of a job) starts.
     #[arg(long, env = "DOPARALLEL_PER_HOST_INITIAL", value_name = "N", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -545,6 +551,7 @@ impl EngineArgs {
                 concurrency: self.per_host_concurrency,
                 rate: self.per_host_rate,
             },
+            priority_max_wait: self.priority_max_wait,
             per_host_adaptation: crate::engine::hosts::Adaptation {
                 initial: self.per_host_initial,
                 breaker_failures: self.host_breaker_failures,

@@ -44,6 +44,8 @@ pub struct Settings {
     pub per_host: HostLimits,
     /// How adaptive limits (`auto`) start, and when a host's breaker opens.
     pub per_host_adaptation: crate::engine::hosts::Adaptation,
+    /// How long a job below the highest priority may go unserved (`plan::levels`).
+    pub priority_max_wait: Duration,
     /// The largest answer (or reported outcome) a task may have.
     pub max_response_bytes: usize,
     /// Delays between callback attempts after the first.
@@ -92,6 +94,7 @@ impl Settings {
                 owner_max_in_flight: self.owner_max_in_flight,
                 per_host: self.per_host,
                 adaptation: self.per_host_adaptation,
+                priority_max_wait: self.priority_max_wait,
                 max_response_bytes: self.max_response_bytes,
                 retention: self.retention,
                 egress: self.egress.clone(),

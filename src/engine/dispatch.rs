@@ -45,6 +45,7 @@ pub(super) async fn dispatch(
                 node,
                 lease_until: now_millis() + engine.config.lease_timeout.as_millis() as i64,
                 skip_jobs,
+                priority_max_wait: engine.config.priority_max_wait.as_millis() as i64,
                 owners: engine.tenants.limits(),
             })
             .await

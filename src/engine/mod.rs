@@ -66,6 +66,8 @@ pub struct EngineConfig {
     pub per_host: HostLimits,
     /// How adaptive limits start, and when a host's breaker opens.
     pub adaptation: hosts::Adaptation,
+    /// How long a job below the highest priority may go unserved (`plan::levels`).
+    pub priority_max_wait: Duration,
     pub max_response_bytes: usize,
     /// How long finished jobs are kept; `None` keeps them until deleted.
     pub retention: Option<Duration>,

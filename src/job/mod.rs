@@ -41,6 +41,15 @@ impl JobId {
     pub fn generate() -> Self {
         JobId(Uuid::now_v7())
     }
+
+    /// When it was generated, in milliseconds since the Unix epoch (a UUIDv7 starts with
+    /// them); 0 for an id of another version.
+    pub fn created_millis(&self) -> i64 {
+        self.0.get_timestamp().map_or(0, |t| {
+            let (secs, nanos) = t.to_unix();
+            (secs as i64) * 1000 + i64::from(nanos / 1_000_000)
+        })
+    }
 }
 
 impl fmt::Display for JobId {
@@ -234,6 +243,13 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub deadline_ms: Option<u64>,
+    /// From -10 to 10: when there are more due tasks than free slots, the jobs of a higher
+    /// priority are served first (jobs of one priority share as ever), and a lower one only
+    /// runs on what they leave; but a job not served for the server's
+    /// `--priority-max-wait` is served next as if it were one above the highest waiting.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(minimum = -10, maximum = 10)]
+    pub priority: i32,
     /// With tasks that answer 202 and report later: an attempt with neither a report nor a
     /// heartbeat (`POST /v1/tasks/{token}/heartbeat`) for this long times out (and is
     /// retried like any timeout), within its `async_timeout_ms` as ever.
@@ -439,6 +455,13 @@ const MAX_ATTEMPTS: u32 = 100;
 /// sensible `Duration`) to one a microsecond, past which the limit means nothing.
 pub const PER_HOST_RATES: RangeInclusive<f64> = 0.001..=1_000_000.0;
 const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The priorities accepted.
+pub const PRIORITIES: RangeInclusive<i32> = -10..=10;
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
 /// The `deadline_ms` accepted: up to 30 days.
 pub const DEADLINES: RangeInclusive<u64> = 1..=30 * 24 * 3600 * 1000;
 
@@ -479,6 +502,7 @@ impl JobOptions {
             min_complete: None,
             fail_fast: false,
             deadline_ms: None,
+            priority: 0,
             async_heartbeat_ms: None,
             run: None,
             run_started: None,
@@ -529,6 +553,19 @@ impl JobOptions {
             };
             match name.as_str() {
                 "concurrency" => next.concurrency = whole(1)?,
+                "priority" => {
+                    next.priority = value
+                        .as_i64()
+                        .and_then(|p| i32::try_from(p).ok())
+                        .filter(|p| PRIORITIES.contains(p))
+                        .ok_or_else(|| {
+                            format!(
+                                "{place}: expected a whole number from {} to {}",
+                                PRIORITIES.start(),
+                                PRIORITIES.end()
+                            )
+                        })?
+                }
                 "deadline_ms" => {
                     next.deadline_ms = match value {
                         serde_json::Value::Null => None,
@@ -566,7 +603,8 @@ impl JobOptions {
                 _ => {
                     return Err(format!(
                         "{place}: cannot be changed once a job is submitted; a running job's \
-                         concurrency, per_host_concurrency, per_host_rate and deadline_ms can"
+                         concurrency, per_host_concurrency, per_host_rate, deadline_ms and \
+                         priority can"
                     ));
                 }
             }
@@ -639,6 +677,13 @@ impl JobOptions {
             };
             return Err(format!(
                 "options.{name}: set by the server when a job is retried, not by the body"
+            ));
+        }
+        if !PRIORITIES.contains(&self.priority) {
+            return Err(format!(
+                "options.priority: must be between {} and {}",
+                PRIORITIES.start(),
+                PRIORITIES.end()
             ));
         }
         if let Some(ms) = self.deadline_ms

@@ -337,6 +337,9 @@ pub struct ClaimParams {
     pub lease_until: Millis,
     /// Jobs to leave out of this claim (their calls already queue at a host's limit).
     pub skip_jobs: Vec<JobId>,
+    /// How long a job below the highest priority may go unserved before it is served above
+    /// it (`plan::levels`).
+    pub priority_max_wait: Millis,
     /// How much of this node each owner may still take (see `plan`).
     pub owners: plan::OwnerLimits,
 }

@@ -185,9 +185,33 @@ impl OwnerLimits {
     }
 }
 
+/// The level each candidate job of a claim is served at, from its `(priority, served_at)`
+/// (`served_at`: when a claim last served it, or its submission): its priority, but a job
+/// below the highest priority among them that no claim served for `max_wait` is served as
+/// if it were one above it (aging): a low priority waits while higher ones keep coming,
+/// but never longer than that. Written once here for every backend.
+pub fn levels(
+    now: super::Millis,
+    max_wait: super::Millis,
+    jobs: &[(i32, super::Millis)],
+) -> Vec<i32> {
+    let top = jobs.iter().map(|(p, _)| *p).max().unwrap_or(0);
+    jobs.iter()
+        .map(|&(priority, served_at)| {
+            if priority < top && now.saturating_sub(served_at) >= max_wait {
+                top + 1
+            } else {
+                priority
+            }
+        })
+        .collect()
+}
+
 /// One candidate job: whose it is, and how many more calls its `concurrency` allows.
 struct Candidate {
     owner: usize,
+    /// The level it is served at (`levels`): higher first.
+    level: i32,
     headroom: u64,
     claimed: u64,
     /// It had no more due tasks than a round asked of it.
@@ -203,24 +227,26 @@ pub struct FairShare {
 }
 
 impl FairShare {
-    /// `limit` free slots; `jobs` in the order they should be served (least recently
-    /// served first): each one's owner and headroom under its concurrency.
+    /// `limit` free slots; `jobs` in the order they should be served within a level (least
+    /// recently served first): each one's owner, headroom under its concurrency, and level
+    /// ([`levels`]; 0 for all without priorities).
     pub fn new<'a>(
         limit: u64,
-        jobs: impl IntoIterator<Item = (Option<&'a str>, u64)>,
+        jobs: impl IntoIterator<Item = (Option<&'a str>, u64, i32)>,
         limits: &OwnerLimits,
     ) -> Self {
         let mut owners: HashMap<Option<&str>, usize> = HashMap::new();
         let mut owner_room = Vec::new();
         let candidates = jobs
             .into_iter()
-            .map(|(owner, headroom)| {
+            .map(|(owner, headroom, level)| {
                 let index = *owners.entry(owner).or_insert_with(|| {
                     owner_room.push(limits.room(owner));
                     owner_room.len() - 1
                 });
                 Candidate {
                     owner: index,
+                    level,
                     headroom,
                     claimed: 0,
                     exhausted: false,
@@ -240,10 +266,22 @@ impl FairShare {
         if self.left == 0 {
             return Vec::new();
         }
-        // The open jobs of each open owner, in order.
+        // The open jobs of each open owner, in order, of the highest level open: a lower
+        // level gets what is left once those have all they can take.
+        let open_job =
+            |c: &Candidate| !c.exhausted && c.headroom > 0 && self.owner_room[c.owner] > 0;
+        let Some(level) = self
+            .candidates
+            .iter()
+            .filter(|c| open_job(c))
+            .map(|c| c.level)
+            .max()
+        else {
+            return Vec::new();
+        };
         let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); self.owner_room.len()];
         for (i, c) in self.candidates.iter().enumerate() {
-            if !c.exhausted && c.headroom > 0 && self.owner_room[c.owner] > 0 {
+            if c.level == level && open_job(c) {
                 by_owner[c.owner].push(i);
             }
         }
@@ -338,7 +376,22 @@ mod tests {
     /// Plays a claim over jobs with `due` tasks each (and the given owners and headroom);
     /// returns what each job got.
     fn play(limit: u64, jobs: &[(Option<&str>, u64, u64)], limits: &OwnerLimits) -> Vec<u64> {
-        let mut plan = FairShare::new(limit, jobs.iter().map(|&(o, h, _)| (o, h)), limits);
+        let levels = vec![0; jobs.len()];
+        play_levels(limit, jobs, &levels, limits)
+    }
+
+    /// [`play`] with each job's level.
+    fn play_levels(
+        limit: u64,
+        jobs: &[(Option<&str>, u64, u64)],
+        levels: &[i32],
+        limits: &OwnerLimits,
+    ) -> Vec<u64> {
+        let mut plan = FairShare::new(
+            limit,
+            jobs.iter().zip(levels).map(|(&(o, h, _), &l)| (o, h, l)),
+            limits,
+        );
         let mut due: Vec<u64> = jobs.iter().map(|&(_, _, d)| d).collect();
         loop {
             let round = plan.round();
@@ -375,6 +428,33 @@ mod tests {
         assert_eq!(play(2, &[(None, NONE, 5); 3], &free), [1, 1, 0]);
         // Nothing due anywhere.
         assert_eq!(play(5, &[(None, NONE, 0)], &free), [0]);
+    }
+
+    #[test]
+    fn higher_levels_first_and_lower_ones_on_what_is_left() {
+        let free = OwnerLimits::default();
+        let jobs = [(None, NONE, 100), (None, NONE, 100), (None, NONE, 100)];
+        // The two jobs of priority 5 share every slot; the one of 0 waits.
+        assert_eq!(play_levels(10, &jobs, &[0, 5, 5], &free), [0, 5, 5]);
+        // They have 3 due between them: the rest goes down a level.
+        let jobs = [(None, NONE, 100), (None, NONE, 1), (None, NONE, 2)];
+        assert_eq!(play_levels(10, &jobs, &[0, 5, 5], &free), [7, 1, 2]);
+        // Their concurrency is full: the same.
+        let jobs = [(None, NONE, 100), (None, 2, 100)];
+        assert_eq!(play_levels(10, &jobs, &[-3, 7], &free), [8, 2]);
+    }
+
+    #[test]
+    fn a_job_waiting_too_long_is_served_above_the_others() {
+        let minute = 60_000;
+        let now = 10 * minute;
+        // Priority 0 served just now, -5 not for a minute, 3 not for an hour.
+        let jobs = [(0, now), (-5, now - minute), (3, now - 60 * minute)];
+        assert_eq!(levels(now, minute, &jobs), [0, 4, 3]);
+        // Short of the wait it keeps its own; the highest never moves.
+        assert_eq!(levels(now, 2 * minute, &jobs), [0, -5, 3]);
+        // All of one priority: none moves, least recently served first as ever.
+        assert_eq!(levels(now, minute, &[(1, 0), (1, now)]), [1, 1]);
     }
 
     #[test]

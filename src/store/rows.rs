@@ -152,10 +152,13 @@ fn claimed_task(
 }
 
 /// A job a claim may serve, from a row of its `seq`, `id`, `owner`, `options`,
-/// `concurrency` and `n_running`.
+/// `concurrency`, `n_running`, `priority` and `last_claim_at`.
 pub(super) struct Candidate {
     pub seq: i64,
     pub id: JobId,
+    pub priority: i32,
+    /// When a claim last served it (0: never).
+    pub last_claim_at: Millis,
     pub owner: Option<Arc<str>>,
     options_text: String,
     /// Parsed once, for the jobs this claim serves.
@@ -180,6 +183,8 @@ impl Candidate {
         Ok(Candidate {
             seq: row.int("seq"),
             id: parse_id(row.text("id"))?,
+            priority: row.int32("priority"),
+            last_claim_at: row.int("last_claim_at"),
             owner: row.text_or_null("owner").map(Arc::from),
             options_text,
             options,
@@ -187,6 +192,16 @@ impl Candidate {
                 .map_or(u64::MAX, |c| (c - running).max(0) as u64)
                 .min(cap),
         })
+    }
+
+    /// When a claim last served it, or, never served, when it was submitted: what its
+    /// wait is counted from (`plan::levels`).
+    pub(super) fn served_at(&self) -> Millis {
+        if self.last_claim_at > 0 {
+            self.last_claim_at
+        } else {
+            self.id.created_millis()
+        }
     }
 
     /// One of its tasks that the claim took, from a row of `idx`, `attempts`, `endpoint`
@@ -224,6 +239,7 @@ pub(super) struct NewJobRow {
     pub run_at: Millis,
     /// When its time budget runs out (`plan::deadline`), for the deadline sweep.
     pub deadline_at: Option<Millis>,
+    pub priority: i32,
 }
 
 impl NewJobRow {
@@ -250,6 +266,7 @@ impl NewJobRow {
             deadline_at: (!empty)
                 .then(|| super::plan::deadline(&job.options, now))
                 .flatten(),
+            priority: job.options.priority,
         })
     }
 }

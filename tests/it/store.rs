@@ -109,6 +109,7 @@ conformance!(
     a_job_decided_early_ends_with_its_status,
     a_job_past_its_deadline_fails_what_is_unfinished,
     heartbeats_keep_an_awaited_attempt_alive,
+    higher_priorities_are_served_first_and_a_long_wait_is_not_forgotten,
 );
 
 // ---- helpers ----
@@ -165,6 +166,7 @@ async fn claim_skipping(
             node,
             lease_until: now + LEASE,
             skip_jobs,
+            priority_max_wait: 60_000,
             owners: Default::default(),
         })
         .await
@@ -733,6 +735,7 @@ async fn claim_shares_between_owners_first(store: Arc<dyn Store>) {
             node,
             lease_until: t0 + LEASE,
             skip_jobs: Vec::new(),
+            priority_max_wait: 60_000,
             owners: limits(4),
         })
         .await
@@ -746,6 +749,7 @@ async fn claim_shares_between_owners_first(store: Arc<dyn Store>) {
             node,
             lease_until: t0 + LEASE,
             skip_jobs: Vec::new(),
+            priority_max_wait: 60_000,
             owners: limits(3),
         })
         .await
@@ -1070,6 +1074,7 @@ async fn leases_renew_and_expire(store: Arc<dyn Store>) {
             node: a,
             lease_until: t0 + 1000,
             skip_jobs: Vec::new(),
+            priority_max_wait: 60_000,
             owners: Default::default(),
         })
         .await
@@ -1543,6 +1548,7 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
             node: dead,
             lease_until: t0 + 1000,
             skip_jobs: Vec::new(),
+            priority_max_wait: 60_000,
             owners: Default::default(),
         })
         .await
@@ -2262,6 +2268,7 @@ async fn dynamodb_another_client_takes_over_an_expired_lease() {
             node: dead,
             lease_until: t0 + 1_000,
             skip_jobs: Vec::new(),
+            priority_max_wait: 60_000,
             owners: Default::default(),
         })
         .await
@@ -3181,4 +3188,50 @@ async fn heartbeats_keep_an_awaited_attempt_alive(store: Arc<dyn Store>) {
         beat(&c.tasks[0], 1, t0 + 1850, None).await,
         HeartbeatOutcome::Finished
     );
+}
+
+async fn higher_priorities_are_served_first_and_a_long_wait_is_not_forgotten(
+    store: Arc<dyn Store>,
+) {
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let with_priority = |priority| JobOptions {
+        priority,
+        ..options()
+    };
+    let low = insert(&store, &new_job(10, with_priority(-2), false), t0).await;
+    let high = insert(&store, &new_job(10, with_priority(5), false), t0).await;
+    // The high one takes every slot, though the low one waited longer.
+    let c = claim(&store, node, 4, t0).await;
+    assert_eq!(indexes(&c, high).len(), 4, "{:?}", indexes(&c, low));
+    // The low one runs on what the high one leaves.
+    let c = claim(&store, node, 20, t0).await;
+    assert_eq!((indexes(&c, high).len(), indexes(&c, low).len()), (6, 10));
+
+    // A job below the others not served for the wait is served above them next.
+    let waiting = insert(&store, &new_job(10, with_priority(0), false), t0).await;
+    let busy = insert(&store, &new_job(100, with_priority(3), false), t0).await;
+    let c = claim(&store, node, 4, t0).await;
+    assert_eq!(indexes(&c, busy).len(), 4);
+    let later = t0 + 61_000;
+    let c = claim(&store, node, 4, later).await;
+    assert_eq!(indexes(&c, waiting).len(), 4, "{:?}", indexes(&c, busy));
+    // Served, it waits behind again.
+    let c = claim(&store, node, 4, later).await;
+    assert_eq!(indexes(&c, busy).len(), 4);
+    // A priority changed while the job runs holds at the next claim.
+    let seen = job_of(&store, waiting).await.options;
+    let raised = JobOptions {
+        priority: 9,
+        ..seen.clone()
+    };
+    assert_eq!(
+        store
+            .job_set_options(waiting, &seen, &raised)
+            .await
+            .unwrap(),
+        doparallel::store::OptionsOutcome::Updated
+    );
+    let c = claim(&store, node, 4, later).await;
+    assert_eq!(indexes(&c, waiting).len(), 4, "{:?}", indexes(&c, busy));
 }

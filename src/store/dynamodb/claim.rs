@@ -33,6 +33,8 @@ struct Candidate {
     options: Arc<JobOptions>,
     concurrency: Option<u64>,
     headroom: u64,
+    /// When a claim last served it, or its submission.
+    served_at: Millis,
 }
 
 /// What a claim took of one job: its tasks, whether it had fewer due than wanted, and when
@@ -159,12 +161,22 @@ impl DynamoStore {
             if headroom == 0 {
                 continue;
             }
+            // gsi1's key says when a claim last served it (0: never).
+            let last_claim_at = need_s(&item, "g1sk")?
+                .split_once('#')
+                .and_then(|(at, _)| at.parse::<Millis>().ok())
+                .unwrap_or(0);
             candidates.push(Candidate {
                 id,
                 owner: owner.map(Arc::from),
                 options,
                 concurrency,
                 headroom,
+                served_at: if last_claim_at > 0 {
+                    last_claim_at
+                } else {
+                    id.created_millis()
+                },
             });
         }
         if candidates.is_empty() {
@@ -176,9 +188,20 @@ impl DynamoStore {
 
         // The plan says how many tasks each job gives in each round (see `plan`); a job's
         // part is one transaction. At most four rounds: each costs a request per job.
+        let levels = plan::levels(
+            params.now,
+            params.priority_max_wait,
+            &candidates
+                .iter()
+                .map(|c| (c.options.priority, c.served_at))
+                .collect::<Vec<_>>(),
+        );
         let mut plan = FairShare::new(
             u64::from(params.limit),
-            candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+            candidates
+                .iter()
+                .zip(&levels)
+                .map(|(c, &level)| (c.owner.as_deref(), c.headroom, level)),
             &params.owners,
         );
         for _round in 0..4 {

@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use super::{PostgresStore, map_err};
 use crate::store::codec::{JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING};
-use crate::store::plan::FairShare;
+use crate::store::plan::{self, FairShare};
 use crate::store::rows::Candidate;
 use crate::store::{Claim, ClaimParams, Millis, StoreResult};
 
@@ -28,19 +28,26 @@ fn claimable() -> String {
 
 /// Up to `$2` claimable jobs, least recently served first, but for the jobs `$1` and those
 /// of the owners `$3`.
-static WINDOW_SQL: LazyLock<String> = LazyLock::new(|| {
+static WINDOW_SQL: LazyLock<String> = LazyLock::new(|| window_sql("last_claim_at, seq"));
+
+/// The same, highest priority first.
+static PRIORITY_WINDOW_SQL: LazyLock<String> =
+    LazyLock::new(|| window_sql("priority DESC, last_claim_at, seq"));
+
+fn window_sql(order: &str) -> String {
     format!(
         "SELECT seq FROM jobs WHERE {} AND id <> ALL($1::uuid[]) \
            AND (owner IS NULL OR owner <> ALL($3::text[])) \
-         ORDER BY last_claim_at, seq LIMIT $2",
+         ORDER BY {order} LIMIT $2",
         claimable()
     )
-});
+}
 
 /// Locks the jobs `$1` that are still claimable, skipping those another transaction holds.
 static LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT seq, id::text AS id, owner, options, concurrency, n_running FROM jobs \
+        "SELECT seq, id::text AS id, owner, options, concurrency, n_running, priority, \
+         last_claim_at FROM jobs \
          WHERE seq = ANY($1) AND {} \
          ORDER BY last_claim_at, seq FOR UPDATE SKIP LOCKED",
         claimable()
@@ -96,15 +103,32 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
     // with no room left; read without a lock and outside a transaction: on an idle
     // cluster this is the only statement. No more than twice the free slots can be
     // served, since each gets at least one.
-    let window: Vec<i64> = sqlx::query_scalar(&WINDOW_SQL)
+    let size = i64::from(params.limit) * 2 + 8;
+    let mut window: Vec<i64> = sqlx::query_scalar(&WINDOW_SQL)
         .bind(&skip)
-        .bind(i64::from(params.limit) * 2 + 8)
+        .bind(size)
         .bind(&full_owners)
         .fetch_all(&store.pool)
         .await
         .map_err(map_err)?;
     if window.is_empty() {
         return Ok(claim);
+    }
+    // When more jobs are claimable than that, the highest priorities too (their own
+    // index), so that a job of high priority served a moment ago is not left out.
+    if window.len() as i64 == size {
+        let first: Vec<i64> = sqlx::query_scalar(&PRIORITY_WINDOW_SQL)
+            .bind(&skip)
+            .bind(size)
+            .bind(&full_owners)
+            .fetch_all(&store.pool)
+            .await
+            .map_err(map_err)?;
+        for seq in first {
+            if !window.contains(&seq) {
+                window.push(seq);
+            }
+        }
     }
 
     let mut tx = store.begin().await?;
@@ -129,9 +153,20 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
 
     // The plan says how many tasks each job gives in each round (see `plan`); a round is
     // one statement whatever the number of jobs.
+    let levels = plan::levels(
+        params.now,
+        params.priority_max_wait,
+        &candidates
+            .iter()
+            .map(|c| (c.priority, c.served_at()))
+            .collect::<Vec<_>>(),
+    );
     let mut plan = FairShare::new(
         u64::from(params.limit),
-        candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+        candidates
+            .iter()
+            .zip(&levels)
+            .map(|(c, &level)| (c.owner.as_deref(), c.headroom, level)),
         &params.owners,
     );
     loop {

@@ -59,14 +59,18 @@ pub(super) async fn set_options(
         tx.rollback().await?;
         return Ok(outcome);
     }
-    sqlx::query("UPDATE jobs SET options = $2, concurrency = $3, deadline_at = $4 WHERE seq = $1")
-        .bind(row.get::<i64, _>("seq"))
-        .bind(crate::store::codec::options_text(options)?)
-        .bind(options.concurrency.map(i64::from))
-        .bind(plan::deadline(options, row.get("created_at")))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE jobs SET options = $2, concurrency = $3, deadline_at = $4, priority = $5 \
+         WHERE seq = $1",
+    )
+    .bind(row.get::<i64, _>("seq"))
+    .bind(crate::store::codec::options_text(options)?)
+    .bind(options.concurrency.map(i64::from))
+    .bind(plan::deadline(options, row.get("created_at")))
+    .bind(options.priority)
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
     notify(&mut tx, NOTICE_WORK).await?;
     tx.commit().await?;
     Ok(OptionsOutcome::Updated)

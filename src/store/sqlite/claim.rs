@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use super::{SETTLE_CHUNK, SqliteStore, map_err};
 use crate::store::codec::{JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING};
-use crate::store::plan::FairShare;
+use crate::store::plan::{self, FairShare};
 use crate::store::rows::Candidate;
 use crate::store::{Claim, ClaimParams, StoreResult};
 
@@ -82,39 +82,64 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
             vec!["?"; full_owners.len()].join(",")
         ));
     }
-    let sql = format!(
-        "SELECT seq, id, owner, options, concurrency, n_running, \
-         total - n_running - n_complete - n_failed AS pending FROM jobs \
-         WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
-           AND (concurrency IS NULL OR n_running < concurrency) {skip}\
-         ORDER BY last_claim_at, seq LIMIT ?"
-    );
-    let mut query = sqlx::query(&sql);
-    for id in &params.skip_jobs {
-        query = query.bind(id.to_string());
+    // When more jobs are claimable than that, the highest priorities too (their own
+    // index), so that a job of high priority served a moment ago is not left out.
+    let window = i64::from(params.limit) * 2 + 8;
+    let mut jobs = Vec::new();
+    for order in ["last_claim_at, seq", "priority DESC, last_claim_at, seq"] {
+        let sql = format!(
+            "SELECT seq, id, owner, options, concurrency, n_running, priority, last_claim_at, \
+             total - n_running - n_complete - n_failed AS pending FROM jobs \
+             WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
+               AND (concurrency IS NULL OR n_running < concurrency) {skip}\
+             ORDER BY {order} LIMIT ?"
+        );
+        let mut query = sqlx::query(&sql);
+        for id in &params.skip_jobs {
+            query = query.bind(id.to_string());
+        }
+        for owner in &full_owners {
+            query = query.bind(owner);
+        }
+        let rows = query
+            .bind(window)
+            .fetch_all(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
+        let full = rows.len() as i64 == window;
+        jobs.extend(rows);
+        if !full {
+            break;
+        }
     }
-    for owner in &full_owners {
-        query = query.bind(owner);
-    }
-    let jobs = query
-        .bind(i64::from(params.limit) * 2 + 8)
-        .fetch_all(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
-    let mut candidates = Vec::with_capacity(jobs.len());
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(jobs.len());
     // Each job's tasks not yet claimed, due or in backoff.
     let mut pending = Vec::with_capacity(jobs.len());
+    let mut seen = std::collections::HashSet::with_capacity(jobs.len());
     for row in &jobs {
-        candidates.push(Candidate::from_row(row)?);
-        pending.push(row.get::<i64, _>("pending").max(0) as u64);
+        if seen.insert(row.get::<i64, _>("seq")) {
+            candidates.push(Candidate::from_row(row)?);
+            pending.push(row.get::<i64, _>("pending").max(0) as u64);
+        }
     }
+    let levels = plan::levels(
+        params.now,
+        params.priority_max_wait,
+        &candidates
+            .iter()
+            .map(|c| (c.priority, c.served_at()))
+            .collect::<Vec<_>>(),
+    );
 
     // The plan says how many tasks each job gives in each round (see `plan`); the jobs of
     // a round are served CLAIM_GROUP at a time by one statement (a UNION of per-job
     // picks), so a claim over many small jobs costs few statements.
     let mut plan = FairShare::new(
         u64::from(params.limit),
-        candidates.iter().map(|c| (c.owner.as_deref(), c.headroom)),
+        candidates
+            .iter()
+            .zip(&levels)
+            .map(|(c, &level)| (c.owner.as_deref(), c.headroom, level)),
         &params.owners,
     );
     let by_seq: HashMap<i64, usize> = candidates

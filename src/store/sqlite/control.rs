@@ -40,14 +40,17 @@ pub(super) async fn set_options(
     if crate::store::codec::parse_options(row.get("options"))? != *seen {
         return Ok(OptionsOutcome::Changed);
     }
-    sqlx::query("UPDATE jobs SET options = ?, concurrency = ?, deadline_at = ? WHERE seq = ?")
-        .bind(crate::store::codec::options_text(options)?)
-        .bind(options.concurrency.map(i64::from))
-        .bind(plan::deadline(options, row.get("created_at")))
-        .bind(row.get::<i64, _>("seq"))
-        .execute(tx.conn().await?)
-        .await
-        .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE jobs SET options = ?, concurrency = ?, deadline_at = ?, priority = ? WHERE seq = ?",
+    )
+    .bind(crate::store::codec::options_text(options)?)
+    .bind(options.concurrency.map(i64::from))
+    .bind(plan::deadline(options, row.get("created_at")))
+    .bind(options.priority)
+    .bind(row.get::<i64, _>("seq"))
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
     tx.commit().await?;
     Ok(OptionsOutcome::Updated)
 }

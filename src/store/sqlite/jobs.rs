@@ -97,13 +97,13 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
         let mut sql = String::from(
             "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, \
              callback_url, created_at, finished_at, idempotency_key, request_hash, owner, \
-             metadata, not_before, deadline_at) VALUES ",
+             metadata, not_before, deadline_at, priority) VALUES ",
         );
         for i in 0..chunk.len() {
             sql.push_str(if i == 0 {
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             } else {
-                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             });
         }
         sql.push_str(" RETURNING id, seq");
@@ -124,7 +124,8 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
                 .bind(job.owner.as_deref())
                 .bind(&new.metadata)
                 .bind(new.not_before)
-                .bind(new.deadline_at);
+                .bind(new.deadline_at)
+                .bind(new.priority);
         }
         // SQLite does not promise RETURNING rows in the order of VALUES: matched by id.
         let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;
