@@ -565,6 +565,7 @@
           field('Timeout', duration(o.timeout_ms)),
           field('Attempts', o.max_attempts ?? '—', el('span', { class: 'muted' }, ` · backoff ${duration(o.backoff_ms)}`)),
           field('Tolerated failures', o.tolerated_failures ?? 0),
+          o.priority ? field('Priority', el('span', { id: 'job-priority' }, String(o.priority))) : null,
           perHost(o) ? field('Per host', perHost(o)) : null),
         ...(job.metadata ? [el('div', { class: 'card wide' },
           field('Metadata', el('span', { id: 'job-metadata', class: 'mono' }, JSON.stringify(job.metadata))))] : []));

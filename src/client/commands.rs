@@ -339,6 +339,9 @@ pub async fn update(args: UpdateArgs) -> Result<u8, ClientError> {
     if let Some(ms) = args.deadline_ms {
         options.insert("deadline_ms".into(), serde_json::json!(ms.0));
     }
+    if let Some(priority) = args.priority {
+        options.insert("priority".into(), serde_json::json!(priority));
+    }
     let job = client.update(&args.id, options).await?;
     if args.client.json {
         print_raw(&job.raw)?;
@@ -357,6 +360,9 @@ pub async fn update(args: UpdateArgs) -> Result<u8, ClientError> {
         ))?;
         if let Some(at) = &job.value.deadline_at {
             print(&format!("deadline {at}\n"))?;
+        }
+        if let Some(priority) = o.map(|o| o.priority).filter(|p| *p != 0) {
+            print(&format!("priority {priority}\n"))?;
         }
     }
     Ok(EXIT_COMPLETE)

@@ -114,7 +114,7 @@ pub struct JobsArgs {
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true)
-    .args(["concurrency", "per_host_concurrency", "per_host_rate", "deadline_ms"])))]
+    .args(["concurrency", "per_host_concurrency", "per_host_rate", "deadline_ms", "priority"])))]
 pub struct UpdateArgs {
     /// The job's id.
     pub id: String,
@@ -136,6 +136,11 @@ pub struct UpdateArgs {
     /// later run); `none`: no deadline.
     #[arg(long, value_name = "MS|none", value_parser = parse_limit)]
     pub deadline_ms: Option<Limit<u64>>,
+
+    /// The job's priority, from -10 to 10 (0 by default): higher ones are served first.
+    #[arg(long, value_name = "P", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-10..=10))]
+    pub priority: Option<i32>,
 
     #[command(flatten)]
     pub client: ClientArgs,

@@ -131,6 +131,9 @@ async fn a_paused_jobs_deadline_runs_and_patch_moves_it() {
         (endpoint.in_flight() == 2).then_some(())
     })
     .await;
+    let out = crate::client::cli(&app.base, &["update", &id, "--priority", "-3"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("\npriority -3"), "{out:?}");
     let out = crate::client::cli(&app.base, &["update", &id, "--deadline-ms", "200"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("\ndeadline 20"), "{out:?}");

@@ -24,6 +24,9 @@
 //!   `n_running` raised on condition that the job is unfinished and under its concurrency.
 //!   The indexes are eventually consistent on a real region, so a claim may see a task that
 //!   was just taken: its condition fails, the transaction is retried without it.
+//!   Priorities order the jobs read (`plan::levels`, from the options they carry): with
+//!   more unfinished jobs than a claim reads (twice its free slots and 8), a job of high
+//!   priority served a moment ago waits for its turn in the rotation, unlike on SQL.
 //! - **Settle** writes a job's outcomes in transactions of up to 99 tasks plus the job item
 //!   (counters `n_done`, `n_complete`, `n_failed`, `n_running`). Each task on condition that
 //!   it is running that attempt under this node; the job item on condition that the job is
