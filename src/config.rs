@@ -330,7 +330,7 @@ pub struct EngineArgs {
     pub per_host_concurrency: Option<HostConcurrency>,
 
     /// How long a job may go unserved while jobs of higher priority take every slot: after
-    /// that, its next claim serves it as if it were one above them.
+    /// that, its next claim serves it at the highest priority waiting, sharing with them.
     #[arg(long, env = "DOPARALLEL_PRIORITY_MAX_WAIT", default_value = "60s",
           value_parser = parse_duration)]
     pub priority_max_wait: Duration,

@@ -317,6 +317,7 @@ pub struct HostView {
     pub host: String,
     /// The limit on calls in flight to it on this node: the adaptive limit's value now
     /// (`adaptive`), or the fixed `--per-host-concurrency`; absent when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
     pub adaptive: bool,
     /// Calls under way.

@@ -570,8 +570,11 @@ pub fn host_signal(attempt: &Attempt, latency: Duration) -> hosts::adaptive::Sig
         Attempt::Retryable { error, .. } => (error, true),
     };
     match (error.kind.as_ref(), error.http_status) {
-        (_, Some(429 | 503)) | ("timeout", _) => Signal::Overloaded,
+        (_, Some(429 | 503)) => Signal::Overloaded,
+        ("timeout", _) => Signal::TimedOut,
         ("connect", _) => Signal::Unreachable,
+        // Never reached the network.
+        ("aws_signing", _) => Signal::Nothing,
         // A 4xx is an answer like a 2xx; a retryable status says the host is there.
         ("http_status", Some(_)) if !retryable => Signal::Answered(latency),
         ("http_status" | "response_too_large", _) => Signal::Reachable,

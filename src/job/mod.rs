@@ -246,7 +246,7 @@ pub struct JobOptions {
     /// From -10 to 10: when there are more due tasks than free slots, the jobs of a higher
     /// priority are served first (jobs of one priority share as ever), and a lower one only
     /// runs on what they leave; but a job not served for the server's
-    /// `--priority-max-wait` is served next as if it were one above the highest waiting.
+    /// `--priority-max-wait` is served next at the highest priority waiting.
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schema(minimum = -10, maximum = 10)]
     pub priority: i32,
@@ -554,8 +554,8 @@ impl JobOptions {
             match name.as_str() {
                 "concurrency" => next.concurrency = whole(1)?,
                 "priority" => {
-                    next.priority = value
-                        .as_i64()
+                    // `null`: back to the default, as for the limits.
+                    next.priority = if value.is_null() { Some(0) } else { value.as_i64() }
                         .and_then(|p| i32::try_from(p).ok())
                         .filter(|p| PRIORITIES.contains(p))
                         .ok_or_else(|| {

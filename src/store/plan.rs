@@ -186,10 +186,13 @@ impl OwnerLimits {
 }
 
 /// The level each candidate job of a claim is served at, from its `(priority, served_at)`
-/// (`served_at`: when a claim last served it, or its submission): its priority, but a job
-/// below the highest priority among them that no claim served for `max_wait` is served as
-/// if it were one above it (aging): a low priority waits while higher ones keep coming,
-/// but never longer than that. Written once here for every backend.
+/// (`served_at`: when a claim last gave it tasks, or its submission): its priority, but a
+/// job below the highest priority among them that no claim served for `max_wait` is served
+/// at that highest level, sharing its slots with those jobs (aging): a low priority waits
+/// while higher ones keep coming, but not much longer than that. (A job that could take no
+/// task meanwhile, its concurrency full or its tasks in backoff, counts as waiting too: it
+/// takes the tasks it can at the highest level once it can.) Written once here for every
+/// backend.
 pub fn levels(
     now: super::Millis,
     max_wait: super::Millis,
@@ -199,7 +202,7 @@ pub fn levels(
     jobs.iter()
         .map(|&(priority, served_at)| {
             if priority < top && now.saturating_sub(served_at) >= max_wait {
-                top + 1
+                top
             } else {
                 priority
             }
@@ -445,12 +448,12 @@ mod tests {
     }
 
     #[test]
-    fn a_job_waiting_too_long_is_served_above_the_others() {
+    fn a_job_waiting_too_long_is_served_with_the_highest() {
         let minute = 60_000;
         let now = 10 * minute;
         // Priority 0 served just now, -5 not for a minute, 3 not for an hour.
         let jobs = [(0, now), (-5, now - minute), (3, now - 60 * minute)];
-        assert_eq!(levels(now, minute, &jobs), [0, 4, 3]);
+        assert_eq!(levels(now, minute, &jobs), [0, 3, 3]);
         // Short of the wait it keeps its own; the highest never moves.
         assert_eq!(levels(now, 2 * minute, &jobs), [0, -5, 3]);
         // All of one priority: none moves, least recently served first as ever.

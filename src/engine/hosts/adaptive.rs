@@ -21,14 +21,15 @@
 //! It compares round means, not single calls, so one slow task (tasks differ) does not halve
 //! the limit; a host whose tasks differ widely in cost should use a fixed limit.
 //!
-//! Waiting calls queue in arrival order (tokio's `Notify` wakes its waiters first come,
-//! first served).
+//! Waiting calls queue in arrival order (a tokio semaphore, fair, whose permits the limit
+//! adds or takes back). A round in which the calls in flight never reached the limit does
+//! not raise it: a host called two at a time says nothing of whether it takes more.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// How far above its recent best a round's mean latency may go before it counts as
@@ -46,8 +47,11 @@ pub const PROBE_ROUNDS: u32 = 8;
 pub enum Signal {
     /// An answer in this time: a sample of the host's latency.
     Answered(Duration),
-    /// A 429, a 503, or a timeout: more calls than the host can take.
+    /// A 429 or a 503: more calls than the host can take.
     Overloaded,
+    /// No answer in time: overload too, for the limit; for the breaker, no news either way
+    /// (a host that drops connections silently is not known to be up).
+    TimedOut,
     /// An answer that says nothing of its capacity (a 5xx but 503, a response too large):
     /// the host is reachable.
     Reachable,
@@ -63,17 +67,22 @@ struct State {
     limit: u32,
     cap: u32,
     in_flight: u32,
+    /// Permits to keep when calls give theirs back: what a decrease could not take from
+    /// the semaphore at once, its permits being out with calls.
+    owed: u32,
     /// The current round: when it began, how many completions end it, how many came, the
-    /// sum of their latencies.
+    /// sum of their latencies, and the most calls in flight during it.
     round: u64,
     round_size: u32,
     done: u32,
     latency_sum: Duration,
+    peak: u32,
     /// Where the last overload came: the limit then.
     ceiling: Option<u32>,
     /// Rounds spent at `ceiling - 1` or above since the limit got there.
     at_ceiling: u32,
-    /// Round means of the last [`BASE_WINDOW`], for the best one.
+    /// Round means of the last [`BASE_WINDOW`] that later ones did not beat, oldest (and
+    /// lowest) first: the front is the best one (a monotonic queue, constant work a round).
     means: VecDeque<(Instant, Duration)>,
 }
 
@@ -81,7 +90,10 @@ struct State {
 #[derive(Debug)]
 pub struct Adaptive {
     state: Mutex<State>,
-    freed: Notify,
+    /// One permit per place under the limit: tokio's semaphore queues its waiters fairly,
+    /// first come, first served. The limit changes it by adding permits or taking them
+    /// back (at once when free, else as calls give theirs back: `State::owed`).
+    permits: Semaphore,
 }
 
 /// A call's place under an adaptive limit; give it back with [`Adaptive::release`].
@@ -102,15 +114,17 @@ impl Adaptive {
                 limit,
                 cap,
                 in_flight: 0,
+                owed: 0,
                 round: 0,
                 round_size: limit,
                 done: 0,
                 latency_sum: Duration::ZERO,
+                peak: 0,
                 ceiling: None,
                 at_ceiling: 0,
                 means: VecDeque::new(),
             }),
-            freed: Notify::new(),
+            permits: Semaphore::new(limit as usize),
         }
     }
 
@@ -126,20 +140,15 @@ impl Adaptive {
 
     /// Waits for room under the limit, in arrival order.
     pub async fn acquire(&self) -> Slot {
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            // Registered before looking, so that a release in between is not missed.
-            freed.as_mut().enable();
-            {
-                let mut state = self.state.lock().expect("not poisoned");
-                if state.in_flight < state.limit {
-                    state.in_flight += 1;
-                    return Slot { round: state.round };
-                }
-            }
-            freed.await;
-        }
+        self.permits
+            .acquire()
+            .await
+            .expect("adaptive semaphores are never closed")
+            .forget();
+        let mut state = self.state.lock().expect("not poisoned");
+        state.in_flight += 1;
+        state.peak = state.peak.max(state.in_flight);
+        Slot { round: state.round }
     }
 
     /// Gives back a call's place with what the call said; returns the limit afterwards
@@ -150,7 +159,9 @@ impl Adaptive {
         state.in_flight -= 1;
         let before = state.limit;
         match signal {
-            Signal::Overloaded if slot.round == state.round => state.decrease(now),
+            Signal::Overloaded | Signal::TimedOut if slot.round == state.round => {
+                state.decrease(now)
+            }
             Signal::Answered(latency) if slot.round == state.round => {
                 state.done += 1;
                 state.latency_sum += latency;
@@ -161,12 +172,18 @@ impl Adaptive {
             _ => {}
         }
         let after = state.limit;
-        let room = after.saturating_sub(state.in_flight);
-        drop(state);
-        // Wake as many waiters as there is room now: one for the place given back, more
-        // when the limit grew.
-        for _ in 0..room.min(after.saturating_sub(before) + 1) {
-            self.freed.notify_one();
+        // The place given back, with the change of the limit: permits added (less what a
+        // decrease still owes), or taken back (at once if free, else from later releases).
+        let change = 1 + i64::from(after) - i64::from(before);
+        if change > 0 {
+            let more = change as u32;
+            let paid = more.min(state.owed);
+            state.owed -= paid;
+            self.permits.add_permits((more - paid) as usize);
+        } else if change < 0 {
+            let fewer = (-change) as u32;
+            let taken = self.permits.forget_permits(fewer as usize) as u32;
+            state.owed += fewer - taken;
         }
         (after != before).then_some(after)
     }
@@ -191,10 +208,19 @@ impl State {
         {
             self.means.pop_front();
         }
-        let best = self.means.iter().map(|(_, m)| *m).min();
+        let best = self.means.front().map(|(_, m)| *m);
+        // A newer mean as good outlives the older ones it beats: they can never be best.
+        while self.means.back().is_some_and(|(_, m)| *m >= mean) {
+            self.means.pop_back();
+        }
         self.means.push_back((now, mean));
         if best.is_some_and(|best| mean.as_secs_f64() > best.as_secs_f64() * LATENCY_FACTOR) {
             return self.decrease(now);
+        }
+        // Grown only by a round that used the limit: a host called two at a time says
+        // nothing of whether it takes more (TCP's congestion window validation).
+        if self.peak < self.limit {
+            return self.new_round(now);
         }
         // Two steps past the last overload, the host has grown: the ceiling is old news.
         if self
@@ -225,6 +251,7 @@ impl State {
         self.round_size = self.limit;
         self.done = 0;
         self.latency_sum = Duration::ZERO;
+        self.peak = self.in_flight;
     }
 }
 
@@ -243,7 +270,18 @@ mod tests {
             let limit = adaptive.limit();
             limits.push(limit);
             let slots: Vec<Slot> = (0..limit)
-                .map(|_| futures_util::FutureExt::now_or_never(adaptive.acquire()).unwrap())
+                .map(|_| {
+                    futures_util::FutureExt::now_or_never(tokio::task::unconstrained(
+                        adaptive.acquire(),
+                    ))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "no room at {limit}: {:?}, {} free",
+                            adaptive.state.lock().unwrap(),
+                            adaptive.permits.available_permits()
+                        )
+                    })
+                })
                 .collect();
             for (i, slot) in slots.into_iter().enumerate() {
                 let signal = if i as u32 >= k {
@@ -276,7 +314,12 @@ mod tests {
         for latency in [50, 50, 50, 200] {
             let limit = adaptive.limit();
             let slots: Vec<Slot> = (0..limit)
-                .map(|_| futures_util::FutureExt::now_or_never(adaptive.acquire()).unwrap())
+                .map(|_| {
+                    futures_util::FutureExt::now_or_never(tokio::task::unconstrained(
+                        adaptive.acquire(),
+                    ))
+                    .unwrap()
+                })
                 .collect();
             for slot in slots {
                 adaptive.release(slot, Signal::Answered(latency * MS));
@@ -290,7 +333,12 @@ mod tests {
     async fn overload_halves_once_per_round_and_never_below_one() {
         let adaptive = Adaptive::new(8, u32::MAX);
         let slots: Vec<Slot> = (0..8)
-            .map(|_| futures_util::FutureExt::now_or_never(adaptive.acquire()).unwrap())
+            .map(|_| {
+                futures_util::FutureExt::now_or_never(tokio::task::unconstrained(
+                    adaptive.acquire(),
+                ))
+                .unwrap()
+            })
             .collect();
         for slot in slots {
             adaptive.release(slot, Signal::Overloaded);

@@ -375,10 +375,7 @@ struct HostEntry {
 
 impl HostEntry {
     fn at_rest(&self, now: Instant) -> bool {
-        !self.pause.in_force(now)
-            && self.gate.at_rest(now)
-            && self.breaker.failures == 0
-            && self.breaker.probe.is_none()
+        !self.pause.in_force(now) && self.gate.at_rest(now) && self.breaker.probe.is_none()
     }
 }
 
@@ -433,27 +430,27 @@ impl HostGates {
             Some(gate) => gate.pass().await,
             None => None,
         };
-        // An open breaker: the cool-down, then one call at a time (the probe) until the host
-        // answers; its close lets everyone through.
-        let mut probe_permit = None;
-        if let Some(probe) = probe {
-            loop {
-                pause.wait().await;
-                match probe.clone().acquire_owned().await {
-                    Ok(permit) if pause.in_force(Instant::now()) => drop(permit),
-                    Ok(permit) => {
-                        probe_permit = Some(permit);
-                        break;
-                    }
-                    Err(_closed) => break,
-                }
-            }
-        }
         let host_permit = if waiting {
             host_gate.pass().await
         } else {
             None
         };
+        // An open breaker, as it is now (it may have opened while this call waited at the
+        // gates): the cool-down, then one call at a time (the probe) until the host
+        // answers; its close lets everyone through.
+        let mut probe_permit = None;
+        let mut probe = probe.or_else(|| self.probe_of(&ticket.host));
+        while let Some(gate) = probe.take() {
+            pause.wait().await;
+            match gate.clone().acquire_owned().await {
+                Ok(permit) if pause.in_force(Instant::now()) => {
+                    drop(permit);
+                    probe = Some(gate);
+                }
+                Ok(permit) => probe_permit = Some(permit),
+                Err(_closed) => {}
+            }
+        }
         ticket.arrived();
         Pass {
             job_permit,
@@ -461,6 +458,12 @@ impl HostGates {
             probe: probe_permit,
             ticket,
         }
+    }
+
+    /// The probe gate of `host`'s breaker, while it is open.
+    fn probe_of(&self, host: &str) -> Option<Arc<Semaphore>> {
+        let state = self.state.lock().expect("not poisoned");
+        state.hosts.get(host)?.breaker.probe.clone()
     }
 
     /// What a call said about its host, when it is over: the adaptive limits it passed
@@ -478,10 +481,13 @@ impl HostGates {
                 .set(i64::from(limit));
         }
         let threshold = self.adaptation.breaker_failures;
-        if threshold == 0 || signal == Signal::Nothing {
+        if threshold == 0 || matches!(signal, Signal::Nothing | Signal::TimedOut) {
             return;
         }
-        let was_probe = pass.probe.take().is_some();
+        // Held until the breaker is decided, so that no other call goes as a second probe
+        // in between.
+        let probe_permit = pass.probe.take();
+        let was_probe = probe_permit.is_some();
         let mut state = self.state.lock().expect("not poisoned");
         let Some(entry) = state.hosts.get_mut(&host) else {
             return;
@@ -508,6 +514,7 @@ impl HostGates {
         };
         breaker.cooldown = cooldown;
         entry.pause.extend(Instant::now() + cooldown);
+        drop(probe_permit);
         tracing::warn!(
             host = %host,
             failures = breaker.failures,
@@ -533,10 +540,19 @@ impl HostGates {
                 keep
             });
             let pause = Arc::new(Pause::new());
+            let gate = Arc::new(Gate::new(self.server, pause.clone(), self.adaptation));
+            if let Some(limit) = gate.adaptive_limit() {
+                self.metrics
+                    .limits
+                    .get_or_create(&HostLabel {
+                        host: host.to_string(),
+                    })
+                    .set(i64::from(limit));
+            }
             state.hosts.insert(
                 host.clone(),
                 HostEntry {
-                    gate: Arc::new(Gate::new(self.server, pause.clone(), self.adaptation)),
+                    gate,
                     pause,
                     breaker: Breaker::default(),
                     users: 0,
@@ -595,19 +611,21 @@ impl HostGates {
     /// Pauses every new call to `host` for `delay` (a 429 or 503 answer to a call of `job`
     /// asked for it), unless a longer pause is in force. A pause the host did not ask for
     /// (`asked`: a 429 without `Retry-After`) is left to an adaptive limit the call passed
-    /// (the host's, or its job's there), which halves instead.
+    /// (the host's, or its job's there), which halves instead, unless it is down to 1.
     pub fn pause(&self, host: &str, job: JobId, delay: Duration, asked: bool) {
         let extended = {
             let state = self.state.lock().expect("not poisoned");
             // The caller holds a pass for this host, so its entry is there.
             state.hosts.get(host).is_some_and(|entry| {
-                let adaptive = entry.gate.is_adaptive()
-                    || entry
-                        .jobs
-                        .get(&job)
-                        .and_then(|j| j.gate.as_ref())
-                        .is_some_and(|g| g.is_adaptive());
-                (asked || !adaptive) && entry.pause.extend(Instant::now() + delay)
+                // An adaptive limit above 1 can still halve; at 1, the pause is the brake.
+                let halves = [
+                    Some(&entry.gate),
+                    entry.jobs.get(&job).and_then(|j| j.gate.as_ref()),
+                ]
+                .into_iter()
+                .flatten()
+                .any(|g| g.adaptive_limit().is_some_and(|limit| limit > 1));
+                (asked || !halves) && entry.pause.extend(Instant::now() + delay)
             })
         };
         if extended {
@@ -754,13 +772,20 @@ impl Drop for Ticket {
                 job.waiting -= 1;
                 gates.metrics.waiting.dec();
             }
-            if job.users == 0 && job.at_rest(now) {
+            // A job's own adaptive limit is kept between its calls, as the host's is.
+            let adaptive = job.gate.as_ref().is_some_and(|g| g.is_adaptive());
+            if job.users == 0 && job.at_rest(now) && !adaptive {
                 host.jobs.remove(&self.job);
             }
         }
-        // An adaptive limit learnt is kept between calls (until a sweep, should the map
-        // grow): a job calling one at a time would otherwise start it afresh each call.
-        if host.users == 0 && host.jobs.is_empty() && host.at_rest(now) && !host.gate.is_adaptive()
+        // An adaptive limit learnt, and connection failures counted towards the breaker,
+        // are kept between calls (until a sweep, should the map grow): a job calling one at
+        // a time would otherwise start them afresh each call.
+        if host.users == 0
+            && host.jobs.is_empty()
+            && host.at_rest(now)
+            && !host.gate.is_adaptive()
+            && host.breaker.failures == 0
         {
             state.hosts.remove(&self.host);
         }

@@ -427,3 +427,31 @@ async fn an_adaptive_limit_learns_from_what_calls_say() {
     assert_eq!(gates.metrics.pauses.get(), 1);
     drop(held);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_holds_calls_that_waited_at_the_gates_when_it_opened() {
+    let gates = Arc::new(HostGates::new(
+        concurrency(1),
+        Adaptation {
+            initial: 16,
+            breaker_failures: 1,
+        },
+        HostMetrics::default(),
+    ));
+    let job = JobId::generate();
+    let start = Instant::now();
+    let first = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+    // The second waits for the host's one place.
+    let second = tokio::spawn({
+        let gates = gates.clone();
+        async move {
+            let _pass = gates.pass(job, HostLimits::UNLIMITED, host("h")).await;
+            (Instant::now() - start).as_millis() as u64
+        }
+    });
+    settle().await;
+    first.finish(Signal::Unreachable);
+    // It got the place as the breaker opened: it waits out the cool-down all the same
+    // (from the failure, a millisecond in).
+    assert_eq!(second.await.unwrap(), 1001);
+}

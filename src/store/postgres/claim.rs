@@ -124,11 +124,8 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
             .fetch_all(&store.pool)
             .await
             .map_err(map_err)?;
-        for seq in first {
-            if !window.contains(&seq) {
-                window.push(seq);
-            }
-        }
+        let known: std::collections::HashSet<i64> = window.iter().copied().collect();
+        window.extend(first.into_iter().filter(|seq| !known.contains(seq)));
     }
 
     let mut tx = store.begin().await?;
