@@ -245,6 +245,13 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub deadline_ms: Option<u64>,
+    /// A name that many jobs share, such as a customer's id (1 to 128 letters, digits and
+    /// `.`, `-`, `_`, `:`, `@`), within the submitting API token's jobs: when a claim shares
+    /// free slots, the groups share equally first, then each group's jobs, so one group's
+    /// burst of jobs does not starve the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@-]+$")]
+    pub group: Option<String>,
     /// From -10 to 10: when there are more due tasks than free slots, the jobs of a higher
     /// priority are served first (jobs of one priority share as ever), and a lower one only
     /// runs on what they leave; but a job not served for the server's
@@ -333,6 +340,14 @@ const MAX_ATTEMPTS: u32 = 100;
 /// sensible `Duration`) to one a microsecond, past which the limit means nothing.
 pub const PER_HOST_RATES: RangeInclusive<f64> = 0.001..=1_000_000.0;
 const MAX_ASYNC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Whether `name` may name a group: 1 to 128 of `[A-Za-z0-9._:@-]`.
+pub fn is_group_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:@".contains(&b))
+}
+
 /// The priorities accepted.
 pub const PRIORITIES: RangeInclusive<i32> = -10..=10;
 
@@ -381,6 +396,7 @@ impl JobOptions {
             fail_fast: false,
             deadline_ms: None,
             priority: 0,
+            group: None,
             async_heartbeat_ms: None,
             run: None,
             run_started: None,
@@ -555,6 +571,13 @@ impl JobOptions {
             };
             return Err(format!(
                 "options.{name}: set by the server when a job is retried, not by the body"
+            ));
+        }
+        if let Some(group) = &self.group
+            && !is_group_name(group)
+        {
+            return Err(format!(
+                "options.group: {group:?} is not a group name (1 to 128 letters, digits and . - _ : @)"
             ));
         }
         if !PRIORITIES.contains(&self.priority) {

@@ -213,6 +213,9 @@ pub fn levels(
 /// One candidate job: whose it is, and how many more calls its `concurrency` allows.
 struct Candidate {
     owner: usize,
+    /// Its group among its owner's (`options.group`); a job without one is a group of its
+    /// own.
+    group: usize,
     /// The level it is served at (`levels`): higher first.
     level: i32,
     headroom: u64,
@@ -231,24 +234,35 @@ pub struct FairShare {
 
 impl FairShare {
     /// `limit` free slots; `jobs` in the order they should be served within a level (least
-    /// recently served first): each one's owner, headroom under its concurrency, and level
-    /// ([`levels`]; 0 for all without priorities).
+    /// recently served first): each one's owner, group, headroom under its concurrency, and
+    /// level ([`levels`]; 0 for all without priorities).
     pub fn new<'a>(
         limit: u64,
-        jobs: impl IntoIterator<Item = (Option<&'a str>, u64, i32)>,
+        jobs: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>, u64, i32)>,
         limits: &OwnerLimits,
     ) -> Self {
         let mut owners: HashMap<Option<&str>, usize> = HashMap::new();
         let mut owner_room = Vec::new();
+        let mut groups: HashMap<(usize, &str), usize> = HashMap::new();
+        let mut next_group = 0;
         let candidates = jobs
             .into_iter()
-            .map(|(owner, headroom, level)| {
+            .map(|(owner, group, headroom, level)| {
                 let index = *owners.entry(owner).or_insert_with(|| {
                     owner_room.push(limits.room(owner));
                     owner_room.len() - 1
                 });
+                let mut fresh = || {
+                    next_group += 1;
+                    next_group - 1
+                };
+                let group = match group {
+                    Some(name) => *groups.entry((index, name)).or_insert_with(&mut fresh),
+                    None => fresh(),
+                };
                 Candidate {
                     owner: index,
+                    group,
                     level,
                     headroom,
                     claimed: 0,
@@ -282,10 +296,15 @@ impl FairShare {
         else {
             return Vec::new();
         };
-        let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); self.owner_room.len()];
+        // Per owner, its groups in the order their first job comes, each with its jobs.
+        let mut by_owner: Vec<Vec<(usize, Vec<usize>)>> = vec![Vec::new(); self.owner_room.len()];
         for (i, c) in self.candidates.iter().enumerate() {
             if c.level == level && open_job(c) {
-                by_owner[c.owner].push(i);
+                let groups = &mut by_owner[c.owner];
+                match groups.iter_mut().find(|(g, _)| *g == c.group) {
+                    Some((_, jobs)) => jobs.push(i),
+                    None => groups.push((c.group, vec![i])),
+                }
             }
         }
         let open: Vec<usize> = (0..by_owner.len())
@@ -302,18 +321,29 @@ impl FairShare {
                 break;
             }
             let part = owner_share.min(self.owner_room[o]).min(self.left - planned);
-            let jobs = &by_owner[o];
-            let job_share = (part / jobs.len() as u64).max(1);
+            // The owner's part, shared between its groups, then each group's between its
+            // jobs (a job without a group is a group of its own).
+            let groups = &by_owner[o];
+            let group_share = (part / groups.len() as u64).max(1);
             let mut owner_planned = 0;
-            for &i in jobs {
+            for (_, jobs) in groups {
                 if owner_planned == part {
                     break;
                 }
-                let want = job_share
-                    .min(self.candidates[i].headroom)
-                    .min(part - owner_planned);
-                owner_planned += want;
-                wants.push((i, want));
+                let group_part = group_share.min(part - owner_planned);
+                let job_share = (group_part / jobs.len() as u64).max(1);
+                let mut group_planned = 0;
+                for &i in jobs {
+                    if group_planned == group_part {
+                        break;
+                    }
+                    let want = job_share
+                        .min(self.candidates[i].headroom)
+                        .min(group_part - group_planned);
+                    group_planned += want;
+                    wants.push((i, want));
+                }
+                owner_planned += group_planned;
             }
             planned += owner_planned;
         }
@@ -392,7 +422,9 @@ mod tests {
     ) -> Vec<u64> {
         let mut plan = FairShare::new(
             limit,
-            jobs.iter().zip(levels).map(|(&(o, h, _), &l)| (o, h, l)),
+            jobs.iter()
+                .zip(levels)
+                .map(|(&(o, h, _), &l)| (o, None, h, l)),
             limits,
         );
         let mut due: Vec<u64> = jobs.iter().map(|&(_, _, d)| d).collect();
@@ -458,6 +490,43 @@ mod tests {
         assert_eq!(levels(now, 2 * minute, &jobs), [0, -5, 3]);
         // All of one priority: none moves, least recently served first as ever.
         assert_eq!(levels(now, minute, &[(1, 0), (1, now)]), [1, 1]);
+    }
+
+    #[test]
+    fn groups_share_first_then_their_jobs() {
+        let free = OwnerLimits::default();
+        let play_groups = |limit: u64, jobs: &[(Option<&'static str>, Option<&'static str>)]| {
+            let mut plan = FairShare::new(limit, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
+            loop {
+                let round = plan.round();
+                if round.is_empty() {
+                    break;
+                }
+                for (i, want) in round {
+                    plan.got(i, want, want);
+                }
+            }
+            (0..jobs.len()).map(|i| plan.claimed(i)).collect::<Vec<_>>()
+        };
+        // A group of four jobs and one of a single job: half each, then split.
+        let jobs = [
+            (None, Some("big")),
+            (None, Some("big")),
+            (None, Some("big")),
+            (None, Some("big")),
+            (None, Some("small")),
+        ];
+        assert_eq!(play_groups(8, &jobs), [1, 1, 1, 1, 4]);
+        // A job without a group is a group of its own.
+        let jobs = [(None, Some("big")), (None, Some("big")), (None, None)];
+        assert_eq!(play_groups(8, &jobs), [2, 2, 4]);
+        // One name under two owners is two groups; owners share first.
+        let jobs = [
+            (Some("a"), Some("g")),
+            (Some("a"), Some("g")),
+            (Some("b"), Some("g")),
+        ];
+        assert_eq!(play_groups(8, &jobs), [2, 2, 4]);
     }
 
     #[test]

@@ -159,6 +159,8 @@ pub(super) struct Candidate {
     pub priority: i32,
     /// When a claim last served it (0: never).
     pub last_claim_at: Millis,
+    /// Its `options.group`.
+    pub group: Option<String>,
     pub owner: Option<Arc<str>>,
     options_text: String,
     /// Parsed once, for the jobs this claim serves.
@@ -180,11 +182,21 @@ impl Candidate {
             None
         };
         let cap = options.as_deref().map_or(u64::MAX, plan::claim_cap);
+        // Most jobs have no group: their options are not parsed for it.
+        let group = if options_text.contains("\"group\":\"") {
+            match &options {
+                Some(options) => options.group.clone(),
+                None => parse_options(&options_text)?.group,
+            }
+        } else {
+            None
+        };
         Ok(Candidate {
             seq: row.int("seq"),
             id: parse_id(row.text("id"))?,
             priority: row.int32("priority"),
             last_claim_at: row.int("last_claim_at"),
+            group,
             owner: row.text_or_null("owner").map(Arc::from),
             options_text,
             options,

@@ -110,6 +110,7 @@ conformance!(
     a_job_past_its_deadline_fails_what_is_unfinished,
     heartbeats_keep_an_awaited_attempt_alive,
     higher_priorities_are_served_first_and_a_long_wait_is_not_forgotten,
+    groups_share_a_claim_before_their_jobs_do,
 );
 
 // ---- helpers ----
@@ -3237,4 +3238,27 @@ async fn higher_priorities_are_served_first_and_a_long_wait_is_not_forgotten(
     );
     let c = claim(&store, node, 4, later).await;
     assert_eq!(indexes(&c, waiting).len(), 4, "{:?}", indexes(&c, busy));
+}
+
+async fn groups_share_a_claim_before_their_jobs_do(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let in_group = |group: &str| JobOptions {
+        group: Some(group.to_string()),
+        ..options()
+    };
+    // One customer's burst of four jobs, another's single job.
+    let burst: Vec<JobId> = {
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(insert(&store, &new_job(20, in_group("acme"), false), t0).await);
+        }
+        ids
+    };
+    let single = insert(&store, &new_job(20, in_group("globex"), false), t0).await;
+    let c = claim(&store, node, 8, t0).await;
+    assert_eq!(indexes(&c, single).len(), 4, "half the claim");
+    for id in &burst {
+        assert_eq!(indexes(&c, *id).len(), 1, "the other half, shared");
+    }
 }

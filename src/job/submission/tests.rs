@@ -123,6 +123,12 @@ fn rejections_name_the_field_and_task() {
         ),
     );
     check(
+        r#"{"tasks":[],"options":{"group":"acme corp"}}"#,
+        Err(
+            "options.group: \"acme corp\" is not a group name (1 to 128 letters, digits and . - _ : @)",
+        ),
+    );
+    check(
         r#"{"tasks":[],"options":{"per_host_concurrency":"lots"}}"#,
         Err(
             "options.per_host_concurrency: expected a whole number from 1 to 4294967295, or \"auto\", got the string \"lots\"",

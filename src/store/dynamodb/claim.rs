@@ -198,10 +198,14 @@ impl DynamoStore {
         );
         let mut plan = FairShare::new(
             u64::from(params.limit),
-            candidates
-                .iter()
-                .zip(&levels)
-                .map(|(c, &level)| (c.owner.as_deref(), c.headroom, level)),
+            candidates.iter().zip(&levels).map(|(c, &level)| {
+                (
+                    c.owner.as_deref(),
+                    c.options.group.as_deref(),
+                    c.headroom,
+                    level,
+                )
+            }),
             &params.owners,
         );
         for _round in 0..4 {

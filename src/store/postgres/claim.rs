@@ -163,7 +163,7 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
         candidates
             .iter()
             .zip(&levels)
-            .map(|(c, &level)| (c.owner.as_deref(), c.headroom, level)),
+            .map(|(c, &level)| (c.owner.as_deref(), c.group.as_deref(), c.headroom, level)),
         &params.owners,
     );
     loop {

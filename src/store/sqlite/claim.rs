@@ -139,7 +139,7 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
         candidates
             .iter()
             .zip(&levels)
-            .map(|(c, &level)| (c.owner.as_deref(), c.headroom, level)),
+            .map(|(c, &level)| (c.owner.as_deref(), c.group.as_deref(), c.headroom, level)),
         &params.owners,
     );
     let by_seq: HashMap<i64, usize> = candidates
