@@ -349,6 +349,8 @@ pub(super) struct JobsQuery {
     after: Option<JobId>,
     /// Page size, 1 to 1000 (default 100).
     limit: Option<u32>,
+    /// Only jobs of this group (`options.group`).
+    group: Option<String>,
 }
 
 /// The `metadata.KEY=VALUE` filter of a job list's query string, if any, and the rest of
@@ -406,6 +408,16 @@ pub(super) async fn list_jobs(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
     let Query(query) = Query::<JobsQuery>::try_from_uri(&uri).map_err(query_error)?;
     let limit = page_limit(query.limit)?;
+    if let Some(group) = &query.group
+        && !crate::job::is_group_name(group)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "group: {group:?} is not a group name (1 to 128 letters, digits and . - _ : @)"
+            ),
+        ));
+    }
     let jobs = state
         .services
         .store
@@ -413,6 +425,7 @@ pub(super) async fn list_jobs(
             owner: owner.0,
             status: query.status,
             metadata,
+            group: query.group,
             before: query.after,
             limit,
             now: crate::store::now_millis(),

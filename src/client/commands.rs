@@ -276,6 +276,7 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, ClientError> {
         .jobs(
             args.status,
             args.metadata.as_ref(),
+            args.group.as_deref(),
             args.limit,
             args.after.as_deref(),
         )
@@ -298,6 +299,9 @@ pub async fn jobs(args: JobsArgs) -> Result<u8, ClientError> {
             .unwrap_or_default();
         if let Some((key, value)) = &args.metadata {
             status.push_str(&format!(" --metadata '{key}={value}'"));
+        }
+        if let Some(group) = &args.group {
+            status.push_str(&format!(" --group {group}"));
         }
         tell(&format!(
             "more jobs: doparallel jobs{status} --limit {} --after {next}",

@@ -325,11 +325,12 @@ impl Client {
         .await
     }
 
-    /// `GET /v1/jobs?status=S&limit=N&after=ID`.
+    /// `GET /v1/jobs?status=S&group=G&limit=N&after=ID`.
     pub async fn jobs(
         &self,
         status: Option<JobStatus>,
         metadata: Option<&(String, String)>,
+        group: Option<&str>,
         limit: u32,
         after: Option<&str>,
     ) -> Result<Answer<JobPage>, ClientError> {
@@ -340,6 +341,9 @@ impl Client {
         }
         if let (Some(key), Some((_, value))) = (&key, metadata) {
             query.push((key.as_str(), value.clone()));
+        }
+        if let Some(group) = group {
+            query.push(("group", group.to_string()));
         }
         if let Some(after) = after {
             query.push(("after", after.to_string()));

@@ -100,6 +100,10 @@ pub struct JobsArgs {
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_metadata_filter)]
     pub metadata: Option<(String, String)>,
 
+    /// Only jobs of this group (`options.group`).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+
     /// Most jobs to show (one page of the API).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub limit: u32,

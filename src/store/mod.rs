@@ -198,6 +198,8 @@ pub struct JobListQuery {
     pub status: Option<JobStatus>,
     /// Only jobs whose `metadata` has this top-level key with this string value.
     pub metadata: Option<(String, String)>,
+    /// Only jobs of this group (`options.group`).
+    pub group: Option<String>,
     /// Only jobs created before this one (newest first pagination).
     pub before: Option<JobId>,
     pub limit: u32,
@@ -229,7 +231,11 @@ impl JobListQuery {
                 .and_then(|m| serde_json::from_str::<serde_json::Map<String, Value>>(m.get()).ok())
                 .is_some_and(|m| m.get(key).and_then(Value::as_str) == Some(value.as_str()))
         });
-        status && metadata
+        let group = self
+            .group
+            .as_ref()
+            .is_none_or(|g| job.options.group.as_ref() == Some(g));
+        status && metadata && group
     }
 }
 

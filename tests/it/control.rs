@@ -183,6 +183,29 @@ async fn the_cli_lists_by_metadata_and_shows_scheduled_jobs() {
     assert!(out.stderr.contains("is not KEY=VALUE"), "{out:?}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_are_listed_by_group() {
+    let app = spawn_app().await;
+    let acme = app
+        .submit(&json!({"tasks": [{"endpoint": "/v1/test"}], "options": {"group": "acme"}}))
+        .await;
+    app.submit(&json!({"tasks": [{"endpoint": "/v1/test"}], "options": {"group": "globex"}}))
+        .await;
+    let (status, page) = app.get("/v1/jobs?group=acme").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["jobs"][0]["options"]["group"], "acme");
+    let out = crate::client::cli(&app.base, &["jobs", "--group", "acme", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["jobs"][0]["job_id"], acme.as_str());
+    let (status, body) = app.get("/v1/jobs?group=a%20b").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["msg"].as_str().unwrap().contains("not a group name"),
+        "{body}"
+    );
+}
+
 /// An endpoint that answers 500 to the first call of every task whose `i` is a multiple
 /// of `every`, and 200 otherwise; it counts the calls of each task.
 async fn failing_every(every: u64) -> (String, Arc<Mutex<HashMap<u64, u32>>>) {

@@ -568,6 +568,7 @@ async fn job_list_pages_and_filters(store: Arc<dyn Store>) {
             owner: owner.map(str::to_string),
             status,
             metadata: None,
+            group: None,
             before,
             limit,
             now: now_millis(),
@@ -2400,6 +2401,7 @@ async fn metadata_is_kept_and_filters_lists(store: Arc<dyn Store>) {
             owner: None,
             status: None,
             metadata: Some((key.to_string(), value.to_string())),
+            group: None,
             before: None,
             limit,
             now: now_millis(),
@@ -2458,6 +2460,7 @@ async fn not_before_holds_the_tasks_and_reads_scheduled(store: Arc<dyn Store>) {
             owner: None,
             status: Some(status),
             metadata: None,
+            group: None,
             before: None,
             limit: 10,
             now,
@@ -2757,6 +2760,7 @@ async fn pause_holds_claims_until_resumed(store: Arc<dyn Store>) {
             owner: None,
             status: Some(JobStatus::Paused),
             metadata: None,
+            group: None,
             before: None,
             limit: 10,
             now: t0,
@@ -3261,4 +3265,33 @@ async fn groups_share_a_claim_before_their_jobs_do(store: Arc<dyn Store>) {
     for id in &burst {
         assert_eq!(indexes(&c, *id).len(), 1, "the other half, shared");
     }
+    // Lists filter on the group.
+    let of_group = |group: &str| {
+        let store = store.clone();
+        let query = JobListQuery {
+            owner: None,
+            status: None,
+            metadata: None,
+            group: Some(group.to_string()),
+            before: None,
+            limit: 10,
+            now: now_millis(),
+        };
+        async move {
+            let mut ids: Vec<JobId> = store
+                .job_list(&query)
+                .await
+                .unwrap()
+                .iter()
+                .map(|j| j.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(of_group("globex").await, [single]);
+    let mut acme = burst.clone();
+    acme.sort();
+    assert_eq!(of_group("acme").await, acme);
+    assert!(of_group("initech").await.is_empty());
 }

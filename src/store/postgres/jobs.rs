@@ -150,6 +150,7 @@ pub(super) async fn list(
            AND ($5::boolean IS NULL OR $5 = (j.not_before IS NOT NULL AND j.not_before > $6)) \
            AND ($7::text IS NULL OR (jsonb_typeof(j.metadata::jsonb -> $7) = 'string' \
                 AND j.metadata::jsonb ->> $7 = $8)) \
+           AND ($9::text IS NULL OR j.options::jsonb ->> 'group' = $9) \
          ORDER BY j.seq DESC LIMIT $3"
     );
     let (status, scheduled) = query.stored_status();
@@ -163,6 +164,7 @@ pub(super) async fn list(
         .bind(query.now)
         .bind(key)
         .bind(value)
+        .bind(query.group.as_deref())
         .fetch_all(&store.pool)
         .await
         .map_err(map_err)?;

@@ -216,6 +216,7 @@ pub(super) async fn list(store: &SqliteStore, query: &JobListQuery) -> StoreResu
            AND (?5 IS NULL OR ?5 = (j.not_before IS NOT NULL AND j.not_before > ?6)) \
            AND (?7 IS NULL OR EXISTS (SELECT 1 FROM json_each(j.metadata) m \
                 WHERE m.key = ?7 AND m.type = 'text' AND m.value = ?8)) \
+           AND (?9 IS NULL OR json_extract(j.options, '$.group') = ?9) \
          ORDER BY j.seq DESC LIMIT ?3"
     );
     let (status, scheduled) = query.stored_status();
@@ -229,6 +230,7 @@ pub(super) async fn list(store: &SqliteStore, query: &JobListQuery) -> StoreResu
         .bind(query.now)
         .bind(key)
         .bind(value)
+        .bind(query.group.as_deref())
         .fetch_all(&store.reader)
         .await
         .map_err(map_err)?;
