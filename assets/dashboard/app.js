@@ -298,6 +298,7 @@
   function jobsView(query) {
     const state = {
       status: JOB_STATUSES.includes(query.get('status')) ? query.get('status') : '',
+      group: query.get('group') || '',
       after: null, // cursor of the page shown; null for the newest
       previous: [], // cursors of the pages before it
       next: null,
@@ -351,15 +352,39 @@
             el('td', {}, h.breaker === 'open' ? badge('open') : el('span', { class: 'muted' }, 'closed')))))));
     }
 
+    function filterHash() {
+      const params = new URLSearchParams();
+      if (state.status) params.set('status', state.status);
+      if (state.group) params.set('group', state.group);
+      const text = params.toString();
+      return text ? '#/?' + text : '#/';
+    }
+
+    function refilter() {
+      state.after = null;
+      state.previous = [];
+      setHash(filterHash());
+      renderFilter();
+      poller.now();
+    }
+
+    // A group's jobs only (`options.group`): typed, then Enter.
+    const groupInput = el('input', {
+      type: 'search', id: 'group-filter', class: 'group-filter', placeholder: 'group',
+      'aria-label': 'Only the jobs of this group', value: state.group,
+    });
+    groupInput.addEventListener('change', () => {
+      state.group = groupInput.value.trim();
+      refilter();
+    });
+
     function renderFilter() {
-      filterSlot.replaceChildren(pills('jobs-filter', ['', ...JOB_STATUSES], state.status, null, (s) => {
-        state.status = s;
-        state.after = null;
-        state.previous = [];
-        setHash(s ? '#/?status=' + encodeURIComponent(s) : '#/');
-        renderFilter();
-        poller.now();
-      }));
+      filterSlot.replaceChildren(el('div', { class: 'filters' },
+        pills('jobs-filter', ['', ...JOB_STATUSES], state.status, null, (s) => {
+          state.status = s;
+          refilter();
+        }),
+        groupInput));
     }
 
     function page(direction) {
@@ -377,7 +402,7 @@
     let shown = null;
 
     function render(jobs) {
-      const key = JSON.stringify([jobs, state.status, state.previous.length, state.next]);
+      const key = JSON.stringify([jobs, state.status, state.group, state.previous.length, state.next]);
       if (key === shown) {
         retime(tbody);
         return;
@@ -385,7 +410,9 @@
       shown = key;
       if (!jobs.length) {
         tbody.replaceChildren(el('tr', {}, el('td', { colspan: 9, class: 'empty' },
-          state.status ? `No ${state.status.toLowerCase()} jobs.` : 'No jobs yet. Submit one with POST /v1/job.')));
+          state.status || state.group
+            ? `No ${state.status ? state.status.toLowerCase() + ' ' : ''}jobs${state.group ? ' in group ' + state.group : ''}.`
+            : 'No jobs yet. Submit one with POST /v1/job.')));
       } else {
         tbody.replaceChildren(...jobs.map((job) => {
           const start = Date.parse(job.created_at);
@@ -409,6 +436,7 @@
     async function load() {
       const params = new URLSearchParams({ limit: String(JOBS_PAGE) });
       if (state.status) params.set('status', state.status);
+      if (state.group) params.set('group', state.group);
       if (state.after) params.set('after', state.after);
       try {
         const [answer, hosts] = await Promise.all([api('/v1/jobs?' + params), api('/v1/hosts')]);
@@ -566,6 +594,7 @@
           field('Attempts', o.max_attempts ?? '—', el('span', { class: 'muted' }, ` · backoff ${duration(o.backoff_ms)}`)),
           field('Tolerated failures', o.tolerated_failures ?? 0),
           o.priority ? field('Priority', el('span', { id: 'job-priority' }, String(o.priority))) : null,
+          o.group ? field('Group', el('span', { id: 'job-group', class: 'mono' }, o.group)) : null,
           perHost(o) ? field('Per host', perHost(o)) : null),
         ...(job.metadata ? [el('div', { class: 'card wide' },
           field('Metadata', el('span', { id: 'job-metadata', class: 'mono' }, JSON.stringify(job.metadata))))] : []));

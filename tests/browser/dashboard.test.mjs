@@ -338,6 +338,19 @@ test('the page of a job shows every option, whole numbers and fractions alike', 
   }
 });
 
+test('the jobs page filters by group, and the page of a job shows its group', { timeout: 60_000 }, async () => {
+  const acme = await submit({ tasks: [{ endpoint: '/v1/test' }], options: { group: 'acme' } });
+  const other = await submit({ tasks: [{ endpoint: '/v1/test' }], options: { group: 'globex' } });
+  await page.goto(`${server.base}/#/`);
+  await page.locator('#group-filter').fill('acme');
+  await page.locator('#group-filter').press('Enter');
+  await page.locator(`tr.job-row[data-job-id="${acme}"]`).waitFor();
+  assert.equal(await page.locator(`tr.job-row[data-job-id="${other}"]`).count(), 0);
+  assert.match(page.url(), /group=acme/);
+  await page.goto(`${server.base}/#/jobs/${acme}`);
+  assert.equal(await page.locator('#job-group').innerText(), 'acme');
+});
+
 test('a scheduled job is listed under Scheduled, and its page shows when it starts and its metadata', { timeout: 60_000 }, async () => {
   const notBefore = new Date(Date.now() + 3_600_000).toISOString();
   const id = await submit({
