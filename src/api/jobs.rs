@@ -393,7 +393,7 @@ fn metadata_filter(query: &str) -> Result<(Option<(String, String)>, String), Ap
     responses(
         (status = 200, body = JobPage),
         (status = 400, description = "Bad query string", body = ErrorBody),
-        (status = 422, description = "limit out of range", body = ErrorBody),
+        (status = 422, description = "limit out of range, or group not a group name", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     )
 )]

@@ -235,8 +235,8 @@ impl DynamoStore {
         let limit = query.limit as usize;
         let (status, _) = query.stored_status();
         // With a filter the index cannot apply (the metadata, the group, scheduled or not),
-        // each page's
-        // jobs are read and filtered (`JobListQuery::matches`); pages of 100 then.
+        // each page's jobs are read and filtered (`JobListQuery::matches`); pages of 100
+        // then.
         let filtered = query.status.is_some() || query.metadata.is_some() || query.group.is_some();
         let mut jobs: Vec<JobRecord> = Vec::with_capacity(limit);
         let mut before = query.before.map(|b| b.to_string());
