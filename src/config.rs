@@ -335,6 +335,13 @@ pub struct EngineArgs {
           value_parser = parse_duration)]
     pub priority_max_wait: Duration,
 
+    /// The most calls in flight at once, across every node, of a group of jobs
+    /// (`options.group`) that has no concurrency of its own (`PUT /v1/groups/{name}`).
+    /// Unlimited when not given.
+    #[arg(long, env = "DOPARALLEL_GROUP_CONCURRENCY", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub group_concurrency: Option<u32>,
+
     /// Where an adaptive limit per host (`auto`, of the server or of a job) starts.
     #[arg(long, env = "DOPARALLEL_PER_HOST_INITIAL", value_name = "N", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -552,6 +559,7 @@ impl EngineArgs {
                 rate: self.per_host_rate,
             },
             priority_max_wait: self.priority_max_wait,
+            group_concurrency: self.group_concurrency,
             per_host_adaptation: crate::engine::hosts::Adaptation {
                 initial: self.per_host_initial,
                 breaker_failures: self.host_breaker_failures,

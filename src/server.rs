@@ -46,6 +46,8 @@ pub struct Settings {
     pub per_host_adaptation: crate::engine::hosts::Adaptation,
     /// How long a job below the highest priority may go unserved (`plan::levels`).
     pub priority_max_wait: Duration,
+    /// The most calls in flight of a group without a concurrency of its own.
+    pub group_concurrency: Option<u32>,
     /// The largest answer (or reported outcome) a task may have.
     pub max_response_bytes: usize,
     /// Delays between callback attempts after the first.
@@ -95,6 +97,7 @@ impl Settings {
                 per_host: self.per_host,
                 adaptation: self.per_host_adaptation,
                 priority_max_wait: self.priority_max_wait,
+                group_concurrency: self.group_concurrency,
                 max_response_bytes: self.max_response_bytes,
                 retention: self.retention,
                 egress: self.egress.clone(),
@@ -124,6 +127,7 @@ impl Settings {
                 max_callback_bytes: self.max_callback_bytes,
                 max_response_bytes: self.max_response_bytes,
                 event_streams: true,
+                group_concurrency: self.group_concurrency,
             },
             outbound: OutboundSettings {
                 egress: self.egress.clone(),

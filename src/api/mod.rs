@@ -22,6 +22,7 @@ pub mod commands;
 mod control;
 mod error;
 mod events;
+mod groups;
 mod jobs;
 mod service;
 pub mod wire;
@@ -60,6 +61,9 @@ pub struct ApiConfig {
     /// Serve `GET /v1/jobs/{id}/events`. Off where a response cannot stream (AWS Lambda
     /// buffers it whole): without the route, the CLI and the dashboard poll instead.
     pub event_streams: bool,
+    /// The concurrency of a group without its own (`--group-concurrency`), as the group
+    /// routes show it.
+    pub group_concurrency: Option<u32>,
 }
 
 /// The API's routes over the node's services. With `tokens`, every route but
@@ -86,6 +90,13 @@ pub fn router(
         guarded = guarded.route("/v1/jobs/{id}/events", get(job_events));
     }
     let guarded = guarded
+        .route("/v1/groups", get(groups::list_groups))
+        .route(
+            "/v1/groups/{name}",
+            get(groups::get_group)
+                .put(groups::put_group)
+                .delete(groups::delete_group),
+        )
         .route("/v1/hosts", get(hosts))
         .route("/metrics", get(metrics))
         .merge(crate::dashboard::page_router())
@@ -135,6 +146,10 @@ pub fn router(
         events::job_events,
         service::report_task,
         service::heartbeat_task,
+        groups::list_groups,
+        groups::get_group,
+        groups::put_group,
+        groups::delete_group,
         service::hosts,
         service::test_task,
         service::health,
@@ -174,6 +189,10 @@ mod tests {
             ("/v1/jobs/{id}/tasks", "get"),
             ("/v1/jobs/{id}/cancel", "post"),
             ("/v1/jobs/{id}/events", "get"),
+            ("/v1/groups", "get"),
+            ("/v1/groups/{name}", "get"),
+            ("/v1/groups/{name}", "put"),
+            ("/v1/groups/{name}", "delete"),
             ("/v1/test", "post"),
             ("/healthz", "get"),
             ("/metrics", "get"),

@@ -336,3 +336,35 @@ pub struct HostView {
 pub struct HostPage {
     pub hosts: Vec<HostView>,
 }
+
+/// A group of jobs (`options.group`) with its limits and its calls now
+/// (`GET /v1/groups/{name}`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GroupView {
+    pub name: String,
+    /// The most calls of its jobs in flight at once, across every node: its own, or the
+    /// server's `--group-concurrency`; absent when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// The most calls of its jobs started per second, across every node; absent when
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// The limits set for it with `PUT /v1/groups/{name}`, or `null` when it has the
+    /// server's default only.
+    pub own: Option<crate::job::GroupLimits>,
+    /// Its jobs' tasks running now, on every node (a task awaiting its report counts).
+    pub in_flight: u64,
+    /// Its unfinished jobs.
+    pub jobs: u64,
+}
+
+/// The groups of the caller's jobs that have limits of their own or unfinished jobs
+/// (`GET /v1/groups`), by name.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GroupPage {
+    /// The server's `--group-concurrency`, which a group without its own has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_concurrency: Option<u32>,
+    pub groups: Vec<GroupView>,
+}

@@ -47,6 +47,7 @@ pub(super) async fn dispatch(
                 skip_jobs,
                 priority_max_wait: engine.config.priority_max_wait.as_millis() as i64,
                 owners: engine.tenants.limits(),
+                group_concurrency: engine.config.group_concurrency,
             })
             .await
         {
@@ -188,12 +189,29 @@ async fn run_call(
     (slot, queued): Waiting,
     outcomes: mpsc::Sender<Settled>,
 ) {
-    // The built-in test task has no host and meets no gate.
+    // The built-in test task has no host and meets no gate. A call whose group's rate
+    // reserved it a start (`plan::GroupGate`) waits for it first.
     let host = hosts::host_key(&task.endpoint);
-    let pass = match &host {
-        None => None,
-        Some(host) => tokio::select! {
-            pass = engine.hosts.pass(task.job_id, task.options.host_limits(), host.clone()) => Some(pass),
+    let start_at = task.start_at;
+    let gates = async {
+        if let Some(wait) = start_at.map(|at| at - now_millis()).filter(|&w| w > 0) {
+            tokio::time::sleep(std::time::Duration::from_millis(wait as u64)).await;
+        }
+        match &host {
+            None => None,
+            Some(host) => Some(
+                engine
+                    .hosts
+                    .pass(task.job_id, task.options.host_limits(), host.clone())
+                    .await,
+            ),
+        }
+    };
+    let pass = if start_at.is_none() && host.is_none() {
+        None
+    } else {
+        tokio::select! {
+            pass = gates => pass,
             _ = cancelled.cancelled() => {
                 tracing::debug!(job_id = %task.job_id, task = task.index, "call aborted by cancel at its host's gate");
                 drop(queued);
@@ -207,7 +225,7 @@ async fn run_call(
                 tracing::debug!(job_id = %task.job_id, task = task.index, "call left at its host's gate by shutdown");
                 return;
             }
-        },
+        }
     };
     // In flight from here on, no longer queued.
     drop(queued);

@@ -68,6 +68,9 @@ pub struct EngineConfig {
     pub adaptation: hosts::Adaptation,
     /// How long a job below the highest priority may go unserved (`plan::levels`).
     pub priority_max_wait: Duration,
+    /// The most calls in flight of a group without a concurrency of its own, across every
+    /// node (`--group-concurrency`).
+    pub group_concurrency: Option<u32>,
     pub max_response_bytes: usize,
     /// How long finished jobs are kept; `None` keeps them until deleted.
     pub retention: Option<Duration>,

@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 mod call;
+mod groups;
 mod hosts;
 mod submission;
 mod trace;
@@ -25,6 +26,7 @@ pub use call::{
     AwsSigV4, Headers, MASK, MAX_HEADERS, Method, TaskCall, TaskOptions, check_call_headers,
     check_headers, check_retry_on, check_sigv4, query_pairs, seal_headers,
 };
+pub use groups::{GROUP_RATES, GroupLimits, MAX_GROUP_CONCURRENCY};
 pub use hosts::{HostConcurrency, HostLimits};
 pub use submission::{Limits, NewJob, NewTask, SubmissionError, parse_submission};
 pub use trace::{JobTrace, new_span_id};

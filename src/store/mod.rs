@@ -22,7 +22,9 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use url::Url;
 
-use crate::job::{CallbackState, JobId, JobOptions, JobStatus, NewJob, TaskCall, TaskStatus};
+use crate::job::{
+    CallbackState, GroupLimits, JobId, JobOptions, JobStatus, NewJob, TaskCall, TaskStatus,
+};
 
 pub use dynamodb::DynamoStore;
 pub use outcomes::{
@@ -272,6 +274,8 @@ pub struct ClaimParams {
     pub priority_max_wait: Millis,
     /// How much of this node each owner may still take (see `plan`).
     pub owners: plan::OwnerLimits,
+    /// The concurrency of a group without its own (`--group-concurrency`).
+    pub group_concurrency: Option<u32>,
 }
 
 /// What a claim hands to the engine: everything needed to make the call.
@@ -289,6 +293,9 @@ pub struct ClaimedTask {
     pub options: Arc<JobOptions>,
     /// Who submitted the job (`auth::Owner`), for the engine's count per owner.
     pub owner: Option<Arc<str>>,
+    /// The start its group's rate reserved for this call (`plan::GroupGate::starts`): the
+    /// engine waits for it before the call; `None` to start at once.
+    pub start_at: Option<Millis>,
 }
 
 #[derive(Debug, Default)]
@@ -371,6 +378,18 @@ impl std::fmt::Debug for SettleOutcome {
                 .finish(),
         }
     }
+}
+
+/// A group of jobs (`options.group`) as [`Store::groups_list`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRecord {
+    pub name: String,
+    /// Its own limits, if it has any (`Store::group_set`).
+    pub own: Option<GroupLimits>,
+    /// Its unfinished jobs' tasks running now, on every node.
+    pub in_flight: u64,
+    /// Its unfinished jobs.
+    pub jobs: u64,
 }
 
 impl ClaimedTask {
@@ -597,6 +616,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Tasks waiting to be called across all unfinished jobs.
     async fn queue_depth(&self) -> StoreResult<u64>;
+
+    /// Sets the own limits of `owner`'s group `name` (`PUT /v1/groups/{name}`), replacing
+    /// any before; the next claim on any node obeys them.
+    async fn group_set(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+        limits: &GroupLimits,
+    ) -> StoreResult<()>;
+
+    /// Removes the own limits of `owner`'s group `name`; whether it had any.
+    async fn group_delete(&self, owner: Option<&str>, name: &str) -> StoreResult<bool>;
+
+    /// `owner`'s groups that have limits of their own or unfinished jobs (only `name`, if
+    /// given), by name, each with its calls in flight.
+    async fn groups_list(
+        &self,
+        owner: Option<&str>,
+        name: Option<&str>,
+    ) -> StoreResult<Vec<GroupRecord>>;
 
     /// Marks up to `limit` due tasks as running (their attempt counted), leased to
     /// `params.node` until `params.lease_until`, and returns them. Jobs are served

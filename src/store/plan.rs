@@ -8,7 +8,8 @@
 //! split equally between its jobs (least recently served first when a part is smaller than
 //! the number of jobs). What a job cannot use (its `concurrency` is reached, or it has no
 //! more due) goes to the others in the next round. An owner never gets more than its room
-//! under `--owner-max-in-flight` on this node.
+//! under `--owner-max-in-flight` on this node, and a group never more than its room under
+//! its limits ([`GroupGate`]), which the backend reads under the group's lock.
 
 use std::collections::HashMap;
 
@@ -210,6 +211,124 @@ pub fn levels(
         .collect()
 }
 
+/// How far ahead a claim reserves the starts of a group limited by a rate: its calls wait
+/// at most this long at the node for their start, and a claim takes at most a little more
+/// than this much of the rate.
+pub const GROUP_RATE_AHEAD: super::Millis = 500;
+
+/// A group's limits and state as a claim reads them, under the group's lock (PostgreSQL:
+/// an advisory lock; SQLite: the one writer; DynamoDB: a condition on the group item), so
+/// that they hold across nodes: calls in flight are counted from the store (its unfinished
+/// jobs' running tasks), and a rate is a schedule of starts kept in the store (the time of
+/// the next free start, `next_start`), from which each claim reserves its calls' starts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupGate {
+    pub limits: crate::job::GroupLimits,
+    /// Its jobs' tasks running now, on every node.
+    pub in_flight: u64,
+    /// When the rate's next call may start, in milliseconds (fractional, so that a rate of
+    /// 3 a second keeps its exact spacing); 0 before the first.
+    pub next_start: f64,
+}
+
+impl GroupGate {
+    /// How many more calls a claim at `now` may start: its room under the concurrency, and
+    /// the starts of the rate due within [`GROUP_RATE_AHEAD`].
+    pub fn room(&self, now: super::Millis) -> u64 {
+        let by_concurrency = self
+            .limits
+            .concurrency
+            .map_or(u64::MAX, |c| u64::from(c).saturating_sub(self.in_flight));
+        let by_rate = match self.limits.rate {
+            None => u64::MAX,
+            Some(rate) => {
+                let first = self.next_start.max(now as f64);
+                let horizon = (now + GROUP_RATE_AHEAD) as f64;
+                if first > horizon {
+                    0
+                } else {
+                    ((horizon - first) / (1000.0 / rate)).floor() as u64 + 1
+                }
+            }
+        };
+        by_concurrency.min(by_rate)
+    }
+
+    /// The starts of `k` calls claimed at `now` (none without a rate: they start at once),
+    /// and the rate's next free start after them.
+    pub fn starts(&self, now: super::Millis, k: u64) -> (Vec<super::Millis>, f64) {
+        let Some(rate) = self.limits.rate else {
+            return (Vec::new(), self.next_start);
+        };
+        let interval = 1000.0 / rate;
+        let first = self.next_start.max(now as f64);
+        let starts = (0..k)
+            .map(|i| (first + i as f64 * interval).ceil() as super::Millis)
+            .collect();
+        (starts, first + k as f64 * interval)
+    }
+
+    /// When a claim may next start a call of this group by its rate, if the rate is what
+    /// holds it now.
+    pub fn reopens(&self, now: super::Millis) -> Option<super::Millis> {
+        self.limits.rate?;
+        let at = (self.next_start.ceil() as super::Millis).saturating_sub(GROUP_RATE_AHEAD);
+        (at > now).then_some(at)
+    }
+}
+
+/// A group as the store keys it: its owner (`""` for jobs without one) and its name.
+pub type GroupKey = (String, String);
+
+/// The key of `owner`'s group `name`.
+pub fn group_key(owner: Option<&str>, name: &str) -> GroupKey {
+    (owner.unwrap_or_default().to_string(), name.to_string())
+}
+
+/// After a claim at `now`: each claimed task of a group limited by a rate (in `gates`) gets
+/// the start reserved for it, in the order the tasks come, and the claim says when such a
+/// group's rate next allows a start; returns each group's next free start after them,
+/// which the backend stores under the group's lock.
+pub fn pace(
+    claim: &mut super::Claim,
+    gates: &HashMap<GroupKey, GroupGate>,
+    now: super::Millis,
+) -> Vec<(GroupKey, f64)> {
+    for gate in gates.values() {
+        if let Some(at) = gate.reopens(now) {
+            claim.next_due = Some(claim.next_due.map_or(at, |d| d.min(at)));
+        }
+    }
+    let tasks = &mut claim.tasks;
+    let mut by_group: HashMap<GroupKey, Vec<usize>> = HashMap::new();
+    for (i, task) in tasks.iter().enumerate() {
+        if let Some(name) = &task.options.group {
+            let key = group_key(task.owner.as_deref(), name);
+            if gates.get(&key).is_some_and(|g| g.limits.rate.is_some()) {
+                by_group.entry(key).or_default().push(i);
+            }
+        }
+    }
+    by_group
+        .into_iter()
+        .map(|(key, members)| {
+            let gate = &gates[&key];
+            let (starts, next) = gate.starts(now, members.len() as u64);
+            for (i, at) in members.into_iter().zip(starts) {
+                tasks[i].start_at = Some(at);
+            }
+            let after = GroupGate {
+                next_start: next,
+                ..gate.clone()
+            };
+            if let Some(at) = after.reopens(now) {
+                claim.next_due = Some(claim.next_due.map_or(at, |d| d.min(at)));
+            }
+            (key, next)
+        })
+        .collect()
+}
+
 /// One candidate job: whose it is, and how many more calls its `concurrency` allows.
 struct Candidate {
     owner: usize,
@@ -230,6 +349,10 @@ pub struct FairShare {
     candidates: Vec<Candidate>,
     /// Per owner (index): room left under its limit.
     owner_room: Vec<u64>,
+    /// Per group (index): room left under its limits ([`FairShare::limit_group`]).
+    group_room: Vec<u64>,
+    /// The named groups' indexes.
+    named: HashMap<GroupKey, usize>,
 }
 
 impl FairShare {
@@ -244,6 +367,7 @@ impl FairShare {
         let mut owners: HashMap<Option<&str>, usize> = HashMap::new();
         let mut owner_room = Vec::new();
         let mut groups: HashMap<(usize, &str), usize> = HashMap::new();
+        let mut named = HashMap::new();
         let mut next_group = 0;
         let candidates = jobs
             .into_iter()
@@ -257,7 +381,11 @@ impl FairShare {
                     next_group - 1
                 };
                 let group = match group {
-                    Some(name) => *groups.entry((index, name)).or_insert_with(&mut fresh),
+                    Some(name) => *groups.entry((index, name)).or_insert_with(|| {
+                        let g = fresh();
+                        named.insert(group_key(owner, name), g);
+                        g
+                    }),
                     None => fresh(),
                 };
                 Candidate {
@@ -274,7 +402,25 @@ impl FairShare {
             left: limit,
             candidates,
             owner_room,
+            group_room: vec![u64::MAX; next_group],
+            named,
         }
+    }
+
+    /// The room of a group under its limits ([`GroupGate::room`]): its jobs together get
+    /// no more than that.
+    pub fn limit_group(&mut self, key: &GroupKey, room: u64) {
+        if let Some(&g) = self.named.get(key) {
+            self.group_room[g] = room;
+        }
+    }
+
+    /// Whether candidate `i` got nothing because its group had no room left: the backend
+    /// moves it to the back of the round robin, as a job served, so that a group at its
+    /// limit does not keep the jobs behind it out of the claims' window.
+    pub fn held(&self, i: usize) -> bool {
+        let c = &self.candidates[i];
+        c.claimed == 0 && self.group_room[c.group] == 0
     }
 
     /// The next round: (candidate, how many tasks to take), or nothing when the claim is
@@ -285,8 +431,12 @@ impl FairShare {
         }
         // The open jobs of each open owner, in order, of the highest level open: a lower
         // level gets what is left once those have all they can take.
-        let open_job =
-            |c: &Candidate| !c.exhausted && c.headroom > 0 && self.owner_room[c.owner] > 0;
+        let open_job = |c: &Candidate| {
+            !c.exhausted
+                && c.headroom > 0
+                && self.owner_room[c.owner] > 0
+                && self.group_room[c.group] > 0
+        };
         let Some(level) = self
             .candidates
             .iter()
@@ -326,11 +476,13 @@ impl FairShare {
             let groups = &by_owner[o];
             let group_share = (part / groups.len() as u64).max(1);
             let mut owner_planned = 0;
-            for (_, jobs) in groups {
+            for (g, jobs) in groups {
                 if owner_planned == part {
                     break;
                 }
-                let group_part = group_share.min(part - owner_planned);
+                let group_part = group_share
+                    .min(part - owner_planned)
+                    .min(self.group_room[*g]);
                 let job_share = (group_part / jobs.len() as u64).max(1);
                 let mut group_planned = 0;
                 for &i in jobs {
@@ -356,6 +508,7 @@ impl FairShare {
         c.claimed += got;
         c.headroom = c.headroom.saturating_sub(got);
         self.owner_room[c.owner] = self.owner_room[c.owner].saturating_sub(got);
+        self.group_room[c.group] = self.group_room[c.group].saturating_sub(got);
         self.left = self.left.saturating_sub(got);
         if got < want {
             c.exhausted = true;
@@ -527,6 +680,76 @@ mod tests {
             (Some("b"), Some("g")),
         ];
         assert_eq!(play_groups(8, &jobs), [2, 2, 4]);
+    }
+
+    #[test]
+    fn a_group_gets_no_more_than_its_room() {
+        let free = OwnerLimits::default();
+        let jobs = [
+            (None, Some("capped")),
+            (None, Some("capped")),
+            (None, Some("open")),
+        ];
+        let mut plan = FairShare::new(12, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
+        plan.limit_group(&group_key(None, "capped"), 3);
+        plan.limit_group(&group_key(None, "unknown"), 0);
+        loop {
+            let round = plan.round();
+            if round.is_empty() {
+                break;
+            }
+            for (i, want) in round {
+                plan.got(i, want, want);
+            }
+        }
+        let got: Vec<u64> = (0..3).map(|i| plan.claimed(i)).collect();
+        assert_eq!(got[0] + got[1], 3, "{got:?}");
+        assert_eq!(
+            got[2], 9,
+            "what the capped group cannot take goes to the other"
+        );
+        // A group with no room at all: its jobs are held, and moved back by the backend.
+        let mut plan = FairShare::new(4, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
+        plan.limit_group(&group_key(None, "capped"), 0);
+        for (i, want) in plan.round() {
+            plan.got(i, want, want);
+        }
+        assert!(plan.held(0) && plan.held(1) && !plan.held(2));
+        assert_eq!(plan.claimed(2), 4);
+    }
+
+    #[test]
+    fn a_group_gate_counts_its_concurrency_and_spaces_its_rate() {
+        use crate::job::GroupLimits;
+        let now = 10_000;
+        let gate = |concurrency, rate, in_flight, next_start| GroupGate {
+            limits: GroupLimits { concurrency, rate },
+            in_flight,
+            next_start,
+        };
+        assert_eq!(gate(None, None, 7, 0.0).room(now), u64::MAX);
+        assert_eq!(gate(Some(5), None, 3, 0.0).room(now), 2);
+        assert_eq!(gate(Some(5), None, 9, 0.0).room(now), 0);
+        // 10 a second, nothing started yet: the starts due within half a second.
+        let fresh = gate(None, Some(10.0), 0, 0.0);
+        assert_eq!(fresh.room(now), 6);
+        let (starts, next) = fresh.starts(now, 3);
+        assert_eq!(starts, [now, now + 100, now + 200]);
+        assert_eq!(next, (now + 300) as f64);
+        // Those reserved, the rest of the half second.
+        let after = gate(Some(100), Some(10.0), 3, next);
+        assert_eq!(after.room(now), 3);
+        assert_eq!(after.reopens(now), None);
+        // A schedule reserved past the horizon: nothing now, and when to look again.
+        let ahead = gate(None, Some(10.0), 0, (now + 900) as f64);
+        assert_eq!(ahead.room(now), 0);
+        assert_eq!(ahead.reopens(now), Some(now + 400));
+        // A third of a second apart, exactly, over many starts.
+        let (starts, next) = gate(None, Some(3.0), 0, 0.0).starts(now, 3);
+        assert_eq!(starts, [now, now + 334, now + 667]);
+        assert_eq!(next, now as f64 + 1000.0);
+        // No rate: no start to wait for.
+        assert!(gate(Some(2), None, 0, 0.0).starts(now, 2).0.is_empty());
     }
 
     #[test]

@@ -12,10 +12,11 @@ use super::codec::{
 };
 use super::plan;
 use super::{
-    CallbackInfo, CallbackOutcome, ClaimedTask, FailedTask, JobRecord, Millis, StoreError,
-    StoreResult, TaskRecord, url_text,
+    CallbackInfo, CallbackOutcome, ClaimedTask, FailedTask, GroupRecord, JobRecord, Millis,
+    StoreError, StoreResult, TaskRecord, url_text,
 };
-use crate::job::{JobId, JobOptions, JobStatus, NewJob};
+use crate::job::{GroupLimits, JobId, JobOptions, JobStatus, NewJob};
+use std::collections::HashMap;
 
 /// A row of either SQL backend, read by column name as the readers below need it. Both
 /// backends store counts and times as 64-bit integers and attempts as 32-bit ones; JSON,
@@ -29,6 +30,7 @@ pub(super) trait Columns {
     fn text_or_null(&self, name: &'static str) -> Option<String>;
     fn code(&self, name: &'static str) -> Code;
     fn code_or_null(&self, name: &'static str) -> Option<Code>;
+    fn float_or_null(&self, name: &'static str) -> Option<f64>;
 }
 
 impl<R> Columns for R
@@ -40,6 +42,7 @@ where
     for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> Code: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
 {
     fn int(&self, name: &'static str) -> i64 {
         self.get(name)
@@ -63,6 +66,9 @@ where
         self.get(name)
     }
     fn code_or_null(&self, name: &'static str) -> Option<Code> {
+        self.get(name)
+    }
+    fn float_or_null(&self, name: &'static str) -> Option<f64> {
         self.get(name)
     }
 }
@@ -148,6 +154,7 @@ fn claimed_task(
         // A task with settings of its own is called with them over its job's options.
         options: with_call(options, row.text_or_null("call").as_deref())?,
         owner: owner.clone(),
+        start_at: None,
     })
 }
 
@@ -252,6 +259,8 @@ pub(super) struct NewJobRow {
     /// When its time budget runs out (`plan::deadline`), for the deadline sweep.
     pub deadline_at: Option<Millis>,
     pub priority: i32,
+    /// `options.group`, in a column of its own for the claims that count a group's calls.
+    pub group: Option<String>,
 }
 
 impl NewJobRow {
@@ -279,6 +288,7 @@ impl NewJobRow {
                 .then(|| super::plan::deadline(&job.options, now))
                 .flatten(),
             priority: job.options.priority,
+            group: job.options.group.clone(),
         })
     }
 }
@@ -310,4 +320,77 @@ impl<'a> CallbackWrite<'a> {
             delivered_at,
         }
     }
+}
+
+/// The named groups of a claim's candidates, each once.
+pub(super) fn candidate_groups(candidates: &[Candidate]) -> Vec<plan::GroupKey> {
+    let mut keys: Vec<plan::GroupKey> = candidates
+        .iter()
+        .filter_map(|c| Some(plan::group_key(c.owner.as_deref(), c.group.as_deref()?)))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The groups of `keys` that have limits, own (`own`: limits and next start, from the
+/// groups' rows) or the server's default, as gates with their calls in flight.
+pub(super) fn group_gates(
+    keys: &[plan::GroupKey],
+    own: &HashMap<plan::GroupKey, (GroupLimits, f64)>,
+    default_concurrency: Option<u32>,
+) -> HashMap<plan::GroupKey, plan::GroupGate> {
+    keys.iter()
+        .filter_map(|key| {
+            let row = own.get(key);
+            let limits = GroupLimits::effective(row.map(|(l, _)| l), default_concurrency);
+            limits.limits().then(|| {
+                let gate = plan::GroupGate {
+                    limits,
+                    in_flight: 0,
+                    next_start: row.map_or(0.0, |&(_, next)| next),
+                };
+                (key.clone(), gate)
+            })
+        })
+        .collect()
+}
+
+/// A group's own limits from its row's `concurrency` and `rate`.
+pub(super) fn group_limits(row: &impl Columns) -> GroupLimits {
+    GroupLimits {
+        concurrency: row.int_or_null("concurrency").map(|c| c as u32),
+        rate: row.float_or_null("rate"),
+    }
+}
+
+/// Groups as `Store::groups_list` answers: those with limits of their own (`own`, by name)
+/// and those with unfinished jobs (`counts`: name, tasks running, jobs), by name.
+pub(super) fn group_records(
+    own: Vec<(String, GroupLimits)>,
+    counts: Vec<(String, u64, u64)>,
+) -> Vec<GroupRecord> {
+    let mut records: std::collections::BTreeMap<String, GroupRecord> = own
+        .into_iter()
+        .map(|(name, limits)| {
+            let record = GroupRecord {
+                name: name.clone(),
+                own: Some(limits),
+                in_flight: 0,
+                jobs: 0,
+            };
+            (name, record)
+        })
+        .collect();
+    for (name, in_flight, jobs) in counts {
+        let record = records.entry(name.clone()).or_insert_with(|| GroupRecord {
+            name,
+            own: None,
+            in_flight: 0,
+            jobs: 0,
+        });
+        record.in_flight = in_flight;
+        record.jobs = jobs;
+    }
+    records.into_values().collect()
 }

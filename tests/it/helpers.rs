@@ -70,6 +70,7 @@ pub fn test_settings() -> Settings {
         per_host: doparallel::job::HostLimits::UNLIMITED,
         per_host_adaptation: Default::default(),
         priority_max_wait: Duration::from_secs(60),
+        group_concurrency: None,
         max_response_bytes: 1024 * 1024,
         callback_schedule: vec![Duration::from_millis(50); 3],
         callback_timeout: Duration::from_secs(5),

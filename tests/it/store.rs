@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use doparallel::job::{
-    AwsSigV4, CallbackState, Headers, JobId, JobOptions, JobStatus, JobTrace, Method, NewJob,
-    NewTask, TaskCall, TaskOptions, TaskStatus,
+    AwsSigV4, CallbackState, GroupLimits, Headers, JobId, JobOptions, JobStatus, JobTrace, Method,
+    NewJob, NewTask, TaskCall, TaskOptions, TaskStatus,
 };
 use doparallel::store::{
     CallbackOutcome, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
@@ -111,6 +111,7 @@ conformance!(
     heartbeats_keep_an_awaited_attempt_alive,
     higher_priorities_are_served_first_and_a_long_wait_is_not_forgotten,
     groups_share_a_claim_before_their_jobs_do,
+    group_limits_hold_over_claims,
 );
 
 // ---- helpers ----
@@ -168,6 +169,7 @@ async fn claim_skipping(
             lease_until: now + LEASE,
             skip_jobs,
             priority_max_wait: 60_000,
+            group_concurrency: None,
             owners: Default::default(),
         })
         .await
@@ -738,6 +740,7 @@ async fn claim_shares_between_owners_first(store: Arc<dyn Store>) {
             lease_until: t0 + LEASE,
             skip_jobs: Vec::new(),
             priority_max_wait: 60_000,
+            group_concurrency: None,
             owners: limits(4),
         })
         .await
@@ -752,6 +755,7 @@ async fn claim_shares_between_owners_first(store: Arc<dyn Store>) {
             lease_until: t0 + LEASE,
             skip_jobs: Vec::new(),
             priority_max_wait: 60_000,
+            group_concurrency: None,
             owners: limits(3),
         })
         .await
@@ -1077,6 +1081,7 @@ async fn leases_renew_and_expire(store: Arc<dyn Store>) {
             lease_until: t0 + 1000,
             skip_jobs: Vec::new(),
             priority_max_wait: 60_000,
+            group_concurrency: None,
             owners: Default::default(),
         })
         .await
@@ -1551,6 +1556,7 @@ async fn recover_takes_back_expired_leases(store: Arc<dyn Store>) {
             lease_until: t0 + 1000,
             skip_jobs: Vec::new(),
             priority_max_wait: 60_000,
+            group_concurrency: None,
             owners: Default::default(),
         })
         .await
@@ -2271,6 +2277,7 @@ async fn dynamodb_another_client_takes_over_an_expired_lease() {
             lease_until: t0 + 1_000,
             skip_jobs: Vec::new(),
             priority_max_wait: 60_000,
+            group_concurrency: None,
             owners: Default::default(),
         })
         .await
@@ -3294,4 +3301,132 @@ async fn groups_share_a_claim_before_their_jobs_do(store: Arc<dyn Store>) {
     acme.sort();
     assert_eq!(of_group("acme").await, acme);
     assert!(of_group("initech").await.is_empty());
+}
+
+/// A claim with the server's default concurrency for groups.
+async fn claim_defaulting(
+    store: &Arc<dyn Store>,
+    node: NodeId,
+    limit: u32,
+    now: Millis,
+    group_concurrency: Option<u32>,
+) -> Claim {
+    store
+        .tasks_claim(&ClaimParams {
+            limit,
+            now,
+            node,
+            lease_until: now + LEASE,
+            skip_jobs: Vec::new(),
+            priority_max_wait: 60_000,
+            group_concurrency,
+            owners: Default::default(),
+        })
+        .await
+        .unwrap()
+}
+
+async fn group_limits_hold_over_claims(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let in_group = |group: &str| JobOptions {
+        group: Some(group.to_string()),
+        ..options()
+    };
+    let limits = |concurrency: Option<u32>, rate: Option<f64>| GroupLimits { concurrency, rate };
+    store
+        .group_set(None, "acme", &limits(Some(3), None))
+        .await
+        .unwrap();
+    let acme = [
+        insert(&store, &new_job(10, in_group("acme"), false), t0).await,
+        insert(&store, &new_job(10, in_group("acme"), false), t0).await,
+    ];
+    let globex = insert(&store, &new_job(10, in_group("globex"), false), t0).await;
+    let of_acme = |c: &Claim| c.tasks.iter().filter(|t| acme.contains(&t.job_id)).count();
+
+    // Three of acme's calls at most, whatever the free slots; globex takes the rest.
+    let first = claim(&store, node, 20, t0).await;
+    assert_eq!(of_acme(&first), 3);
+    assert_eq!(indexes(&first, globex).len(), 10);
+    assert!(
+        first.tasks.iter().all(|t| t.start_at.is_none()),
+        "no rate: at once"
+    );
+    assert_eq!(
+        of_acme(&claim(&store, node, 20, t0 + 1).await),
+        0,
+        "at its limit"
+    );
+    // Two of its calls end: two more may start.
+    let done: Vec<TaskSettle> = first
+        .tasks
+        .iter()
+        .filter(|t| acme.contains(&t.job_id))
+        .take(2)
+        .map(|t| settle(t, complete("1"), t0 + 2))
+        .collect();
+    store.tasks_settle(node, &done).await.unwrap();
+    assert_eq!(of_acme(&claim(&store, node, 20, t0 + 3).await), 2);
+
+    // What the list shows: own limits, calls in flight, unfinished jobs.
+    let listed = store.groups_list(None, None).await.unwrap();
+    let names: Vec<&str> = listed.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["acme", "globex"]);
+    assert_eq!(listed[0].own, Some(limits(Some(3), None)));
+    assert_eq!((listed[0].in_flight, listed[0].jobs), (3, 2));
+    assert_eq!(
+        (listed[1].own, listed[1].in_flight, listed[1].jobs),
+        (None, 10, 1)
+    );
+
+    // A rate of 10 a second: the starts of the next half second, 100 ms apart, and the
+    // claim says when the next is due.
+    store
+        .group_set(None, "slow", &limits(None, Some(10.0)))
+        .await
+        .unwrap();
+    let slow = insert(&store, &new_job(20, in_group("slow"), false), t0).await;
+    let t1 = t0 + 10_000;
+    let paced = claim(&store, node, 20, t1).await;
+    let starts: Vec<Millis> = paced
+        .tasks
+        .iter()
+        .filter(|t| t.job_id == slow)
+        .map(|t| t.start_at.expect("a reserved start"))
+        .collect();
+    assert_eq!(starts, (0..6).map(|i| t1 + i * 100).collect::<Vec<_>>());
+    let again = claim(&store, node, 20, t1).await;
+    assert!(
+        indexes(&again, slow).is_empty(),
+        "the rate's half second is taken"
+    );
+    assert_eq!(again.next_due, Some(t1 + 100));
+    let later = claim(&store, node, 20, t1 + 100).await;
+    let next: Vec<Option<Millis>> = later
+        .tasks
+        .iter()
+        .filter(|t| t.job_id == slow)
+        .map(|t| t.start_at)
+        .collect();
+    assert_eq!(next, [Some(t1 + 600)]);
+
+    // A group without limits of its own has the server's default.
+    let initech = insert(&store, &new_job(10, in_group("initech"), false), t0).await;
+    let defaulted = claim_defaulting(&store, node, 20, t1 + 200, Some(2)).await;
+    assert_eq!(indexes(&defaulted, initech).len(), 2);
+
+    // Removing acme's limits: it had some; then none.
+    assert!(store.group_delete(None, "acme").await.unwrap());
+    assert!(!store.group_delete(None, "acme").await.unwrap());
+    let acme_now = store.groups_list(None, Some("acme")).await.unwrap();
+    assert_eq!(acme_now.len(), 1);
+    assert_eq!(acme_now[0].own, None);
+    assert!(
+        store
+            .groups_list(None, Some("nobody"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -16,11 +16,12 @@ use super::items::{
     CLAIMABLE, SHARDS, id_of_pk, index_of_sk, job_key, job_status_from, pad_time, queue_pk, raw,
     task_key,
 };
+use super::job_groups::Lane;
 use super::requests::PARALLEL;
 use super::tx::{Cancelled, TX_TASKS, TaskTx, Then, TxEnd};
 use crate::job::{JobId, JobOptions};
 use crate::store::codec::{parse_id, parse_options, with_call};
-use crate::store::plan::{self, FairShare};
+use crate::store::plan::{self, FairShare, GroupKey};
 use crate::store::{
     Claim, ClaimParams, ClaimedTask, Millis, OverdueParams, StoreError, StoreResult,
 };
@@ -28,6 +29,8 @@ use crate::store::{
 /// A job as gsi1 shows it to a claim.
 struct Candidate {
     id: JobId,
+    /// Its group's key, if it names one.
+    group: Option<GroupKey>,
     /// gsi1 carries it since tables made by this version; `None` on older ones.
     owner: Option<Arc<str>>,
     options: Arc<JobOptions>,
@@ -49,6 +52,8 @@ type Due = (u64, u32, String, String, Option<String>);
 struct ClaimTx<'a> {
     params: &'a ClaimParams,
     candidate: &'a Candidate,
+    /// Its group, when that has limits: its item goes in each transaction.
+    lane: Option<&'a Lane>,
     /// How many more of its tasks the job may run.
     headroom: u64,
 }
@@ -91,6 +96,12 @@ impl TaskTx<&Due> for ClaimTx<'_> {
         (*index, change)
     }
 
+    fn extra(&self, items: &[&Due]) -> Option<(Item, Change)> {
+        let lane = self.lane?;
+        let (change, _) = lane.change(items.len() as u64, self.params.now);
+        Some((lane.key.clone(), change))
+    }
+
     /// Tasks taken meanwhile (by another node, or seen late by the index) are left out.
     async fn cancelled(
         &mut self,
@@ -98,6 +109,14 @@ impl TaskTx<&Due> for ClaimTx<'_> {
         items: &mut Vec<&Due>,
         cancelled: Cancelled,
     ) -> StoreResult<Then> {
+        if cancelled.extra_refused {
+            // Another node claimed for the group since its count was read: the group waits
+            // for the next claim, which counts again.
+            if let Some(lane) = self.lane {
+                lane.lose();
+            }
+            return Ok(Then::Stop);
+        }
         if cancelled.job_refused {
             // Finished, cancelled, or at its concurrency: look again.
             let Some(item) = store.job_item(self.candidate.id).await? else {
@@ -168,6 +187,7 @@ impl DynamoStore {
                 .unwrap_or(0);
             candidates.push(Candidate {
                 id,
+                group: options.group.as_deref().map(|g| plan::group_key(owner, g)),
                 owner: owner.map(Arc::from),
                 options,
                 concurrency,
@@ -208,20 +228,61 @@ impl DynamoStore {
             }),
             &params.owners,
         );
+        // The groups with limits, counted now; each one's jobs are claimed one after the
+        // other, each transaction on condition that the group is as the last one left it.
+        let mut keys: Vec<GroupKey> = candidates.iter().filter_map(|c| c.group.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        let lanes = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            self.group_lanes(&keys, params.group_concurrency).await?
+        };
+        for (key, lane) in &lanes {
+            plan.limit_group(key, lane.gate.room(params.now));
+        }
+        let (candidates, lanes) = (&candidates, &lanes);
+        let lane_of = |i: usize| candidates[i].group.as_ref().and_then(|k| lanes.get(k));
         for _round in 0..4 {
             let wants = plan.round();
             if wants.is_empty() {
                 break;
             }
-            let results: Vec<(usize, u64, JobClaim)> = stream::iter(wants)
-                .map(|(i, want)| {
-                    let c = &candidates[i];
-                    async move { self.claim_job(params, c, want).await.map(|r| (i, want, r)) }
+            let mut queues: Vec<Vec<(usize, u64)>> = Vec::new();
+            let mut queue_of_lane: HashMap<&GroupKey, usize> = HashMap::new();
+            for (i, want) in wants {
+                match candidates[i]
+                    .group
+                    .as_ref()
+                    .filter(|k| lanes.contains_key(*k))
+                {
+                    Some(key) => {
+                        let q = *queue_of_lane.entry(key).or_insert_with(|| {
+                            queues.push(Vec::new());
+                            queues.len() - 1
+                        });
+                        queues[q].push((i, want));
+                    }
+                    None => queues.push(vec![(i, want)]),
+                }
+            }
+            let results: Vec<Vec<(usize, u64, JobClaim)>> = stream::iter(queues)
+                .map(|queue| async move {
+                    let mut out = Vec::with_capacity(queue.len());
+                    for (i, want) in queue {
+                        let (c, lane) = (&candidates[i], lane_of(i));
+                        if lane.is_some_and(Lane::lost) {
+                            out.push((i, want, (Vec::new(), false, None)));
+                            continue;
+                        }
+                        out.push((i, want, self.claim_job(params, c, want, lane).await?));
+                    }
+                    Ok::<_, StoreError>(out)
                 })
                 .buffer_unordered(PARALLEL)
                 .try_collect()
                 .await?;
-            for (i, want, (tasks, exhausted, next_due)) in results {
+            for (i, want, (tasks, exhausted, next_due)) in results.into_iter().flatten() {
                 let got = tasks.len() as u64;
                 // A job that said it has nothing more due counts as having given less.
                 plan.got(i, if exhausted { want.max(got + 1) } else { want }, got);
@@ -232,7 +293,38 @@ impl DynamoStore {
             }
         }
         claim.tasks.sort_by_key(|t| (t.job_id, t.index));
+        // A group's rate says when it may start again; a group another node changed is
+        // looked at again soon. Jobs its group held move to the back, as served.
+        for lane in lanes.values() {
+            let at = if lane.lost() {
+                Some(params.now + 50)
+            } else {
+                lane.gate_after().reopens(params.now)
+            };
+            if let Some(at) = at {
+                claim.next_due = Some(claim.next_due.map_or(at, |d: Millis| d.min(at)));
+            }
+        }
+        let held: Vec<JobId> = (0..candidates.len())
+            .filter(|&i| plan.held(i))
+            .map(|i| candidates[i].id)
+            .collect();
+        stream::iter(held)
+            .map(|id| self.served(id, params.now))
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(claim)
+    }
+
+    /// Moves a job to the back of the round robin, as served at `now`.
+    async fn served(&self, id: JobId, now: Millis) -> StoreResult<()> {
+        let change = Change::new()
+            .set("last_claim_at", n(now))
+            .set("g1sk", s(format!("{}#{id}", pad_time(now))))
+            .when(|e| format!("attribute_exists({})", e.n("g1pk")));
+        self.update(job_key(id), change, None).await?;
+        Ok(())
     }
 
     /// Claims up to `want` due tasks of one job; returns them, whether the job had fewer due
@@ -242,6 +334,7 @@ impl DynamoStore {
         params: &ClaimParams,
         candidate: &Candidate,
         want: u64,
+        lane: Option<&Lane>,
     ) -> StoreResult<JobClaim> {
         let id = candidate.id;
         let mut ex = Ex::default();
@@ -276,6 +369,7 @@ impl DynamoStore {
         let mut tx = ClaimTx {
             params,
             candidate,
+            lane,
             headroom: candidate.headroom,
         };
         for chunk in due.chunks(TX_TASKS) {
@@ -284,6 +378,10 @@ impl DynamoStore {
             match self.transact_tasks(&mut tx, items).await? {
                 TxEnd::Committed(items) => {
                     tx.headroom -= items.len() as u64;
+                    let mut starts = lane
+                        .map(|l| l.committed(items.len() as u64, params.now))
+                        .unwrap_or_default()
+                        .into_iter();
                     for (index, attempts, endpoint, params_text, call) in items {
                         claimed.push(ClaimedTask {
                             job_id: id,
@@ -295,6 +393,7 @@ impl DynamoStore {
                             params: raw(params_text)?,
                             options: with_call(&candidate.options, call.as_deref())?,
                             owner: candidate.owner.clone(),
+                            start_at: starts.next(),
                         });
                     }
                 }
@@ -321,11 +420,7 @@ impl DynamoStore {
         if claimed.is_empty() {
             // Served all the same: it moves to the back, so a job whose tasks all wait in
             // backoff cannot keep the jobs behind it waiting.
-            let change = Change::new()
-                .set("last_claim_at", n(params.now))
-                .set("g1sk", s(format!("{}#{id}", pad_time(params.now))))
-                .when(|e| format!("attribute_exists({})", e.n("g1pk")));
-            self.update(job_key(id), change, None).await?;
+            self.served(id, params.now).await?;
         }
         Ok((claimed, exhausted, next_due))
     }
@@ -430,6 +525,7 @@ impl DynamoStore {
                 params: raw(need_s(&task, "params")?)?,
                 options: with_call(&job_options, get_s(&task, "call"))?,
                 owner,
+                start_at: None,
             });
         }
         Ok(tasks)

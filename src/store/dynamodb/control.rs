@@ -23,6 +23,7 @@ use super::items::{
     CB_PENDING, SHARDS, UNFINISHED, finish_job, job_key, job_pk, pad_time, queue_pk, queue_sk,
     shard, task_key, with_deadline,
 };
+use super::job_groups::{group_item_key, join};
 use super::settle::JobCounters;
 use super::tx::{TX_TRIES, TxOutcome};
 use crate::job::{JobId, JobOptions, TaskStatus};
@@ -176,6 +177,12 @@ impl DynamoStore {
         }
         let options = plan::next_run(&parse_options(need_s(&item, "options")?)?, now);
         let run = options.run();
+        // Unfinished again: the job rejoins its group's members (`job_groups`) first.
+        if let Some(group) = options.group.as_deref() {
+            let key = plan::group_key(get_s(&item, "owner"), group);
+            self.update(group_item_key(&key), join(id, group), None)
+                .await?;
+        }
         let options_text = options_text(&options)?;
         let status_was = need_s(&item, "status")?.to_string();
         let created_at: Millis = need_n(&item, "created_at")?;

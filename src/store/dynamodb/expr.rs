@@ -85,6 +85,7 @@ pub struct Change {
     set: Vec<String>,
     add: Vec<String>,
     remove: Vec<String>,
+    delete: Vec<String>,
     conditions: Vec<String>,
 }
 
@@ -114,6 +115,28 @@ impl Change {
         self
     }
 
+    /// `ADD attr :strings`: they join the string set (made when missing).
+    pub fn add_strings(mut self, attr: &str, values: Vec<String>) -> Self {
+        let clause = format!(
+            "{} {}",
+            self.ex.n(attr),
+            self.ex.v(AttributeValue::Ss(values))
+        );
+        self.add.push(clause);
+        self
+    }
+
+    /// `DELETE attr :strings`: they leave the string set.
+    pub fn delete_strings(mut self, attr: &str, values: Vec<String>) -> Self {
+        let clause = format!(
+            "{} {}",
+            self.ex.n(attr),
+            self.ex.v(AttributeValue::Ss(values))
+        );
+        self.delete.push(clause);
+        self
+    }
+
     pub fn remove(mut self, attr: &str) -> Self {
         let name = self.ex.n(attr);
         self.remove.push(name);
@@ -137,6 +160,9 @@ impl Change {
         }
         if !self.remove.is_empty() {
             parts.push(format!("REMOVE {}", self.remove.join(", ")));
+        }
+        if !self.delete.is_empty() {
+            parts.push(format!("DELETE {}", self.delete.join(", ")));
         }
         parts.join(" ")
     }

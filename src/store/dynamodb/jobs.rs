@@ -11,6 +11,7 @@ use super::items::{
     CB_PENDING, UNFINISHED, deadline_pk, finish_job, idem_key, job_from_item, job_key, job_pk,
     pad_time, queue_pk, queue_sk, shard, task_from_item, task_key, task_sk,
 };
+use super::job_groups::{group_item_key, join};
 use super::schema::sdk_error;
 use super::settle::JobCounters;
 use super::tx::{TX_TRIES, TxOutcome};
@@ -179,6 +180,11 @@ impl DynamoStore {
             key.insert("job_id".into(), s(id.to_string()));
             key.insert("request_hash".into(), s(idem.request_hash.clone()));
             actions.push(put(key)?);
+        }
+        // The last action: the job joins its group's members (`job_groups`).
+        if let Some(group) = job.options.group.as_deref().filter(|_| !empty) {
+            let key = group_item_key(&plan::group_key(owner, group));
+            actions.push(self.tx_update(key, join(id, group))?);
         }
         let outcome = self.transact(actions).await?;
         if let TxOutcome::Cancelled(reasons) = outcome {

@@ -12,6 +12,7 @@
 //! | a job (`META`) | `JOB#<id>` | `META` | gsi1 `ACTIVE#<shard>`/`<last_claim_at>#<id>` while unfinished, `DONE#<shard>`/`<finished_at>#<id>` once its callback is no longer owed; gsi2 `CB`/`<next_attempt_at>#<id>` while its callback is due; gsi3 `DEADLINE#<shard>`/`<deadline_at>#<id>` while unfinished with a deadline; gsi4 `JOBS`/`<id>`; gsi5 `OWNER#<owner>`/`<id>` |
 //! | a task | `JOB#<id>` | `T#<index>` | gsi2 `Q#<job>`/`<run_at>#<index>` while pending; gsi3 `N#<node>`/`<job>#<index>` while running, `F#<job>`/`<fail_seq>` once failed |
 //! | an idempotency key | `IDEM#<owner>#<key>` | `IDEM` | |
+//! | a group of jobs | `GROUPS#<owner>` | `G#<name>` | |
 //! | a node's lease | `NODES` | `<node>` | |
 //!
 //! - **Submission** writes the tasks first (BatchWriteItem, 25 a request, many at once), then
@@ -86,6 +87,8 @@
 //!   without the stale ones (claim, settle, take-back).
 //! - `jobs`: submission, reads, lists, cancel. `retention`: delete and purge.
 //! - `claim`: claims and overdue awaited tasks. `leases`: node leases and their expiry.
+//! - `job_groups`: a group's item (its limits, members and rate), and what a claim of a
+//!   group with limits writes to it.
 //! - `settle`: outcomes, reports and heartbeats. `callbacks`: the outbox.
 //! - `control`: pause, limits, retry, deadlines.
 //! - `schema`: the table and its URL. `expr`: expressions and attribute values.
@@ -95,6 +98,7 @@ mod claim;
 mod control;
 mod expr;
 mod items;
+mod job_groups;
 mod jobs;
 mod leases;
 mod requests;
@@ -273,6 +277,27 @@ impl Store for DynamoStore {
 
     async fn queue_depth(&self) -> StoreResult<u64> {
         self.queued_tasks().await
+    }
+
+    async fn group_set(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+        limits: &crate::job::GroupLimits,
+    ) -> StoreResult<()> {
+        DynamoStore::group_set(self, owner, name, limits).await
+    }
+
+    async fn group_delete(&self, owner: Option<&str>, name: &str) -> StoreResult<bool> {
+        DynamoStore::group_delete(self, owner, name).await
+    }
+
+    async fn groups_list(
+        &self,
+        owner: Option<&str>,
+        name: Option<&str>,
+    ) -> StoreResult<Vec<super::GroupRecord>> {
+        DynamoStore::groups_list(self, owner, name).await
     }
 
     async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim> {

@@ -13,8 +13,9 @@ use super::schema::sdk_error;
 use crate::job::JobId;
 use crate::store::{StoreError, StoreResult};
 
-/// Items per transaction: DynamoDB's limit is 100; one place is the job item's.
-pub(super) const TX_TASKS: usize = 99;
+/// Items per transaction: DynamoDB's limit is 100; one place is the job item's, one that of
+/// the job's group (a claim of a group with limits, `job_groups`).
+pub(super) const TX_TASKS: usize = 98;
 
 /// How often a transaction is tried again after a conflict or a stale item.
 pub(super) const TX_TRIES: usize = 8;
@@ -110,6 +111,11 @@ pub(super) trait TaskTx<T> {
     /// A task's index and change.
     fn task_change(&self, task: &T) -> (u64, Change);
 
+    /// Another item written with them (the last action), if any: a claim's group item.
+    fn extra(&self, _tasks: &[T]) -> Option<(Item, Change)> {
+        None
+    }
+
     /// What follows a cancelled try, once its stale tasks are out of `tasks`: the job item
     /// may have changed meanwhile, or refused the write. Asked after every cancelled try,
     /// the last one too (where `Continue` ends in [`TxEnd::GaveUp`]).
@@ -125,6 +131,8 @@ pub(super) trait TaskTx<T> {
 pub(super) struct Cancelled {
     /// The job item's own condition failed.
     pub(super) job_refused: bool,
+    /// The other item's ([`TaskTx::extra`]) condition failed.
+    pub(super) extra_refused: bool,
     /// The tries made, this one included; there is none after [`TX_TRIES`].
     pub(super) tries: usize,
 }
@@ -169,6 +177,11 @@ impl DynamoStore {
                 let (index, change) = tx.task_change(task);
                 actions.push(self.tx_update(task_key(id, index), change)?);
             }
+            let extra_at = tx.extra(&tasks).map(|(key, change)| {
+                actions.push(self.tx_update(key, change)?);
+                Ok::<_, StoreError>(actions.len() - 1)
+            });
+            let extra_at = extra_at.transpose()?;
             let reasons = match self.transact(actions).await? {
                 TxOutcome::Done => return Ok(TxEnd::Committed(tasks)),
                 TxOutcome::Cancelled(reasons) => reasons,
@@ -178,6 +191,7 @@ impl DynamoStore {
             let failed = |action: usize| {
                 reasons.get(action).and_then(|r| r.as_deref()) == Some("ConditionalCheckFailed")
             };
+            let extra_refused = extra_at.is_some_and(failed);
             let mut action = 0;
             tasks.retain(|_| {
                 action += 1;
@@ -185,6 +199,7 @@ impl DynamoStore {
             });
             let cancelled = Cancelled {
                 job_refused: failed(0),
+                extra_refused,
                 tries,
             };
             if let Then::Stop = tx.cancelled(self, &mut tasks, cancelled).await? {

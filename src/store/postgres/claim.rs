@@ -7,10 +7,10 @@ use std::sync::LazyLock;
 
 use sqlx::Row;
 
-use super::{PostgresStore, map_err};
+use super::{PostgresStore, job_groups, map_err};
 use crate::store::codec::{JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING};
 use crate::store::plan::{self, FairShare};
-use crate::store::rows::Candidate;
+use crate::store::rows::{self, Candidate};
 use crate::store::{Claim, ClaimParams, Millis, StoreResult};
 
 /// How soon a claim that found a job busy (another node was claiming or settling it at that
@@ -166,6 +166,20 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
             .map(|(c, &level)| (c.owner.as_deref(), c.group.as_deref(), c.headroom, level)),
         &params.owners,
     );
+    // The groups' limits, each under its lock; a group another claim holds gives nothing.
+    let groups = rows::candidate_groups(&candidates);
+    let (gates, busy) = if groups.is_empty() {
+        (HashMap::new(), Vec::new())
+    } else {
+        job_groups::gates(&mut tx, &groups, params.group_concurrency).await?
+    };
+    for (key, gate) in &gates {
+        plan.limit_group(key, gate.room(params.now));
+    }
+    for key in &busy {
+        plan.limit_group(key, 0);
+    }
+    let contended = contended || !busy.is_empty();
     loop {
         let wants = plan.round();
         if wants.is_empty() {
@@ -193,13 +207,15 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
         }
     }
     // Each job's tasks together, in order (the engine looks its cancel token up once
-    // per job).
+    // per job); the starts reserved by groups' rates.
     claim.tasks.sort_by_key(|t| (t.job_id, t.index));
+    let next_starts = plan::pace(&mut claim, &gates, params.now);
+    job_groups::store_starts(&mut tx, &next_starts).await?;
 
     // The jobs served move to the back of the round robin; so does a job found with
     // nothing due (its tasks all in backoff), so that it cannot starve the jobs behind it.
     let (served, counts): (Vec<i64>, Vec<i64>) = (0..candidates.len())
-        .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i))
+        .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i) || plan.held(i))
         .map(|i| (candidates[i].seq, plan.claimed(i) as i64))
         .unzip();
     if !served.is_empty() {

@@ -42,8 +42,9 @@ pub(super) async fn insert(
     let seq: Option<i64> = sqlx::query_scalar(
         "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, callback_url, \
          created_at, finished_at, idempotency_key, request_hash, owner, metadata, not_before, \
-         deadline_at, priority) \
-         VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         deadline_at, priority, group_name) \
+         VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                 $17) \
          ON CONFLICT ((COALESCE(owner, '')), idempotency_key) \
              WHERE idempotency_key IS NOT NULL DO NOTHING \
          RETURNING seq",
@@ -64,6 +65,7 @@ pub(super) async fn insert(
     .bind(new.not_before)
     .bind(new.deadline_at)
     .bind(new.priority)
+    .bind(&new.group)
     .fetch_optional(tx.conn().await?)
     .await
     .map_err(map_err)?;

@@ -40,15 +40,16 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::{
     CallbackDue, CallbackRecord, CancelOutcome, Claim, ClaimParams, ClaimedTask, DeleteOutcome,
-    FailedTask, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis, NodeId, Notices,
-    OverdueParams, ReportOutcome, RetryOutcome, SettleReport, Store, StoreError, StoreResult,
-    TaskPageQuery, TaskRecord, TaskReport, TaskSettle,
+    FailedTask, GroupRecord, IdempotencyKey, InsertOutcome, JobListQuery, JobRecord, Millis,
+    NodeId, Notices, OverdueParams, ReportOutcome, RetryOutcome, SettleReport, Store, StoreError,
+    StoreResult, TaskPageQuery, TaskRecord, TaskReport, TaskSettle,
 };
-use crate::job::{JobId, NewJob};
+use crate::job::{GroupLimits, JobId, NewJob};
 
 mod callbacks;
 mod claim;
 mod control;
+mod job_groups;
 mod jobs;
 mod leases;
 mod notices;
@@ -275,6 +276,27 @@ impl Store for PostgresStore {
 
     async fn queue_depth(&self) -> StoreResult<u64> {
         jobs::queue_depth(self).await
+    }
+
+    async fn group_set(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+        limits: &GroupLimits,
+    ) -> StoreResult<()> {
+        job_groups::set(self, owner, name, limits).await
+    }
+
+    async fn group_delete(&self, owner: Option<&str>, name: &str) -> StoreResult<bool> {
+        job_groups::delete(self, owner, name).await
+    }
+
+    async fn groups_list(
+        &self,
+        owner: Option<&str>,
+        name: Option<&str>,
+    ) -> StoreResult<Vec<GroupRecord>> {
+        job_groups::list(self, owner, name).await
     }
 
     async fn tasks_claim(&self, params: &ClaimParams) -> StoreResult<Claim> {

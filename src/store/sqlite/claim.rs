@@ -6,10 +6,10 @@ use std::sync::LazyLock;
 
 use sqlx::Row;
 
-use super::{SETTLE_CHUNK, SqliteStore, map_err};
+use super::{SETTLE_CHUNK, SqliteStore, job_groups, map_err};
 use crate::store::codec::{JOB_PENDING, JOB_RUNNING, TASK_PENDING, TASK_RUNNING};
 use crate::store::plan::{self, FairShare};
-use crate::store::rows::Candidate;
+use crate::store::rows::{self, Candidate};
 use crate::store::{Claim, ClaimParams, StoreResult};
 
 /// Jobs served by one claim statement.
@@ -142,6 +142,16 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
             .map(|(c, &level)| (c.owner.as_deref(), c.group.as_deref(), c.headroom, level)),
         &params.owners,
     );
+    // The groups' limits, read in this transaction: no other claim runs meanwhile.
+    let groups = rows::candidate_groups(&candidates);
+    let gates = if groups.is_empty() {
+        HashMap::new()
+    } else {
+        job_groups::gates(&mut tx, &groups, params.group_concurrency).await?
+    };
+    for (key, gate) in &gates {
+        plan.limit_group(key, gate.room(params.now));
+    }
     let by_seq: HashMap<i64, usize> = candidates
         .iter()
         .enumerate()
@@ -175,13 +185,15 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
         }
     }
     // Each job's tasks together, in order (the engine looks its cancel token up once
-    // per job).
+    // per job); the starts reserved by groups' rates.
     claim.tasks.sort_by_key(|t| (t.job_id, t.index));
+    let next_starts = plan::pace(&mut claim, &gates, params.now);
+    job_groups::store_starts(&mut tx, &next_starts).await?;
 
     // The served jobs' counters and places in the round-robin, a chunk of jobs per
     // statement (a claim over many small jobs serves hundreds).
     let served: Vec<(i64, u64)> = (0..candidates.len())
-        .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i))
+        .filter(|&i| plan.claimed(i) > 0 || plan.exhausted(i) || plan.held(i))
         .map(|i| (candidates[i].seq, plan.claimed(i)))
         .collect();
     for chunk in served.chunks(SETTLE_CHUNK) {

@@ -23,7 +23,7 @@ use crate::store::{
 /// SQLite's limit on bound parameters).
 const INSERT_CHUNK: usize = 200;
 
-/// Job rows per multi-row INSERT (12 parameters each).
+/// Job rows per multi-row INSERT (17 parameters each).
 const JOB_INSERT_CHUNK: usize = 256;
 
 const JOB_COLUMNS: &str = "j.id, j.owner, j.status, j.options, j.total, j.n_running, j.n_complete, j.n_failed, \
@@ -97,13 +97,13 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
         let mut sql = String::from(
             "INSERT INTO jobs (id, status, options, concurrency, tolerated, total, \
              callback_url, created_at, finished_at, idempotency_key, request_hash, owner, \
-             metadata, not_before, deadline_at, priority) VALUES ",
+             metadata, not_before, deadline_at, priority, group_name) VALUES ",
         );
         for i in 0..chunk.len() {
             sql.push_str(if i == 0 {
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             } else {
-                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                ",(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             });
         }
         sql.push_str(" RETURNING id, seq");
@@ -125,7 +125,8 @@ pub(super) async fn insert_many_in(tx: &mut WriteTx, jobs: &[JobInsert<'_>]) -> 
                 .bind(&new.metadata)
                 .bind(new.not_before)
                 .bind(new.deadline_at)
-                .bind(new.priority);
+                .bind(new.priority)
+                .bind(&new.group);
         }
         // SQLite does not promise RETURNING rows in the order of VALUES: matched by id.
         let rows = query.fetch_all(tx.conn().await?).await.map_err(map_err)?;

@@ -1,0 +1,167 @@
+//! Groups of jobs (`options.group`): their own limits, and what a claim reads of them. A
+//! claim reads and writes its groups in its own write transaction; SQLite's one writer is
+//! the groups' lock.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use sqlx::Row;
+
+use super::{SqliteStore, WriteTx, map_err};
+use crate::job::GroupLimits;
+use crate::store::codec::{JOB_PAUSED, JOB_PENDING, JOB_RUNNING};
+use crate::store::plan::{GroupGate, GroupKey};
+use crate::store::rows::{self, Columns};
+use crate::store::{GroupRecord, StoreResult};
+
+/// The unfinished jobs, whose running tasks are a group's calls in flight.
+static UNFINISHED: LazyLock<String> =
+    LazyLock::new(|| format!("status IN ({JOB_PENDING}, {JOB_RUNNING}, {JOB_PAUSED})"));
+
+/// `Store::group_set`.
+pub(super) async fn set(
+    store: &SqliteStore,
+    owner: Option<&str>,
+    name: &str,
+    limits: &GroupLimits,
+) -> StoreResult<()> {
+    let mut tx = store.begin().await?;
+    sqlx::query(
+        "INSERT INTO groups (owner, name, concurrency, rate) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (owner, name) DO UPDATE \
+         SET concurrency = excluded.concurrency, rate = excluded.rate",
+    )
+    .bind(owner.unwrap_or_default())
+    .bind(name)
+    .bind(limits.concurrency.map(i64::from))
+    .bind(limits.rate)
+    .execute(tx.conn().await?)
+    .await
+    .map_err(map_err)?;
+    tx.commit().await
+}
+
+/// `Store::group_delete`.
+pub(super) async fn delete(
+    store: &SqliteStore,
+    owner: Option<&str>,
+    name: &str,
+) -> StoreResult<bool> {
+    let mut tx = store.begin().await?;
+    let done = sqlx::query("DELETE FROM groups WHERE owner = ? AND name = ?")
+        .bind(owner.unwrap_or_default())
+        .bind(name)
+        .execute(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+    tx.commit().await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// `Store::groups_list`, on a reader.
+pub(super) async fn list(
+    store: &SqliteStore,
+    owner: Option<&str>,
+    name: Option<&str>,
+) -> StoreResult<Vec<GroupRecord>> {
+    let owner = owner.unwrap_or_default();
+    let own = sqlx::query(
+        "SELECT name, concurrency, rate FROM groups WHERE owner = ?1 AND (?2 IS NULL OR name = ?2)",
+    )
+    .bind(owner)
+    .bind(name)
+    .fetch_all(&store.reader)
+    .await
+    .map_err(map_err)?
+    .iter()
+    .map(|row| (row.get::<String, _>("name"), rows::group_limits(row)))
+    .collect();
+    let counts = sqlx::query(&format!(
+        "SELECT group_name, SUM(n_running) AS running, COUNT(*) AS jobs FROM jobs \
+         WHERE group_name IS NOT NULL AND {} AND COALESCE(owner, '') = ?1 \
+           AND (?2 IS NULL OR group_name = ?2) \
+         GROUP BY group_name",
+        *UNFINISHED
+    ))
+    .bind(owner)
+    .bind(name)
+    .fetch_all(&store.reader)
+    .await
+    .map_err(map_err)?
+    .iter()
+    .map(|row| {
+        (
+            row.get::<String, _>("group_name"),
+            row.int("running").max(0) as u64,
+            row.int("jobs").max(0) as u64,
+        )
+    })
+    .collect();
+    Ok(rows::group_records(own, counts))
+}
+
+/// The gates of a claim's groups (`keys`) that have limits, with their calls in flight,
+/// read in the claim's transaction.
+pub(super) async fn gates(
+    tx: &mut WriteTx,
+    keys: &[GroupKey],
+    default_concurrency: Option<u32>,
+) -> StoreResult<HashMap<GroupKey, GroupGate>> {
+    let mut own = HashMap::new();
+    for chunk in keys.chunks(400) {
+        let sql = format!(
+            "SELECT owner, name, concurrency, rate, next_start FROM groups \
+             WHERE (owner, name) IN (VALUES {})",
+            vec!["(?, ?)"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (owner, name) in chunk {
+            query = query.bind(owner).bind(name);
+        }
+        for row in query.fetch_all(tx.conn().await?).await.map_err(map_err)? {
+            let key = (row.get::<String, _>("owner"), row.get::<String, _>("name"));
+            own.insert(
+                key,
+                (rows::group_limits(&row), row.get::<f64, _>("next_start")),
+            );
+        }
+    }
+    let mut gates = rows::group_gates(keys, &own, default_concurrency);
+    let names: Vec<String> = gates.keys().map(|(_, name)| name.clone()).collect();
+    for chunk in names.chunks(400) {
+        let sql = format!(
+            "SELECT COALESCE(owner, '') AS owner, group_name, SUM(n_running) AS running \
+             FROM jobs WHERE group_name IN ({}) AND {} GROUP BY 1, 2",
+            vec!["?"; chunk.len()].join(", "),
+            *UNFINISHED
+        );
+        let mut query = sqlx::query(&sql);
+        for name in chunk {
+            query = query.bind(name);
+        }
+        for row in query.fetch_all(tx.conn().await?).await.map_err(map_err)? {
+            let key = (
+                row.get::<String, _>("owner"),
+                row.get::<String, _>("group_name"),
+            );
+            if let Some(gate) = gates.get_mut(&key) {
+                gate.in_flight = row.int("running").max(0) as u64;
+            }
+        }
+    }
+    Ok(gates)
+}
+
+/// Stores the rate's next start of each group a claim reserved starts of.
+pub(super) async fn store_starts(tx: &mut WriteTx, next: &[(GroupKey, f64)]) -> StoreResult<()> {
+    for ((owner, name), next_start) in next {
+        sqlx::query("UPDATE groups SET next_start = ? WHERE owner = ? AND name = ?")
+            .bind(next_start)
+            .bind(owner)
+            .bind(name)
+            .execute(tx.conn().await?)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
+}
