@@ -419,3 +419,94 @@ fn serve_names_an_unreachable_database_without_its_password() {
     assert!(stderr.contains("127.0.0.1:1/jobs"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
+
+/// Two nodes with 3 slots each (so that each must make some of the calls) share a group's
+/// limits: one group limited to 4 calls in flight (its calls take 200 ms), which the
+/// endpoint, counting the calls it holds at once, never sees exceeded; and one limited to
+/// 25 calls started a second, whose calls start at least 40 ms apart on average and never
+/// 27 within 0.9 s.
+async fn group_limits_hold_on_two_nodes(url: &str, tasks: usize) {
+    let a = ServerProcess::on_url(url)
+        .args(&["--max-in-flight", "3"])
+        .start();
+    let b = ServerProcess::on_url(url)
+        .args(&["--max-in-flight", "3"])
+        .start();
+    for (group, limits) in [
+        ("wide", r#"{"concurrency": 4}"#),
+        ("paced", r#"{"rate": 25}"#),
+    ] {
+        let (status, _) = a.api.put(&format!("/v1/groups/{group}"), limits).await;
+        assert_eq!(status, 200);
+    }
+    // The group's jobs, half submitted through each node; the number of calls each node
+    // finished.
+    let run = |group: &'static str, route: &'static str, endpoint: &Endpoint| {
+        let url = endpoint.url(route);
+        let (a, b) = (&a, &b);
+        async move {
+            let before = [
+                metric(&a.api, "doparallel_tasks_finished_total").await,
+                metric(&b.api, "doparallel_tasks_finished_total").await,
+            ];
+            let mut jobs = Vec::new();
+            for i in 0..4 {
+                let node = if i % 2 == 0 { a } else { b };
+                let job = job_of(tasks, &url, None, json!({"group": group}));
+                jobs.push(node.api.submit(&job).await);
+            }
+            for job in &jobs {
+                assert_eq!(a.api.wait_settled(job).await["status"], "Complete");
+            }
+            [
+                metric(&a.api, "doparallel_tasks_finished_total").await - before[0],
+                metric(&b.api, "doparallel_tasks_finished_total").await - before[1],
+            ]
+        }
+    };
+
+    let wide = Endpoint::start().await;
+    let by_node = run("wide", "slow?ms=200", &wide).await;
+    eprintln!(
+        "group of concurrency 4: {} calls, at most {} at once; by node {by_node:?}",
+        wide.call_count(),
+        wide.max_in_flight()
+    );
+    assert_eq!(wide.call_count(), 4 * tasks);
+    assert_eq!(wide.max_in_flight(), 4, "never more than 4, and 4 used");
+    assert!(by_node.iter().all(|&n| n > 0.0), "{by_node:?}");
+
+    let paced = Endpoint::start().await;
+    let by_node = run("paced", "echo", &paced).await;
+    let mut times: Vec<Instant> = paced.calls().iter().map(|c| c.at).collect();
+    times.sort();
+    let span = *times.last().unwrap() - times[0];
+    let least = Duration::from_millis(40 * (times.len() as u64 - 1));
+    eprintln!(
+        "group of rate 25: {} calls over {span:?} (the rate's least {least:?}); by node {by_node:?}",
+        times.len()
+    );
+    assert_eq!(times.len(), 4 * tasks);
+    assert!(span >= least.mul_f64(0.95), "{span:?}");
+    // Unpaced, they would all start within a few milliseconds; 26 intervals are 1,040 ms.
+    for window in times.windows(27) {
+        assert!(window[26] - window[0] >= Duration::from_millis(900));
+    }
+    assert!(by_node.iter().all(|&n| n > 0.0), "{by_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_limits_hold_across_postgres_nodes() {
+    let Some(db) = pg::database().await else {
+        return;
+    };
+    group_limits_hold_on_two_nodes(&db.url, 15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_limits_hold_across_dynamodb_nodes() {
+    let Some(url) = crate::moto::fresh_table().await else {
+        return;
+    };
+    group_limits_hold_on_two_nodes(&url, 8).await;
+}

@@ -158,6 +158,17 @@ impl Api {
         Self::answer(self.http.delete(format!("{}{path}", self.base))).await
     }
 
+    /// A PUT of raw text (JSON or not).
+    pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        Self::answer(
+            self.http
+                .put(format!("{}{path}", self.base))
+                .header("content-type", "application/json")
+                .body(body.to_owned()),
+        )
+        .await
+    }
+
     /// The status and JSON body (null when there is none) of a request.
     async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
         let resp = request.send().await.expect("server answers");

@@ -15,6 +15,7 @@ mod deadlines;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 mod faults;
+mod groups;
 mod helpers;
 mod hosts;
 mod lambda;
