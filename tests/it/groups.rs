@@ -155,7 +155,7 @@ async fn a_groups_calls_in_flight_stay_within_its_concurrency() {
 }
 
 /// A group limited to 20 calls a second: 30 calls of its three jobs start 50 ms apart,
-/// never more than 20 (and the one at its edge) within a second.
+/// never 21 within 0.9 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_groups_rate_spaces_its_calls() {
     let endpoint = Endpoint::start().await;
@@ -175,10 +175,11 @@ async fn a_groups_rate_spaces_its_calls() {
     assert_eq!(times.len(), 30);
     let span = times[29] - times[0];
     assert!(span >= Duration::from_millis(1400), "30 calls in {span:?}");
+    // Unpaced, they would all start within a few milliseconds; 20 intervals are 1 s.
     for window in times.windows(21) {
         let took = window[20] - window[0];
         assert!(
-            took >= Duration::from_millis(950),
+            took >= Duration::from_millis(900),
             "21 calls within {took:?}"
         );
     }
