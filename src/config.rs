@@ -90,6 +90,10 @@ pub enum Command {
     Retry(RetryArgs),
     /// Delete a finished job and its results now (retention would later).
     Delete(CancelArgs),
+    /// List the groups of your jobs: their limits, calls in flight and unfinished jobs.
+    Groups(GroupsArgs),
+    /// Set, show or remove the limits a group of jobs shares across every node.
+    Group(GroupArgs),
 }
 
 #[derive(Debug, Args)]

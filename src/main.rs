@@ -86,6 +86,8 @@ fn main() -> ExitCode {
             Command::Pause(args) => client_command(client::pause(args, true).await),
             Command::Resume(args) => client_command(client::pause(args, false).await),
             Command::Delete(args) => client_command(client::delete(args).await),
+            Command::Groups(args) => client_command(client::groups(args).await),
+            Command::Group(args) => client_command(client::group(args).await),
         }
     });
     match result {

@@ -22,13 +22,17 @@ use url::Url;
 
 mod commands;
 mod events;
+mod groups;
 mod output;
 
 pub use commands::{cancel, delete, jobs, pause, retry, status, submit, tasks, update};
 pub use events::{EventStream, ServerEvent};
+pub use groups::{group, groups};
 pub use output::{JOB_COLUMNS, TASK_COLUMNS, exit_code, final_document, job_row, table, task_row};
 
-use crate::api::wire::{ErrorBody, JobPage, JobView, RetryAnswer, SubmitAnswer, TaskPage};
+use crate::api::wire::{
+    ErrorBody, GroupPage, GroupView, JobPage, JobView, RetryAnswer, SubmitAnswer, TaskPage,
+};
 use crate::config::{ClientArgs, Secret};
 use crate::job::JobStatus;
 use output::{one_line, truncate};
@@ -404,6 +408,42 @@ impl Client {
             )
             .await?;
         self.decode(raw, &action)
+    }
+
+    /// `GET /v1/groups`.
+    pub async fn groups(&self) -> Result<Answer<GroupPage>, ClientError> {
+        self.get(self.url(&["v1", "groups"], &[]), "list the groups")
+            .await
+    }
+
+    /// `GET /v1/groups/{name}`.
+    pub async fn group(&self, name: &str) -> Result<Answer<GroupView>, ClientError> {
+        self.get(
+            self.url(&["v1", "groups", name], &[]),
+            &format!("read group {name}"),
+        )
+        .await
+    }
+
+    /// `PUT /v1/groups/{name}`, or with `None` `DELETE`.
+    pub async fn group_set(
+        &self,
+        name: &str,
+        limits: Option<&crate::job::GroupLimits>,
+    ) -> Result<Answer<GroupView>, ClientError> {
+        let url = self.url(&["v1", "groups", name], &[]);
+        let raw = match limits {
+            Some(limits) => {
+                let action = format!("set the limits of group {name}");
+                let body = serde_json::to_vec(limits).expect("limits serialize");
+                self.send(Method::PUT, url, Some(body), &action).await?
+            }
+            None => {
+                let action = format!("remove the limits of group {name}");
+                self.send(Method::DELETE, url, None, &action).await?
+            }
+        };
+        self.decode(raw, &format!("read group {name}"))
     }
 
     /// `POST /v1/jobs/{id}/pause`, or `resume`.

@@ -1,9 +1,9 @@
 //! The options of the client commands (`submit`, `status`, `tasks`, `jobs`, `cancel`,
-//! `delete`, `pause`, `resume`, `update`, `retry`).
+//! `delete`, `pause`, `resume`, `update`, `retry`, `groups`, `group`).
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use url::Url;
 
 use super::{Secret, parse_rate};
@@ -183,6 +183,51 @@ fn parse_rate_or_none(text: &str) -> Result<Limit<f64>, String> {
         return Ok(Limit(None));
     }
     parse_rate(text).map(|r| Limit(Some(r)))
+}
+
+#[derive(Debug, Args)]
+pub struct GroupsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupArgs {
+    #[command(subcommand)]
+    pub action: GroupAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupAction {
+    /// Set a group's own limits, shared by all its jobs across every node. A limit not
+    /// given keeps its value; `none` removes it.
+    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true)
+        .args(["concurrency", "rate"])))]
+    Set {
+        /// The group's name (the jobs' `options.group`).
+        name: String,
+        /// Most calls of the group's jobs in flight at once (`none`: the server's
+        /// --group-concurrency, if any).
+        #[arg(long, value_name = "N|none", value_parser = parse_limit)]
+        concurrency: Option<Limit<u64>>,
+        /// Most calls of the group's jobs started per second (`none`: no limit).
+        #[arg(long, value_name = "RATE|none", value_parser = parse_rate_or_none)]
+        rate: Option<Limit<f64>>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a group's limits, its calls in flight and its unfinished jobs.
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a group's own limits (it has the server's default again).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Args)]

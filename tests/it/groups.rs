@@ -185,3 +185,42 @@ async fn a_groups_rate_spaces_its_calls() {
     }
     eprintln!("30 calls at 20 a second took {span:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_shows_and_removes_a_groups_limits() {
+    use crate::client::cli;
+    let app = spawn_app_with(test_settings()).await;
+    let base = &app.api.base;
+    let out = cli(base, &["group", "set", "acme", "--concurrency", "3"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let row = |out: &crate::client::Output| -> Vec<String> {
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert!(lines[0].starts_with("GROUP"), "{out:?}");
+        lines[1].split_whitespace().map(str::to_string).collect()
+    };
+    assert_eq!(row(&out), ["acme", "3", "-", "0/3", "0", "own"]);
+    // A limit not given keeps its value.
+    let out = cli(base, &["group", "set", "acme", "--rate", "2.5"]).await;
+    assert_eq!(row(&out), ["acme", "3", "2.5/s", "0/3", "0", "own"]);
+    let out = cli(base, &["groups"]).await;
+    assert_eq!(row(&out), ["acme", "3", "2.5/s", "0/3", "0", "own"]);
+    let out = cli(base, &["group", "set", "acme", "--concurrency", "none"]).await;
+    assert_eq!(row(&out), ["acme", "-", "2.5/s", "0", "0", "own"]);
+    let out = cli(base, &["group", "show", "acme", "--json"]).await;
+    let shown: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(shown["own"], json!({"concurrency": null, "rate": 2.5}));
+
+    let out = cli(base, &["group", "delete", "acme"]).await;
+    assert_eq!(row(&out), ["acme", "-", "-", "0", "0", "none"]);
+    let out = cli(base, &["group", "delete", "acme"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("has no limits of its own"), "{out:?}");
+    let out = cli(base, &["group", "set", "acme"]).await;
+    assert_eq!(out.code, 2, "a limit must be named: {out:?}");
+    let out = cli(base, &["group", "show", "no way"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("not a group name"), "{out:?}");
+    let out = cli(base, &["groups"]).await;
+    assert_eq!(out.code, 0);
+    assert!(out.stderr.contains("no groups"), "{out:?}");
+}
