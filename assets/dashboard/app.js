@@ -306,6 +306,7 @@
     document.title = 'Jobs · DoParallel';
 
     const filterSlot = el('div');
+    const groupsSlot = el('div', { class: 'groups', id: 'groups' });
     const hostsSlot = el('div', { class: 'hosts', id: 'hosts' });
     const tbody = el('tbody');
     const updated = el('span', { class: 'live', id: 'jobs-updated' }, 'loading…');
@@ -327,7 +328,41 @@
           el('th', { class: 'num' }, 'Duration'))),
         tbody),
       el('div', { class: 'pager' }, newer, older),
+      groupsSlot,
       hostsSlot));
+
+    // The groups of jobs with limits or unfinished jobs: each one's calls in flight (on
+    // every node) against its concurrency, its rate, its unfinished jobs. A name shows only
+    // that group's jobs.
+    function renderGroups(groups) {
+      if (!groups.length) {
+        groupsSlot.replaceChildren();
+        return;
+      }
+      const limited = (value, unit) => (value === null || value === undefined ? 'none' : `${value}${unit}`);
+      groupsSlot.replaceChildren(el('h2', {}, 'Groups'),
+        el('table', { class: 'table', id: 'groups-table' },
+          el('thead', {}, el('tr', {},
+            el('th', {}, 'Group'),
+            el('th', { class: 'num', title: 'Calls in flight now, on every node, against the group\'s concurrency' }, 'In flight'),
+            el('th', { class: 'num', title: 'Most calls started per second' }, 'Rate'),
+            el('th', { class: 'num', title: 'Unfinished jobs' }, 'Jobs'),
+            el('th', {}, 'Limits'))),
+          el('tbody', {}, ...groups.map((g) => el('tr', { class: 'group-row', 'data-group': g.name },
+            el('td', {}, el('a', {
+              class: 'mono', href: '#/?group=' + encodeURIComponent(g.name),
+              onclick: (event) => {
+                event.preventDefault();
+                state.group = g.name;
+                groupInput.value = g.name;
+                refilter();
+              },
+            }, g.name)),
+            el('td', { class: 'num group-in-flight' }, `${g.in_flight} / ${limited(g.concurrency, '')}`),
+            el('td', { class: 'num' }, limited(g.rate, ' /s')),
+            el('td', { class: 'num' }, g.jobs),
+            el('td', {}, g.own ? 'own' : (g.concurrency ? 'default' : el('span', { class: 'muted' }, 'none'))))))));
+    }
 
     // The hosts this node calls: each one's limit (an adaptive one's value now), calls under
     // way and waiting, its breaker. Shown while there are any.
@@ -439,9 +474,11 @@
       if (state.group) params.set('group', state.group);
       if (state.after) params.set('after', state.after);
       try {
-        const [answer, hosts] = await Promise.all([api('/v1/jobs?' + params), api('/v1/hosts')]);
+        const [answer, groups, hosts] = await Promise.all(
+          [api('/v1/jobs?' + params), api('/v1/groups'), api('/v1/hosts')]);
         state.next = answer.next_after;
         render(answer.jobs);
+        renderGroups(groups.groups);
         renderHosts(hosts.hosts);
         updated.replaceChildren(el('span', { class: 'dot dot-live' }), `updated ${new Date().toLocaleTimeString()} · every ${JOBS_POLL_MS / 1000} s`);
         clearBanner();

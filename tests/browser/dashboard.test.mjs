@@ -434,6 +434,27 @@ test('the jobs page shows the hosts this node calls, with their adaptive limit',
   await page.locator('#job-status[data-status="Complete"]').waitFor({ timeout: 30_000 });
 });
 
+test('the jobs page shows each group with its calls in flight against its limit', { timeout: 60_000 }, async () => {
+  const set = await fetch(`${server.base}/v1/groups/capped`, {
+    method: 'PUT', headers: { 'content-type': 'application/json' }, body: '{"concurrency": 1, "rate": 50}',
+  });
+  assert.equal(set.status, 200);
+  // One call at a time for 6 s: the page, which looks every 2 s, sees it.
+  const tasks = Array.from({ length: 3 }, (_, i) => ({ endpoint: `${endpoint.base}/work?delay_ms=2000`, params: { i } }));
+  const id = await submit({ tasks, options: { group: 'capped' } });
+  await page.goto(`${server.base}/#/`);
+  const row = page.locator('#groups tr.group-row[data-group="capped"]');
+  await row.locator('.group-in-flight', { hasText: '1 / 1' }).waitFor();
+  assert.match(await row.innerText(), /50 \/s/);
+  // Its name shows only its jobs.
+  await row.locator('a').click();
+  await page.locator(`tr.job-row[data-job-id="${id}"]`).waitFor();
+  assert.match(page.url(), /group=capped/);
+  // Done: nothing left running for the other tests.
+  await page.goto(`${server.base}/#/jobs/${id}`);
+  await page.locator('#job-status[data-status="Complete"]').waitFor({ timeout: 30_000 });
+});
+
 test('Pause holds a running job and Resume lets it finish', { timeout: 60_000 }, async () => {
   const tasks = Array.from({ length: 6 }, (_, i) => ({ endpoint: `${endpoint.base}/work?delay_ms=400`, params: { i } }));
   const id = await submit({ tasks, options: { concurrency: 1 } });
