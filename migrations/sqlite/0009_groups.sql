@@ -2,7 +2,7 @@
 -- claim counts a group's calls in flight over its unfinished jobs (Pending, Running,
 -- Paused); and each group's own limits, with the next start its rate allows.
 ALTER TABLE jobs ADD COLUMN group_name TEXT;
-UPDATE jobs SET group_name = json_extract(options, '$.group') WHERE status IN (0, 1, 5);
+UPDATE jobs SET group_name = json_extract(options, '$.group') WHERE options LIKE '%"group":%';
 CREATE INDEX jobs_group ON jobs (group_name) WHERE group_name IS NOT NULL AND status IN (0, 1, 5);
 CREATE TABLE groups (
     -- The owner's token digest; '' for a server without tokens.

@@ -277,6 +277,14 @@ impl GroupGate {
     }
 }
 
+/// The `nth` of `n` equal shares of `total`: the remainder goes one each to the first
+/// ones, and each gets at least 1 (the callers stop once `total` is planned).
+fn share(total: u64, n: usize, nth: usize) -> u64 {
+    let n = n as u64;
+    let extra = u64::from((nth as u64) < total % n);
+    (total / n + extra).max(1)
+}
+
 /// A group as the store keys it: its owner (`""` for jobs without one) and its name.
 pub type GroupKey = (String, String);
 
@@ -298,6 +306,9 @@ pub fn pace(
         if let Some(at) = gate.reopens(now) {
             claim.next_due = Some(claim.next_due.map_or(at, |d| d.min(at)));
         }
+    }
+    if gates.values().all(|g| g.limits.rate.is_none()) {
+        return Vec::new();
     }
     let tasks = &mut claim.tasks;
     let mut by_group: HashMap<GroupKey, Vec<usize>> = HashMap::new();
@@ -463,33 +474,35 @@ impl FairShare {
         if open.is_empty() {
             return Vec::new();
         }
-        let owner_share = (self.left / open.len() as u64).max(1);
+        // Each level's part is split equally, the remainder one each to the first (least
+        // recently served) ones, so that a round plans all it can: fewer rounds, fewer
+        // statements.
         let mut wants = Vec::new();
         let mut planned = 0;
-        for o in open {
+        for (nth, &o) in open.iter().enumerate() {
             if planned == self.left {
                 break;
             }
-            let part = owner_share.min(self.owner_room[o]).min(self.left - planned);
+            let part = share(self.left, open.len(), nth)
+                .min(self.owner_room[o])
+                .min(self.left - planned);
             // The owner's part, shared between its groups, then each group's between its
             // jobs (a job without a group is a group of its own).
             let groups = &by_owner[o];
-            let group_share = (part / groups.len() as u64).max(1);
             let mut owner_planned = 0;
-            for (g, jobs) in groups {
+            for (nth, (g, jobs)) in groups.iter().enumerate() {
                 if owner_planned == part {
                     break;
                 }
-                let group_part = group_share
+                let group_part = share(part, groups.len(), nth)
                     .min(part - owner_planned)
                     .min(self.group_room[*g]);
-                let job_share = (group_part / jobs.len() as u64).max(1);
                 let mut group_planned = 0;
-                for &i in jobs {
+                for (nth, &i) in jobs.iter().enumerate() {
                     if group_planned == group_part {
                         break;
                     }
-                    let want = job_share
+                    let want = share(group_part, jobs.len(), nth)
                         .min(self.candidates[i].headroom)
                         .min(group_part - group_planned);
                     group_planned += want;
@@ -716,6 +729,28 @@ mod tests {
         }
         assert!(plan.held(0) && plan.held(1) && !plan.held(2));
         assert_eq!(plan.claimed(2), 4);
+        // The README's example: 8 slots, `acme`'s four jobs and `beta`'s one, `acme` with
+        // room for 2 more calls.
+        let jobs = [
+            (None, Some("acme")),
+            (None, Some("acme")),
+            (None, Some("acme")),
+            (None, Some("acme")),
+            (None, Some("beta")),
+        ];
+        let mut plan = FairShare::new(8, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
+        plan.limit_group(&group_key(None, "acme"), 2);
+        loop {
+            let round = plan.round();
+            if round.is_empty() {
+                break;
+            }
+            for (i, want) in round {
+                plan.got(i, want, want);
+            }
+        }
+        let got: Vec<u64> = (0..5).map(|i| plan.claimed(i)).collect();
+        assert_eq!(got, [1, 1, 0, 0, 6]);
     }
 
     #[test]

@@ -159,14 +159,14 @@ fn claimed_task(
 }
 
 /// A job a claim may serve, from a row of its `seq`, `id`, `owner`, `options`,
-/// `concurrency`, `n_running`, `priority` and `last_claim_at`.
+/// `concurrency`, `n_running`, `priority`, `last_claim_at` and `group_name`.
 pub(super) struct Candidate {
     pub seq: i64,
     pub id: JobId,
     pub priority: i32,
     /// When a claim last served it (0: never).
     pub last_claim_at: Millis,
-    /// Its `options.group`.
+    /// Its `options.group` (from its own column: no options parsed for it).
     pub group: Option<String>,
     pub owner: Option<Arc<str>>,
     options_text: String,
@@ -189,21 +189,12 @@ impl Candidate {
             None
         };
         let cap = options.as_deref().map_or(u64::MAX, plan::claim_cap);
-        // Most jobs have no group: their options are not parsed for it.
-        let group = if options_text.contains("\"group\":\"") {
-            match &options {
-                Some(options) => options.group.clone(),
-                None => parse_options(&options_text)?.group,
-            }
-        } else {
-            None
-        };
         Ok(Candidate {
             seq: row.int("seq"),
             id: parse_id(row.text("id"))?,
             priority: row.int32("priority"),
             last_claim_at: row.int("last_claim_at"),
-            group,
+            group: row.text_or_null("group_name"),
             owner: row.text_or_null("owner").map(Arc::from),
             options_text,
             options,

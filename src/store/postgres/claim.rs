@@ -19,10 +19,11 @@ const CONTENDED_RETRY_MS: Millis = 50;
 
 /// The jobs a claim may serve: unfinished, with tasks not yet running or done, and room
 /// under their concurrency.
-fn claimable() -> String {
+fn claimable(j: &str) -> String {
     format!(
-        "status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
-         AND (concurrency IS NULL OR n_running < concurrency)"
+        "{j}status IN ({JOB_PENDING}, {JOB_RUNNING}) \
+         AND {j}total > {j}n_running + {j}n_complete + {j}n_failed \
+         AND ({j}concurrency IS NULL OR {j}n_running < {j}concurrency)"
     )
 }
 
@@ -39,18 +40,22 @@ fn window_sql(order: &str) -> String {
         "SELECT seq FROM jobs WHERE {} AND id <> ALL($1::uuid[]) \
            AND (owner IS NULL OR owner <> ALL($3::text[])) \
          ORDER BY {order} LIMIT $2",
-        claimable()
+        claimable("")
     )
 }
 
-/// Locks the jobs `$1` that are still claimable, skipping those another transaction holds.
+/// Locks the jobs `$1` that are still claimable, skipping those another transaction holds;
+/// with each, its group's own limits, if it has any (`job_groups`).
 static LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT seq, id::text AS id, owner, options, concurrency, n_running, priority, \
-         last_claim_at FROM jobs \
-         WHERE seq = ANY($1) AND {} \
-         ORDER BY last_claim_at, seq FOR UPDATE SKIP LOCKED",
-        claimable()
+        "SELECT j.seq, j.id::text AS id, j.owner, j.options, j.concurrency, j.n_running, \
+         j.priority, j.last_claim_at, j.group_name, g.name AS g_name, \
+         g.concurrency AS g_concurrency, g.rate AS g_rate, g.next_start AS g_next_start \
+         FROM jobs j LEFT JOIN groups g \
+           ON g.owner = COALESCE(j.owner, '') AND g.name = j.group_name \
+         WHERE j.seq = ANY($1) AND {} \
+         ORDER BY j.last_claim_at, j.seq FOR UPDATE OF j SKIP LOCKED",
+        claimable("j.")
     )
 });
 
@@ -168,11 +173,13 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
     );
     // The groups' limits, each under its lock; a group another claim holds gives nothing.
     let groups = rows::candidate_groups(&candidates);
-    let (gates, busy) = if groups.is_empty() {
-        (HashMap::new(), Vec::new())
-    } else {
-        job_groups::gates(&mut tx, &groups, params.group_concurrency).await?
-    };
+    let own = job_groups::own_limits(&jobs);
+    let (gates, busy) =
+        if groups.is_empty() || (own.is_empty() && params.group_concurrency.is_none()) {
+            (HashMap::new(), Vec::new())
+        } else {
+            job_groups::gates(&mut tx, &groups, own, params.group_concurrency).await?
+        };
     for (key, gate) in &gates {
         plan.limit_group(key, gate.room(params.now));
     }

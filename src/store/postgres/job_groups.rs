@@ -99,36 +99,34 @@ pub(super) async fn list(
     Ok(rows::group_records(own, counts))
 }
 
-/// The gates of a claim's groups (`keys`) that have limits, each under its advisory lock,
-/// with its calls in flight counted once the lock is held; and the limited groups whose
-/// lock another claim held, which this claim must leave alone.
+/// The own limits and next start of the groups of a claim's locked jobs, from the `g_*`
+/// columns the claim's lock statement joins to each job.
+pub(super) fn own_limits(jobs: &[sqlx::postgres::PgRow]) -> HashMap<GroupKey, (GroupLimits, f64)> {
+    jobs.iter()
+        .filter_map(|row| {
+            let name: String = row.get::<Option<String>, _>("g_name")?;
+            let owner = row.get::<Option<String>, _>("owner").unwrap_or_default();
+            let limits = GroupLimits {
+                concurrency: row.int_or_null("g_concurrency").map(|c| c as u32),
+                rate: row.float_or_null("g_rate"),
+            };
+            Some(((owner, name), (limits, row.get::<f64, _>("g_next_start"))))
+        })
+        .collect()
+}
+
+/// The gates of a claim's groups (`keys`) that have limits (their own, `own`, or the
+/// default), each under its advisory lock, with its calls in flight counted once the lock
+/// is held; and the limited groups whose lock another claim held, which this claim must
+/// leave alone. The limits were read with the jobs, just before the lock (a change
+/// committed in between applies from the next claim); a rate's next start is read again
+/// under the lock, since another claim may have just moved it.
 pub(super) async fn gates(
     tx: &mut PgTx,
     keys: &[GroupKey],
+    own: HashMap<GroupKey, (GroupLimits, f64)>,
     default_concurrency: Option<u32>,
 ) -> StoreResult<(HashMap<GroupKey, GroupGate>, Vec<GroupKey>)> {
-    let (owners, names): (Vec<&str>, Vec<&str>) = keys
-        .iter()
-        .map(|(owner, name)| (owner.as_str(), name.as_str()))
-        .unzip();
-    let own = sqlx::query(
-        "SELECT owner, name, concurrency, rate, next_start FROM groups \
-         WHERE (owner, name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-    )
-    .bind(&owners)
-    .bind(&names)
-    .fetch_all(tx.conn().await?)
-    .await
-    .map_err(map_err)?
-    .iter()
-    .map(|row| {
-        let key = (row.get::<String, _>("owner"), row.get::<String, _>("name"));
-        (
-            key,
-            (rows::group_limits(row), row.get::<f64, _>("next_start")),
-        )
-    })
-    .collect();
     let mut gates = rows::group_gates(keys, &own, default_concurrency);
     if gates.is_empty() {
         return Ok((gates, Vec::new()));
@@ -153,6 +151,30 @@ pub(super) async fn gates(
         if !locked {
             gates.remove(key);
             busy.push(key.clone());
+        }
+    }
+    let paced: Vec<&GroupKey> = gates
+        .iter()
+        .filter(|(_, g)| g.limits.rate.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    if !paced.is_empty() {
+        let owners: Vec<&str> = paced.iter().map(|(o, _)| o.as_str()).collect();
+        let names: Vec<&str> = paced.iter().map(|(_, n)| n.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT owner, name, next_start FROM groups \
+             WHERE (owner, name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(&owners)
+        .bind(&names)
+        .fetch_all(tx.conn().await?)
+        .await
+        .map_err(map_err)?;
+        for row in rows {
+            let key = (row.get::<String, _>("owner"), row.get::<String, _>("name"));
+            if let Some(gate) = gates.get_mut(&key) {
+                gate.next_start = row.get::<f64, _>("next_start");
+            }
         }
     }
     let names: Vec<&str> = gates.keys().map(|(_, name)| name.as_str()).collect();

@@ -89,7 +89,7 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
     for order in ["last_claim_at, seq", "priority DESC, last_claim_at, seq"] {
         let sql = format!(
             "SELECT seq, id, owner, options, concurrency, n_running, priority, last_claim_at, \
-             total - n_running - n_complete - n_failed AS pending FROM jobs \
+             group_name, total - n_running - n_complete - n_failed AS pending FROM jobs \
              WHERE status IN ({JOB_PENDING}, {JOB_RUNNING}) AND total > n_running + n_complete + n_failed \
                AND (concurrency IS NULL OR n_running < concurrency) {skip}\
              ORDER BY {order} LIMIT ?"
@@ -147,7 +147,7 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
     let gates = if groups.is_empty() {
         HashMap::new()
     } else {
-        job_groups::gates(&mut tx, &groups, params.group_concurrency).await?
+        job_groups::gates(store, &mut tx, &groups, params.group_concurrency).await?
     };
     for (key, gate) in &gates {
         plan.limit_group(key, gate.room(params.now));

@@ -1,8 +1,10 @@
 //! Groups of jobs (`options.group`): their own limits, and what a claim reads of them. A
 //! claim reads and writes its groups in its own write transaction; SQLite's one writer is
-//! the groups' lock.
+//! the groups' lock. The store keeps which groups have limits of their own in memory
+//! (`SqliteStore::limited_groups`), so that a claim over groups without limits (and
+//! without `--group-concurrency`) reads no group row.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use sqlx::Row;
@@ -17,6 +19,18 @@ use crate::store::{GroupRecord, StoreResult};
 /// The unfinished jobs, whose running tasks are a group's calls in flight.
 static UNFINISHED: LazyLock<String> =
     LazyLock::new(|| format!("status IN ({JOB_PENDING}, {JOB_RUNNING}, {JOB_PAUSED})"));
+
+/// The groups with limits of their own, read at open.
+pub(super) async fn limited(reader: &sqlx::SqlitePool) -> StoreResult<HashSet<GroupKey>> {
+    let rows = sqlx::query("SELECT owner, name FROM groups")
+        .fetch_all(reader)
+        .await
+        .map_err(map_err)?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<String, _>("owner"), row.get::<String, _>("name")))
+        .collect())
+}
 
 /// `Store::group_set`.
 pub(super) async fn set(
@@ -38,7 +52,10 @@ pub(super) async fn set(
     .execute(tx.conn().await?)
     .await
     .map_err(map_err)?;
-    tx.commit().await
+    tx.commit().await?;
+    let key = crate::store::plan::group_key(owner, name);
+    store.limited_groups.write().expect("groups").insert(key);
+    Ok(())
 }
 
 /// `Store::group_delete`.
@@ -55,6 +72,8 @@ pub(super) async fn delete(
         .await
         .map_err(map_err)?;
     tx.commit().await?;
+    let key = crate::store::plan::group_key(owner, name);
+    store.limited_groups.write().expect("groups").remove(&key);
     Ok(done.rows_affected() > 0)
 }
 
@@ -103,12 +122,23 @@ pub(super) async fn list(
 /// The gates of a claim's groups (`keys`) that have limits, with their calls in flight,
 /// read in the claim's transaction.
 pub(super) async fn gates(
+    store: &SqliteStore,
     tx: &mut WriteTx,
     keys: &[GroupKey],
     default_concurrency: Option<u32>,
 ) -> StoreResult<HashMap<GroupKey, GroupGate>> {
     let mut own = HashMap::new();
-    for chunk in keys.chunks(400) {
+    let with_rows: Vec<GroupKey> = {
+        let limited = store.limited_groups.read().expect("groups");
+        keys.iter()
+            .filter(|k| limited.contains(*k))
+            .cloned()
+            .collect()
+    };
+    if with_rows.is_empty() && default_concurrency.is_none() {
+        return Ok(HashMap::new());
+    }
+    for chunk in with_rows.chunks(400) {
         let sql = format!(
             "SELECT owner, name, concurrency, rate, next_start FROM groups \
              WHERE (owner, name) IN (VALUES {})",

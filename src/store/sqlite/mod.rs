@@ -51,6 +51,10 @@ pub struct SqliteStore {
     /// Small jobs and callback records, committed together when they arrive together.
     group: group::Group,
     reader: SqlitePool,
+    /// The groups with limits of their own (`job_groups`): this process is the database's
+    /// only writer, so the copy is exact, and a claim over groups without limits costs no
+    /// statement.
+    limited_groups: std::sync::RwLock<std::collections::HashSet<crate::store::plan::GroupKey>>,
     /// Held for the life of the store; the OS releases it when the process dies, even by
     /// SIGKILL, so a crash never leaves a stale lock behind.
     _lock: Option<File>,
@@ -112,10 +116,12 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?
         };
         let writer = Writer::new(writer, in_memory);
+        let limited_groups = job_groups::limited(&reader).await?;
         Ok(SqliteStore {
             group: group::Group::start(writer.clone()),
             writer,
             reader,
+            limited_groups: std::sync::RwLock::new(limited_groups),
             _lock: lock,
         })
     }
