@@ -355,9 +355,17 @@ fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-fn job_body(n: usize, url: &str, callback: &str, concurrency: usize) -> String {
+/// A job of `n` tasks; with `group`, in that group (`options.group`).
+fn job_body(
+    n: usize,
+    url: &str,
+    callback: &str,
+    concurrency: usize,
+    group: Option<String>,
+) -> String {
     let mut body = String::with_capacity(n * (url.len() + 40) + 200);
-    body.push_str(&format!(r#"{{"callback":"{callback}","options":{{"concurrency":{concurrency},"max_attempts":1}},"tasks":["#));
+    let group = group.map_or(String::new(), |g| format!(r#","group":"{g}""#));
+    body.push_str(&format!(r#"{{"callback":"{callback}","options":{{"concurrency":{concurrency},"max_attempts":1{group}}},"tasks":["#));
     for i in 0..n {
         if i > 0 {
             body.push(',');
@@ -419,7 +427,10 @@ async fn doparallel(endpoint: &Endpoint, backend: Backend, w: &Workload) -> Run 
     let url = format!("http://{}/{route}", endpoint.addr);
     let callback = format!("http://{}/callback", endpoint.addr);
     let bodies: Vec<String> = (0..jobs)
-        .map(|_| job_body(n, &url, &callback, concurrency))
+        .map(|i| {
+            let group = (w.groups > 0).then(|| format!("g{}", i % w.groups));
+            job_body(n, &url, &callback, concurrency, group)
+        })
         .collect();
     endpoint.seen.lock().unwrap().last_task = None;
     let cpu_before = servers.iter().map(Server::cpu_seconds).sum::<f64>();
@@ -490,7 +501,7 @@ async fn idle_latency(endpoint: &Endpoint, backend: Backend, times: usize) -> Ve
     for _ in 0..times {
         // Idle: whatever the last job left (its callback record, a poll) is over.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let (id, sent) = submit(&http, &server.base, job_body(2, &url, &callback, 2)).await;
+        let (id, sent) = submit(&http, &server.base, job_body(2, &url, &callback, 2, None)).await;
         let got = callbacks(endpoint, std::slice::from_ref(&id), Duration::from_secs(60)).await[0];
         latencies.push(got.saturating_duration_since(sent).as_secs_f64() * 1000.0);
     }
@@ -507,6 +518,8 @@ struct Workload {
     /// `None`: every job submitted at once; else this many clients, each submitting its
     /// share one after the other as fast as they are accepted.
     clients: Option<usize>,
+    /// The jobs are spread over this many groups (`options.group`) in turn; 0: none.
+    groups: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -559,6 +572,7 @@ async fn run() {
             tasks: 10_000,
             concurrency: 256,
             clients: None,
+            groups: 0,
         },
         Workload {
             name: "W2",
@@ -568,6 +582,7 @@ async fn run() {
             tasks: 10_000,
             concurrency: 1000,
             clients: None,
+            groups: 0,
         },
         Workload {
             name: "W3",
@@ -577,6 +592,17 @@ async fn run() {
             tasks: 50,
             concurrency: 256,
             clients: None,
+            groups: 0,
+        },
+        Workload {
+            name: "W3g",
+            what: "W3 with its jobs in 10 groups of 20 (fair share by group)",
+            route: "fast",
+            jobs: 200,
+            tasks: 50,
+            concurrency: 256,
+            clients: None,
+            groups: 10,
         },
         Workload {
             name: "W4",
@@ -586,6 +612,7 @@ async fn run() {
             tasks: 100_000,
             concurrency: 256,
             clients: None,
+            groups: 0,
         },
         Workload {
             name: "W6",
@@ -595,6 +622,7 @@ async fn run() {
             tasks: 2,
             concurrency: 256,
             clients: Some(32),
+            groups: 0,
         },
     ];
     if flag("--w5") {
@@ -606,6 +634,7 @@ async fn run() {
             tasks: 1_000_000,
             concurrency: 256,
             clients: None,
+            groups: 0,
         });
     }
     if let Some(only) = &only {
@@ -700,6 +729,12 @@ async fn run() {
             notes.push(format!(
                 "{label}: W2 wall time / ideal 0.5 s: {:.2}",
                 w2 * 10_000.0 / 0.5
+            ));
+        }
+        if let (Some(w3), Some(w3g)) = (per_task.get("W3"), per_task.get("W3g")) {
+            notes.push(format!(
+                "{label}: W3g/W3 time, the same jobs in 10 groups: {:.2}",
+                w3g / w3
             ));
         }
         if let (Some(w1), Some(w3)) = (per_task.get("W1"), per_task.get("W3")) {
