@@ -23,7 +23,7 @@ pub struct GroupLimits {
     #[schema(minimum = 1, maximum = 1_000_000)]
     pub concurrency: Option<u32>,
     /// The most calls of the group's jobs started per second, across every node; calls are
-    /// spaced evenly (`1 / rate` seconds apart), with no burst.
+    /// spaced evenly (`1 / rate` seconds apart).
     #[serde(default)]
     #[schema(minimum = 0.001, maximum = 1_000_000)]
     pub rate: Option<f64>,

@@ -364,6 +364,8 @@ pub struct FairShare {
     group_room: Vec<u64>,
     /// The named groups' indexes.
     named: HashMap<GroupKey, usize>,
+    /// The lowest level any task was claimed at.
+    served_level: Option<i32>,
 }
 
 impl FairShare {
@@ -415,6 +417,7 @@ impl FairShare {
             owner_room,
             group_room: vec![u64::MAX; next_group],
             named,
+            served_level: None,
         }
     }
 
@@ -426,12 +429,34 @@ impl FairShare {
         }
     }
 
-    /// Whether candidate `i` got nothing because its group had no room left: the backend
-    /// moves it to the back of the round robin, as a job served, so that a group at its
-    /// limit does not keep the jobs behind it out of the claims' window.
+    /// Whether candidate `i` got nothing because its group had no room left (and it is of a
+    /// level this claim served, or the claim served none): the backend moves it to the back
+    /// of the round robin, as a job served, so that a group at its limit does not keep the
+    /// jobs behind it out of the claims' window. A job below the levels served keeps its
+    /// place, and its wait (`levels`) goes on.
     pub fn held(&self, i: usize) -> bool {
         let c = &self.candidates[i];
-        c.claimed == 0 && self.group_room[c.group] == 0
+        c.claimed == 0
+            && self.group_room[c.group] == 0
+            && self.served_level.is_none_or(|l| c.level >= l)
+    }
+
+    /// After a claim at `now` that read a full window of jobs (more may be claimable
+    /// behind them) and took fewer than its `limit`: when some were held by their group's
+    /// limit (and now move to the back), the claim asks to be tried again within 50 ms, so
+    /// that the jobs behind them are reached without waiting for the idle poll.
+    pub fn ask_again(
+        &self,
+        claim: &mut super::Claim,
+        limit: u32,
+        window_full: bool,
+        now: super::Millis,
+    ) {
+        let short = claim.tasks.len() < limit as usize;
+        if window_full && short && (0..self.candidates.len()).any(|i| self.held(i)) {
+            let soon = now + 50;
+            claim.next_due = Some(claim.next_due.map_or(soon, |d| d.min(soon)));
+        }
     }
 
     /// The next round: (candidate, how many tasks to take), or nothing when the claim is
@@ -520,6 +545,9 @@ impl FairShare {
         let c = &mut self.candidates[i];
         c.claimed += got;
         c.headroom = c.headroom.saturating_sub(got);
+        if got > 0 {
+            self.served_level = Some(self.served_level.map_or(c.level, |l| l.min(c.level)));
+        }
         self.owner_room[c.owner] = self.owner_room[c.owner].saturating_sub(got);
         self.group_room[c.group] = self.group_room[c.group].saturating_sub(got);
         self.left = self.left.saturating_sub(got);
@@ -729,6 +757,32 @@ mod tests {
         }
         assert!(plan.held(0) && plan.held(1) && !plan.held(2));
         assert_eq!(plan.claimed(2), 4);
+        // Below the level served, a job of a full group keeps its place (and its wait).
+        let mut plan = FairShare::new(
+            4,
+            [(None, Some("full"), NONE, 0), (None, Some("open"), NONE, 5)],
+            &free,
+        );
+        plan.limit_group(&group_key(None, "full"), 0);
+        for (i, want) in plan.round() {
+            plan.got(i, want, want);
+        }
+        assert!(!plan.held(0), "below the level served");
+        // Nothing served at all: the held ones move on.
+        let mut plan = FairShare::new(4, [(None, Some("full"), NONE, 0)], &free);
+        plan.limit_group(&group_key(None, "full"), 0);
+        assert!(plan.round().is_empty());
+        assert!(plan.held(0));
+        let mut claim = super::super::Claim::default();
+        plan.ask_again(&mut claim, 4, true, 1_000);
+        assert_eq!(
+            claim.next_due,
+            Some(1_050),
+            "the jobs behind are looked at soon"
+        );
+        let mut claim = super::super::Claim::default();
+        plan.ask_again(&mut claim, 4, false, 1_000);
+        assert_eq!(claim.next_due, None, "nothing behind them");
         // The README's example: 8 slots, `acme`'s four jobs and `beta`'s one, `acme` with
         // room for 2 more calls.
         let jobs = [

@@ -3410,6 +3410,22 @@ async fn group_limits_hold_over_claims(store: Arc<dyn Store>) {
         .map(|t| t.start_at)
         .collect();
     assert_eq!(next, [Some(t1 + 600)]);
+    // A faster rate counts from the last start reserved: 10 ms after it.
+    store
+        .group_set(None, "slow", &limits(None, Some(100.0)))
+        .await
+        .unwrap();
+    let faster = claim(&store, node, 20, t1 + 150).await;
+    let starts: Vec<Millis> = faster
+        .tasks
+        .iter()
+        .filter(|t| t.job_id == slow)
+        .map(|t| t.start_at.expect("a reserved start"))
+        .collect();
+    assert_eq!(
+        starts,
+        (1..=5).map(|i| t1 + 600 + i * 10).collect::<Vec<_>>()
+    );
 
     // A group without limits of its own has the server's default.
     let initech = insert(&store, &new_job(10, in_group("initech"), false), t0).await;

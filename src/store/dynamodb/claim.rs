@@ -148,7 +148,9 @@ impl DynamoStore {
         let window = params.limit as usize * 2 + 8;
         let full_owners = params.owners.full();
         let mut candidates = Vec::new();
-        for item in self.active_jobs(window).await? {
+        let active = self.active_jobs(window).await?;
+        let window_full = active.len() == window;
+        for item in active {
             let id = parse_id(need_s(&item, "id")?)?;
             if params.skip_jobs.contains(&id) {
                 continue;
@@ -314,6 +316,7 @@ impl DynamoStore {
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<()>>()
             .await?;
+        plan.ask_again(&mut claim, params.limit, window_full, params.now);
         Ok(claim)
     }
 

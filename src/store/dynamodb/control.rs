@@ -177,12 +177,6 @@ impl DynamoStore {
         }
         let options = plan::next_run(&parse_options(need_s(&item, "options")?)?, now);
         let run = options.run();
-        // Unfinished again: the job rejoins its group's members (`job_groups`) first.
-        if let Some(group) = options.group.as_deref() {
-            let key = plan::group_key(get_s(&item, "owner"), group);
-            self.update(group_item_key(&key), join(id, group), None)
-                .await?;
-        }
         let options_text = options_text(&options)?;
         let status_was = need_s(&item, "status")?.to_string();
         let created_at: Millis = need_n(&item, "created_at")?;
@@ -212,7 +206,14 @@ impl DynamoStore {
                     e.v(s(CB_PENDING))
                 )
             });
-        if self.update(job_key(id), change, None).await?.is_none() {
+        // Unfinished again, the job rejoins its group's members (`job_groups`) in the same
+        // transaction, so that no claim lets it go as finished in between.
+        let mut actions = vec![self.tx_update(job_key(id), change)?];
+        if let Some(group) = options.group.as_deref() {
+            let key = plan::group_key(get_s(&item, "owner"), group);
+            actions.push(self.tx_update(group_item_key(&key), join(id, group))?);
+        }
+        if let TxOutcome::Cancelled(_) = self.transact(actions).await? {
             return Err(StoreError::Unavailable(format!(
                 "retrying job {id}: the job changed meanwhile; try again"
             )));

@@ -26,6 +26,9 @@ use crate::store::codec::parse_id;
 use crate::store::plan::{GroupGate, GroupKey};
 use crate::store::{GroupRecord, Millis, StoreResult};
 
+/// Members past which a group without limits lets its finished jobs go at a claim.
+const PRUNE_ABOVE: usize = 64;
+
 /// The group item's partition, one per owner.
 fn groups_pk(owner: &str) -> String {
     format!("GROUPS#{}", if owner.is_empty() { "-" } else { owner })
@@ -157,10 +160,18 @@ impl DynamoStore {
             let owner = if owner_part == "-" { "" } else { owner_part };
             let key = (owner.to_string(), need_s(&item, "name")?.to_string());
             let limits = GroupLimits::effective(own_limits(&item).as_ref(), default_concurrency);
+            let version: Option<u64> = get_n(&item, "version");
             if !limits.limits() {
+                // Not counted, but its members are let go of now and then, so that the
+                // item stays small.
+                if members(&item).len() > PRUNE_ABOVE {
+                    let (_, _, finished) = self.members_running(&item).await?;
+                    if !finished.is_empty() {
+                        self.let_go(&key, version, finished).await?;
+                    }
+                }
                 continue;
             }
-            let version: Option<u64> = get_n(&item, "version");
             let (in_flight, _, finished) = self.members_running(&item).await?;
             if !finished.is_empty() {
                 self.let_go(&key, version, finished).await?;
@@ -227,7 +238,10 @@ impl DynamoStore {
                     e.v(AttributeValue::N(version.to_string()))
                 )
             });
-        self.update(group_item_key(key), change, None).await?;
+        // Best effort: a member left in only costs a read, and a later claim tries again.
+        if let Err(e) = self.update(group_item_key(key), change, None).await {
+            tracing::debug!(error = %e, group = %key.1, "letting finished jobs go from their group failed");
+        }
         Ok(())
     }
 
@@ -238,9 +252,20 @@ impl DynamoStore {
         name: &str,
         limits: &GroupLimits,
     ) -> StoreResult<()> {
+        let key = crate::store::plan::group_key(owner, name);
         let mut change = Change::new()
             .set("name", s(name))
             .set("own", AttributeValue::N("1".into()));
+        // A new rate counts from the last start reserved under the old one (a schedule
+        // reserved far ahead under a slow rate gives way to a faster one).
+        if let (Some(item), Some(new)) = (self.get(group_item_key(&key)).await?, limits.rate) {
+            let old: Option<f64> = get_n(&item, "rate");
+            let next: Option<f64> = get_n(&item, "next_start");
+            if let (Some(old), Some(next)) = (old, next) {
+                let moved = next - 1000.0 / old + 1000.0 / new;
+                change = change.set("next_start", AttributeValue::N(moved.to_string()));
+            }
+        }
         change = match limits.concurrency {
             Some(c) => change.set("concurrency", AttributeValue::N(c.to_string())),
             None => change.remove("concurrency"),
@@ -249,7 +274,6 @@ impl DynamoStore {
             Some(r) => change.set("rate", AttributeValue::N(r.to_string())),
             None => change.remove("rate"),
         };
-        let key = crate::store::plan::group_key(owner, name);
         self.update(group_item_key(&key), change, None).await?;
         Ok(())
     }

@@ -186,7 +186,21 @@ impl DynamoStore {
             let key = group_item_key(&plan::group_key(owner, group));
             actions.push(self.tx_update(key, join(id, group))?);
         }
-        let outcome = self.transact(actions).await?;
+        // A conflict with another writer of the group item (a claim, another submission)
+        // cancels the transaction with no condition failed: it is tried again.
+        let mut outcome = self.transact(actions.clone()).await?;
+        for _ in 1..TX_TRIES {
+            match &outcome {
+                TxOutcome::Cancelled(reasons)
+                    if !reasons
+                        .iter()
+                        .any(|r| r.as_deref() == Some("ConditionalCheckFailed")) =>
+                {
+                    outcome = self.transact(actions.clone()).await?;
+                }
+                _ => break,
+            }
+        }
         if let TxOutcome::Cancelled(reasons) = outcome {
             // Cancelled by items that exist already. They may be this very request's: when
             // the answer to its TransactWriteItems is lost, the SDK sends it again, and the

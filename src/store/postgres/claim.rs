@@ -119,6 +119,7 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
     if window.is_empty() {
         return Ok(claim);
     }
+    let window_full = window.len() as i64 == size;
     // When more jobs are claimable than that, the highest priorities too (their own
     // index), so that a job of high priority served a moment ago is not left out.
     if window.len() as i64 == size {
@@ -245,8 +246,11 @@ pub(super) async fn claim(store: &PostgresStore, params: &ClaimParams) -> StoreR
             .fetch_one(tx.conn().await?)
             .await
             .map_err(map_err)?;
-        claim.next_due = due;
+        if let Some(due) = due {
+            claim.next_due = Some(claim.next_due.map_or(due, |d| d.min(due)));
+        }
     }
+    plan.ask_again(&mut claim, params.limit, window_full, params.now);
     tx.commit().await?;
     if contended && claim.tasks.len() < params.limit as usize {
         // A job was busy on another node at that instant: look again soon rather than

@@ -26,10 +26,15 @@ pub(super) async fn set(
     name: &str,
     limits: &GroupLimits,
 ) -> StoreResult<()> {
+    // A new rate counts from the last start reserved under the old one (a schedule
+    // reserved far ahead under a slow rate gives way to a faster one).
     sqlx::query(
         "INSERT INTO groups (owner, name, concurrency, rate) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (owner, name) DO UPDATE \
-         SET concurrency = excluded.concurrency, rate = excluded.rate",
+         SET concurrency = excluded.concurrency, rate = excluded.rate, \
+             next_start = CASE WHEN groups.rate IS NULL OR excluded.rate IS NULL \
+                 THEN groups.next_start \
+                 ELSE groups.next_start - 1000.0 / groups.rate + 1000.0 / excluded.rate END",
     )
     .bind(owner.unwrap_or_default())
     .bind(name)

@@ -86,6 +86,7 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
     // index), so that a job of high priority served a moment ago is not left out.
     let window = i64::from(params.limit) * 2 + 8;
     let mut jobs = Vec::new();
+    let mut window_full = false;
     for order in ["last_claim_at, seq", "priority DESC, last_claim_at, seq"] {
         let sql = format!(
             "SELECT seq, id, owner, options, concurrency, n_running, priority, last_claim_at, \
@@ -107,6 +108,7 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
             .await
             .map_err(map_err)?;
         let full = rows.len() as i64 == window;
+        window_full |= full;
         jobs.extend(rows);
         if !full {
             break;
@@ -233,6 +235,7 @@ pub(super) async fn claim(store: &SqliteStore, params: &ClaimParams) -> StoreRes
             }
         }
     }
+    plan.ask_again(&mut claim, params.limit, window_full, params.now);
     tx.commit().await?;
     Ok(claim)
 }

@@ -40,10 +40,15 @@ pub(super) async fn set(
     limits: &GroupLimits,
 ) -> StoreResult<()> {
     let mut tx = store.begin().await?;
+    // A new rate counts from the last start reserved under the old one (a schedule
+    // reserved far ahead under a slow rate gives way to a faster one).
     sqlx::query(
         "INSERT INTO groups (owner, name, concurrency, rate) VALUES (?, ?, ?, ?) \
          ON CONFLICT (owner, name) DO UPDATE \
-         SET concurrency = excluded.concurrency, rate = excluded.rate",
+         SET concurrency = excluded.concurrency, rate = excluded.rate, \
+             next_start = CASE WHEN groups.rate IS NULL OR excluded.rate IS NULL \
+                 THEN groups.next_start \
+                 ELSE groups.next_start - 1000.0 / groups.rate + 1000.0 / excluded.rate END",
     )
     .bind(owner.unwrap_or_default())
     .bind(name)
@@ -52,10 +57,11 @@ pub(super) async fn set(
     .execute(tx.conn().await?)
     .await
     .map_err(map_err)?;
-    tx.commit().await?;
+    // Known to claims before the COMMIT, under the writer, so that the copy follows the
+    // order of the writes (a group known but without a row only costs a claim a read).
     let key = crate::store::plan::group_key(owner, name);
     store.limited_groups.write().expect("groups").insert(key);
-    Ok(())
+    tx.commit().await
 }
 
 /// `Store::group_delete`.
@@ -71,9 +77,15 @@ pub(super) async fn delete(
         .execute(tx.conn().await?)
         .await
         .map_err(map_err)?;
-    tx.commit().await?;
+    // Forgotten under the writer too; known again should the COMMIT fail.
     let key = crate::store::plan::group_key(owner, name);
-    store.limited_groups.write().expect("groups").remove(&key);
+    let known = store.limited_groups.write().expect("groups").remove(&key);
+    if let Err(e) = tx.commit().await {
+        if known {
+            store.limited_groups.write().expect("groups").insert(key);
+        }
+        return Err(e);
+    }
     Ok(done.rows_affected() > 0)
 }
 
