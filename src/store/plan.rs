@@ -3,10 +3,13 @@
 //! takes anything (one statement per round, one transaction per job), and says how many
 //! it got.
 //!
-//! Free slots are shared between owners (API tokens) first, then between each owner's jobs:
-//! every round offers each owner an equal part of what is left, and each owner's part is
-//! split equally between its jobs (least recently served first when a part is smaller than
-//! the number of jobs). What a job cannot use (its `concurrency` is reached, or it has no
+//! Free slots are shared by priority level first (the highest open level), then between
+//! owners (API tokens), then between each owner's groups (`options.group`; a job without
+//! one is a group of its own), then between each group's jobs: every round offers each
+//! owner an equal part of what is left, split equally between its groups, then between
+//! their jobs (least recently served first when a part is smaller than the number of
+//! takers: owners and groups in the order they were last served, jobs in theirs). What a
+//! job cannot use (its `concurrency` is reached, or it has no
 //! more due) goes to the others in the next round. An owner never gets more than its room
 //! under `--owner-max-in-flight` on this node, and a group never more than its room under
 //! its limits ([`GroupGate`]), which the backend reads under the group's lock.
@@ -493,12 +496,26 @@ impl FairShare {
                 }
             }
         }
-        let open: Vec<usize> = (0..by_owner.len())
+        // Owners, and each owner's groups, come in the order they were last served: the one
+        // whose most recently served job comes first in the candidates' order (least
+        // recently served first) goes first. So when a claim has fewer slots than groups
+        // (one freed slot at a time), the groups take turns, not their jobs.
+        let mut group_last = vec![0; self.group_room.len()];
+        let mut owner_last = vec![0; self.owner_room.len()];
+        for (i, c) in self.candidates.iter().enumerate() {
+            group_last[c.group] = i;
+            owner_last[c.owner] = i;
+        }
+        for groups in &mut by_owner {
+            groups.sort_by_key(|(g, _)| group_last[*g]);
+        }
+        let mut open: Vec<usize> = (0..by_owner.len())
             .filter(|&o| !by_owner[o].is_empty())
             .collect();
         if open.is_empty() {
             return Vec::new();
         }
+        open.sort_by_key(|&o| owner_last[o]);
         // Each level's part is split equally, the remainder one each to the first (least
         // recently served) ones, so that a round plans all it can: fewer rounds, fewer
         // statements.
@@ -839,6 +856,32 @@ mod tests {
         assert_eq!(next, now as f64 + 1000.0);
         // No rate: no start to wait for.
         assert!(gate(Some(2), None, 0, 0.0).starts(now, 2).0.is_empty());
+    }
+
+    #[test]
+    fn one_slot_at_a_time_goes_to_the_groups_in_turn() {
+        let free = OwnerLimits::default();
+        // Least recently served first: b3, b4, then s (its group's only job), then b1, b2,
+        // just served. The group `b` was served more recently (b2) than `s`: s goes first.
+        let jobs = [
+            (None, Some("b")),
+            (None, Some("b")),
+            (None, Some("s")),
+            (None, Some("b")),
+            (None, Some("b")),
+        ];
+        let mut plan = FairShare::new(1, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
+        assert_eq!(plan.round(), [(2, 1)]);
+        // s just served, at the back: `b`'s least recently served job goes.
+        let jobs = [
+            (None, Some("b")),
+            (None, Some("b")),
+            (None, Some("b")),
+            (None, Some("b")),
+            (None, Some("s")),
+        ];
+        let mut plan = FairShare::new(1, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
+        assert_eq!(plan.round(), [(0, 1)]);
     }
 
     #[test]
