@@ -617,6 +617,19 @@ mod tests {
         assert_eq!(decided(&fast, 10, 5, 2), Some(JobStatus::Failed));
     }
 
+    /// Plays a claim to its end, every job giving all it is asked for.
+    fn drain(plan: &mut FairShare) {
+        loop {
+            let round = plan.round();
+            if round.is_empty() {
+                break;
+            }
+            for (i, want) in round {
+                plan.got(i, want, want);
+            }
+        }
+    }
+
     /// Plays a claim over jobs with `due` tasks each (and the given owners and headroom);
     /// returns what each job got.
     fn play(limit: u64, jobs: &[(Option<&str>, u64, u64)], limits: &OwnerLimits) -> Vec<u64> {
@@ -708,15 +721,7 @@ mod tests {
         let free = OwnerLimits::default();
         let play_groups = |limit: u64, jobs: &[(Option<&'static str>, Option<&'static str>)]| {
             let mut plan = FairShare::new(limit, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
-            loop {
-                let round = plan.round();
-                if round.is_empty() {
-                    break;
-                }
-                for (i, want) in round {
-                    plan.got(i, want, want);
-                }
-            }
+            drain(&mut plan);
             (0..jobs.len()).map(|i| plan.claimed(i)).collect::<Vec<_>>()
         };
         // A group of four jobs and one of a single job: half each, then split.
@@ -751,15 +756,7 @@ mod tests {
         let mut plan = FairShare::new(12, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
         plan.limit_group(&group_key(None, "capped"), 3);
         plan.limit_group(&group_key(None, "unknown"), 0);
-        loop {
-            let round = plan.round();
-            if round.is_empty() {
-                break;
-            }
-            for (i, want) in round {
-                plan.got(i, want, want);
-            }
-        }
+        drain(&mut plan);
         let got: Vec<u64> = (0..3).map(|i| plan.claimed(i)).collect();
         assert_eq!(got[0] + got[1], 3, "{got:?}");
         assert_eq!(
@@ -811,15 +808,7 @@ mod tests {
         ];
         let mut plan = FairShare::new(8, jobs.iter().map(|&(o, g)| (o, g, NONE, 0)), &free);
         plan.limit_group(&group_key(None, "acme"), 2);
-        loop {
-            let round = plan.round();
-            if round.is_empty() {
-                break;
-            }
-            for (i, want) in round {
-                plan.got(i, want, want);
-            }
-        }
+        drain(&mut plan);
         let got: Vec<u64> = (0..5).map(|i| plan.claimed(i)).collect();
         assert_eq!(got, [1, 1, 0, 0, 6]);
     }

@@ -161,6 +161,18 @@ async fn claim_skipping(
     now: Millis,
     skip_jobs: Vec<JobId>,
 ) -> Claim {
+    claim_with(store, node, limit, now, skip_jobs, None).await
+}
+
+/// A claim leaving `skip_jobs` out, with the server's default concurrency for groups.
+async fn claim_with(
+    store: &Arc<dyn Store>,
+    node: NodeId,
+    limit: u32,
+    now: Millis,
+    skip_jobs: Vec<JobId>,
+    group_concurrency: Option<u32>,
+) -> Claim {
     store
         .tasks_claim(&ClaimParams {
             limit,
@@ -169,7 +181,7 @@ async fn claim_skipping(
             lease_until: now + LEASE,
             skip_jobs,
             priority_max_wait: 60_000,
-            group_concurrency: None,
+            group_concurrency,
             owners: Default::default(),
         })
         .await
@@ -3303,29 +3315,6 @@ async fn groups_share_a_claim_before_their_jobs_do(store: Arc<dyn Store>) {
     assert!(of_group("initech").await.is_empty());
 }
 
-/// A claim with the server's default concurrency for groups.
-async fn claim_defaulting(
-    store: &Arc<dyn Store>,
-    node: NodeId,
-    limit: u32,
-    now: Millis,
-    group_concurrency: Option<u32>,
-) -> Claim {
-    store
-        .tasks_claim(&ClaimParams {
-            limit,
-            now,
-            node,
-            lease_until: now + LEASE,
-            skip_jobs: Vec::new(),
-            priority_max_wait: 60_000,
-            group_concurrency,
-            owners: Default::default(),
-        })
-        .await
-        .unwrap()
-}
-
 async fn group_limits_hold_over_claims(store: Arc<dyn Store>) {
     let t0 = now_millis();
     let node = NodeId::random();
@@ -3429,7 +3418,7 @@ async fn group_limits_hold_over_claims(store: Arc<dyn Store>) {
 
     // A group without limits of its own has the server's default.
     let initech = insert(&store, &new_job(10, in_group("initech"), false), t0).await;
-    let defaulted = claim_defaulting(&store, node, 20, t1 + 200, Some(2)).await;
+    let defaulted = claim_with(&store, node, 20, t1 + 200, Vec::new(), Some(2)).await;
     assert_eq!(indexes(&defaulted, initech).len(), 2);
 
     // Removing acme's limits: it had some; then none.
