@@ -112,6 +112,7 @@ conformance!(
     higher_priorities_are_served_first_and_a_long_wait_is_not_forgotten,
     groups_share_a_claim_before_their_jobs_do,
     group_limits_hold_over_claims,
+    a_retried_job_counts_in_its_group_again,
 );
 
 // ---- helpers ----
@@ -3434,4 +3435,51 @@ async fn group_limits_hold_over_claims(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// A finished job of a group, retried, is one of the group's again: its calls count
+/// against the group's concurrency (on DynamoDB, it rejoins the group's members).
+async fn a_retried_job_counts_in_its_group_again(store: Arc<dyn Store>) {
+    let t0 = now_millis();
+    let node = NodeId::random();
+    let in_group = JobOptions {
+        group: Some("acme".to_string()),
+        ..options()
+    };
+    let job = insert(&store, &new_job(2, in_group.clone(), false), t0).await;
+    let c = claim(&store, node, 10, t0).await;
+    assert_eq!(indexes(&c, job), [1, 2]);
+    let outcomes: Vec<TaskSettle> = c
+        .tasks
+        .iter()
+        .map(|t| settle(t, failed(), t0 + 1))
+        .collect();
+    let report = store.tasks_settle(node, &outcomes).await.unwrap();
+    assert_eq!(report.finished.len(), 1, "{report:?}");
+    // A claim of another job of the limited group meanwhile finds the first one finished.
+    let limits = GroupLimits {
+        concurrency: Some(1),
+        rate: None,
+    };
+    store.group_set(None, "acme", &limits).await.unwrap();
+    let other = insert(&store, &new_job(1, in_group, false), t0 + 2).await;
+    let c = claim(&store, node, 10, t0 + 2).await;
+    assert_eq!(indexes(&c, other), [1]);
+    let done = [settle(&c.tasks[0], complete("1"), t0 + 2)];
+    store.tasks_settle(node, &done).await.unwrap();
+    // Retried: running again, and its calls counted, one at a time.
+    let failed_only = [TaskStatus::Failed];
+    assert!(matches!(
+        store.job_retry(job, &failed_only, t0 + 3).await.unwrap(),
+        doparallel::store::RetryOutcome::Requeued { .. }
+    ));
+    let c = claim(&store, node, 10, t0 + 4).await;
+    assert_eq!(c.tasks.len(), 1, "one call of the group at a time: {c:?}");
+    let again = claim(&store, node, 10, t0 + 5).await;
+    assert!(
+        again.tasks.is_empty(),
+        "the retried job's call counts: {again:?}"
+    );
+    let listed = store.groups_list(None, Some("acme")).await.unwrap();
+    assert_eq!((listed[0].in_flight, listed[0].jobs), (1, 1));
 }
