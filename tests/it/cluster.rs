@@ -312,6 +312,23 @@ async fn a_deadline_stops_the_calls_of_every_node() {
     .await;
 }
 
+/// Two `serve` nodes on one database, each with `slots` calls in flight at most.
+fn two_nodes(url: &str, slots: u32) -> (ServerProcess, ServerProcess) {
+    let slots = slots.to_string();
+    let node = || {
+        ServerProcess::on_url(url)
+            .args(&["--max-in-flight", &slots])
+            .start()
+    };
+    (node(), node())
+}
+
+/// A moment from now, as a job's `not_before`: jobs submitted meanwhile all become due at
+/// once, so that none starts before the others are in.
+fn due_soon() -> String {
+    doparallel::job::Timestamp::from_millis(doparallel::store::now_millis() + 1500).to_string()
+}
+
 /// Two nodes serve the higher priority first: of two jobs due at the same moment, the one of
 /// priority 5 has its calls made before the one of -5, whichever node makes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,15 +337,8 @@ async fn two_nodes_serve_the_higher_priority_first() {
         return;
     };
     let endpoint = Endpoint::start().await;
-    let a = ServerProcess::on_url(&db.url)
-        .args(&["--max-in-flight", "4"])
-        .start();
-    let b = ServerProcess::on_url(&db.url)
-        .args(&["--max-in-flight", "4"])
-        .start();
-    // Both due at once, a moment from now, so that neither starts before the other is in.
-    let at =
-        doparallel::job::Timestamp::from_millis(doparallel::store::now_millis() + 1500).to_string();
+    let (a, b) = two_nodes(&db.url, 4);
+    let at = due_soon();
     let low = a
         .api
         .submit(&job_of(
@@ -426,12 +436,7 @@ fn serve_names_an_unreachable_database_without_its_password() {
 /// 25 calls started a second, whose calls start at least 40 ms apart on average and never
 /// 27 within 0.9 s.
 async fn group_limits_hold_on_two_nodes(url: &str, tasks: usize) {
-    let a = ServerProcess::on_url(url)
-        .args(&["--max-in-flight", "3"])
-        .start();
-    let b = ServerProcess::on_url(url)
-        .args(&["--max-in-flight", "3"])
-        .start();
+    let (a, b) = two_nodes(url, 3);
     for (group, limits) in [
         ("wide", r#"{"concurrency": 4}"#),
         ("paced", r#"{"rate": 25}"#),
@@ -520,15 +525,8 @@ async fn two_nodes_share_by_group_first() {
         return;
     };
     let endpoint = Endpoint::start().await;
-    let a = ServerProcess::on_url(&db.url)
-        .args(&["--max-in-flight", "4"])
-        .start();
-    let b = ServerProcess::on_url(&db.url)
-        .args(&["--max-in-flight", "4"])
-        .start();
-    // All due at once, a moment from now, so that none starts before the others are in.
-    let at =
-        doparallel::job::Timestamp::from_millis(doparallel::store::now_millis() + 1500).to_string();
+    let (a, b) = two_nodes(&db.url, 4);
+    let at = due_soon();
     let mut burst = Vec::new();
     for i in 0..4 {
         let node = if i % 2 == 0 { &a } else { &b };
